@@ -1,0 +1,178 @@
+"""The proxy's own view: the INFO `# Proxy` section, CLIENT LIST/KILL/UNBLOCK, the PROXY command."""
+
+from __future__ import annotations
+
+import os
+import resource
+from time import monotonic, time
+
+from . import __version__, resp
+from . import errors as E
+
+
+def _fmt_addr(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def proxy_section(app) -> str:
+    """INFO's `# Proxy` section: what vproxy holds right now."""
+    counts = {"shared": 0, "pinned": 0, "idle_pinned": 0}
+    for pool in app.router.pools.values():
+        for k, v in pool.counts().items():
+            counts[k] += v
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fields = {
+        "proxy_version": __version__,
+        "proxy_mode": app.cfg.mode,
+        "proxy_pid": os.getpid(),
+        "proxy_uptime_in_seconds": int(monotonic() - app.started),
+        "proxy_backends": ",".join(p.name for p in app.router.pools.values()),
+        "connected_clients": len(app.clients),
+        "total_connections_received": app.stats.connections,
+        "rejected_connections": app.stats.rejected,
+        "total_commands_processed": app.stats.commands,
+        "backend_connections_shared": counts["shared"],
+        "backend_connections_pinned": counts["pinned"],
+        "backend_connections_idle_pinned": counts["idle_pinned"],
+        "backend_connections_total": counts["shared"] + counts["pinned"] + counts["idle_pinned"],
+        "backend_connects": sum(p.connects for p in app.router.pools.values()),
+        "backend_connect_failures": sum(p.failures for p in app.router.pools.values()),
+        "max_pinned": app.cfg.max_pinned,
+        "pool_size": app.cfg.pool_size,
+        "commands_learned": int(app.commands.learned),
+        "peak_rss_kb": rss_kb,
+    }
+    return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+
+def _flags(s) -> str:
+    f = ""
+    if s.in_multi:
+        f += "x"
+    if s.stream is not None:
+        f += {"sub": "P", "monitor": "O", "tracking": "t", "reply": "N"}.get(s.stream.kind, "")
+    if s.oneshot is not None and s.oneshot.channel is not None and s.oneshot.channel.waiters:
+        f += "b"
+    if s.no_evict:
+        f += "e"
+    if s.no_touch:
+        f += "T"
+    return f or "N"
+
+
+def client_line(s) -> str:
+    """One CLIENT LIST line, in the server's field order, for a proxy client."""
+    sock_name = ("?", 0)
+    try:
+        sock_name = s.sock.getsockname()
+    except OSError:
+        pass
+    st = s.stream
+    counts = st.counts if st is not None else [0, 0]
+    now = time()
+    return (
+        f"id={s.id} addr={_fmt_addr(s.addr)} laddr={_fmt_addr(sock_name)} fd={_fileno(s)} "
+        f"name={s.name.decode(errors='replace')} age={int(now - s.created)} "
+        f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0]} psub=0 "
+        f"ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
+        f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
+        f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
+        f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"
+    )
+
+
+def _fileno(s) -> int:
+    try:
+        return s.sock.fileno()
+    except OSError:
+        return -1
+
+
+def client_list(app, filters: list) -> str:
+    sessions = list(app.clients.values())
+    if len(filters) >= 2 and filters[0].lower() == b"id":
+        wanted = {int(x) for x in filters[1:] if x.isdigit()}
+        sessions = [s for s in sessions if s.id in wanted]
+    elif len(filters) == 2 and filters[0].lower() == b"type":
+        kind = filters[1].lower()
+        if kind == b"pubsub":
+            sessions = [s for s in sessions if s.stream is not None and s.stream.kind == "sub"]
+        elif kind in (b"master", b"replica", b"slave"):
+            sessions = []
+    return "".join(client_line(s) + "\n" for s in sessions)
+
+
+def client_kill(s, args: list) -> bytes:
+    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `SKIPME yes|no`, or the old `addr` form."""
+    app = s.app
+    if len(args) == 3:  # old form: CLIENT KILL addr:port
+        victims = [c for c in app.clients.values() if _fmt_addr(c.addr) == args[2].decode(errors="replace")]
+        if not victims:
+            return resp.error("ERR No such client")
+        _kill(victims)
+        return resp.OK
+    opts, victims, skipme = args[2:], list(app.clients.values()), True
+    if len(opts) % 2:
+        return resp.error(E.SYNTAX)
+    for key, val in zip(opts[::2], opts[1::2]):
+        key = key.lower()
+        if key == b"id" and val.isdigit():
+            victims = [c for c in victims if c.id == int(val)]
+        elif key == b"addr":
+            victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
+        elif key == b"skipme":
+            skipme = val.lower() != b"no"
+        else:
+            return resp.error(f"ERR vproxy: CLIENT KILL {key.decode(errors='replace').upper()} is not "
+                              "supported through the proxy (use ID or ADDR)")
+    if skipme:
+        victims = [c for c in victims if c is not s]
+    _kill(victims)
+    return resp.integer(len(victims))
+
+
+def _kill(victims) -> None:
+    for c in victims:
+        c.closing = True
+        try:
+            c.sock.shutdown(2)
+        except OSError:
+            pass
+
+
+def client_unblock(s, args: list) -> bytes:
+    """CLIENT UNBLOCK <proxy id>: cancel that client's blocking command by closing its connection."""
+    if len(args) not in (3, 4) or not args[2].isdigit():
+        return resp.error(E.SYNTAX)
+    target = s.app.clients.get(int(args[2]))
+    lease = target.oneshot if target is not None else None
+    if lease is None or lease.channel is None or not lease.channel.waiters:
+        return resp.integer(0)
+    error = len(args) == 4 and args[3].lower() == b"error"
+    frame = resp.error("UNBLOCKED client unblocked via CLIENT UNBLOCK") if error else resp.null(target.proto)
+    ch = lease.channel
+    lease.dirty = True
+    waiters, ch.waiters = list(ch.waiters), type(ch.waiters)()
+    for batch, idx, _ in waiters:
+        if batch is not None:
+            batch.put(idx, frame)
+    ch.close()
+    return resp.integer(1)
+
+
+def proxy_command(s, args: list) -> bytes:
+    """PROXY INFO | CONFIG GET <name> | CLIENTS | VERSION."""
+    sub = args[1].lower() if len(args) > 1 else b"help"
+    app = s.app
+    if sub == b"info":
+        return resp.verbatim(proxy_section(app), s.proto)
+    if sub == b"version":
+        return resp.bulk(__version__)
+    if sub == b"clients":
+        return resp.verbatim(client_list(app, []), s.proto)
+    if sub == b"config" and len(args) == 4 and args[2].lower() == b"get":
+        pattern = args[3].decode(errors="replace").lower()
+        items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k}
+        return resp.value({k: str(v) for k, v in items.items()}, s.proto)
+    return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>"], s.proto)

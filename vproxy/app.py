@@ -1,0 +1,99 @@
+"""Wiring: config -> topology, router, command table, listener, janitor; start-up learning; shutdown."""
+
+from __future__ import annotations
+
+from time import monotonic
+
+import gevent
+from loguru import logger
+
+from .commands import CommandTable
+from .config import Config, parse_addr
+from .embedded import EmbeddedValkey
+from .errors import BackendError
+from .mux.backend import BackendConn
+from .router import Router
+from .sentinel.topology import Topology
+from .server import Listener, janitor
+from .stats import Stats
+
+LEARN_RETRY = 0.5
+
+
+class App:
+    """One running proxy."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.embedded: EmbeddedValkey | None = None
+        self.clients: dict = {}
+        self.stats = Stats()
+        self.commands = CommandTable()
+        self.server_info: dict = {}
+        self.databases = 16
+        self.started = monotonic()
+        self.greenlets: list = []
+        backends = [parse_addr(b) for b in cfg.backend]
+        if cfg.embedded or not backends:
+            self.embedded = EmbeddedValkey()
+            self.embedded.wait_ready()
+            backends = [self.embedded.addr]
+            logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
+        self.router = Router(cfg, Topology(cfg.mode, backends[0]))
+        self.listener = Listener(self)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.address
+
+    def start(self) -> None:
+        self.greenlets = [gevent.spawn(janitor, self), gevent.spawn(self.learn)]
+        self.listener.start()
+        logger.info("vproxy listening on {}:{} -> {} ({})", *self.address,
+                    self.router.primary().name, self.cfg.mode)
+
+    def learn(self) -> None:
+        """Read the backend's COMMAND table, database count and identity; retry until it answers."""
+        while True:
+            conn = BackendConn(self.router.topology.primary)
+            try:
+                conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
+                self._learn_from(conn)
+                return
+            except (BackendError, OSError, ValueError) as e:
+                logger.warning("cannot read the backend's command table yet: {}", e)
+            finally:
+                conn.close()
+            gevent.sleep(LEARN_RETRY)
+
+    def _learn_from(self, conn: BackendConn) -> None:
+        n = self.commands.learn(conn.call("COMMAND"))
+        info = conn.call("INFO", "server")
+        if isinstance(info, bytes):
+            fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+            self.server_info = {"server": fields.get("server_name", "redis"),
+                                "version": fields.get("valkey_version", fields.get("redis_version", ""))}
+        dbs = conn.call("CONFIG", "GET", "databases")
+        if isinstance(dbs, list) and len(dbs) == 2:
+            self.databases = int(dbs[1])
+        logger.info("learned {} commands; backend {} {}; {} databases", n,
+                    self.server_info.get("server"), self.server_info.get("version"), self.databases)
+
+    def stop(self, drain: float = 2.0) -> None:
+        """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
+        self.listener.stop()
+        deadline = monotonic() + drain
+        while self.clients and monotonic() < deadline:
+            if all(s.batch is None or not s.batch.left for s in self.clients.values()):
+                break
+            gevent.sleep(0.05)
+        for s in list(self.clients.values()):
+            s.closing = True
+            try:
+                s.sock.close()
+            except OSError:
+                pass
+        gevent.killall(self.greenlets)
+        self.router.close()
+        if self.embedded is not None:
+            self.embedded.stop()

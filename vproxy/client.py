@@ -1,0 +1,363 @@
+"""ClientSession: one client connection's loop and the session state vproxy tracks for it.
+
+    recv -> RequestParser -> for each request, in order:
+        local handler (PING, SELECT, HELLO, CLIENT ...)      -> reply now
+        shared channel of (db, protocol)                      -> reply later, FIFO
+        lease (MULTI/WATCH, one blocking command)             -> reply later, FIFO, own connection
+        stream (pub/sub, MONITOR, TRACKING, REPLY OFF)        -> replies pushed by the lease's reader
+    -> wait for the batch -> one send of every reply, in request order
+
+Order rule: a client's requests in flight are on one channel at a time; switching channel waits
+for the earlier replies first (settle), so a later write can never overtake an earlier read.
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket
+from itertools import count
+from time import monotonic, time
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from . import commands as C
+from . import errors as E
+from . import resp
+from .errors import BackendError, ProtocolError
+from .mux.channel import Batch, deadline_after
+from .local import LOCAL
+from .mux.lease import Lease
+
+_ids = count(1)
+_SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
+              b"ssubscribe": 1, b"sunsubscribe": 1}
+_UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
+# Commands that change a connection's state: forwarded on a lease, they make it dirty.
+_STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
+
+
+class Stream:
+    """A leased connection whose every reply is pushed to the client as it comes."""
+
+    __slots__ = ("lease", "kind", "counts", "synced", "token")
+
+    def __init__(self, lease: Lease, kind: str, token: bytes):
+        self.lease, self.kind, self.token = lease, kind, token
+        self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
+        self.synced = Event()
+
+
+class ClientSession:
+    """One client connection (runs in its own greenlet)."""
+
+    def __init__(self, app, sock: socket.socket, addr):
+        self.app, self.sock, self.addr = app, sock, addr
+        cfg = app.cfg
+        self.id = next(_ids)
+        self.db, self.proto = 0, 2
+        self.name = self.lib_name = self.lib_ver = b""
+        self.authed = not cfg.password
+        self.created = time()
+        self.last_active = monotonic()
+        self.last_cmd = b"NULL"
+        self.no_evict = self.no_touch = False
+        self.parser = resp.RequestParser(cfg.proto_max_bulk_len, max_buffer=cfg.client_query_buffer_limit)
+        self.cur = None  # channel holding this client's requests in flight
+        self.lease: Lease | None = None  # MULTI / WATCH
+        self.oneshot: Lease | None = None  # one blocking command
+        self.stream: Stream | None = None
+        self.in_multi = self.watching = False
+        self.multi_select: int | None = None
+        self.post: list = []  # (idx, fn): rewrite a reply once it is in
+        self.sides: list[Lease] = []  # side connections, closed once their reply is in
+        self.closing = False
+        self.wlock = Semaphore()
+        self.batch: Batch | None = None
+
+    # ---- the loop ----
+
+    def run(self) -> None:
+        try:
+            while not self.closing:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.last_active = monotonic()
+                try:
+                    reqs = self.parser.feed(data)
+                except ProtocolError as e:
+                    if e.requests:
+                        self.process(e.requests)
+                    self.write(resp.error(f"ERR Protocol error: {e}"))
+                    break
+                if reqs:
+                    self.process(reqs)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.cleanup()
+
+    def process(self, reqs: list) -> None:
+        batch = self.batch = Batch(len(reqs))
+        stats = self.app.stats
+        stats.commands += len(reqs)
+        for i, (args, raw) in enumerate(reqs):
+            self.dispatch(i, args, raw, batch)
+            if self.closing:
+                break
+        self.settle()
+        for idx, fn in self.post:
+            batch.replies[idx] = fn(batch.replies[idx])
+        self.post.clear()
+        out = [r for r in batch.replies if r is not None]
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write(self, data: bytes) -> None:
+        with self.wlock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.closing = True
+
+    def settle(self) -> None:
+        """Wait for every reply in flight, then release leases whose state has ended."""
+        batch = self.batch
+        if batch is not None and batch.left:
+            if self.oneshot is not None or self.lease is not None:
+                self._wait_watching_client(batch)
+            else:
+                batch.wait()
+        for lease in self.sides:
+            lease.release(clean=False)
+        self.sides.clear()
+        if self.oneshot is not None:
+            self.oneshot.release(clean=True)
+            self.oneshot = None
+            self.cur = None
+        if self.lease is not None and self.lease.ending:
+            self.lease.release(clean=True)
+            self.lease = None
+            self.cur = None
+
+    def _wait_watching_client(self, batch: Batch) -> None:
+        """Wait on a pinned connection (maybe blocked for long), noticing if the client hangs up."""
+        while batch.left:
+            if batch.event.wait(timeout=0.5):
+                batch.event.clear()
+                continue
+            if self._client_gone():
+                for lease in (self.oneshot, self.lease):
+                    if lease is not None and lease.channel is not None:
+                        lease.dirty = True
+                        lease.channel.close()  # answers the waiters with errors: the wait ends
+                self.closing = True
+
+    def _client_gone(self) -> bool:
+        try:
+            return _socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def cleanup(self) -> None:
+        self.closing = True
+        self._end_stream()
+        for lease in (self.lease, self.oneshot):
+            if lease is not None:
+                lease.release(clean=False)
+        self.lease = self.oneshot = None
+        self.app.clients.pop(self.id, None)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ---- dispatch ----
+
+    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+        name = args[0].lower()
+        self.last_cmd = name
+        if not self.authed and name not in (b"auth", b"hello", b"quit", b"reset"):
+            batch.replies[i] = resp.error(E.NOAUTH)
+            return
+        if self.stream is not None:
+            return self.stream_dispatch(i, name, args, raw, batch)
+        if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
+            return self.in_transaction(i, name, args, raw, batch)
+        table = self.app.commands
+        cmd = table.get(name)
+        if cmd is not None and not cmd.arity_ok(len(args)):
+            batch.replies[i] = resp.error(E.wrong_arity(name.decode(errors="replace")))
+            return
+        policy = table.policy(name, args)
+        if policy is C.FORWARD:
+            self.forward(i, raw, batch)
+        elif policy is C.LOCAL:
+            LOCAL[name](self, i, args, raw, batch)
+        elif policy is C.PIN:
+            self.pin(i, name, raw, batch)
+        elif policy is C.BLOCK:
+            self.block(i, raw, batch)
+        elif policy is C.STREAM:
+            self.start_stream(i, "monitor" if name == b"monitor" else "sub", raw, batch)
+        elif policy is C.SIDE:
+            self.side(i, raw, batch)
+        else:
+            batch.replies[i] = resp.error(E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+
+    def key(self) -> tuple[int, int]:
+        return (self.db, self.proto)
+
+    def forward(self, i: int, raw: bytes, batch: Batch) -> None:
+        """Run on the client's lease if it holds one, else on a shared channel."""
+        if self.lease is not None and not self.lease.ending:
+            return self.submit(self.lease.channel, i, raw, batch)
+        ch = self.cur
+        if ch is None or ch.closed or ch.exclusive or ch.key != (self.db, self.proto):
+            self.settle()
+            try:
+                ch = self.app.router.primary().channel((self.db, self.proto))
+            except BackendError as e:
+                batch.replies[i] = resp.error(str(e))
+                return
+            self.cur = ch
+        ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
+
+    def submit(self, ch, i: int, raw: bytes, batch: Batch, timeout: bool = True) -> None:
+        ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout) if timeout else 0.0)
+
+    def _new_lease(self, i: int, batch: Batch) -> Lease | None:
+        self.settle()
+        try:
+            return Lease(self.app.router.primary(), self.key())
+        except BackendError as e:
+            batch.replies[i] = resp.error(str(e))
+            return None
+
+    def pin(self, i: int, name: bytes, raw: bytes, batch: Batch) -> None:
+        """MULTI or WATCH: the connection stays this client's until EXEC/DISCARD/UNWATCH/RESET."""
+        if self.lease is None or self.lease.ending:
+            lease = self._new_lease(i, batch)
+            if lease is None:
+                return
+            self.lease = lease
+            self.cur = lease.channel
+        if name == b"multi":
+            self.in_multi, self.multi_select = True, None
+        else:
+            self.watching = True
+        self.submit(self.lease.channel, i, raw, batch)
+
+    def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
+        """Inside MULTI everything is queued by the server, wrong arity included (it aborts EXEC)."""
+        if name in _STATEFUL:
+            self.lease.dirty = True
+            if name == b"select" and len(args) == 2 and args[1].isdigit():
+                self.multi_select = int(args[1])
+        self.submit(self.lease.channel, i, raw, batch)
+
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False) -> None:
+        """A blocking command gets a connection of its own until it answers."""
+        if self.lease is not None and not self.lease.ending:
+            return self.submit(self.lease.channel, i, raw, batch, timeout=False)
+        if self.oneshot is None or self.oneshot.channel is None or self.oneshot.channel.closed:
+            lease = self._new_lease(i, batch)
+            if lease is None:
+                return
+            self.oneshot = lease
+            self.cur = lease.channel
+        self.oneshot.dirty |= dirty
+        self.submit(self.oneshot.channel, i, raw, batch, timeout=False)
+
+    def side(self, i: int, raw: bytes, batch: Batch) -> None:
+        """Run on a connection of its own right now, without waiting for the client's other replies."""
+        try:
+            lease = Lease(self.app.router.primary(), self.key())
+        except BackendError as e:
+            batch.replies[i] = resp.error(str(e))
+            return
+        lease.dirty = True
+        lease.channel.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
+        self.sides.append(lease)
+
+    # ---- streams: pub/sub, MONITOR, CLIENT TRACKING, CLIENT REPLY OFF|SKIP ----
+
+    def start_stream(self, i: int, kind: str, raw: bytes, batch: Batch) -> None:
+        if self.lease is not None and not self.lease.ending:
+            batch.replies[i] = resp.error("ERR vproxy: end the WATCH (UNWATCH) before subscribing")
+            return
+        lease = self._new_lease(i, batch)
+        if lease is None:
+            return
+        # replies before this one go out first: the stream writes as soon as it reads
+        out = [r for r in batch.replies[:i] if r is not None]
+        batch.replies[:i] = [None] * i
+        if out:
+            self.write(b"".join(out))
+        self.stream = Stream(lease, kind, b"vproxy-sync-%d" % self.id)
+        lease.channel.sink = self.on_stream
+        lease.channel.send_raw(raw)
+
+    def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
+        st = self.stream
+        if name in (b"quit", b"reset"):
+            self._end_stream()
+            return LOCAL[name](self, i, args, raw, batch)
+        if name in _STATEFUL:
+            st.lease.dirty = True
+            if name == b"select" and len(args) == 2 and args[1].isdigit():
+                self.db = int(args[1])
+            elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
+                self.proto = int(args[1])
+        ch = st.lease.channel
+        if ch is None or ch.closed:
+            batch.replies[i] = resp.error(E.backend_unavailable("", "stream connection lost"))
+            return
+        ch.send_raw(raw)
+        if name in _UNSUBS and st.kind == "sub":
+            # A PING right behind it comes back after every unsubscribe reply: then we know the count.
+            st.synced.clear()
+            ch.send_raw(resp.encode_request([b"PING", st.token]))
+            st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
+            if st.synced.is_set() and st.counts == [0, 0]:
+                self._end_stream(clean=True)
+
+    def on_stream(self, frames) -> None:
+        """Runs in the lease's reader greenlet: forward every reply, watch the subscription count."""
+        st = self.stream
+        if st is None:
+            return
+        if frames is None:  # the backend connection is gone
+            self.stream = None
+            st.lease.release(clean=False)
+            st.synced.set()
+            self.write(resp.error(E.backend_unavailable(st.lease.pool.name, "connection lost; "
+                                                        "subscriptions ended, subscribe again")))
+            return
+        out = []
+        for f in frames:
+            if st.token in f and (f[:1] == b"$" or f.startswith(b"*2\r\n$4\r\npong")):
+                st.synced.set()
+                continue
+            if f[:4] in (b"*3\r\n", b">3\r\n") and b"subscribe" in f[:24]:
+                v = resp.decode(f)
+                kind = _SUB_KINDS.get(v[0]) if isinstance(v, list) and len(v) == 3 else None
+                if kind is not None and isinstance(v[2], int):
+                    st.counts[kind] = v[2]
+            out.append(f)
+        if out:
+            self.write(b"".join(out))
+
+    def _end_stream(self, clean: bool = False) -> None:
+        st, self.stream = self.stream, None
+        if st is not None:
+            ch = st.lease.channel
+            if ch is not None:
+                ch.sink = None
+            st.lease.release(clean=clean)
+
+

@@ -1,0 +1,121 @@
+"""The command table: arity, flags and key positions (learned from the server), and vproxy's policy.
+
+The server's own `COMMAND` reply is the source of truth for arity, flags and key positions, so a
+command vproxy has never heard of still gets checked and (later) routed. The policy table below
+is vproxy's: what must run on a connection of its own, what is answered locally, what is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How vproxy runs a command (the `policy` of a Command):
+FORWARD = "forward"  # any shared connection of the client's (db, protocol)
+LOCAL = "local"  # answered by vproxy itself (session state it tracks)
+BLOCK = "block"  # a connection leased to this client for this one command
+PIN = "pin"  # starts state that needs a leased connection until it ends (MULTI, WATCH)
+STREAM = "stream"  # leased connection whose replies are streamed (pub/sub, MONITOR, ...)
+SIDE = "side"  # a fresh side connection, out of the client's order (SCRIPT KILL while a script runs)
+REFUSE = "refuse"  # would break the proxy: answered with -ERR
+
+POLICY: dict[bytes, str] = {
+    **dict.fromkeys([b"ping", b"echo", b"quit", b"reset", b"hello", b"auth", b"select", b"client",
+                     b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
+                     b"exec", b"discard", b"unwatch"], LOCAL),
+    **dict.fromkeys([b"multi", b"watch"], PIN),
+    **dict.fromkeys([b"subscribe", b"psubscribe", b"ssubscribe", b"monitor"], STREAM),
+    **dict.fromkeys([b"blpop", b"brpop", b"brpoplpush", b"blmove", b"blmpop", b"bzpopmin",
+                     b"bzpopmax", b"bzmpop", b"wait", b"waitaof", b"debug"], BLOCK),
+    **dict.fromkeys([b"shutdown", b"sync", b"psync", b"replconf"], REFUSE),
+}
+REFUSE_WHY = {
+    b"shutdown": "it would stop the backend every client shares; run it on the server directly",
+    b"sync": "replication streams are not proxied",
+    b"psync": "replication streams are not proxied",
+    b"replconf": "replication streams are not proxied",
+}
+# Subcommands that need a fresh connection: the one they target is busy by definition.
+SIDE_SUBCOMMANDS = {(b"script", b"kill"), (b"function", b"kill")}
+# Commands that block only when an option says so.
+BLOCK_OPTION = {b"xread": b"block", b"xreadgroup": b"block"}
+
+
+@dataclass(slots=True)
+class Command:
+    name: str
+    arity: int  # >0 exact count (with the name), <0 at least -arity
+    flags: frozenset
+    first_key: int = 0
+    last_key: int = 0
+    step: int = 0
+
+    def arity_ok(self, nargs: int) -> bool:
+        a = self.arity
+        return nargs == a if a > 0 else nargs >= -a
+
+
+# Fallback used until (or unless) the server's COMMAND reply is read.
+_BUILTIN = {
+    "get": (2, "readonly fast", 1, 1, 1), "set": (-3, "write", 1, 1, 1),
+    "mget": (-2, "readonly fast", 1, -1, 1), "mset": (-3, "write", 1, -1, 2),
+    "del": (-2, "write", 1, -1, 1), "multi": (1, "fast", 0, 0, 0), "exec": (1, "", 0, 0, 0),
+    "discard": (1, "fast", 0, 0, 0), "watch": (-2, "fast", 1, -1, 1), "unwatch": (1, "fast", 0, 0, 0),
+    "subscribe": (-2, "pubsub", 0, 0, 0), "psubscribe": (-2, "pubsub", 0, 0, 0),
+    "ssubscribe": (-2, "pubsub", 1, -1, 1), "unsubscribe": (-1, "pubsub", 0, 0, 0),
+    "punsubscribe": (-1, "pubsub", 0, 0, 0), "sunsubscribe": (-1, "pubsub", 1, -1, 1),
+    "blpop": (-3, "write blocking", 1, -2, 1), "brpop": (-3, "write blocking", 1, -2, 1),
+    "select": (2, "fast", 0, 0, 0), "ping": (-1, "fast", 0, 0, 0), "echo": (2, "fast", 0, 0, 0),
+    "auth": (-2, "fast", 0, 0, 0), "hello": (-1, "fast", 0, 0, 0), "monitor": (1, "admin", 0, 0, 0),
+}
+
+
+class CommandTable:
+    """Commands by lower-case name: arity, flags, key positions."""
+
+    def __init__(self):
+        self.commands: dict[bytes, Command] = {}
+        for name, (arity, flags, first, last, step) in _BUILTIN.items():
+            self.commands[name.encode()] = Command(name, arity, frozenset(flags.split()), first, last, step)
+        self.learned = False
+
+    def get(self, name: bytes) -> Command | None:
+        return self.commands.get(name)
+
+    def learn(self, reply: list) -> int:
+        """Take the server's COMMAND reply (decoded); return how many commands it listed."""
+        table = {}
+        for entry in reply:
+            cmd = _from_entry(entry)
+            if cmd is not None:
+                table[cmd.name.encode()] = cmd
+        if table:
+            self.commands.update(table)
+            self.learned = True
+        return len(table)
+
+    def policy(self, name: bytes, args: list[bytes]) -> str:
+        """How vproxy must run this request (see the constants above)."""
+        p = POLICY.get(name)
+        if p is not None:
+            return p
+        option = BLOCK_OPTION.get(name)
+        if option is not None:
+            return BLOCK if any(a.lower() == option for a in args[1:]) else FORWARD
+        if len(args) > 1 and (name, args[1].lower()) in SIDE_SUBCOMMANDS:
+            return SIDE
+        cmd = self.commands.get(name)
+        if cmd is not None and "blocking" in cmd.flags:
+            return BLOCK
+        return FORWARD
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _from_entry(entry) -> Command | None:
+    if not isinstance(entry, list) or len(entry) < 6:
+        return None
+    name, arity, flags, first, last, step = entry[:6]
+    return Command(_text(name).lower(), int(arity), frozenset(_text(f) for f in flags),
+                   int(first), int(last), int(step))

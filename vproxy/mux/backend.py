@@ -1,0 +1,96 @@
+"""One backend socket: connect, handshake (AUTH, HELLO, SELECT, name), send, read whole replies."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+
+from .. import resp
+from ..errors import BackendError
+
+
+class BackendConn:
+    """A connected, handshaken socket to one backend server, speaking RESP `proto` on database `db`."""
+
+    __slots__ = ("addr", "sock", "framer", "db", "proto")
+
+    def __init__(self, addr: tuple[str, int], db: int = 0, proto: int = 2):
+        self.addr, self.db, self.proto = addr, db, proto
+        self.sock: socket.socket | None = None
+        self.framer = resp.ReplyFramer()
+
+    @property
+    def name(self) -> str:
+        host, port = self.addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def connect(self, timeout: float, username: str = "", password: str = "") -> None:
+        """Open the socket and run the handshake; raises BackendError naming the backend."""
+        try:
+            with gevent.Timeout(timeout, BackendError(f"connect timed out after {timeout:g}s")):
+                self.sock = socket.create_connection(self.addr)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._handshake(username, password)
+        except OSError as e:
+            self.close()
+            raise BackendError(e.strerror or str(e)) from None
+        except BackendError:
+            self.close()
+            raise
+
+    def _handshake(self, username: str, password: str) -> None:
+        steps = []
+        if self.proto == 3:
+            hello = [b"HELLO", b"3"]
+            if password:
+                hello += [b"AUTH", (username or "default").encode(), password.encode()]
+            steps.append(hello)
+        elif password:
+            steps.append([b"AUTH", username.encode(), password.encode()] if username else [b"AUTH", password.encode()])
+        if self.db:
+            steps.append([b"SELECT", str(self.db).encode()])
+        steps.append([b"CLIENT", b"SETNAME", b"vproxy"])
+        self.send(b"".join(resp.encode_request(s) for s in steps))
+        frames: list[bytes] = []
+        while len(frames) < len(steps):
+            more = self.read_frames()
+            if not more:
+                raise BackendError("connection closed by backend during handshake")
+            frames += more
+        for step, frame in zip(steps, frames):
+            if frame[:1] == b"-":
+                raise BackendError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_frames(self) -> list[bytes]:
+        """Block until at least one whole reply arrived; [] means the backend closed the socket."""
+        while True:
+            data = self.sock.recv(262144)
+            if not data:
+                return []
+            frames = self.framer.feed(data)
+            if frames:
+                return frames
+
+    def read_frame(self) -> bytes:
+        """Exactly one reply (for request/response use with nothing else in flight)."""
+        frames = self.read_frames()
+        if len(frames) != 1:
+            raise BackendError("connection closed by backend" if not frames else "unexpected extra reply")
+        return frames[0]
+
+    def call(self, *args):
+        """Send one command and return its decoded reply (for vproxy's own control queries)."""
+        self.send(resp.encode_request([a if isinstance(a, bytes) else str(a).encode() for a in args]))
+        return resp.decode(self.read_frame())
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,69 @@
+"""The client listener (gevent StreamServer, a greenlet per client) and the janitor greenlet."""
+
+from __future__ import annotations
+
+import socket
+from time import monotonic
+
+import gevent
+from gevent.server import StreamServer
+from loguru import logger
+
+from .client import ClientSession
+from .config import parse_addr
+
+JANITOR_PERIOD = 0.1
+
+
+class Listener:
+    """Accepts clients and runs one ClientSession greenlet each."""
+
+    def __init__(self, app):
+        self.app = app
+        host, port = parse_addr(app.cfg.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.server = StreamServer(sock, self.handle)
+        self.address = sock.getsockname()[:2]
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(timeout=0)
+
+    def handle(self, sock, addr) -> None:
+        app = self.app
+        app.stats.connections += 1
+        if len(app.clients) >= app.cfg.max_clients:
+            app.stats.rejected += 1
+            try:
+                sock.sendall(b"-ERR max number of clients reached\r\n")
+            finally:
+                sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = ClientSession(app, sock, addr)
+        app.clients[session.id] = session
+        session.run()
+
+
+def janitor(app) -> None:
+    """The one periodic actor: command timeouts and idle clients."""
+    while True:
+        gevent.sleep(JANITOR_PERIOD)
+        try:
+            now = monotonic()
+            app.router.expire(now)
+            idle = app.cfg.client_idle_timeout
+            if idle:
+                for s in list(app.clients.values()):
+                    if s.stream is None and now - s.last_active > idle:
+                        s.closing = True
+                        s.sock.shutdown(socket.SHUT_RDWR)
+        except Exception:  # the janitor must outlive any one bad tick
+            logger.exception("janitor tick failed")
