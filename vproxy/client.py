@@ -195,7 +195,7 @@ class ClientSession:
             return
         policy = table.policy(name, args)
         if policy is C.FORWARD:
-            self.forward(i, raw, batch)
+            self.forward(i, raw, batch, name, args)
         elif policy is C.LOCAL:
             LOCAL[name](self, i, args, raw, batch)
         elif policy is C.PIN:
@@ -212,19 +212,19 @@ class ClientSession:
     def key(self) -> tuple[int, int]:
         return (self.db, self.proto)
 
-    def forward(self, i: int, raw: bytes, batch: Batch) -> None:
-        """Run on the client's lease if it holds one, else on a shared channel."""
+    def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
+        """Run on the client's lease if it holds one, else on a shared channel the router picks."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch)
-        ch = self.cur
-        if ch is None or ch.closed or ch.exclusive or ch.key != (self.db, self.proto):
-            self.settle()
-            try:
-                ch = self.app.router.primary().channel((self.db, self.proto))
-            except BackendError as e:
-                batch.replies[i] = resp.error(str(e))
-                return
-            self.cur = ch
+        try:
+            pool = self.app.router.pool_for(name, args, self)
+            ch = self.cur
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != (self.db, self.proto):
+                self.settle()
+                ch = self.cur = pool.channel((self.db, self.proto))
+        except BackendError as e:
+            batch.replies[i] = resp.error(str(e))
+            return
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
 
     def submit(self, ch, i: int, raw: bytes, batch: Batch, timeout: bool = True) -> None:

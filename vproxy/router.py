@@ -28,6 +28,10 @@ class Router:
             raise BackendError("ERR vproxy: no primary is known yet; retry shortly")
         return self.pool(addr)
 
+    def pool_for(self, name: bytes | None, args, session) -> NodePool:
+        """The pool a shared-connection command runs on (standalone: always the primary)."""
+        return self.primary()
+
     def publish(self, topology: Topology) -> None:
         self.topology = topology  # one assignment: readers see the old or the new snapshot
 
