@@ -34,12 +34,14 @@ class App:
         self.started = monotonic()
         self.greenlets: list = []
         backends = [parse_addr(b) for b in cfg.backend]
-        if cfg.embedded or not backends:
+        if cfg.embedded or (not backends and cfg.mode == "standalone"):
             self.embedded = EmbeddedValkey()
             self.embedded.wait_ready()
             backends = [self.embedded.addr]
             logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
-        self.router = Router(cfg, Topology(cfg.mode, backends[0]))
+        self.seeds = backends
+        self.router = Router(cfg, Topology(cfg.mode, backends[0] if cfg.mode == "standalone" else None))
+        self.monitor = _monitor_for(cfg.mode)(self)
         self.listener = Listener(self)
 
     @property
@@ -48,14 +50,19 @@ class App:
 
     def start(self) -> None:
         self.greenlets = [gevent.spawn(janitor, self), gevent.spawn(self.learn)]
+        if self.monitor is not None:
+            self.greenlets.append(gevent.spawn(self.monitor.run))
         self.listener.start()
-        logger.info("vproxy listening on {}:{} -> {} ({})", *self.address,
-                    self.router.primary().name, self.cfg.mode)
+        logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
 
     def learn(self) -> None:
         """Read the backend's COMMAND table, database count and identity; retry until it answers."""
         while True:
-            conn = BackendConn(self.router.topology.primary)
+            addr = self.router.topology.primary
+            if addr is None:  # no primary known yet (the monitor is still discovering)
+                gevent.sleep(LEARN_RETRY)
+                continue
+            conn = BackendConn(addr)
             try:
                 conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
                 self._learn_from(conn)
@@ -93,7 +100,27 @@ class App:
                 s.sock.close()
             except OSError:
                 pass
+        if self.monitor is not None:
+            self.monitor.stop()
         gevent.killall(self.greenlets)
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def _monitor_for(mode: str):
+    """The topology monitor class of a mode (standalone has none: its one server never changes).
+
+    A monitor is built with the App, runs in one greenlet (`run`), publishes immutable Topology
+    snapshots with `app.router.publish(...)`, and is told to `stop()` at shutdown.
+    """
+    if mode == "standalone":
+        return lambda app: None
+    if mode == "cluster":
+        from .sentinel.cluster import ClusterMonitor
+        return ClusterMonitor
+    if mode == "sentinel":
+        from .sentinel.sentinel import SentinelMonitor
+        return SentinelMonitor
+    from .sentinel.replication import ReplicationMonitor
+    return ReplicationMonitor

