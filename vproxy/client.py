@@ -13,7 +13,6 @@ for the earlier replies first (settle), so a later write can never overtake an e
 
 from __future__ import annotations
 
-import _socket
 import socket
 from itertools import count
 from time import monotonic, time
@@ -157,7 +156,8 @@ class ClientSession:
 
     def _client_gone(self) -> bool:
         try:
-            return _socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            # the raw socket under gevent's: a non-blocking peek that cannot park this greenlet
+            return self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
         except OSError:
