@@ -57,6 +57,7 @@ class App:
 
     def learn(self) -> None:
         """Read the backend's COMMAND table, database count and identity; retry until it answers."""
+        attempts = 0
         while True:
             addr = self.router.topology.primary
             if addr is None:  # no primary known yet (the monitor is still discovering)
@@ -68,7 +69,9 @@ class App:
                 self._learn_from(conn)
                 return
             except (BackendError, OSError, ValueError) as e:
-                logger.warning("cannot read the backend's command table yet: {}", e)
+                if attempts % 60 == 0:  # once, then every ~30 s: a down backend must not flood the log
+                    logger.warning("cannot read the backend's command table yet (built-in table in use): {}", e)
+                attempts += 1
             finally:
                 conn.close()
             gevent.sleep(LEARN_RETRY)

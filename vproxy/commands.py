@@ -36,8 +36,10 @@ REFUSE_WHY = {
 }
 # Subcommands that need a fresh connection: the one they target is busy by definition.
 SIDE_SUBCOMMANDS = {(b"script", b"kill"), (b"function", b"kill")}
+_SIDE_CONTAINERS = {c for c, _ in SIDE_SUBCOMMANDS}
 # Commands that block only when an option says so.
 BLOCK_OPTION = {b"xread": b"block", b"xreadgroup": b"block"}
+_BY_ARGS = "by-args"  # policy depends on the arguments
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class CommandTable:
         for name, (arity, flags, first, last, step) in _BUILTIN.items():
             self.commands[name.encode()] = Command(name, arity, frozenset(flags.split()), first, last, step)
         self.learned = False
+        self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
 
     def get(self, name: bytes) -> Command | None:
         return self.commands.get(name)
@@ -90,23 +93,30 @@ class CommandTable:
                 table[cmd.name.encode()] = cmd
         if table:
             self.commands.update(table)
+            self._policies.clear()
             self.learned = True
         return len(table)
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""
+        p = self._policies.get(name)
+        if p is None:
+            p = self._policies[name] = self._policy_of(name)
+        if p is _BY_ARGS:
+            option = BLOCK_OPTION.get(name)
+            if option is not None:
+                return BLOCK if any(a.lower() == option for a in args[1:]) else FORWARD
+            return SIDE if len(args) > 1 and (name, args[1].lower()) in SIDE_SUBCOMMANDS else FORWARD
+        return p
+
+    def _policy_of(self, name: bytes) -> str:
         p = POLICY.get(name)
         if p is not None:
             return p
-        option = BLOCK_OPTION.get(name)
-        if option is not None:
-            return BLOCK if any(a.lower() == option for a in args[1:]) else FORWARD
-        if len(args) > 1 and (name, args[1].lower()) in SIDE_SUBCOMMANDS:
-            return SIDE
+        if name in BLOCK_OPTION or name in _SIDE_CONTAINERS:
+            return _BY_ARGS
         cmd = self.commands.get(name)
-        if cmd is not None and "blocking" in cmd.flags:
-            return BLOCK
-        return FORWARD
+        return BLOCK if cmd is not None and "blocking" in cmd.flags else FORWARD
 
 
 def _text(v) -> str:
