@@ -179,3 +179,206 @@ def start_server():
     yield start
     for s in started:
         s.stop()
+
+
+# ---- helpers for the black-box suites (raw RESP sockets, reply comparison, proxy counters) ----
+
+def split_reply(buf: bytes, pos: int = 0) -> int:
+    """End offset of the one whole RESP2/RESP3 reply starting at buf[pos], or -1 if incomplete.
+
+    Written independently of vproxy.resp so that the tests do not trust the code they test."""
+    nl = buf.find(b"\r\n", pos)
+    if nl < 0:
+        return -1
+    t, head = buf[pos:pos + 1], buf[pos + 1:nl]
+    if t in b"+-:_,#(":
+        return nl + 2
+    if t in b"$=!":
+        n = int(head)
+        end = nl + 2 if n < 0 else nl + 4 + n
+        return end if end <= len(buf) else -1
+    n = int(head)
+    if t == b"%" or t == b"|":
+        n *= 2
+    if t not in b"*~>%|":
+        raise AssertionError(f"not a RESP reply at {pos}: {buf[pos:pos + 40]!r}")
+    end = nl + 2
+    for _ in range(max(n, 0)):
+        end = split_reply(buf, end)
+        if end < 0:
+            return -1
+    if t == b"|":  # an attribute is followed by the reply it describes
+        return split_reply(buf, end)
+    return end
+
+
+class RawClient:
+    """A plain socket speaking RESP bytes: for input no library would send, and exact reply bytes."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.buf = b""
+
+    @staticmethod
+    def encode(*args) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+    def send(self, data) -> None:
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def call(self, *args) -> bytes:
+        self.send(self.encode(*args))
+        return self.read()
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"no whole reply within the deadline; have {self.buf[:200]!r}")
+        self.sock.settimeout(left)
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError(f"closed by peer; unread bytes {self.buf[:200]!r}")
+        self.buf += data
+
+    def read(self, timeout: float | None = None) -> bytes:
+        """One whole reply, byte for byte."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            end = split_reply(self.buf) if self.buf else -1
+            if end >= 0:
+                frame, self.buf = self.buf[:end], self.buf[end:]
+                return frame
+            self._fill(deadline)
+
+    def read_n(self, n: int, timeout: float | None = None) -> list[bytes]:
+        return [self.read(timeout) for _ in range(n)]
+
+    def read_until(self, pred, timeout: float | None = None) -> list[bytes]:
+        """Replies up to and including the first one for which pred(frame) is true."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        seen = []
+        while True:
+            frame = self.read(max(0.001, deadline - time.monotonic()))
+            seen.append(frame)
+            if pred(frame):
+                return seen
+
+    def nothing_pending(self, wait: float = 0.2) -> bool:
+        """True when no byte arrives within `wait` seconds (used only to check that nothing came)."""
+        if self.buf:
+            return False
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            return True
+        self.buf += data
+        return False
+
+    def closed_by_peer(self, timeout: float | None = None) -> bool:
+        """Wait for EOF (True); bytes that arrive meanwhile are kept in self.buf."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(1 << 16)
+            except socket.timeout:
+                return False
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+            self.buf += data
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def raw_exchange(port: int, data: bytes, n: int, timeout: float = 10.0) -> list[bytes]:
+    """Send data on a fresh connection and return its first n replies."""
+    with RawClient(port, timeout) as c:
+        c.send(data)
+        return c.read_n(n)
+
+
+def proxy_stats(proxy) -> dict:
+    """The proxy's INFO `# Proxy` fields, read over a RESP2 connection of its own."""
+    c = proxy.client(protocol=2)
+    try:
+        return c.info("proxy")
+    finally:
+        c.close()
+
+
+def backend_clients(server) -> int:
+    """connected_clients as the backend itself counts them (this probe connection included)."""
+    c = server.client(protocol=2)
+    try:
+        return c.info("clients")["connected_clients"]
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def raw(proxy, server):
+    """Open raw RESP connections to the module's proxy on a flushed backend; all closed afterwards."""
+    server.client(protocol=2).flushall()
+    opened = []
+
+    def open_(port: int | None = None, timeout: float = 10.0) -> RawClient:
+        c = RawClient(port or proxy.port, timeout)
+        opened.append(c)
+        return c
+
+    yield open_
+    for c in opened:
+        c.close()
+
+
+class PasswordProxy(Proxy):
+    """A vproxy started with --password: ready when it answers NOAUTH; its clients authenticate."""
+
+    def __init__(self, password: str, *args: str, **kw):
+        self.password = password
+        super().__init__("--password", password, *args, **kw)
+
+    def _up(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"vproxy exited with {self.proc.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"-NOAUTH")
+
+    def client(self, **kw) -> redis.Redis:
+        kw.setdefault("password", self.password)
+        return super().client(**kw)
+
+
+@pytest.fixture
+def start_password_proxy():
+    started = []
+
+    def start(password: str, *args, **kw):
+        p = PasswordProxy(password, *args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()

@@ -234,6 +234,13 @@ def _client_stream(s, i, args, raw, batch):
     _reply(batch, i, resp.error(E.SYNTAX))
 
 
+def _client_maint_notifications(s, i, args, raw, batch):
+    """redis-py 8 asks on every RESP3 connect and takes an error as "unsupported". Forwarded, it would
+    cost a backend connection per client connect; and the proxy follows backend maintenance itself."""
+    _reply(batch, i, resp.error(E.refused("client|maint_notifications",
+                                          "the proxy follows backend maintenance itself")))
+
+
 CLIENT = {
     b"id": lambda s, i, a, r, b: _reply(b, i, resp.integer(s.id)),
     b"getname": lambda s, i, a, r, b: _reply(b, i, resp.bulk(s.name) if s.name else resp.null(s.proto)),
@@ -246,6 +253,7 @@ CLIENT = {
     b"kill": _client_kill,
     b"tracking": _client_stream,
     b"reply": _client_stream,
+    b"maint_notifications": _client_maint_notifications,
     b"getredir": lambda s, i, a, r, b: _reply(b, i, resp.integer(-1)),
     b"unblock": lambda s, i, a, r, b: _reply(b, i, admin.client_unblock(s, a)),
     b"pause": lambda s, i, a, r, b: s.forward(i, r, b),
