@@ -33,6 +33,8 @@ _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
+# The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
+_STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
 # Commands that change a connection's state: forwarded on a lease, they make it dirty.
 _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
 
@@ -318,8 +320,8 @@ class ClientSession:
             batch.replies[i] = resp.error(E.backend_unavailable("", "stream connection lost"))
             return
         ch.send_raw(raw)
-        if name in _UNSUBS and st.kind == "sub":
-            # A PING right behind it comes back after every unsubscribe reply: then we know the count.
+        if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
+            # A PING right behind it comes back after every reply before it: then we know the count.
             st.synced.clear()
             ch.send_raw(resp.encode_request([b"PING", st.token]))
             st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
