@@ -43,6 +43,9 @@ class App:
         self.router = Router(cfg, Topology(cfg.mode, backends[0] if cfg.mode == "standalone" else None))
         self.monitor = _monitor_for(cfg.mode)(self)
         self.listener = Listener(self)
+        if cfg.mode == "cluster":
+            from .csession import ClusterSession
+            self.listener.session_class = ClusterSession
 
     @property
     def address(self) -> tuple[str, int]:

@@ -28,6 +28,7 @@ class Listener:
         sock.listen(1024)
         sock.setblocking(False)
         self.server = StreamServer(sock, self.handle)
+        self.session_class = ClientSession  # cluster mode: csession.ClusterSession
         self.address = sock.getsockname()[:2]
 
     def start(self) -> None:
@@ -47,7 +48,7 @@ class Listener:
                 sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ClientSession(app, sock, addr)
+        session = self.session_class(app, sock, addr)
         app.clients[session.id] = session
         session.run()
 

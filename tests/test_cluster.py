@@ -1,0 +1,179 @@
+"""Cluster mode against a real 3-primary valkey cluster: routing, redirections, split and merge,
+fan-out, transactions; results checked against the nodes themselves."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from clusterkit import Cluster
+from conftest import Proxy, wait_for
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("valkey", 3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(cluster):
+    p = Proxy("--mode", "cluster", *[a for s in cluster.seeds[:2] for a in ("--backend", s)])
+    wait_for(lambda: p.client().execute_command("DBSIZE") == 0 or True, what="slot map")
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def r(proxy, cluster):
+    cluster.flushall()
+    c = proxy.client()
+    yield c
+    c.close()
+
+
+KEYS = [f"key:{n}" for n in range(60)]
+
+
+def test_single_key_commands_land_on_the_owner(r, cluster):
+    for k in KEYS:
+        assert r.set(k, k) is True
+    for k in KEYS:
+        assert r.get(k) == k.encode()
+        assert cluster.client_for(k).get(k) == k.encode()
+    assert r.incr("counter") == 1
+    assert cluster.client_for("counter").get("counter") == b"1"
+    r.hset("h{x}", mapping={"a": 1})
+    assert r.hgetall("h{x}") == {b"a": b"1"}
+
+
+def test_pipeline_across_nodes_keeps_order(r):
+    p = r.pipeline(transaction=False)
+    for n in range(300):
+        p.set(f"p{n}", n)
+        p.get(f"p{n}")
+        p.incr(f"p{n}")
+    out = p.execute()
+    assert out[1::3] == [str(n).encode() for n in range(300)]
+    assert out[2::3] == [n + 1 for n in range(300)]
+
+
+def test_mget_mset_del_exists_touch_unlink(r, cluster):
+    mapping = {k: f"v{k}" for k in KEYS}
+    assert r.mset(mapping) is True
+    for k in KEYS:
+        assert cluster.client_for(k).get(k) == f"v{k}".encode()
+    got = r.mget(KEYS + ["missing"] + KEYS[:3])
+    assert got == [f"v{k}".encode() for k in KEYS] + [None] + [f"v{k}".encode() for k in KEYS[:3]]
+    assert r.exists(*KEYS, "missing", KEYS[0]) == len(KEYS) + 1
+    assert r.touch(*KEYS[:10]) == 10
+    assert r.delete(*KEYS[:20], "missing") == 20
+    assert r.unlink(*KEYS[20:30]) == 10
+    assert sorted(cluster.all_keys()) == sorted(k.encode() for k in KEYS[30:])
+
+
+def test_resp3_mget(proxy, cluster):
+    cluster.flushall()
+    c = proxy.client(protocol=3)
+    c.mset({"a": 1, "b": 2, "c": 3})
+    assert c.mget("a", "b", "zz", "c") == [b"1", b"2", None, b"3"]
+
+
+def test_crossslot_refusals_say_why(r):
+    with pytest.raises(redis.ResponseError, match="msetnx.*all keys or none"):
+        r.msetnx({"a": 1, "b": 2})
+    assert r.msetnx({"{t}a": 1, "{t}b": 2}) is True
+    with pytest.raises(redis.ResponseError, match="hash to the same slot"):
+        r.rename("a", "b")
+
+
+def test_keyless_fanout(r, cluster):
+    r.mset({k: 1 for k in KEYS})
+    assert r.dbsize() == len(KEYS)
+    assert sorted(r.keys("*")) == sorted(k.encode() for k in KEYS)
+    assert sorted(r.keys("key:1*")) == sorted(k.encode() for k in KEYS if k.startswith("key:1"))
+    assert r.randomkey() in {k.encode() for k in KEYS}
+    assert r.flushall() is True
+    assert r.dbsize() == 0 and cluster.all_keys() == []
+    assert r.randomkey() is None
+
+
+def test_scan_visits_every_key_once(r):
+    keys = {f"s:{n}".encode() for n in range(500)}
+    r.mset({k: 1 for k in keys})
+    r.mset({f"other:{n}": 1 for n in range(50)})
+    seen, cursor, calls = [], 0, 0
+    while True:
+        cursor, page = r.scan(cursor, match="s:*", count=50)
+        seen += page
+        calls += 1
+        if cursor == 0:
+            break
+    assert len(seen) == len(keys) and set(seen) == keys
+    assert calls > 3
+    assert set(r.scan_iter(_type="string", count=100)) == keys | {f"other:{n}".encode() for n in range(50)}
+
+
+def test_scripts_fan_out(r):
+    sha = r.script_load("return 1")
+    assert r.script_exists(sha, "0" * 40) == [True, False]
+    assert r.evalsha(sha, 1, "anykey") == 1
+    assert r.eval("return redis.call('GET', KEYS[1])", 1, "key:1") is None
+    assert r.script_flush() is True
+    assert r.script_exists(sha) == [False]
+
+
+def test_info_and_cluster_commands(r, proxy):
+    info = r.info()
+    assert info["cluster_enabled"] == 0 and info["proxy_cluster_nodes"] == 3
+    assert r.execute_command("CLUSTER", "KEYSLOT", "foo") == 12182
+    slots = r.execute_command("CLUSTER", "SLOTS")
+    assert slots[0][0] == 0 and slots[0][1] == 16383 and slots[0][2][1] == proxy.port
+    assert b"cluster_state:ok" in r.execute_command("CLUSTER", "INFO")
+    with pytest.raises(redis.ResponseError, match="one node"):
+        r.execute_command("CLUSTER", "FAILOVER")
+
+
+def test_multi_exec_pins_to_first_key_slot(r, cluster):
+    p = r.pipeline(transaction=True)
+    p.set("{u}a", 1).incr("{u}a").get("{u}a")
+    assert p.execute() == [True, 2, b"2"]
+    assert cluster.client_for("{u}a").get("{u}a") == b"2"
+    p = r.pipeline(transaction=True)
+    p.set("{u}a", 5).set("{v}b", 1)
+    with pytest.raises(redis.ResponseError):
+        p.execute()
+    assert r.get("{u}a") == b"2"  # discarded: nothing ran
+    p = r.pipeline(transaction=True)
+    p.ping()
+    assert p.execute() == [True]
+
+
+def test_watch(r):
+    r.set("{w}k", 1)
+    with r.pipeline() as p:
+        p.watch("{w}k")
+        v = int(p.get("{w}k"))
+        p.multi()
+        p.set("{w}k", v + 1)
+        assert p.execute() == [True]
+    assert r.get("{w}k") == b"2"
+    with r.pipeline() as p:
+        p.watch("{w}k")
+        r.set("{w}k", 10)  # another connection changes it: EXEC fails
+        p.multi()
+        p.set("{w}k", 0)
+        with pytest.raises(redis.WatchError):
+            p.execute()
+    assert r.get("{w}k") == b"10"
+
+
+def test_blocking_pops_route_to_the_key(r, proxy):
+    other = proxy.client()
+    import threading
+    t = threading.Timer(0.3, lambda: other.rpush("q", "x"))
+    t.start()
+    assert r.blpop(["q"], timeout=5) == (b"q", b"x")
+    t.join()
+    assert r.blpop(["q"], timeout=0.1) is None

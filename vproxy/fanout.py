@@ -1,0 +1,299 @@
+"""Keyless and server commands on a cluster: fan out to every primary and merge, or answer as one node.
+
+    KEYS, DBSIZE, FLUSHALL/FLUSHDB, SCRIPT LOAD/EXISTS/FLUSH, FUNCTION LOAD/DELETE/FLUSH/RESTORE,
+    CONFIG SET, WAIT, INFO   -> every slot-owning primary, replies merged
+    SCAN                     -> one primary at a time; the client's cursor is (node cursor << 10 | node)
+    RANDOMKEY                -> every primary, one non-empty answer picked
+    CLUSTER INFO/NODES/SLOTS/SHARDS/MYID/KEYSLOT -> vproxy itself, as one node owning every slot
+
+Primaries are numbered by their lowest slot, so a SCAN cursor survives a failover.
+"""
+
+from __future__ import annotations
+
+import random
+from binascii import hexlify
+
+from . import resp
+from .client import ClientSession
+from .local import _append_proxy_section
+from .slots import key_slot
+
+NODE_BITS = 10
+SCAN_NODE_MASK = (1 << NODE_BITS) - 1
+NO_MAP = resp.error("CLUSTERDOWN vproxy: the cluster's slot map is not known yet; retry shortly")
+
+
+def fan(s, i, args, batch, merge, slots=None) -> None:
+    """Send args to every slot-owning primary (or to `slots`' owners); merge(frames) is the reply."""
+    if s.lease is not None or s.oneshot is not None:
+        s.settle()  # after the client's pinned requests, in order
+    slots = s.app.router.topology.first_slots if slots is None else slots
+    if not slots:
+        batch.replies[i] = NO_MAP
+        return
+    s.op(batch, i, [(slot, args) for slot in slots], merge)
+
+
+def one(s, i, args, raw, batch) -> None:
+    """Any primary (keyless commands whose answer is the same everywhere)."""
+    s.route(batch, i, raw, -1, args[0].lower())
+
+
+# ---- merges (frames are whole raw replies, none of them an error) ----
+
+def first(frames):
+    return frames[0]
+
+
+def sum_ints(frames):
+    return resp.integer(sum(int(f[1:-2]) for f in frames))
+
+
+def concat(frames):
+    n, bodies = 0, []
+    for f in frames:
+        head, _, body = f.partition(b"\r\n")
+        n += max(0, int(head[1:]))
+        bodies.append(body)
+    return b"*%d\r\n" % n + b"".join(bodies)
+
+
+def min_int(frames):
+    return resp.integer(min(int(f[1:-2]) for f in frames))
+
+
+# ---- handlers: fn(session, idx, args, raw, batch) ----
+
+def keys(s, i, args, raw, batch):
+    fan(s, i, args, batch, concat)
+
+
+def dbsize(s, i, args, raw, batch):
+    fan(s, i, args, batch, sum_ints)
+
+
+def all_ok(s, i, args, raw, batch):
+    fan(s, i, args, batch, first)
+
+
+def randomkey(s, i, args, raw, batch):
+    def merge(frames):
+        found = [f for f in frames if f[:2] not in (b"$-", b"_\r")]
+        return random.choice(found) if found else frames[0]
+    fan(s, i, args, batch, merge)
+
+
+def scan(s, i, args, raw, batch):
+    try:
+        cursor = int(args[1])
+    except ValueError:
+        batch.replies[i] = resp.error("ERR invalid cursor")
+        return
+    nodes = s.app.router.topology.first_slots
+    node, inner = cursor & SCAN_NODE_MASK, cursor >> NODE_BITS
+    if not nodes:
+        batch.replies[i] = NO_MAP
+        return
+    if node >= len(nodes) or cursor < 0:
+        batch.replies[i] = b"*2\r\n$1\r\n0\r\n*0\r\n"
+        return
+
+    def merge(frames):
+        nxt, found = resp.decode(frames[0])
+        nxt = int(nxt)
+        if nxt:
+            out = nxt << NODE_BITS | node
+        else:
+            out = node + 1 if node + 1 < len(nodes) else 0
+        return b"*2\r\n" + resp.bulk(str(out)) + resp.value(found, s.proto)
+    s.op(batch, i, [(nodes[node], [args[0], str(inner).encode(), *args[2:]])], merge)
+
+
+def script(s, i, args, raw, batch):
+    sub = args[1].lower() if len(args) > 1 else b""
+    if sub == b"exists":
+        def merge(frames):
+            lists = [resp.decode(f) for f in frames]
+            return resp.value([int(all(v[k] for v in lists)) for k in range(len(lists[0]))], s.proto)
+        return fan(s, i, args, batch, merge)
+    if sub in (b"load", b"flush"):
+        return fan(s, i, args, batch, first)
+    if sub == b"kill":
+        return ClientSession.dispatch(s, i, args, raw, batch)
+    one(s, i, args, raw, batch)
+
+
+def function(s, i, args, raw, batch):
+    sub = args[1].lower() if len(args) > 1 else b""
+    if sub in (b"load", b"delete", b"flush", b"restore"):
+        return fan(s, i, args, batch, first)
+    if sub == b"kill":
+        return ClientSession.dispatch(s, i, args, raw, batch)
+    one(s, i, args, raw, batch)
+
+
+def config(s, i, args, raw, batch):
+    sub = args[1].lower() if len(args) > 1 else b""
+    if sub in (b"set", b"resetstat"):
+        return fan(s, i, args, batch, first)
+    one(s, i, args, raw, batch)
+
+
+def wait(s, i, args, raw, batch):
+    """WAIT on every primary this session wrote to (its channels there); the smallest count wins.
+
+    The timeout is capped below command_timeout, because the wait holds a shared connection."""
+    try:
+        n, timeout = int(args[1]), int(args[2])
+    except ValueError:
+        batch.replies[i] = resp.error("ERR value is not an integer or out of range")
+        return
+    cap = max(1, int(s.app.cfg.command_timeout * 800))
+    timeout = cap if timeout <= 0 else min(timeout, cap)
+    topo = s.app.router.topology
+    slots = [sl for sl in topo.first_slots if topo.owner(sl) in s.chans] or topo.first_slots[:1]
+    fan(s, i, [b"WAIT", str(n).encode(), str(timeout).encode()], batch, min_int, slots)
+
+
+def ok(s, i, args, raw, batch):
+    batch.replies[i] = resp.OK
+
+
+def ssubscribe(s, i, args, raw, batch):
+    slots = {key_slot(c) for c in args[1:]}
+    if len(slots) > 1:
+        batch.replies[i] = resp.error("CROSSSLOT Keys in request don't hash to the same slot")
+        return
+    s.lease_addr = s.app.router.topology.owner(slots.pop())
+    try:
+        ClientSession.dispatch(s, i, args, raw, batch)
+    finally:
+        s.lease_addr = None
+
+
+# ---- INFO: one node's text, keyspace summed, a '# Cluster' summary ----
+
+def info(s, i, args, raw, batch):
+    sections = {a.lower() for a in args[1:]}
+    if sections == {b"proxy"}:
+        return ClientSession.dispatch(s, i, args, raw, batch)
+    proxy = not sections or bool(sections & {b"proxy", b"all", b"everything", b"default"})
+
+    def merge(frames):
+        texts = [_text(resp.decode(f)) for f in frames]
+        out = _merge_info(texts, s.app.router.topology)
+        frame = resp.verbatim(out, s.proto)
+        return _append_proxy_section(s, frame) if proxy else frame
+    fan(s, i, args, batch, merge)
+
+
+def _text(v) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _merge_info(texts: list[str], topo) -> str:
+    keyspace: dict[str, list[int]] = {}
+    for t in texts:
+        for line in t.splitlines():
+            if line.startswith("db") and ":keys=" in line:
+                db, _, rest = line.partition(":")
+                fields = dict(kv.split("=", 1) for kv in rest.split(","))
+                acc = keyspace.setdefault(db, [0, 0])
+                acc[0] += int(fields.get("keys", 0))
+                acc[1] += int(fields.get("expires", 0))
+    out, skip = [], False
+    for line in texts[0].splitlines():
+        if line.startswith("# "):
+            skip = line[2:].strip().lower() in ("keyspace", "cluster")
+        if not skip:
+            out.append(line)
+    while out and not out[-1].strip():
+        out.pop()
+    if keyspace or any("# Keyspace" in t for t in texts):
+        out += ["", "# Keyspace"] + [f"{db}:keys={k},expires={e},avg_ttl=0" for db, (k, e) in sorted(keyspace.items())]
+    out += ["", "# Cluster", "cluster_enabled:0", f"proxy_cluster_nodes:{len(topo.first_slots)}",
+            f"proxy_cluster_slots_covered:{topo.covered()}", f"proxy_cluster_map_version:{topo.version}"]
+    return "\r\n".join(out) + "\r\n"
+
+
+# ---- CLUSTER: vproxy as one node owning every slot ----
+
+def _me(s):
+    try:
+        host, port = s.sock.getsockname()[:2]
+    except OSError:
+        host, port = s.app.address
+    return host, port, hexlify(f"vproxy-{host}:{port}".encode()).decode()[:40].ljust(40, "0")
+
+
+def cluster(s, i, args, raw, batch):
+    sub = args[1].lower() if len(args) > 1 else b""
+    h = CLUSTER.get(sub)
+    if h is None:
+        batch.replies[i] = resp.error(f"ERR vproxy: CLUSTER {sub.decode(errors='replace').upper()} is not "
+                                      "available through the proxy, which presents the cluster as one node")
+        return
+    h(s, i, args, raw, batch)
+
+
+def _cluster_info(s, i, args, raw, batch):
+    topo = s.app.router.topology
+    state = "ok" if topo.covered() == 16384 else "fail"
+    text = (f"cluster_state:{state}\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\n"
+            "cluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:1\r\ncluster_size:1\r\n"
+            "cluster_current_epoch:1\r\ncluster_my_epoch:1\r\n")
+    batch.replies[i] = resp.verbatim(text, s.proto)
+
+
+def _cluster_nodes(s, i, args, raw, batch):
+    host, port, nid = _me(s)
+    line = f"{nid} {host}:{port}@0 myself,master - 0 0 1 connected 0-16383\n"
+    batch.replies[i] = resp.verbatim(line, s.proto)
+
+
+def _cluster_slots(s, i, args, raw, batch):
+    host, port, nid = _me(s)
+    batch.replies[i] = resp.value([[0, 16383, [host, port, nid]]], s.proto)
+
+
+def _cluster_shards(s, i, args, raw, batch):
+    host, port, nid = _me(s)
+    node = {"id": nid, "port": port, "ip": host, "endpoint": host, "role": "master",
+            "replication-offset": 0, "health": "online"}
+    batch.replies[i] = resp.value([{"slots": [0, 16383], "nodes": [node]}], s.proto)
+
+
+def _cluster_keyslot(s, i, args, raw, batch):
+    if len(args) != 3:
+        batch.replies[i] = resp.error("ERR wrong number of arguments for 'cluster|keyslot' command")
+        return
+    batch.replies[i] = resp.integer(key_slot(args[2]))
+
+
+def _in_slot(s, i, args, raw, batch):
+    """COUNTKEYSINSLOT / GETKEYSINSLOT: asked of the slot's owner."""
+    try:
+        slot = int(args[2])
+    except (ValueError, IndexError):
+        batch.replies[i] = resp.error("ERR Invalid or out of range slot")
+        return
+    if not 0 <= slot < 16384:
+        batch.replies[i] = resp.error("ERR Invalid or out of range slot")
+        return
+    s.route(batch, i, raw, slot, b"cluster")
+
+
+CLUSTER = {
+    b"info": _cluster_info, b"nodes": _cluster_nodes, b"slots": _cluster_slots, b"shards": _cluster_shards,
+    b"myid": lambda s, i, a, r, b: b.replies.__setitem__(i, resp.bulk(_me(s)[2])),
+    b"myshardid": lambda s, i, a, r, b: b.replies.__setitem__(i, resp.bulk(_me(s)[2])),
+    b"keyslot": _cluster_keyslot, b"countkeysinslot": _in_slot, b"getkeysinslot": _in_slot,
+}
+
+PRE = {
+    b"keys": keys, b"dbsize": dbsize, b"flushall": all_ok, b"flushdb": all_ok, b"randomkey": randomkey,
+    b"scan": scan, b"script": script, b"function": function, b"config": config, b"wait": wait,
+    b"readonly": ok, b"readwrite": ok, b"ssubscribe": ssubscribe, b"info": info, b"cluster": cluster,
+}
+KEYLESS: dict = {}
