@@ -186,30 +186,32 @@ def start_server():
 def split_reply(buf: bytes, pos: int = 0) -> int:
     """End offset of the one whole RESP2/RESP3 reply starting at buf[pos], or -1 if incomplete.
 
-    Written independently of vproxy.resp so that the tests do not trust the code they test."""
-    nl = buf.find(b"\r\n", pos)
-    if nl < 0:
-        return -1
-    t, head = buf[pos:pos + 1], buf[pos + 1:nl]
-    if t in b"+-:_,#(":
-        return nl + 2
-    if t in b"$=!":
-        n = int(head)
-        end = nl + 2 if n < 0 else nl + 4 + n
-        return end if end <= len(buf) else -1
-    n = int(head)
-    if t == b"%" or t == b"|":
-        n *= 2
-    if t not in b"*~>%|":
-        raise AssertionError(f"not a RESP reply at {pos}: {buf[pos:pos + 40]!r}")
-    end = nl + 2
-    for _ in range(max(n, 0)):
-        end = split_reply(buf, end)
-        if end < 0:
+    Written independently of vproxy.resp so that the tests do not trust the code they test; a loop,
+    not recursion (a Lua self-referencing table nests replies deeper than Python's stack)."""
+    due = [1]  # elements still due at each open nesting level
+    while due:
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
             return -1
-    if t == b"|":  # an attribute is followed by the reply it describes
-        return split_reply(buf, end)
-    return end
+        t, head = buf[pos:pos + 1], buf[pos + 1:nl]
+        pos = nl + 2
+        n = 0
+        if t in b"$=!":
+            size = int(head)
+            if size >= 0:
+                pos += size + 2
+                if pos > len(buf):
+                    return -1
+        elif t in b"*~>%|":
+            n = max(int(head), 0) * (2 if t in b"%|" else 1) + (1 if t == b"|" else 0)
+        elif t not in b"+-:_,#(":
+            raise AssertionError(f"not a RESP reply at {pos}: {buf[pos - 40:pos + 40]!r}")
+        due[-1] -= 1
+        if n:
+            due.append(n)
+        while due and due[-1] == 0:
+            due.pop()
+    return pos
 
 
 class RawClient:

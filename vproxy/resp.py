@@ -149,6 +149,10 @@ def _header_int(buf: bytearray, a: int, b: int, msg: str) -> int:
         raise ProtocolError(msg) from None
 
 
+_ESCAPES = {110: 10, 114: 13, 116: 9, 98: 8, 97: 7}  # \n \r \t \b \a, as sdssplitargs
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
 def split_inline(line: bytes) -> list[bytes]:
     """Split an inline command like Redis's sdssplitargs: spaces separate, quotes group."""
     if b'"' not in line and b"'" not in line:
@@ -158,8 +162,15 @@ def split_inline(line: bytes) -> list[bytes]:
         c = line[i]
         if quote:
             if c == 92 and quote == 34 and i + 1 < len(line):  # backslash escape in "..."
+                if line[i + 1] == 120 and all(h in _HEX for h in line[i + 2:i + 4]) and i + 3 < len(line):
+                    cur.append(int(line[i + 2:i + 4], 16))  # \xHH
+                    i += 3
+                else:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+            elif c == 92 and quote == 39 and line[i + 1:i + 2] == b"'":  # \' in '...'
                 i += 1
-                cur.append({110: 10, 114: 13, 116: 9}.get(line[i], line[i]))
+                cur.append(39)
             elif c == quote:
                 quote = 0
             else:
