@@ -384,3 +384,10 @@ def start_password_proxy():
     yield start
     for p in started:
         p.stop()
+
+
+def restart_server(s: Server) -> None:
+    """Start a killed (or stopped) server again on the same port, with a fresh empty data directory."""
+    s.stop()  # no-op for the process if already dead; removes the old data directory
+    s.start()
+
