@@ -43,6 +43,7 @@ def proxy_section(app) -> str:
         "commands_learned": int(app.commands.learned),
         "peak_rss_kb": rss_kb,
     }
+    fields.update(ha_fields(app))
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
 
 
@@ -169,10 +170,61 @@ def proxy_command(s, args: list) -> bytes:
         return resp.verbatim(proxy_section(app), s.proto)
     if sub == b"version":
         return resp.bulk(__version__)
+    if sub == b"topology":
+        return resp.value(topology_view(app), s.proto)
     if sub == b"clients":
         return resp.verbatim(client_list(app, []), s.proto)
     if sub == b"config" and len(args) == 4 and args[2].lower() == b"get":
         pattern = args[3].decode(errors="replace").lower()
         items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k}
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
-    return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>"], s.proto)
+    return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
+                       "PROXY TOPOLOGY"], s.proto)
+
+
+# ---- primary/replica sets (sentinel, replication modes): INFO fields and PROXY TOPOLOGY ----
+
+def ha_fields(app) -> dict:
+    """INFO `# Proxy` lines about the primary, the replicas and failovers (empty in other modes)."""
+    t = app.router.topology
+    ha = getattr(t, "ha", None)
+    if ha is None:
+        return {}
+    now = monotonic()
+    return {
+        "proxy_primary": _fmt_addr(t.primary) if t.primary else "none",
+        "proxy_replicas": ",".join(_replica_text(r) for r in ha.replicas),
+        "proxy_replicas_healthy": len(t.readable),
+        "proxy_read_from": app.cfg.read_from,
+        "proxy_failovers": ha.failovers,
+        "proxy_last_failover": ha.last_failover or "none",
+        "proxy_last_failover_ago_seconds": round(time() - ha.last_failover_at, 3) if ha.last_failover_at else -1,
+        "proxy_no_primary_seconds": round(now - ha.no_primary_since, 3) if ha.no_primary_since else 0,
+        "proxy_last_outage_seconds": round(ha.last_outage, 3),
+        "proxy_total_outage_seconds": round(ha.total_outage, 3),
+        "proxy_sentinel": ha.source or "none",
+    }
+
+
+def _replica_text(r) -> str:
+    lag = "?" if r.lag is None else f"{r.lag:g}"
+    return f"{_fmt_addr(r.addr)}={'ok' if r.healthy else 'skip'}/lag={lag}"
+
+
+def topology_view(app) -> dict:
+    """PROXY TOPOLOGY: the current snapshot; in sentinel/replication modes with health and failovers."""
+    t = app.router.topology
+    view = {"mode": t.mode, "version": t.version,
+            "primary": _fmt_addr(t.primary) if t.primary else None}
+    ha = getattr(t, "ha", None)
+    if ha is None:
+        return view
+    view["replicas"] = [{"addr": _fmt_addr(r.addr), "healthy": int(r.healthy),
+                         "lag": "" if r.lag is None else f"{r.lag:g}", "offset": r.offset, "why": r.why}
+                        for r in ha.replicas]
+    fields = ha_fields(app)
+    for key in ("proxy_failovers", "proxy_last_failover", "proxy_last_failover_ago_seconds",
+                "proxy_no_primary_seconds", "proxy_last_outage_seconds", "proxy_total_outage_seconds",
+                "proxy_sentinel"):
+        view[key[len("proxy_"):]] = str(fields[key])
+    return view

@@ -35,6 +35,7 @@ _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscri
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
+_CONN_LOST = b"-ERR vproxy: backend "  # channel aborts and timeouts (errors.backend_unavailable/timeout)
 # Commands that change a connection's state: forwarded on a lease, they make it dirty.
 _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
 
@@ -75,6 +76,7 @@ class ClientSession:
         self.sides: list[Lease] = []  # side connections, closed once their reply is in
         self.closing = False
         self.wlock = Semaphore()
+        self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
         self.batch: Batch | None = None
 
     # ---- the loop ----
@@ -131,6 +133,8 @@ class ClientSession:
                 self._wait_watching_client(batch)
             else:
                 batch.wait()
+        if self.ha_sent:
+            self._ha_recover(batch)
         for lease in self.sides:
             lease.release(clean=False)
         self.sides.clear()
@@ -218,6 +222,7 @@ class ClientSession:
         """Run on the client's lease if it holds one, else on a shared channel the router picks."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch)
+        pool = None
         try:
             pool = self.app.router.pool_for(name, args, self)
             ch = self.cur
@@ -226,8 +231,34 @@ class ClientSession:
                 ch = self.cur = pool.channel((self.db, self.proto))
         except BackendError as e:
             batch.replies[i] = resp.error(str(e))
+            if self.ha_sent is not None and pool is not None:  # HA: not sent; retried in settle
+                self.ha_sent.append((i, raw, name, args, (self.db, self.proto), pool, None))
             return
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
+        if self.ha_sent is not None:
+            self.ha_sent.append((i, raw, name, args, ch.key, pool, ch))
+
+    # ---- HA (sentinel/replication modes): one more try after a failover; see router.recover ----
+
+    def _ha_recover(self, batch: Batch) -> None:
+        """Requests whose backend connection failed run again where the router says, or get its error."""
+        sent, self.ha_sent = self.ha_sent, []
+        failed = [e for e in sent if (batch.replies[e[0]] or b"").startswith(_CONN_LOST)]
+        if not failed:
+            return
+        timeout = self.app.cfg.command_timeout
+        for i, raw, key, target in self.app.router.recover(failed, self):
+            if isinstance(target, bytes):
+                batch.replies[i] = target
+                continue
+            try:
+                target.channel(key).submit(raw, batch, i, deadline_after(timeout))
+            except BackendError as e:
+                batch.replies[i] = resp.error(str(e))
+        self.cur = None
+        batch.wait()
+
+    # ---- end HA ----
 
     def submit(self, ch, i: int, raw: bytes, batch: Batch, timeout: bool = True) -> None:
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout) if timeout else 0.0)

@@ -72,15 +72,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master", str, "", "Master name the sentinels monitor (mode sentinel)."),
     Setting("sentinel_username", str, "", "Username for the sentinels."),
     Setting("sentinel_password", str, "", "Password for the sentinels."),
-    Setting("read_from", str, "primary", "Where read-only commands go: primary, replica (fall back to "
-            "the primary when no replica is healthy), prefer-replica.",
+    Setting("read_from", str, "primary", "Modes sentinel and replication: where read-only commands "
+            "(flag 'readonly' in the server's COMMAND table) go: primary; replica (healthy replicas "
+            "only: with none, reads get an error); prefer-replica (healthy replicas, else the primary).",
             check=_one_of("primary", "replica", "prefer-replica")),
     Setting("replica_balance", str, "round-robin", "How reads pick a replica: round-robin, "
             "least-outstanding.", check=_one_of("round-robin", "least-outstanding")),
     Setting("max_replica_lag", float, 10.0, "Skip replicas whose link to the primary is down or "
             "that lag more than this many seconds.", check=_positive),
-    Setting("read_your_writes", float, 0.0, "After a client writes, send its reads to the primary "
-            "for this many seconds (0: off).", check=_non_negative),
+    Setting("read_your_writes", float, 0.0, "After a client writes, send that client's reads to the "
+            "primary for this many seconds, so it reads its own writes although replicas lag (0: off; "
+            "per client connection, not across connections).", check=_non_negative),
     Setting("failover_timeout", float, 5.0, "Mode replication: seconds the primary must stay "
             "unreachable before vproxy promotes a replica.", check=_positive),
     Setting("primary_wait", float, 10.0, "Seconds a command waits for a primary during a failover "
@@ -185,6 +187,8 @@ def _check_together(v: dict) -> None:
         raise ConfigError("mode 'sentinel' needs at least one 'sentinel' address and a 'master' name")
     if mode in ("cluster", "replication") and not v["backend"]:
         raise ConfigError(f"mode '{mode}' needs at least one 'backend' address")
+    if v["read_from"] != "primary" and mode not in ("sentinel", "replication"):
+        raise ConfigError(f"setting 'read_from' = '{v['read_from']}' needs mode 'sentinel' or 'replication'")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
 

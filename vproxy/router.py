@@ -1,10 +1,29 @@
-"""Command + topology snapshot -> the backend pool that must run it."""
+"""Command + topology snapshot -> the backend pool that must run it.
+
+Standalone: every command goes to the one server (`pool_for` is `primary`, one dict lookup).
+Primary/replica sets (sentinel, replication modes) add, all outside that hot path:
+
+    no primary in the snapshot  -> primary() waits (up to primary_wait) for the monitor's next one
+    connection failed in flight -> recover(): ask the monitor for a verdict (suspect), then
+                                   reads and never-sent requests run again; sent writes get an error
+    read_from != primary        -> pool_for is _split: read-only commands to a healthy replica
+    new primary published       -> the old primary's pools are drained (no write lands on it)
+"""
 
 from __future__ import annotations
 
+from time import monotonic
+
+from gevent.event import Event
+
+from . import resp
 from .errors import BackendError
 from .mux.pool import NodePool
 from .sentinel.topology import Topology
+
+HA_MODES = ("sentinel", "replication")
+UNKNOWN_OUTCOME = ("ERR vproxy: the connection to {} was lost with this write in flight (failover?); "
+                   "it may or may not have been applied, so vproxy did not retry it")
 
 
 class Router:
@@ -14,6 +33,16 @@ class Router:
         self.cfg = cfg
         self.pools: dict[tuple[str, int], NodePool] = {}
         self.topology = topology
+        self.ha = cfg.mode in HA_MODES
+        self.changed = Event()  # set (and replaced) by every publish
+        self.wake = Event()  # tells the monitor to look now
+        self.suspects: set = set()
+        self.verdict: Event | None = None  # set once the monitor has looked at the suspects
+        self.last_primary = topology.primary
+        self._rr = 0
+        self.split = self.ha and cfg.read_from != "primary"
+        if self.split:
+            self.pool_for = self._split  # reads may go to replicas; standalone keeps the cheap method
 
     def pool(self, addr: tuple[str, int]) -> NodePool:
         p = self.pools.get(addr)
@@ -25,7 +54,7 @@ class Router:
         """The pool of the node that takes writes (standalone: the one server)."""
         addr = self.topology.primary
         if addr is None:
-            raise BackendError("ERR vproxy: no primary is known yet; retry shortly")
+            addr = self._await_primary(monotonic() + self.cfg.primary_wait)
         return self.pool(addr)
 
     def pool_for(self, name: bytes | None, args, session) -> NodePool:
@@ -33,7 +62,15 @@ class Router:
         return self.primary()
 
     def publish(self, topology: Topology) -> None:
+        old = self.last_primary
         self.topology = topology  # one assignment: readers see the old or the new snapshot
+        if self.ha and topology.primary is not None:
+            self.last_primary = topology.primary
+            self._revive(topology)
+            if old is not None and old != topology.primary and old in self.pools:
+                self.pools[old].close(f"primary moved to {_fmt(topology.primary)} (failover); retry")
+        ev, self.changed = self.changed, Event()
+        ev.set()
 
     def expire(self, now: float) -> None:
         for p in list(self.pools.values()):
@@ -42,3 +79,122 @@ class Router:
     def close(self) -> None:
         for p in self.pools.values():
             p.close()
+
+    # ---- primary/replica sets: waiting out a failover ----
+
+    def _await_primary(self, deadline: float) -> tuple[str, int]:
+        if not self.ha:
+            raise BackendError("ERR vproxy: no primary is known yet; retry shortly")
+        while True:
+            left = deadline - monotonic()
+            if left <= 0:
+                raise BackendError(f"ERR vproxy: no primary (failover in progress) after waiting "
+                                   f"{self.cfg.primary_wait:g}s (primary_wait); retry")
+            self.changed.wait(left)
+            addr = self.topology.primary
+            if addr is not None:
+                return addr
+
+    def _revive(self, t: Topology) -> None:
+        """Nodes the monitor just verified: forget their connect backoff."""
+        for addr in (t.primary, *t.readable):
+            p = self.pools.get(addr)
+            if p is not None and p.down_until:
+                p.down_until = p.backoff = 0.0
+
+    def suspect(self, addr: tuple[str, int]) -> Event:
+        """Ask the monitor to look at addr now; the event is set once it has published its verdict."""
+        self.suspects.add(addr)
+        if self.verdict is None:
+            self.verdict = Event()
+        self.wake.set()
+        return self.verdict
+
+    def take_suspects(self) -> tuple[set, Event | None]:
+        """The monitor's side of suspect(): what to look at, and the event to set afterwards."""
+        s, v = self.suspects, self.verdict
+        self.suspects, self.verdict = set(), None
+        self.wake.clear()
+        return s, v
+
+    def recover(self, failed: list, session) -> list:
+        """Requests whose backend connection failed -> [(idx, raw, key, pool or error frame)].
+
+        `failed` holds (idx, raw, name, args, key, pool, channel) as the client sent them; channel
+        None (or one that never connected) means the request never left vproxy, so it is safe to
+        send again. A read is sent again once; a write that may have reached the backend is not.
+        """
+        deadline = monotonic() + self.cfg.primary_wait
+        t = self.topology
+        verdict = None
+        for p in {e[5] for e in failed}:
+            if p.addr == t.primary or p.addr in t.readable or t.primary is None:
+                verdict = self.suspect(p.addr)
+        if verdict is not None:
+            verdict.wait(max(0.0, deadline - monotonic()))
+        out = []
+        for idx, raw, name, args, key, pool, ch in failed:
+            sent = ch is not None and ch.ready
+            if sent and not _is_read(name, session):
+                out.append((idx, raw, key, resp.error(UNKNOWN_OUTCOME.format(pool.name))))
+                continue
+            try:
+                out.append((idx, raw, key, self._retarget(name, session, pool, deadline)))
+            except BackendError as e:
+                out.append((idx, raw, key, resp.error(str(e))))
+        return out
+
+    def _retarget(self, name, session, failed: NodePool, deadline: float) -> NodePool:
+        if self.split and _is_read(name, session):
+            readable = [a for a in self.topology.readable if a != failed.addr]
+            if readable:
+                return self._pick(readable)
+            if self.cfg.read_from == "replica":
+                raise BackendError(NO_REPLICA)
+        addr = self.topology.primary or self._await_primary(deadline)
+        return self.pool(addr)
+
+    # ---- read/write splitting ----
+
+    def _split(self, name: bytes | None, args, session) -> NodePool:
+        """Read-only commands (COMMAND table flag) to a healthy replica; everything else to the primary."""
+        if not _is_read(name, session):
+            if self.cfg.read_your_writes:
+                session.ryw_until = monotonic() + self.cfg.read_your_writes
+            return self.primary()
+        if self.cfg.read_your_writes and getattr(session, "ryw_until", 0.0) > monotonic():
+            return self.primary()
+        readable = self.topology.readable
+        if not readable:
+            if self.cfg.read_from == "replica":
+                raise BackendError(NO_REPLICA)
+            return self.primary()
+        cur = session.cur  # keep a pipeline of reads on one replica: switching would settle each time
+        if cur is not None and not cur.closed and cur.pool.addr in readable and session.batch and session.batch.left:
+            return cur.pool
+        return self._pick(readable)
+
+    def _pick(self, readable) -> NodePool:
+        if self.cfg.replica_balance == "least-outstanding":
+            return min((self.pool(a) for a in readable), key=_outstanding)
+        self._rr += 1
+        return self.pool(readable[self._rr % len(readable)])
+
+
+NO_REPLICA = "ERR vproxy: no healthy replica to read from (read_from replica); retry later"
+
+
+def _is_read(name: bytes | None, session) -> bool:
+    if name is None:
+        return False
+    cmd = session.app.commands.get(name)
+    return cmd is not None and "readonly" in cmd.flags
+
+
+def _outstanding(p: NodePool) -> int:
+    return sum(len(c.waiters) for chans in p.shared.values() for c in chans)
+
+
+def _fmt(addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

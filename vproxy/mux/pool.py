@@ -110,10 +110,11 @@ class NodePool:
             "idle_pinned": sum(len(c) for c in self.idle.values()),
         }
 
-    def close(self) -> None:
+    def close(self, why: str = "") -> None:
+        """Close every connection; waiters get `why` (default: closed by vproxy) in their error."""
         for ch in [c for chans in self.shared.values() for c in chans] + list(self.leased) + \
                 [c for chans in self.idle.values() for c in chans]:
-            ch.close()
+            ch.abort(backend_unavailable(self.name, why or "connection closed by vproxy"))
 
 
 def _load(ch: Channel) -> int:

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica as the HA monitor last saw it (primary/replica sets)."""
+
+    addr: tuple[str, int]
+    healthy: bool  # may serve reads: reachable, not loading, link up, lag within max_replica_lag
+    lag: float | None = None  # seconds since the replica last heard from / acknowledged the primary
+    offset: int = 0  # replication offset
+    why: str = ""  # why it is not healthy ('' when it is)
+
+
+@dataclass(frozen=True)
+class HAStatus:
+    """What the HA monitor (sentinel or replication mode) knows beyond who is primary."""
+
+    replicas: tuple[ReplicaState, ...] = ()
+    failovers: int = 0  # primary changes seen since start
+    last_failover: str = ""  # 'old -> new (how)' of the latest one
+    last_failover_at: float = 0.0  # wall-clock time of the latest one
+    no_primary_since: float = 0.0  # monotonic time the primary went missing; 0 while there is one
+    last_outage: float = 0.0  # seconds the latest stretch without a primary lasted
+    total_outage: float = 0.0  # seconds without a primary since start (finished stretches)
+    source: str = ""  # the sentinel that answered last (sentinel mode)
 
 
 @dataclass(frozen=True)
@@ -12,6 +37,9 @@ class Topology:
     primary: tuple[str, int] | None
     replicas: tuple[tuple[str, int], ...] = ()
     version: int = 0
+    # sentinel and replication modes (keyword-only: subclasses keep their positional fields)
+    readable: tuple[tuple[str, int], ...] = field(default=(), kw_only=True)  # healthy replicas for reads
+    ha: HAStatus | None = field(default=None, kw_only=True)
 
 
 # ---- cluster mode (ClusterMonitor publishes these) ----

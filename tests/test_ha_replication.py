@@ -1,0 +1,134 @@
+"""Replication mode: vproxy learns a primary/replica set and fails it over itself, under load.
+
+Each failover test runs 50 clients through the proxy, fences (a write + WAIT on the primary), then
+SIGKILLs, SIGSTOPs or gracefully stops the primary. Checked: no client connection closed, every
+write acknowledged before the fence still readable, errors only for writes whose outcome is
+unknown, and the old primary rejoining as a replica of the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import redis
+
+from conftest import Proxy, wait_for
+from ha_kit import Load, ReplSet, check_readable, fence, repl_info, role, topology
+
+FAST = ["--mode", "replication", "--failover-timeout", "1", "--topology-refresh", "0.2",
+        "--primary-wait", "15"]
+
+
+def record(kind: str, **values) -> None:
+    """Append a measurement for the report (VPROXY_HA_MEASURE=path)."""
+    path = os.environ.get("VPROXY_HA_MEASURE")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": kind, **values}) + "\n")
+
+
+@pytest.fixture
+def rset():
+    s = ReplSet(2)
+    yield s
+    s.stop()
+
+
+def new_primary(proxy, old: str, timeout: float = 20) -> str:
+    return wait_for(lambda: (lambda p: p if p not in (None, old) else None)(topology(proxy)["primary"]),
+                    timeout=timeout, what="a new primary")
+
+
+def test_learns_primary_from_a_replica_address(rset, start_proxy):
+    """Only a replica is configured: the primary is learned from its INFO replication."""
+    p = start_proxy("--backend", rset.replicas[0].addr, *FAST)
+    assert topology(p)["primary"] == rset.primary.addr
+    c = p.client()
+    c.set("k", "v")
+    assert rset.primary.client().get("k") == b"v"
+    wait_for(lambda: len(topology(p)["replicas"]) == 2, what="both replicas learned")
+
+
+def failover_under_load(rset, proxy, fault: str) -> dict:
+    load = Load(proxy.port, 50).start()
+    wait_for(lambda: load.ops > 2000, what="load running")
+    fence(rset.primary.port, 2)
+    acked = load.snapshot()
+    old = rset.primary.addr
+    t0 = time.monotonic()
+    {"kill": rset.primary.kill, "pause": rset.primary.pause, "shutdown": rset.primary.proc.terminate}[fault]()
+    new = new_primary(proxy, old)
+    switched = time.monotonic() - t0
+    ops = load.ops
+    wait_for(lambda: load.ops > ops + 2000, what="load running on the new primary")
+    load.stop()
+    assert load.disconnects == 0
+    assert check_readable(proxy, acked) == []
+    after = {k: v for k, v in load.snapshot().items() if v[1] > t0 + switched}
+    assert check_readable(proxy, after) == []
+    unexpected = [e for _, e in load.errors if "outcome" not in e and "may or may not" not in e]
+    assert unexpected == []
+    result = {"fault": fault, "switch_s": round(switched, 3), "error_window_s": round(load.error_window(), 4),
+              "errors": len(load.errors), "slowest_s": round(load.slowest, 3), "ops": load.ops}
+    record("replication", **result)
+    print("FAILOVER replication", result)
+    return {"new": new, **result}
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause", "shutdown"])
+def test_failover_under_load(rset, start_proxy, fault):
+    p = start_proxy(*rset.args(), *FAST)
+    out = failover_under_load(rset, p, fault)
+    new_port = int(out["new"].rsplit(":", 1)[1])
+    other = next(r for r in rset.replicas if r.port != new_port)
+    wait_for(lambda: repl_info(other.port).get("master_port") == new_port, what="other replica re-pointed")
+    old = rset.primary
+    if fault == "pause":
+        old.resume()
+    else:
+        old.start()  # restarted empty on the same port
+    wait_for(lambda: role(old.port)[0] == b"slave" and role(old.port)[2] == new_port, timeout=15,
+             what="old primary rejoining as a replica of the new one")
+    wait_for(lambda: repl_info(old.port).get("master_link_status") == "up", what="old primary synced")
+    assert rset.masters() == [new_port]
+    assert p.client().get("ha:fence") is not None
+
+
+def test_transaction_during_failover_gets_a_retryable_error(rset, start_proxy):
+    p = start_proxy(*rset.args(), *FAST)
+    c = p.client()
+    c.execute_command("MULTI")
+    c.execute_command("SET", "tx", "1")
+    old = rset.primary.addr
+    rset.primary.kill()
+    new_primary(p, old)
+    with pytest.raises(redis.ResponseError, match="vproxy"):
+        c.execute_command("EXEC")
+    tx = c.pipeline(transaction=True)  # the same connection retries and succeeds
+    tx.set("tx", "2").get("tx")
+    assert tx.execute() == [True, b"2"]
+
+
+def test_two_proxies_promote_one_replica(rset, start_proxy):
+    """Two vproxy instances watch one set: the primary dies, exactly one replica is promoted."""
+    a = start_proxy(*rset.args(), *FAST)
+    b = start_proxy(*rset.args(), *FAST)
+    old = rset.primary.addr
+    seen_masters = set()
+    rset.primary.kill()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        seen_masters.update(rset.masters())
+        ta, tb = topology(a)["primary"], topology(b)["primary"]
+        if ta not in (None, old) and ta == tb and len(rset.masters()) == 1:
+            break
+        time.sleep(0.02)  # polling interval, not synchronisation
+    assert ta == tb and ta not in (None, old)
+    assert len(seen_masters) == 1, f"more than one replica was promoted: {seen_masters}"
+    assert rset.masters() == [int(ta.rsplit(":", 1)[1])]
+    for proxy in (a, b):
+        proxy.client().set(f"after:{proxy.port}", 1)
+    assert rset.by_port(int(ta.rsplit(":", 1)[1])).client().dbsize() >= 2
