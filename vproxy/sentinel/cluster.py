@@ -180,36 +180,41 @@ def _node_addr(node: dict, asked) -> tuple[str, int]:
 
 
 def parse_shards(reply, asked) -> tuple[tuple, tuple]:
-    """CLUSTER SHARDS -> (shards, 16384 slot owner indices)."""
-    shards, slots = [], [-1] * SLOTS
+    """CLUSTER SHARDS -> (shards, 16384 slot owner indices). A failed primary is passed over."""
+    found = []
     for raw in reply:
         shard = _pairs(raw)
         nodes = [_pairs(n) for n in shard.get("nodes", [])]
-        primary = [n for n in nodes if _s(n.get("role")) == "master"]
-        if not primary:
+        primary = sorted((n for n in nodes if _s(n.get("role")) == "master"),
+                         key=lambda n: _s(n.get("health")) != "online")
+        ranges = [int(x) for x in shard.get("slots", [])]
+        if not primary or not ranges:
             continue
-        replicas = tuple(_node_addr(n, asked) for n in nodes
-                         if _s(n.get("role")) != "master" and _s(n.get("health")) == "online")
-        idx = len(shards)
-        shards.append(Shard(_node_addr(primary[0], asked), replicas))
-        ranges = shard.get("slots", [])
+        addr = _node_addr(primary[0], asked)
+        replicas = tuple(sorted(_node_addr(n, asked) for n in nodes if n is not primary[0]
+                                and _s(n.get("role")) != "master" and _s(n.get("health")) == "online"))
+        found.append((min(ranges[0::2]), Shard(addr, replicas), ranges))
+    found.sort(key=lambda f: f[0])  # a stable order, whichever node answered
+    shards, slots = [], [-1] * SLOTS
+    for idx, (_, shard, ranges) in enumerate(found):
+        shards.append(shard)
         for k in range(0, len(ranges) - 1, 2):
-            for s in range(int(ranges[k]), int(ranges[k + 1]) + 1):
-                slots[s] = idx
+            slots[ranges[k]:ranges[k + 1] + 1] = [idx] * (ranges[k + 1] - ranges[k] + 1)
     return tuple(shards), tuple(slots)
 
 
 def parse_slots(reply, asked) -> tuple[tuple, tuple]:
     """CLUSTER SLOTS -> (shards, 16384 slot owner indices)."""
-    shards, index, slots = [], {}, [-1] * SLOTS
-    for entry in reply:
-        start, end, master = int(entry[0]), int(entry[1]), entry[2]
-        host = _s(master[0]) or asked[0]
-        addr = (host, int(master[1]))
-        if addr not in index:
-            reps = tuple(((_s(r[0]) or asked[0]), int(r[1])) for r in entry[3:])
-            index[addr] = len(shards)
-            shards.append(Shard(addr, reps))
-        for s in range(start, end + 1):
-            slots[s] = index[addr]
+    ranges: dict[tuple, list] = {}
+    reps: dict[tuple, tuple] = {}
+    for entry in sorted(reply, key=lambda e: int(e[0])):
+        master = entry[2]
+        addr = (_s(master[0]) or asked[0], int(master[1]))
+        ranges.setdefault(addr, []).append((int(entry[0]), int(entry[1])))
+        reps[addr] = tuple(sorted(((_s(r[0]) or asked[0]), int(r[1])) for r in entry[3:]))
+    shards, slots = [], [-1] * SLOTS
+    for idx, addr in enumerate(sorted(ranges, key=lambda a: ranges[a][0][0])):
+        shards.append(Shard(addr, reps[addr]))
+        for start, end in ranges[addr]:
+            slots[start:end + 1] = [idx] * (end - start + 1)
     return tuple(shards), tuple(slots)

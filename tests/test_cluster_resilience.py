@@ -1,0 +1,155 @@
+"""Cluster changes under load: a live slot migration (zero client-visible errors, no lost key) and a
+primary killed while clients run (no disconnect, bounded errors, recovery without a restart)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from clusterkit import Cluster
+from conftest import Proxy, wait_for
+from vproxy.slots import key_slot
+
+
+class Load:
+    """Client threads writing and reading their own keys through the proxy until stopped."""
+
+    def __init__(self, proxy, prefix: str, threads: int = 4, keys: int = 200):
+        self.stop_ = threading.Event()
+        self.errors: list[str] = []
+        self.ops = 0
+        self.written: dict[str, int] = {}
+        self.disconnects = 0
+        self.threads = [threading.Thread(target=self.run, args=(proxy.client(), f"{prefix}{t}", keys), daemon=True)
+                        for t in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, c: redis.Redis, prefix: str, keys: int):
+        c.ping()
+        conn_id = c.client_id()
+        n = 0
+        while not self.stop_.is_set():
+            k = f"{prefix}:{n % keys}"
+            try:
+                c.set(k, n)
+                self.written[k] = n
+                got = c.get(k)
+                if got != str(n).encode():
+                    self.errors.append(f"{k}: read {got!r}, wrote {n}")
+                if n % 10 == 0:
+                    vals = c.mget([f"{prefix}:{j}" for j in range(0, min(n + 1, keys), 7)])
+                    if any(v is None for v in vals):
+                        self.errors.append(f"mget saw a missing key at n={n}")
+                self.ops += 1
+            except redis.ConnectionError as e:
+                self.disconnects += 1
+                self.errors.append(f"disconnect: {e}")
+            except redis.ResponseError as e:
+                self.errors.append(str(e))
+            n += 1
+        if c.client_id() != conn_id:
+            self.disconnects += 1
+
+    def finish(self):
+        self.stop_.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def _proxy(cluster, *extra):
+    return Proxy("--mode", "cluster", "--backend", cluster.seeds[0], "--backend", cluster.seeds[1],
+                 "--topology-refresh", "0.5", *extra)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("valkey", 3)
+    yield c
+    c.stop()
+
+
+def migrate_slot(cluster, slot: int, src, dst, batch: int = 10):
+    sid, did = cluster.node_id(src), cluster.node_id(dst)
+    dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+    src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+    moved = 0
+    while True:
+        keys = src.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+        if not keys:
+            break
+        src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+        moved += len(keys)
+        time.sleep(0.01)  # let the load run between batches (pacing, not synchronisation)
+    for n in [dst, src] + [p for p in cluster.primaries if p not in (src, dst)]:
+        n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
+    return moved
+
+
+def test_live_slot_migration_under_load(cluster):
+    cluster.flushall()
+    p = _proxy(cluster)
+    try:
+        tag = "mig"
+        slot = key_slot(f"{{{tag}}}".encode())
+        load = Load(p, f"{{{tag}}}t", threads=4, keys=100)
+        wait_for(lambda: load.ops > 300, 20, "load to start")
+        src = cluster.owner(f"{{{tag}}}")
+        dst = next(n for n in cluster.primaries if n is not src)
+        moved = migrate_slot(cluster, slot, src, dst)
+        wait_for(lambda: cluster.owner(f"{{{tag}}}") is dst, 10, "the slot to be owned by dst")
+        before = load.ops
+        wait_for(lambda: load.ops > before + 300, 20, "load to continue after the move")
+        load.finish()
+        assert moved > 0
+        assert load.errors == [] and load.disconnects == 0
+        c = dst.client()
+        for k, v in list(load.written.items()):
+            assert c.get(k) == str(v).encode(), k
+        assert src.client().dbsize() == 0 or all(key_slot(k) != slot for k in src.client().keys("*"))
+        # and back again, so later tests see the original layout
+        load = Load(p, f"{{{tag}}}u", threads=2, keys=50)
+        wait_for(lambda: load.ops > 100, 20, "load to start")
+        migrate_slot(cluster, slot, dst, src)
+        before = load.ops
+        wait_for(lambda: load.ops > before + 100, 20, "load to continue")
+        load.finish()
+        assert load.errors == [] and load.disconnects == 0
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def replicated():
+    c = Cluster("valkey", 3, 1)
+    yield c
+    c.stop()
+
+
+def test_primary_killed_under_load(replicated):
+    cluster = replicated
+    p = _proxy(cluster, "--primary-wait", "15")
+    try:
+        victim = cluster.primaries[1]
+        tag = next(f"k{n}" for n in range(1000) if cluster.owner(f"{{k{n}}}") is victim)
+        load = Load(p, f"{{{tag}}}x", threads=3, keys=50)
+        other = Load(p, "plain", threads=2, keys=50)  # keys on every node
+        wait_for(lambda: load.ops > 200 and other.ops > 200, 20, "load to start")
+        victim.kill()
+        alive = [n for n in cluster.nodes if n is not victim]
+        wait_for(lambda: cluster.owner(f"{{{tag}}}") is not victim, 30, "a replica to take over")
+        before = load.ops
+        wait_for(lambda: load.ops > before + 200, 30, "writes to the failed shard to resume")
+        load.finish()
+        other.finish()
+        assert load.disconnects == 0 and other.disconnects == 0
+        assert len(load.errors) <= 10, load.errors[:10]
+        assert len(other.errors) <= 10, other.errors[:10]
+        c = p.client()
+        assert c.set(f"{{{tag}}}after", 1) and c.get(f"{{{tag}}}after") == b"1"
+        assert alive
+    finally:
+        p.stop()
