@@ -177,3 +177,90 @@ def test_blocking_pops_route_to_the_key(r, proxy):
     assert r.blpop(["q"], timeout=5) == (b"q", b"x")
     t.join()
     assert r.blpop(["q"], timeout=0.1) is None
+
+
+def _spread(prefix, n=3):
+    """n key names whose slots differ (so they are split), plus a hash-tagged twin on one node."""
+    from vproxy.slots import key_slot
+    out, seen = [], set()
+    for j in range(1000):
+        k = f"{prefix}{j}"
+        if key_slot(k.encode()) not in seen:
+            seen.add(key_slot(k.encode()))
+            out.append(k)
+        if len(out) == n:
+            return out
+
+
+def _copy_to_ref(r, cluster, keys):
+    """Copy keys into hash-tagged twins on one node: the reference runs there natively."""
+    ref = cluster.client_for("{ref}")
+    for k in keys:
+        dump = r.dump(k)
+        ref.delete(f"{{ref}}{k}")
+        if dump is not None:
+            ref.restore(f"{{ref}}{k}", 0, dump)
+    return ref
+
+
+def test_set_algebra_matches_the_server(r, cluster):
+    a, b, c = _spread("set", 3)
+    r.sadd(a, *range(0, 30))
+    r.sadd(b, *range(10, 40, 2))
+    r.sadd(c, *range(5, 15))
+    ref = _copy_to_ref(r, cluster, [a, b, c])
+    t = [f"{{ref}}{k}" for k in (a, b, c)]
+    assert r.sunion(a, b, c) == ref.sunion(*t)
+    assert r.sinter(a, b, c) == ref.sinter(*t)
+    assert r.sdiff(a, b, c) == ref.sdiff(*t)
+    assert r.sdiff(a, "missing") == ref.sdiff(t[0], "{ref}missing")
+    assert r.sintercard(3, [a, b, c]) == ref.sintercard(3, t)
+    assert r.sintercard(2, [a, b], limit=3) == 3
+    dest = _spread("dst", 1)[0]
+    for cmd in ("sunionstore", "sinterstore", "sdiffstore"):
+        n = getattr(r, cmd)(dest, [a, b, c])
+        assert n == getattr(ref, cmd)("{ref}d", t)
+        assert r.smembers(dest) == ref.smembers("{ref}d")
+    r.set("str", "x")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.sunion(a, "str")
+    assert r.smove(a, c, 0) is True and r.sismember(c, 0) and not r.sismember(a, 0)
+    assert r.smove(a, c, 999) is False
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.smove(a, "str", 1)
+    assert r.sismember(a, 1)
+
+
+def test_sorted_set_algebra_matches_the_server(r, cluster):
+    a, b, c = _spread("zs", 3)
+    r.zadd(a, {f"m{j}": j * 1.5 for j in range(20)})
+    r.zadd(b, {f"m{j}": -j for j in range(10, 30)})
+    r.sadd(c, "m12", "m15", "m25")  # a plain set counts with score 1
+    ref = _copy_to_ref(r, cluster, [a, b, c])
+    t = [f"{{ref}}{k}" for k in (a, b, c)]
+    for agg in (None, "MIN", "MAX"):
+        assert r.zunion([a, b, c], aggregate=agg, withscores=True) == ref.zunion(t, aggregate=agg, withscores=True)
+        assert r.zinter([a, b], aggregate=agg, withscores=True) == ref.zinter(t[:2], aggregate=agg, withscores=True)
+    w = dict(zip([a, b, c], [2, 0.5, 3]))
+    assert r.zunion(w, withscores=True) == ref.zunion(dict(zip(t, [2, 0.5, 3])), withscores=True)
+    assert r.zinter([a, b, c]) == ref.zinter(t)
+    assert r.zdiff([a, b], withscores=True) == ref.zdiff(t[:2], withscores=True)
+    dest = _spread("zd", 1)[0]
+    assert r.zunionstore(dest, w, aggregate="MAX") == ref.zunionstore("{ref}d", dict(zip(t, [2, 0.5, 3])), aggregate="MAX")
+    assert r.zrange(dest, 0, -1, withscores=True) == ref.zrange("{ref}d", 0, -1, withscores=True)
+    assert r.zinterstore(dest, [a, b]) == ref.zinterstore("{ref}d", t[:2])
+    assert r.zrange(dest, 0, -1, withscores=True) == ref.zrange("{ref}d", 0, -1, withscores=True)
+    assert r.zdiffstore(dest, [a, b]) == ref.zdiffstore("{ref}d", t[:2])
+    assert r.zrange(dest, 0, -1, withscores=True) == ref.zrange("{ref}d", 0, -1, withscores=True)
+
+
+def test_resp3_set_algebra(proxy, cluster):
+    cluster.flushall()
+    c = proxy.client(protocol=3)
+    a, b = _spread("r3", 2)
+    c.sadd(a, 1, 2)
+    c.sadd(b, 2, 3)
+    assert c.sunion(a, b) == {b"1", b"2", b"3"}
+    c.zadd(a + "z", {"x": 1})
+    c.zadd(b + "z", {"x": 2.5, "y": 1})
+    assert c.zunion([a + "z", b + "z"], withscores=True) == [[b"y", 1.0], [b"x", 3.5]]

@@ -11,7 +11,7 @@ Handlers are fn(session, idx, args, batch); session.op(batch, idx, parts, merge)
 
 from __future__ import annotations
 
-from . import resp
+from . import algebra, resp
 from .slots import key_slot
 
 WHY = {
@@ -74,4 +74,5 @@ def count(s, i, args, batch):
 
 SPLIT = {
     b"mget": mget, b"mset": mset, b"del": count, b"unlink": count, b"exists": count, b"touch": count,
+    **algebra.SPLIT,
 }
