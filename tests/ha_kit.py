@@ -5,6 +5,7 @@ Every process runs on a free port and is stopped by its pid; readiness is polled
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -80,7 +81,7 @@ class Sentinels:
         for port in self.ports:
             conf = os.path.join(self.dir, f"sentinel-{port}.conf")
             with open(conf, "w") as f:
-                f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile {self.dir}/log-{port}.txt\n"
                         f"sentinel monitor {name} 127.0.0.1 {primary_port} 2\n"
                         f"sentinel down-after-milliseconds {name} 500\n"
                         f"sentinel failover-timeout {name} 3000\n")
@@ -103,13 +104,27 @@ class Sentinels:
         got = self.client(port or self.ports[0]).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
         return int(got[1])
 
-    def wait_replicas(self, n: int) -> None:
+    def wait_ready(self, replicas: int) -> None:
+        """Every sentinel knows the replicas and the other sentinels (else a failover may flap)."""
         def known():
-            return all(len(self.client(p).execute_command("SENTINEL", "REPLICAS", self.name)) >= n
+            return all(len(self.client(p).execute_command("SENTINEL", "REPLICAS", self.name)) >= replicas
+                       and len(self.client(p).execute_command("SENTINEL", "SENTINELS", self.name)) >= len(self.ports) - 1
                        for p in self.ports)
-        wait_for(known, what=f"sentinels to know {n} replicas")
+        wait_for(known, timeout=20, what=f"sentinels to know {replicas} replicas and each other")
+
+    def logs(self) -> str:
+        out = []
+        for port in self.ports:
+            try:
+                with open(os.path.join(self.dir, f"log-{port}.txt")) as f:
+                    out.append(f"--- sentinel {port}\n" + f.read())
+            except OSError:
+                pass
+        return "\n".join(out)
 
     def stop(self):
+        if os.environ.get("VPROXY_SENTINEL_LOGS"):
+            print(self.logs())
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -251,3 +266,42 @@ def check_readable(proxy, writes: dict) -> list:
             if v is None or int(v) != writes[k][0]:
                 missing.append(k)
     return missing
+
+
+def record(kind: str, **values) -> None:
+    """Append a measurement for the report (VPROXY_HA_MEASURE=path)."""
+    path = os.environ.get("VPROXY_HA_MEASURE")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": kind, **values}) + "\n")
+
+
+def failover_under_load(rset, proxy, fault: str, mode: str = "replication") -> dict:
+    load = Load(proxy.port, 50).start()
+    wait_for(lambda: load.ops > 2000, what="load running")
+    fence(rset.primary.port, 2)
+    acked = load.snapshot()
+    old = rset.primary.addr
+    t0 = time.monotonic()
+    {"kill": rset.primary.kill, "pause": rset.primary.pause, "shutdown": rset.primary.proc.terminate}[fault]()
+    new = wait_for(lambda: _moved(proxy, old), timeout=20, what="a new primary")
+    switched = time.monotonic() - t0
+    ops = load.ops
+    wait_for(lambda: load.ops > ops + 2000, what="load running on the new primary")
+    load.stop()
+    assert load.disconnects == 0
+    assert check_readable(proxy, acked) == []
+    after = {k: v for k, v in load.snapshot().items() if v[1] > t0 + switched}
+    assert check_readable(proxy, after) == []
+    unexpected = [e for _, e in load.errors if "outcome" not in e and "may or may not" not in e]
+    assert unexpected == []
+    result = {"fault": fault, "switch_s": round(switched, 3), "error_window_s": round(load.error_window(), 4),
+              "errors": len(load.errors), "slowest_s": round(load.slowest, 3), "ops": load.ops}
+    record(mode, **result)
+    print("FAILOVER", mode, result)
+    return {"new": new, **result}
+
+
+def _moved(proxy, old: str):
+    p = topology(proxy)["primary"]
+    return p if p not in (None, old) else None

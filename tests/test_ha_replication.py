@@ -8,26 +8,16 @@ unknown, and the old primary rejoining as a replica of the new one.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import pytest
 import redis
 
 from conftest import Proxy, wait_for
-from ha_kit import Load, ReplSet, check_readable, fence, repl_info, role, topology
+from ha_kit import ReplSet, failover_under_load, repl_info, role, topology
 
 FAST = ["--mode", "replication", "--failover-timeout", "1", "--topology-refresh", "0.2",
         "--primary-wait", "15"]
-
-
-def record(kind: str, **values) -> None:
-    """Append a measurement for the report (VPROXY_HA_MEASURE=path)."""
-    path = os.environ.get("VPROXY_HA_MEASURE")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": kind, **values}) + "\n")
 
 
 @pytest.fixture
@@ -50,32 +40,6 @@ def test_learns_primary_from_a_replica_address(rset, start_proxy):
     c.set("k", "v")
     assert rset.primary.client().get("k") == b"v"
     wait_for(lambda: len(topology(p)["replicas"]) == 2, what="both replicas learned")
-
-
-def failover_under_load(rset, proxy, fault: str) -> dict:
-    load = Load(proxy.port, 50).start()
-    wait_for(lambda: load.ops > 2000, what="load running")
-    fence(rset.primary.port, 2)
-    acked = load.snapshot()
-    old = rset.primary.addr
-    t0 = time.monotonic()
-    {"kill": rset.primary.kill, "pause": rset.primary.pause, "shutdown": rset.primary.proc.terminate}[fault]()
-    new = new_primary(proxy, old)
-    switched = time.monotonic() - t0
-    ops = load.ops
-    wait_for(lambda: load.ops > ops + 2000, what="load running on the new primary")
-    load.stop()
-    assert load.disconnects == 0
-    assert check_readable(proxy, acked) == []
-    after = {k: v for k, v in load.snapshot().items() if v[1] > t0 + switched}
-    assert check_readable(proxy, after) == []
-    unexpected = [e for _, e in load.errors if "outcome" not in e and "may or may not" not in e]
-    assert unexpected == []
-    result = {"fault": fault, "switch_s": round(switched, 3), "error_window_s": round(load.error_window(), 4),
-              "errors": len(load.errors), "slowest_s": round(load.slowest, 3), "ops": load.ops}
-    record("replication", **result)
-    print("FAILOVER replication", result)
-    return {"new": new, **result}
 
 
 @pytest.mark.parametrize("fault", ["kill", "pause", "shutdown"])

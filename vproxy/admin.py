@@ -191,9 +191,9 @@ def ha_fields(app) -> dict:
     if ha is None:
         return {}
     now = monotonic()
-    return {
+    fields = {
         "proxy_primary": _fmt_addr(t.primary) if t.primary else "none",
-        "proxy_replicas": ",".join(_replica_text(r) for r in ha.replicas),
+        "proxy_replicas": len(ha.replicas),
         "proxy_replicas_healthy": len(t.readable),
         "proxy_read_from": app.cfg.read_from,
         "proxy_failovers": ha.failovers,
@@ -204,11 +204,12 @@ def ha_fields(app) -> dict:
         "proxy_total_outage_seconds": round(ha.total_outage, 3),
         "proxy_sentinel": ha.source or "none",
     }
-
-
-def _replica_text(r) -> str:
-    lag = "?" if r.lag is None else f"{r.lag:g}"
-    return f"{_fmt_addr(r.addr)}={'ok' if r.healthy else 'skip'}/lag={lag}"
+    for i, r in enumerate(ha.replicas):  # like the server's slaveN lines
+        lag = -1 if r.lag is None else f"{r.lag:g}"
+        why = r.why.replace(" ", "_").replace(",", ";") or "ok"
+        fields[f"proxy_replica{i}"] = (f"ip={r.addr[0]},port={r.addr[1]},healthy={int(r.healthy)},lag={lag},"
+                                       f"offset={r.offset},state={why}")
+    return fields
 
 
 def topology_view(app) -> dict:
@@ -223,7 +224,7 @@ def topology_view(app) -> dict:
                          "lag": "" if r.lag is None else f"{r.lag:g}", "offset": r.offset, "why": r.why}
                         for r in ha.replicas]
     fields = ha_fields(app)
-    for key in ("proxy_failovers", "proxy_last_failover", "proxy_last_failover_ago_seconds",
+    for key in ("proxy_replicas_healthy", "proxy_failovers", "proxy_last_failover", "proxy_last_failover_ago_seconds",
                 "proxy_no_primary_seconds", "proxy_last_outage_seconds", "proxy_total_outage_seconds",
                 "proxy_sentinel"):
         view[key[len("proxy_"):]] = str(fields[key])

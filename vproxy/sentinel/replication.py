@@ -109,7 +109,7 @@ class ReplicationMonitor(HAMonitor):
                 self.command(info.addr, "REPLICAOF", *best.addr)
         self.down_since = 0.0
         self.promotions += 1
-        return best.addr, f"vproxy promoted it: offset {best.offset}, run id {best.run_id[:8]}"
+        return best.addr, f"vproxy promoted it: offset {best.offset} run id {best.run_id[:8]}"
 
     def repair(self, primary, infos: dict) -> None:
         """Point replicas that follow an unreachable or losing member at the primary."""
