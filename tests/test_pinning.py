@@ -443,3 +443,143 @@ def test_max_pinned_limit(server, start_proxy):
     for h in holders:
         h.close()
     wait_unpinned(p)
+
+
+# ---- pipelines that cross into and out of pinned state keep the client's order ----
+
+ORDER_CASES = {
+    "watch-multi": E("SET", "a", "1") + E("WATCH", "a") + E("GET", "a") + E("MULTI") + E("SET", "a", "2")
+    + E("EXEC") + E("GET", "a"),
+    "blpop-between": E("SET", "x", "1") + E("BLPOP", "q", "0.01") + E("GET", "x") + E("RPUSH", "q", "v")
+    + E("BLPOP", "q", "0") + E("GET", "x"),
+    "subscribe-between": E("SET", "x", "1") + E("SUBSCRIBE", "ch") + E("PING") + E("UNSUBSCRIBE") + E("GET", "x"),
+    "blpop-in-multi": E("MULTI") + E("BLPOP", "q", "0") + E("EXEC"),
+    "blpop-while-watching": E("WATCH", "a") + E("BLPOP", "q", "0.01") + E("UNWATCH") + E("GET", "a"),
+    "xread-block": E("XADD", "s", "1-1", "f", "v") + E("XREAD", "BLOCK", "50", "STREAMS", "s", "0")
+    + E("XREAD", "BLOCK", "50", "STREAMS", "s", "$") + E("PING"),
+    "select-discarded": E("MULTI") + E("SELECT", "2") + E("DISCARD") + E("SET", "k", "v") + E("SELECT", "2")
+    + E("GET", "k"),
+    "sub-unsub-set": E("SUBSCRIBE", "a") + E("SUBSCRIBE", "b") + E("UNSUBSCRIBE", "a") + E("UNSUBSCRIBE", "b")
+    + E("SET", "k", "v"),
+    "reply-skip-off-on": E("CLIENT", "REPLY", "SKIP") + E("SET", "k", "1") + E("GET", "k")
+    + E("CLIENT", "REPLY", "OFF") + E("SET", "k", "2") + E("CLIENT", "REPLY", "ON") + E("GET", "k"),
+    # a stream started and ended in one write: the stream's own replies come first
+    "subscribe-quit": E("SUBSCRIBE", "ch") + E("QUIT"),
+    "psubscribe-reset": E("PSUBSCRIBE", "x*") + E("RESET") + E("SET", "k", "1"),
+    "monitor-quit": E("MONITOR") + E("QUIT"),
+    "monitor-reset": E("MONITOR") + E("RESET") + E("GET", "k"),
+    "tracking-reset": E("CLIENT", "TRACKING", "ON") + E("RESET") + E("GET", "k"),
+}
+
+
+def _all_replies(port: int, data: bytes, server) -> bytes:
+    """Every byte answered to data: up to EOF after a QUIT, else up to an ECHO marker sent behind it."""
+    server.client().flushall()
+    with RawClient(port, timeout=5) as c:
+        if data.endswith(E("QUIT")):
+            c.send(data)
+            assert c.closed_by_peer(5)
+            return c.buf
+        marker = E("ECHO", "end-of-case")
+        c.send(data + marker)
+        frames = c.read_until(lambda f: f == b"$11\r\nend-of-case\r\n")
+        return b"".join(frames)
+
+
+@pytest.mark.parametrize("case", list(ORDER_CASES))
+def test_pipeline_order_across_pinned_state_matches_server(proxy, server, case):
+    data = ORDER_CASES[case]
+    direct = _all_replies(server.port, data, server)
+    via = _all_replies(proxy.port, data, server)
+    assert via == direct
+    wait_unpinned(proxy)
+
+
+@pytest.fixture
+def quick_busy(server):
+    """The server answers -BUSY after 100 ms of script (default 5 s) instead of blocking everyone."""
+    d = server.client(protocol=2)
+    old = d.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    d.config_set("busy-reply-threshold", 100)
+    yield
+    d.config_set("busy-reply-threshold", old)
+    d.close()
+
+
+def _server_blocked(server) -> bool:
+    """True while the server answers nobody (a script runs, before busy-reply-threshold)."""
+    with RawClient(server.port) as probe:
+        probe.send(E("PING"))
+        return probe.nothing_pending(0.2)
+
+
+def test_script_kill_reaches_a_busy_script(server, start_proxy, quick_busy):
+    """SCRIPT KILL runs on a side connection: the one the script runs on is busy by definition.
+
+    A fresh proxy: the side connection (and the other client's shared one) are opened while the
+    server is busy, so their handshake must survive -BUSY (Redis 7 refuses CLIENT SETNAME then)."""
+    proxy = start_proxy("--backend", server.addr)
+    with RawClient(proxy.port, timeout=15) as runner, RawClient(proxy.port) as other:
+        runner.send(E("EVAL", "local i = 0 while true do i = i + 1 end", "0"))
+        # the server's own answer reaches clients, not a proxy error about the backend
+        wait_for(lambda: other.call("GET", "x").startswith(b"-BUSY"), what="the script to be running")
+        assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
+        assert runner.read().startswith(b"-ERR Script killed by user with SCRIPT KILL")
+        assert runner.call("PING") == b"+PONG\r\n"
+        assert other.call("GET", "x") == b"$-1\r\n"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SCRIPT KILL sent before the server's busy-reply-threshold needs a new side connection whose "
+    "handshake (HELLO/CLIENT SETNAME) the busy server does not answer until the threshold; when that "
+    "is longer than connect_timeout the handshake times out, NodePool.connect_failed marks the backend "
+    "down and SCRIPT KILL gets 'backend unavailable' (a direct client gets +OK at the threshold)"))
+def test_script_kill_before_busy_threshold(server, start_proxy):
+    p = start_proxy("--backend", server.addr, "--connect-timeout", "0.3")
+    d = server.client(protocol=2)
+    old = d.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    d.config_set("busy-reply-threshold", 1000)
+    runner = RawClient(p.port, timeout=15)
+    try:
+        runner.send(E("EVAL", "local i = 0 while true do i = i + 1 end", "0"))
+        wait_for(lambda: _server_blocked(server), what="the script to block the server")
+        with RawClient(p.port, timeout=15) as other:
+            assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
+    finally:
+        with RawClient(server.port, timeout=15) as direct:  # end the script whatever happened above
+            direct.call("SCRIPT", "KILL")
+        runner.close()
+        d.config_set("busy-reply-threshold", old)
+
+
+def test_client_unblock_and_kill(proxy, raw):
+    b, admin = raw(), raw()
+    my_id = int(b.call("CLIENT", "ID")[1:-2])
+    b.send(E("BLPOP", "never-filled", "0"))
+    wait_for(lambda: pinned(proxy) == 1, what="BLPOP pinned")
+    assert admin.call("CLIENT", "UNBLOCK", str(my_id)) == b":1\r\n"
+    assert b.read() == b"*-1\r\n"  # unblocked as if timed out: a null array, as the server answers
+    assert admin.call("CLIENT", "UNBLOCK", str(my_id)) == b":0\r\n"  # not blocked any more
+    b.send(E("BLPOP", "never-filled", "0"))
+    wait_for(lambda: pinned(proxy) == 1, what="BLPOP pinned again")
+    assert admin.call("CLIENT", "UNBLOCK", str(my_id), "ERROR").startswith(b":1")
+    assert b.read().startswith(b"-UNBLOCKED")
+    assert admin.call("CLIENT", "KILL", "ID", str(my_id)) == b":1\r\n"
+    assert b.closed_by_peer(5)
+    wait_unpinned(proxy)
+    assert admin.call("PING") == b"+PONG\r\n"
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("cmd", [("BLPOP", "q", "0"), ("BLMOVE", "q", "d", "LEFT", "RIGHT", "0"),
+                                 ("BZPOPMIN", "z", "0"), ("XREAD", "BLOCK", "0", "STREAMS", "st", "$")])
+def test_client_unblock_reply_matches_server(proxy, server, protocol, cmd):
+    def unblocked(port: int) -> bytes:
+        with RawClient(port) as b, RawClient(port) as admin:
+            b.call("HELLO", protocol)
+            bid = b.call("CLIENT", "ID")[1:-2]
+            b.send(E(*cmd))
+            wait_for(lambda: admin.call("CLIENT", "UNBLOCK", bid) == b":1\r\n", what="the client to block")
+            return b.read()
+
+    assert unblocked(proxy.port) == unblocked(server.port) == (b"*-1\r\n" if protocol == 2 else b"_\r\n")

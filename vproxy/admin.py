@@ -151,7 +151,9 @@ def client_unblock(s, args: list) -> bytes:
     if lease is None or lease.channel is None or not lease.channel.waiters:
         return resp.integer(0)
     error = len(args) == 4 and args[3].lower() == b"error"
-    frame = resp.error("UNBLOCKED client unblocked via CLIENT UNBLOCK") if error else resp.null(target.proto)
+    # as the server does: the blocked command answers as if it timed out (a null array; WAIT: 0 replicas)
+    timed_out = b":0\r\n" if target.last_cmd == b"wait" else b"*-1\r\n" if target.proto == 2 else b"_\r\n"
+    frame = resp.error("UNBLOCKED client unblocked via CLIENT UNBLOCK") if error else timed_out
     ch = lease.channel
     lease.dirty = True
     waiters, ch.waiters = list(ch.waiters), type(ch.waiters)()

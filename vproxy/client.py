@@ -338,6 +338,8 @@ class ClientSession:
     def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         st = self.stream
         if name in (b"quit", b"reset"):
+            if st.kind != "reply":  # replies still in flight (a pipelined SUBSCRIBE's) go out first
+                self._sync_stream(st)
             self._end_stream()
             return LOCAL[name](self, i, args, raw, batch)
         if name in _STATEFUL:
@@ -352,12 +354,17 @@ class ClientSession:
             return
         ch.send_raw(raw)
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
-            # A PING right behind it comes back after every reply before it: then we know the count.
-            st.synced.clear()
-            ch.send_raw(resp.encode_request([b"PING", st.token]))
-            st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
-            if st.synced.is_set() and st.counts == [0, 0]:
+            if self._sync_stream(st) and st.counts == [0, 0]:
                 self._end_stream(clean=True)
+
+    def _sync_stream(self, st: Stream) -> bool:
+        """A PING right behind the requests comes back after every reply before it: wait for it."""
+        ch = st.lease.channel
+        if ch is None or ch.closed:
+            return False
+        st.synced.clear()
+        ch.send_raw(resp.encode_request([b"PING", st.token]))
+        return st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
 
     def on_stream(self, frames) -> None:
         """Runs in the lease's reader greenlet: forward every reply, watch the subscription count."""
@@ -375,6 +382,8 @@ class ClientSession:
         for f in frames:
             if st.token in f and (f[:1] == b"$" or f.startswith(b"*2\r\n$4\r\npong")):
                 st.synced.set()
+                continue
+            if st.kind == "monitor" and st.token in f:  # MONITOR showing that PING: ours, not the client's
                 continue
             if f[:4] in (b"*3\r\n", b">3\r\n") and b"subscribe" in f[:24]:
                 v = resp.decode(f)
