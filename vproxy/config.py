@@ -72,9 +72,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("master", str, "", "Master name the sentinels monitor (mode sentinel)."),
     Setting("sentinel_username", str, "", "Username for the sentinels."),
     Setting("sentinel_password", str, "", "Password for the sentinels."),
-    Setting("read_from", str, "primary", "Modes sentinel and replication: where read-only commands "
+    Setting("read_from", str, "primary", "Modes sentinel, replication and cluster: where read-only commands "
             "(flag 'readonly' in the server's COMMAND table) go: primary; replica (healthy replicas "
-            "only: with none, reads get an error); prefer-replica (healthy replicas, else the primary).",
+            "only: with none, reads get an error; cluster: the shard's replicas, READONLY on their "
+            "connections, the primary when the shard has none); prefer-replica (healthy replicas, "
+            "else the primary).",
             check=_one_of("primary", "replica", "prefer-replica")),
     Setting("replica_balance", str, "round-robin", "How reads pick a replica: round-robin, "
             "least-outstanding.", check=_one_of("round-robin", "least-outstanding")),
@@ -187,8 +189,9 @@ def _check_together(v: dict) -> None:
         raise ConfigError("mode 'sentinel' needs at least one 'sentinel' address and a 'master' name")
     if mode in ("cluster", "replication") and not v["backend"]:
         raise ConfigError(f"mode '{mode}' needs at least one 'backend' address")
-    if v["read_from"] != "primary" and mode not in ("sentinel", "replication"):
-        raise ConfigError(f"setting 'read_from' = '{v['read_from']}' needs mode 'sentinel' or 'replication'")
+    if v["read_from"] != "primary" and mode not in ("sentinel", "replication", "cluster"):
+        raise ConfigError(f"setting 'read_from' = '{v['read_from']}' needs mode 'sentinel', 'replication' "
+                          "or 'cluster'")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
 

@@ -19,7 +19,7 @@ from time import monotonic
 
 import gevent
 
-from . import fanout, resp, split, txn
+from . import dbns, fanout, resp, split, txn
 from .client import ClientSession
 from .errors import BackendError
 from .keyspec import key_positions
@@ -28,6 +28,7 @@ from .mux.lease import Lease
 from .slots import key_slot
 
 ASKING = resp.encode_request([b"ASKING"])
+READONLY = resp.encode_request([b"READONLY"])
 _WAIT = (b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
 _DOWN = b"-ERR vproxy: backend "
 # A request that failed with one of these was never sent: resending it cannot run it twice.
@@ -59,12 +60,20 @@ class ClusterSession(ClientSession):
         self.lease_addr = None  # where the next lease opens (SSUBSCRIBE)
         self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
         self.multi_failed = False
+        self.reads = app.cfg.read_from != "primary"  # read-only commands may go to replicas
+        self.rr = self.id
+        self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----
 
     def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
-        self.cur_args = args
         name = args[0].lower()
+        if self.ns is not None:
+            args, raw, err = dbns.rewrite(self, name, args, raw, i)
+            if err:
+                batch.replies[i] = resp.error(err)
+                return
+        self.cur_args = args
         h = PRE.get(name)
         if h is not None and self.authed and self.stream is None and not (self.in_multi and name in IN_MULTI):
             cmd = self.app.commands.get(name)
@@ -93,7 +102,7 @@ class ClusterSession(ClientSession):
         if slots is None:
             batch.replies[i] = resp.error(f"ERR vproxy: cannot tell the keys of '{name.decode()}'")
         elif len(slots) == 1:
-            self.route(batch, i, raw, slots.pop(), name)
+            self.route(batch, i, raw, slots.pop(), name, self.reads)
         elif slots:
             h = split.SPLIT.get(name)
             if h is None:
@@ -107,12 +116,24 @@ class ClusterSession(ClientSession):
             else:
                 h(self, i, args, raw, batch)
 
-    def route(self, batch: Batch, i: int, raw: bytes, slot: int, name: bytes) -> None:
+    def route(self, batch: Batch, i: int, raw: bytes, slot: int, name: bytes, reads: bool = False) -> None:
         sub = Sub(batch, i, raw, slot, name)
         self.inflight.append(sub)
-        self.send(sub, fresh=True)
+        replica = self.replica_for(slot, name) if reads else None
+        self.send(sub, replica, fresh=True, readonly=replica is not None)
 
-    def send(self, sub: Sub, addr=None, asking: bool = False, fresh: bool = False) -> None:
+    def replica_for(self, slot: int, name: bytes):
+        """A replica of slot's shard for a read-only command (round robin), else None (the primary)."""
+        cmd = self.app.commands.get(name)
+        if cmd is None or "readonly" not in cmd.flags or slot < 0:
+            return None
+        shard = self.app.router.topology.shard_of(slot)
+        if shard is None or not shard.replicas:
+            return None
+        self.rr += 1
+        return shard.replicas[self.rr % len(shard.replicas)]
+
+    def send(self, sub: Sub, addr=None, asking: bool = False, fresh: bool = False, readonly: bool = False) -> None:
         """Put a sub on the channel of `addr` (default: its slot's owner); a failure becomes its reply."""
         topo = self.app.router.topology
         if addr is None:
@@ -122,6 +143,9 @@ class ClusterSession(ClientSession):
             return
         try:
             ch = self.node_lease(addr) if sub.block else self.channel_to(addr, fresh)
+            if readonly and not getattr(ch, "readonly", False):
+                ch.readonly = True  # a replica's connection: READONLY first, so it serves reads
+                ch.submit(READONLY, None, 0, 0.0)
         except BackendError as e:
             sub.batch.replies[sub.idx] = resp.error(str(e))
             return
@@ -316,5 +340,5 @@ def _addr(text: bytes) -> tuple[str, int]:
 
 
 # Requests the cluster session answers before (or instead of) the standalone dispatch.
-PRE = {**fanout.PRE, **txn.PRE}
+PRE = {**fanout.PRE, **txn.PRE, b"select": dbns.select}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi"}

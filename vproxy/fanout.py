@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from binascii import hexlify
 
-from . import resp
+from . import dbns, resp
 from .client import ClientSession
 from .local import _append_proxy_section
 from .slots import key_slot
@@ -66,18 +66,28 @@ def min_int(frames):
 # ---- handlers: fn(session, idx, args, raw, batch) ----
 
 def keys(s, i, args, raw, batch):
-    fan(s, i, args, batch, concat)
+    if not dbns.emulated(s):
+        return fan(s, i, args, batch, concat)
+    if s.ns:
+        args = [args[0], s.ns + args[1]]
+    fan(s, i, args, batch, dbns.keys_merge(s, concat))
 
 
 def dbsize(s, i, args, raw, batch):
+    if s.ns:
+        return dbns.dbsize(s, i, args, raw, batch)
     fan(s, i, args, batch, sum_ints)
 
 
 def all_ok(s, i, args, raw, batch):
+    if s.ns and args[0].lower() == b"flushdb":
+        return dbns.flushdb(s, i, args, raw, batch)
     fan(s, i, args, batch, first)
 
 
 def randomkey(s, i, args, raw, batch):
+    if s.ns:
+        return dbns.randomkey(s, i, args, raw, batch)
     def merge(frames):
         found = [f for f in frames if f[:2] not in (b"$-", b"_\r")]
         return random.choice(found) if found else frames[0]
@@ -99,9 +109,15 @@ def scan(s, i, args, raw, batch):
         batch.replies[i] = b"*2\r\n$1\r\n0\r\n*0\r\n"
         return
 
+    emulated = dbns.emulated(s)
+    if emulated:
+        args = dbns.scan_args(s, args)
+
     def merge(frames):
         nxt, found = resp.decode(frames[0])
         nxt = int(nxt)
+        if emulated:
+            found = dbns.scan_names(s, found)
         if nxt:
             out = nxt << NODE_BITS | node
         else:
@@ -213,6 +229,7 @@ def _merge_info(texts: list[str], topo) -> str:
     if keyspace or any("# Keyspace" in t for t in texts):
         out += ["", "# Keyspace"] + [f"{db}:keys={k},expires={e},avg_ttl=0" for db, (k, e) in sorted(keyspace.items())]
     out += ["", "# Cluster", "cluster_enabled:0", f"proxy_cluster_nodes:{len(topo.first_slots)}",
+            f"proxy_cluster_replicas:{sum(len(sh.replicas) for sh in topo.shards)}",
             f"proxy_cluster_slots_covered:{topo.covered()}", f"proxy_cluster_map_version:{topo.version}"]
     return "\r\n".join(out) + "\r\n"
 

@@ -128,7 +128,7 @@ def exec_(s, i, args, raw, batch):
 
 
 def reset(s, i, args, raw, batch):
-    s.mq, s.multi_failed, s.pin_slot = [], False, None
+    s.mq, s.multi_failed, s.pin_slot, s.ns = [], False, None, None
     LOCAL[b"reset"](s, i, args, raw, batch)
 
 

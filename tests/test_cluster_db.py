@@ -1,0 +1,73 @@
+"""SELECT on a cluster: native (Valkey 9 cluster-databases) and emulated by a key namespace per db."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from clusterkit import Cluster
+from conftest import Proxy
+
+
+@pytest.fixture(scope="module", params=["emulated", "native"])
+def setup(request):
+    extra = ("--cluster-databases", "16") if request.param == "native" else ()
+    c = Cluster("valkey", 3, 0, *extra)
+    p = Proxy("--mode", "cluster", "--backend", c.seeds[0])
+    yield request.param, c, p
+    p.stop()
+    c.stop()
+
+
+def test_databases_are_isolated(setup):
+    kind, cluster, proxy = setup
+    cluster.flushall()
+    c0, c3 = proxy.client(db=0), proxy.client(db=3)
+    keys = [f"k{n}" for n in range(40)]
+    c0.mset({k: "zero" for k in keys})
+    c3.mset({k: "three" for k in keys[:25]})
+    assert c0.mget(keys) == [b"zero"] * 40
+    assert c3.mget(keys) == [b"three"] * 25 + [None] * 15
+    assert c3.dbsize() == 25 and sorted(c3.keys("*")) == sorted(k.encode() for k in keys[:25])
+    assert sorted(c0.keys("*")) == sorted(k.encode() for k in keys)
+    assert set(c3.scan_iter(count=7)) == {k.encode() for k in keys[:25]}
+    assert set(c0.scan_iter(match="k1*")) == {k.encode() for k in keys if k.startswith("k1")}
+    assert c3.randomkey() in {k.encode() for k in keys[:25]}
+    assert c3.incr("counter") == 1 and c0.get("counter") is None
+    assert c3.delete(*keys[:5]) == 5 and c0.exists(*keys[:5]) == 5
+    c3.rpush("{q}list", "a")
+    assert c3.blpop(["{q}list"], timeout=1) == (b"{q}list", b"a")
+    p = c3.pipeline(transaction=True)
+    p.set("{t}x", 1).incr("{t}x")
+    assert p.execute() == [True, 2]
+    assert c0.get("{t}x") is None
+    assert c3.flushdb() is True
+    assert c3.dbsize() == 0 and c0.dbsize() >= 40 - 0
+    assert c0.mget(keys) == [b"zero"] * 40
+    c3.set("k1", "again")
+    if kind == "native":  # db 3 of the owning node itself
+        assert cluster.owner("k1").client(db=3).get("k1") == b"again"
+    else:  # the namespace, in db 0
+        assert cluster.owner("__vdb3__:k1").client().get("__vdb3__:k1") == b"again"
+
+
+def test_select_range_and_refusals(setup):
+    kind, cluster, proxy = setup
+    c = proxy.client()
+    import redis
+    with pytest.raises(redis.ResponseError, match="out of range"):
+        c.execute_command("SELECT", 99)
+    if kind == "emulated":
+        c3 = proxy.client(db=3)
+        with pytest.raises(redis.ResponseError, match="emulated"):
+            c3.move("k", 0)
+
+
+def test_blocking_reply_names_the_client_key(setup):
+    kind, cluster, proxy = setup
+    c5, other = proxy.client(db=5), proxy.client(db=5)
+    t = threading.Timer(0.2, lambda: other.zadd("zq", {"m": 2}))
+    t.start()
+    assert c5.bzpopmin(["zq"], timeout=5) == (b"zq", b"m", 2.0)
+    t.join()
