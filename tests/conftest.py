@@ -241,7 +241,7 @@ class RawClient:
     def _fill(self, deadline: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise socket.timeout(f"no whole reply within the deadline; have {self.buf[:200]!r}")
+            raise TimeoutError(f"no whole reply within the deadline; have {self.buf[:200]!r}")
         self.sock.settimeout(left)
         data = self.sock.recv(1 << 20)
         if not data:
@@ -278,7 +278,7 @@ class RawClient:
         self.sock.settimeout(wait)
         try:
             data = self.sock.recv(1 << 16)
-        except socket.timeout:
+        except TimeoutError:
             return True
         self.buf += data
         return False
@@ -290,7 +290,7 @@ class RawClient:
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 data = self.sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 return False
             except ConnectionResetError:
                 return True

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import RawClient, proxy_stats, raw_exchange, split_reply, wait_for
 
 E = RawClient.encode
@@ -29,15 +28,20 @@ def closes_after(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 # ---- protocol errors: that client is answered and closed, nobody else notices ----
 
-@pytest.mark.parametrize("data", [
-    b"*1\r\n+PING\r\n",  # an argument that is not a bulk string
-    b"*\x8f\xff\x01garbage\r\n",  # binary noise as a multibulk count (no NUL: Redis 7 strchr()s)
-    b"*1\r\n$abc\r\n",  # a bulk length that is not a number
-    b"*1\r\n$-5\r\n",
-    b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$-1\r\n",  # a null bulk as an argument
-    b"*99999999999\r\n",
-    b'SET "unbalanced\r\n',  # inline, unbalanced quotes
-], ids=["plus-arg", "binary-count", "alpha-len", "negative-len", "null-arg", "huge-count", "inline-quote"])
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"*1\r\n+PING\r\n",  # an argument that is not a bulk string
+        b"*\x8f\xff\x01garbage\r\n",  # binary noise as a multibulk count (no NUL: Redis 7 strchr()s)
+        b"*1\r\n$abc\r\n",  # a bulk length that is not a number
+        b"*1\r\n$-5\r\n",
+        b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$-1\r\n",  # a null bulk as an argument
+        b"*99999999999\r\n",
+        b'SET "unbalanced\r\n',  # inline, unbalanced quotes
+    ],
+    ids=["plus-arg", "binary-count", "alpha-len", "negative-len", "null-arg", "huge-count", "inline-quote"],
+)
 def test_protocol_error_closes_only_that_client(proxy, server, raw, data):
     bystander = raw()
     bystander.send(E("SET", "bystander", "1") + E("BLPOP", "never", "0.01"))  # busy, mid-session
@@ -91,6 +95,7 @@ def test_unterminated_bulk_then_close(proxy, server, raw):
 
 # ---- odd but valid framing ----
 
+
 def test_inline_commands(proxy, server, raw):
     c = raw()
     c.send(b"PING\r\n")
@@ -105,19 +110,40 @@ def test_inline_commands(proxy, server, raw):
     assert c.nothing_pending(0.1)
 
 
-@pytest.mark.parametrize("line", [
-    b'ECHO "a b"', b"ECHO 'a b'", b'ECHO "tab\\there"', b'ECHO "nl\\nx"', b"ECHO 'no\\nescape'",
-    b'ECHO "\\x41\\x42"', b'ECHO "\\x4"', b'ECHO "bell\\a\\b"', b"ECHO 'it\\'s'", b'ECHO "q\\"q"',
-    b'ECHO ""', b"SET   spaced    out  ", b"MGET x 'y z'",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'ECHO "a b"',
+        b"ECHO 'a b'",
+        b'ECHO "tab\\there"',
+        b'ECHO "nl\\nx"',
+        b"ECHO 'no\\nescape'",
+        b'ECHO "\\x41\\x42"',
+        b'ECHO "\\x4"',
+        b'ECHO "bell\\a\\b"',
+        b"ECHO 'it\\'s'",
+        b'ECHO "q\\"q"',
+        b'ECHO ""',
+        b"SET   spaced    out  ",
+        b"MGET x 'y z'",
+    ],
+)
 def test_inline_quoting_matches_server(proxy, server, line):
     direct, via = both(server, proxy, line + b"\r\n", 1)
     assert via == direct
 
 
 def test_request_split_byte_by_byte(proxy, server, raw):
-    data = (E("SET", "split", "v" * 50) + b"PING\r\n" + E("APPEND", "split", "!") + b'ECHO "x y"\r\n'
-            + E("GET", "split") + E("HELLO", "3") + E("GET", "missing") + E("HELLO", "2"))
+    data = (
+        E("SET", "split", "v" * 50)
+        + b"PING\r\n"
+        + E("APPEND", "split", "!")
+        + b'ECHO "x y"\r\n'
+        + E("GET", "split")
+        + E("HELLO", "3")
+        + E("GET", "missing")
+        + E("HELLO", "2")
+    )
     want = raw_exchange(server.port, data, 8)
     c = raw()
     for b in data:
@@ -177,11 +203,26 @@ def test_empty_and_null_multibulk_are_ignored(proxy, server):
 
 # ---- command errors: answered like the server, the connection stays ----
 
-@pytest.mark.parametrize("args", [
-    ("NOSUCHCOMMAND", "x", "y"), ("nosuch",), ("GET",), ("GET", "a", "b"), ("SET", "k"), ("MGET",),
-    ("HSET", "h", "f"), ("INCR", "k", "extra"), ("SELECT",), ("ECHO",), ("PING", "a", "b"),
-    ("CLIENT", "NOSUCHSUB"), ("CONFIG", "NOSUCH"), ("OBJECT", "NOSUCH", "k"),
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("NOSUCHCOMMAND", "x", "y"),
+        ("nosuch",),
+        ("GET",),
+        ("GET", "a", "b"),
+        ("SET", "k"),
+        ("MGET",),
+        ("HSET", "h", "f"),
+        ("INCR", "k", "extra"),
+        ("SELECT",),
+        ("ECHO",),
+        ("PING", "a", "b"),
+        ("CLIENT", "NOSUCHSUB"),
+        ("CONFIG", "NOSUCH"),
+        ("OBJECT", "NOSUCH", "k"),
+    ],
+)
 def test_command_errors_match_server(proxy, server, args):
     data = E(*args) + E("PING")
     direct, via = both(server, proxy, data, 2)
@@ -226,9 +267,15 @@ def test_deeply_nested_and_typed_replies_match_server(proxy, server, protocol):
         data = E("HELLO", protocol) + E("EVAL", s, "1", "nested-h")
         direct, via = both(server, proxy, data, 2)
         assert via[1] == direct[1], s
-    for cmd in (("ZSCORE", "zz", "m"), ("ZRANGE", "zz", "0", "-1", "WITHSCORES"),
-                ("HGETALL", "nested-h"), ("SMEMBERS", "nope"), ("CLIENT", "TRACKINGINFO"),
-                ("LPOS", "nolist", "x"), ("CONFIG", "GET", "maxmemory*")):
+    for cmd in (
+        ("ZSCORE", "zz", "m"),
+        ("ZRANGE", "zz", "0", "-1", "WITHSCORES"),
+        ("HGETALL", "nested-h"),
+        ("SMEMBERS", "nope"),
+        ("CLIENT", "TRACKINGINFO"),
+        ("LPOS", "nolist", "x"),
+        ("CONFIG", "GET", "maxmemory*"),
+    ):
         data = E("HELLO", protocol) + E(*cmd)
         direct, via = both(server, proxy, data, 2)
         assert via[1] == direct[1], cmd

@@ -10,7 +10,6 @@ import time
 import pytest
 import redis
 import redis.asyncio as aredis
-
 from conftest import RawClient, proxy_stats, wait_for
 
 E = RawClient.encode
@@ -67,7 +66,7 @@ def test_concurrent_watch_multi_exec_threads(proxy, server):
         try:
             for _ in range(ROUNDS):
                 retries.append(_increment(c, f"ctr{n % COUNTERS}"))
-        except Exception as e:  # reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
         finally:
             c.close()
@@ -153,8 +152,13 @@ def test_aborted_exec_reply_bytes_match_server(proxy, server, protocol):
 def test_multi_exec_pipeline_and_discard(raw, proxy):
     c = raw()
     c.send(E("MULTI") + E("SET", "t", "1") + E("INCR", "t") + E("GET", "t") + E("EXEC"))
-    assert c.read_n(5) == [b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n",
-                           b"*3\r\n+OK\r\n:2\r\n$1\r\n2\r\n"]
+    assert c.read_n(5) == [
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        b"+QUEUED\r\n",
+        b"+QUEUED\r\n",
+        b"*3\r\n+OK\r\n:2\r\n$1\r\n2\r\n",
+    ]
     assert c.call("MULTI") == b"+OK\r\n"
     assert c.call("SET", "t", "discarded") == b"+QUEUED\r\n"
     assert c.call("DISCARD") == b"+OK\r\n"
@@ -191,6 +195,7 @@ def test_pinned_connection_released_after_transaction(proxy, raw, ender):
 
 
 # ---- pub/sub ----
+
 
 def _next_message(ps, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
@@ -229,9 +234,11 @@ def test_pubsub_with_redis_py(proxy, server, protocol):
 def test_pubsub_resp2_same_connection_serves_commands_after_unsubscribe(proxy, raw):
     c, pub = raw(), proxy.client(protocol=2)
     c.send(E("SUBSCRIBE", "a", "b") + E("PSUBSCRIBE", "p.*"))
-    assert c.read_n(3) == [b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n",
-                           b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n",
-                           b"*3\r\n$10\r\npsubscribe\r\n$3\r\np.*\r\n:3\r\n"]
+    assert c.read_n(3) == [
+        b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n",
+        b"*3\r\n$10\r\npsubscribe\r\n$3\r\np.*\r\n:3\r\n",
+    ]
     assert c.call("GET", "x").startswith(b"-ERR Can't execute 'get'")  # the server's RESP2 rule
     assert c.call("PING") == b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
     assert pub.publish("b", "to-b") == 1
@@ -302,6 +309,7 @@ def test_pubsub_asyncio(proxy):
 
 # ---- blocking commands ----
 
+
 def test_blpop_does_not_block_other_clients(proxy, server):
     server.client().flushall()
     blocked = RawClient(proxy.port, timeout=60)
@@ -317,7 +325,7 @@ def test_blpop_does_not_block_other_clients(proxy, server):
                 c.set(f"busy:{n}", i)
                 assert c.get(f"busy:{n}") == str(i).encode()
                 worst[0] = max(worst[0], time.monotonic() - t0)
-        except Exception as e:  # reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
         finally:
             c.close()
@@ -349,6 +357,7 @@ def test_blpop_timeout_and_redis_py(proxy, server):
 
 
 # ---- MONITOR, CLIENT TRACKING, CLIENT REPLY ----
+
 
 def test_monitor_sees_other_clients(proxy, raw):
     m = raw()
@@ -416,6 +425,7 @@ def test_client_reply_on_and_tracking_off_release_the_pin(proxy, raw):
 
 # ---- the max_pinned limit ----
 
+
 def test_max_pinned_limit(server, start_proxy):
     p = start_proxy("--backend", server.addr, "--max-pinned", "2")
     server.client().delete("lim1", "lim2", "lim3")
@@ -448,21 +458,44 @@ def test_max_pinned_limit(server, start_proxy):
 # ---- pipelines that cross into and out of pinned state keep the client's order ----
 
 ORDER_CASES = {
-    "watch-multi": E("SET", "a", "1") + E("WATCH", "a") + E("GET", "a") + E("MULTI") + E("SET", "a", "2")
-    + E("EXEC") + E("GET", "a"),
-    "blpop-between": E("SET", "x", "1") + E("BLPOP", "q", "0.01") + E("GET", "x") + E("RPUSH", "q", "v")
-    + E("BLPOP", "q", "0") + E("GET", "x"),
+    "watch-multi": E("SET", "a", "1")
+    + E("WATCH", "a")
+    + E("GET", "a")
+    + E("MULTI")
+    + E("SET", "a", "2")
+    + E("EXEC")
+    + E("GET", "a"),
+    "blpop-between": E("SET", "x", "1")
+    + E("BLPOP", "q", "0.01")
+    + E("GET", "x")
+    + E("RPUSH", "q", "v")
+    + E("BLPOP", "q", "0")
+    + E("GET", "x"),
     "subscribe-between": E("SET", "x", "1") + E("SUBSCRIBE", "ch") + E("PING") + E("UNSUBSCRIBE") + E("GET", "x"),
     "blpop-in-multi": E("MULTI") + E("BLPOP", "q", "0") + E("EXEC"),
     "blpop-while-watching": E("WATCH", "a") + E("BLPOP", "q", "0.01") + E("UNWATCH") + E("GET", "a"),
-    "xread-block": E("XADD", "s", "1-1", "f", "v") + E("XREAD", "BLOCK", "50", "STREAMS", "s", "0")
-    + E("XREAD", "BLOCK", "50", "STREAMS", "s", "$") + E("PING"),
-    "select-discarded": E("MULTI") + E("SELECT", "2") + E("DISCARD") + E("SET", "k", "v") + E("SELECT", "2")
+    "xread-block": E("XADD", "s", "1-1", "f", "v")
+    + E("XREAD", "BLOCK", "50", "STREAMS", "s", "0")
+    + E("XREAD", "BLOCK", "50", "STREAMS", "s", "$")
+    + E("PING"),
+    "select-discarded": E("MULTI")
+    + E("SELECT", "2")
+    + E("DISCARD")
+    + E("SET", "k", "v")
+    + E("SELECT", "2")
     + E("GET", "k"),
-    "sub-unsub-set": E("SUBSCRIBE", "a") + E("SUBSCRIBE", "b") + E("UNSUBSCRIBE", "a") + E("UNSUBSCRIBE", "b")
+    "sub-unsub-set": E("SUBSCRIBE", "a")
+    + E("SUBSCRIBE", "b")
+    + E("UNSUBSCRIBE", "a")
+    + E("UNSUBSCRIBE", "b")
     + E("SET", "k", "v"),
-    "reply-skip-off-on": E("CLIENT", "REPLY", "SKIP") + E("SET", "k", "1") + E("GET", "k")
-    + E("CLIENT", "REPLY", "OFF") + E("SET", "k", "2") + E("CLIENT", "REPLY", "ON") + E("GET", "k"),
+    "reply-skip-off-on": E("CLIENT", "REPLY", "SKIP")
+    + E("SET", "k", "1")
+    + E("GET", "k")
+    + E("CLIENT", "REPLY", "OFF")
+    + E("SET", "k", "2")
+    + E("CLIENT", "REPLY", "ON")
+    + E("GET", "k"),
     # a stream started and ended in one write: the stream's own replies come first
     "subscribe-quit": E("SUBSCRIBE", "ch") + E("QUIT"),
     "psubscribe-reset": E("PSUBSCRIBE", "x*") + E("RESET") + E("SET", "k", "1"),
@@ -529,11 +562,15 @@ def test_script_kill_reaches_a_busy_script(server, start_proxy, quick_busy):
         assert other.call("GET", "x") == b"$-1\r\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SCRIPT KILL sent before the server's busy-reply-threshold needs a new side connection whose "
-    "handshake (HELLO/CLIENT SETNAME) the busy server does not answer until the threshold; when that "
-    "is longer than connect_timeout the handshake times out, NodePool.connect_failed marks the backend "
-    "down and SCRIPT KILL gets 'backend unavailable' (a direct client gets +OK at the threshold)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "SCRIPT KILL sent before the server's busy-reply-threshold needs a new side connection whose "
+        "handshake (HELLO/CLIENT SETNAME) the busy server does not answer until the threshold; when that "
+        "is longer than connect_timeout the handshake times out, NodePool.connect_failed marks the backend "
+        "down and SCRIPT KILL gets 'backend unavailable' (a direct client gets +OK at the threshold)"
+    ),
+)
 def test_script_kill_before_busy_threshold(server, start_proxy):
     p = start_proxy("--backend", server.addr, "--connect-timeout", "0.3")
     d = server.client(protocol=2)
@@ -571,8 +608,15 @@ def test_client_unblock_and_kill(proxy, raw):
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
-@pytest.mark.parametrize("cmd", [("BLPOP", "q", "0"), ("BLMOVE", "q", "d", "LEFT", "RIGHT", "0"),
-                                 ("BZPOPMIN", "z", "0"), ("XREAD", "BLOCK", "0", "STREAMS", "st", "$")])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ("BLPOP", "q", "0"),
+        ("BLMOVE", "q", "d", "LEFT", "RIGHT", "0"),
+        ("BZPOPMIN", "z", "0"),
+        ("XREAD", "BLOCK", "0", "STREAMS", "st", "$"),
+    ],
+)
 def test_client_unblock_reply_matches_server(proxy, server, protocol, cmd):
     def unblocked(port: int) -> bytes:
         with RawClient(port) as b, RawClient(port) as admin:

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import redis
+from conftest import BACKENDS, RawClient, proxy_stats, restart_server, wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import BACKENDS, RawClient, proxy_stats, restart_server, wait_for
 from vproxy.embedded import free_port
 
 E = RawClient.encode
@@ -30,6 +30,7 @@ def pinned(p) -> int:
 
 
 # ---- backend killed, then restarted ----
+
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_backend_killed_then_restarted(kind, start_server, start_proxy):
@@ -123,6 +124,7 @@ def test_backend_down_at_start_then_comes_up(start_server, start_proxy):
 
 # ---- backend stuck (SIGSTOP) ----
 
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_stuck_backend_times_out_then_recovers(kind, start_server, start_proxy):
     s = start_server(kind)
@@ -164,6 +166,7 @@ def test_stuck_backend_does_not_time_out_blocking_commands(server, start_proxy):
 
 
 # ---- clients hanging up mid-way ----
+
 
 def test_client_gone_mid_transaction_leaves_nothing(proxy, server, raw):
     server.client().flushall()
@@ -220,7 +223,7 @@ def test_client_gone_mid_pipeline_others_unaffected(proxy, server, raw):
                     errors.append((n, i, got))
                     return
                 i += 1
-        except Exception as e:  # reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
         finally:
             c.close()
@@ -230,8 +233,10 @@ def test_client_gone_mid_pipeline_others_unaffected(proxy, server, raw):
         t.start()
     for _ in range(3):
         rude = raw()
-        rude.send(b"".join(E("SET", f"rude:{i}", "x" * 100) for i in range(5000))
-                  + b"*3\r\n$3\r\nSET\r\n$8\r\nrude:cut\r\n$5\r\nhal")
+        rude.send(
+            b"".join(E("SET", f"rude:{i}", "x" * 100) for i in range(5000))
+            + b"*3\r\n$3\r\nSET\r\n$8\r\nrude:cut\r\n$5\r\nhal"
+        )
         rude.close()
     wait_for(lambda: proxy_stats(proxy)["connected_clients"] == before + 4, what="the rude clients to be gone")
     stop.set()

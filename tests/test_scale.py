@@ -10,7 +10,6 @@ import time
 
 import pytest
 import redis.asyncio as aredis
-
 from conftest import RawClient, proxy_stats
 
 N_CLIENTS = 1000
@@ -59,8 +58,9 @@ class BackendWatch:
 async def _open_all(port: int, n: int):
     conns = []
     for start in range(0, n, 200):  # in waves: the listen backlog is finite
-        conns += await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port)
-                                        for _ in range(start, min(n, start + 200))))
+        conns += await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", port) for _ in range(start, min(n, start + 200)))
+        )
     return conns
 
 
@@ -119,7 +119,7 @@ def test_1000_redis_py_asyncio_clients(server, start_proxy):
         clients = [aredis.Redis(port=p.port, socket_timeout=30) for _ in range(N_CLIENTS)]
         try:
             for start in range(0, N_CLIENTS, 200):
-                await asyncio.gather(*(c.ping() for c in clients[start:start + 200]))  # connect in waves
+                await asyncio.gather(*(c.ping() for c in clients[start : start + 200]))  # connect in waves
             assert await asyncio.to_thread(lambda: proxy_stats(p)["connected_clients"]) >= N_CLIENTS
 
             async def one(i, c):
@@ -144,9 +144,11 @@ def test_many_clients_mixed_dbs_and_protocols(server, start_proxy):
     p = start_proxy("--backend", server.addr, "--pool-size", "1")
 
     async def main():
-        clients = [aredis.Redis(port=p.port, db=i % 3, protocol=2 + (i // 3) % 2, socket_timeout=30)
-                   for i in range(300)]
+        clients = [
+            aredis.Redis(port=p.port, db=i % 3, protocol=2 + (i // 3) % 2, socket_timeout=30) for i in range(300)
+        ]
         try:
+
             async def one(i, c):
                 await c.rpush("list", i)
                 await c.hset(f"h:{i}", mapping={"i": i})

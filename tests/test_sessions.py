@@ -9,10 +9,9 @@ import warnings
 
 import pytest
 import redis
+from conftest import BACKENDS, RawClient, raw_exchange, split_reply
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from conftest import BACKENDS, RawClient, raw_exchange, split_reply
 
 REDIS_CLI = "/usr/bin/redis-cli"
 NO_RETRY = Retry(NoBackoff(), 0)  # redis-py retries failed AUTH for seconds by default
@@ -34,6 +33,7 @@ def compare(server, proxy, data: bytes, n: int = 1) -> list[bytes]:
 
 
 # ---- SELECT ----
+
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_select_isolation_between_clients(proxy, server, protocol):
@@ -72,7 +72,7 @@ def test_select_isolation_under_concurrency(proxy, server):
                 if got != f"{db}:{i}".encode() or n != i + 1:
                     errors.append((db, i, got, n))
                     return
-        except Exception as e:  # reported below, with the db that saw it
+        except Exception as e:  # noqa: BLE001 - reported below, with the db that saw it
             errors.append((db, repr(e)))
         finally:
             c.close()
@@ -93,8 +93,13 @@ def test_select_switches_within_one_connection(raw):
     assert c.call("SELECT", "5") == b"+OK\r\n"
     assert c.call("GET", "k") == b"$-1\r\n"
     # pipelined: the SELECT applies exactly between the two GETs
-    c.send(c.encode("SET", "k", "db5") + c.encode("SELECT", "0") + c.encode("GET", "k")
-           + c.encode("SELECT", "5") + c.encode("GET", "k"))
+    c.send(
+        c.encode("SET", "k", "db5")
+        + c.encode("SELECT", "0")
+        + c.encode("GET", "k")
+        + c.encode("SELECT", "5")
+        + c.encode("GET", "k")
+    )
     assert c.read_n(5) == [b"+OK\r\n", b"+OK\r\n", b"$3\r\ndb0\r\n", b"+OK\r\n", b"$3\r\ndb5\r\n"]
 
 
@@ -114,6 +119,7 @@ def test_select_beyond_32_bits(proxy, server):
 
 
 # ---- HELLO, AUTH ----
+
 
 def test_hello_switches_protocol_both_ways(raw):
     c = raw()
@@ -240,6 +246,7 @@ def test_auth_without_proxy_password_is_an_error_like_the_server(proxy, server):
 
 # ---- RESET, QUIT, ECHO ----
 
+
 def test_reset_forgets_session_state(raw):
     c = raw()
     c.call("HELLO", "3", "SETNAME", "before-reset")
@@ -275,6 +282,7 @@ def test_echo(proxy, server, raw):
 
 # ---- INFO ----
 
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_info_has_server_fields_and_proxy_section(proxy, protocol):
     c = proxy.client(protocol=protocol)
@@ -305,10 +313,12 @@ def test_info_proxy_counts_connected_clients(proxy):
     for e in extra:
         e.close()
     from conftest import wait_for
+
     wait_for(lambda: base.info("proxy")["connected_clients"] == n0, what="closed clients to be counted out")
 
 
 # ---- what test harnesses send through a proxy ----
+
 
 def test_flushdb_and_flushall(proxy, server):
     c = proxy.client(protocol=2)
@@ -407,12 +417,14 @@ def test_debug_when_enabled(kind, start_server, start_proxy):
 
 # ---- redis-cli ----
 
+
 def test_redis_cli(proxy, server):
     server.client().flushall()
 
     def cli(*args, stdin=None):
-        out = subprocess.run([REDIS_CLI, "-p", str(proxy.port), *args], input=stdin, capture_output=True,
-                             timeout=30)
+        out = subprocess.run(
+            [REDIS_CLI, "-p", str(proxy.port), *args], input=stdin, capture_output=True, check=False, timeout=30
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.decode()
 
