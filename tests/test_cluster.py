@@ -7,12 +7,12 @@ import pytest
 import redis
 
 from clusterkit import Cluster
-from conftest import Proxy, wait_for
+from conftest import BACKENDS, Proxy, wait_for
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster("valkey", 3)
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request):
+    c = Cluster(request.param, 3)
     yield c
     c.stop()
 
@@ -264,3 +264,50 @@ def test_resp3_set_algebra(proxy, cluster):
     c.zadd(a + "z", {"x": 1})
     c.zadd(b + "z", {"x": 2.5, "y": 1})
     assert c.zunion([a + "z", b + "z"], withscores=True) == [[b"y", 1.0], [b"x", 3.5]]
+
+
+def test_pubsub_is_cluster_wide(r, proxy, cluster):
+    sub = proxy.client().pubsub()
+    sub.subscribe("news")
+    wait_for(lambda: sub.get_message(timeout=0.1), what="subscribe confirmation")
+    for node in cluster.primaries:  # published on any node, heard through the proxy
+        node.client().publish("news", f"from {node.port}")
+    got = []
+    wait_for(lambda: got.append(sub.get_message(timeout=0.1)) or len([m for m in got if m]) == 3,
+             what="three messages")
+    assert r.publish("news", "via proxy") >= 1
+    wait_for(lambda: (m := sub.get_message(timeout=0.1)) and m["data"] == b"via proxy", what="own publish")
+    sub.close()
+
+
+def test_sharded_pubsub_goes_to_the_owner(r, proxy, cluster):
+    sub = proxy.client().pubsub()
+    sub.ssubscribe("shard-chan")
+    wait_for(lambda: sub.get_sharded_message(timeout=0.1), what="ssubscribe confirmation")
+    cluster.client_for("shard-chan").execute_command("SPUBLISH", "shard-chan", "hello")
+    wait_for(lambda: (m := sub.get_sharded_message(timeout=0.1)) and m["data"] == b"hello", what="message")
+    assert r.execute_command("SPUBLISH", "shard-chan", "again") == 1
+    sub.close()
+
+
+def test_functions_fan_out_and_fcall_routes_by_key(r, cluster):
+    code = "#!lua name=vlib\nredis.register_function('vget', function(keys) return redis.call('GET', keys[1]) end)"
+    assert r.function_load(code, replace=True) == b"vlib"
+    for node in cluster.primaries:
+        assert b"vlib" in node.client().function_list()[0]
+    for k in KEYS[:10]:
+        r.set(k, k)
+        assert r.fcall("vget", 1, k) == k.encode()
+    assert r.function_delete("vlib") is True
+    assert all(n.client().function_list() == [] for n in cluster.primaries)
+
+
+def test_wait_and_movable_keys(r):
+    r.set("a", 1)
+    assert r.wait(0, 100) == 0
+    r.rpush("{l}src", 1, 2)
+    assert r.lmpop(2, "{l}src", "{l}other", direction="LEFT") == [b"{l}src", [b"1"]]
+    r.xadd("s1", {"f": 1})
+    assert r.xread({"s1": 0})[0][0] == b"s1"
+    with pytest.raises(redis.ResponseError, match="lmove"):
+        r.lmove("a1", "b2", "LEFT", "RIGHT")

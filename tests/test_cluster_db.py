@@ -58,10 +58,17 @@ def test_select_range_and_refusals(setup):
     import redis
     with pytest.raises(redis.ResponseError, match="out of range"):
         c.execute_command("SELECT", 99)
+    p = c.pipeline(transaction=True)
+    p.set("{m}a", 1).execute_command("SELECT", 2).set("{m}a", 2)
     if kind == "emulated":
         c3 = proxy.client(db=3)
         with pytest.raises(redis.ResponseError, match="emulated"):
             c3.move("k", 0)
+        with pytest.raises(redis.ResponseError):
+            p.execute()
+    else:
+        assert p.execute() == [True, True, True]
+        assert proxy.client(db=2).get("{m}a") == b"2" and proxy.client().get("{m}a") == b"1"
 
 
 def test_blocking_reply_names_the_client_key(setup):

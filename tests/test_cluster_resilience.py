@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from clusterkit import Cluster
-from conftest import Proxy, wait_for
+from conftest import BACKENDS, Proxy, wait_for
 from vproxy.slots import key_slot
 
 
@@ -65,9 +65,9 @@ def _proxy(cluster, *extra):
                  "--topology-refresh", "0.5", *extra)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster("valkey", 3)
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request):
+    c = Cluster(request.param, 3)
     yield c
     c.stop()
 

@@ -341,4 +341,4 @@ def _addr(text: bytes) -> tuple[str, int]:
 
 # Requests the cluster session answers before (or instead of) the standalone dispatch.
 PRE = {**fanout.PRE, **txn.PRE, b"select": dbns.select}
-IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi"}
+IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}

@@ -49,6 +49,8 @@ def select(s, i, args, raw, batch):
         batch.replies[i] = resp.error(E.NOT_INTEGER)
         return
     native = getattr(s.app.router.topology, "databases", 1)
+    if s.in_multi and native > 1:
+        return s.in_transaction(i, b"select", args, raw, batch)
     if not 0 <= db < (s.app.databases if native <= 1 else native):
         batch.replies[i] = resp.error(E.DB_RANGE)
         return
