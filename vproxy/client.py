@@ -287,7 +287,7 @@ class ClientSession:
 
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         """Inside MULTI everything is queued by the server, wrong arity included (it aborts EXEC)."""
-        if name in _STATEFUL:
+        if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and args[1].isdigit():
                 self.multi_select = int(args[1])
