@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from conftest import Proxy, wait_for
+from conftest import wait_for
 from ha_kit import ReplSet, failover_under_load, repl_info, role, topology
 
 FAST = ["--mode", "replication", "--failover-timeout", "1", "--topology-refresh", "0.2",

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from conftest import wait_for
-from ha_kit import ReplSet, Sentinels, repl_info, topology
+from ha_kit import Load, ReplSet, Sentinels, repl_info, topology
 
 REPL = ["--mode", "replication", "--failover-timeout", "5", "--topology-refresh", "0.2"]
 
@@ -121,6 +121,25 @@ def test_read_from_replica_without_replicas_is_an_error(rset, start_proxy):
         for r in rset.replicas:
             r.resume()
     wait_for(lambda: len(healthy(p)) == 2, timeout=15, what="replicas healthy again")
+
+
+def test_replica_killed_under_load_no_client_sees_it(rset, start_proxy):
+    """Reads in flight on a replica that dies run again elsewhere: no error, no disconnect."""
+    p = start_proxy(*rset.args(), *REPL, "--read-from", "prefer-replica")
+    wait_for(lambda: len(healthy(p)) == 2, what="two healthy replicas")
+    victim = rset.replicas[1]
+    load = Load(p.port, 50).start()
+    try:
+        wait_for(lambda: load.ops > 2000, what="load running")
+        victim.kill()
+        wait_for(lambda: victim.addr not in healthy(p), what="dead replica skipped")
+        ops = load.ops
+        wait_for(lambda: load.ops > ops + 2000, what="load running on")
+    finally:
+        load.stop()
+        victim.start()
+    assert load.errors == [] and load.disconnects == 0
+    wait_for(lambda: len(healthy(p)) == 2, timeout=15, what="the replica back")
 
 
 def test_sentinel_mode_splits_too(start_proxy):

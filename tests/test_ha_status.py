@@ -55,7 +55,7 @@ def test_commands_wait_for_a_primary_then_get_a_clear_error(rset, start_proxy):
     assert c.ping() is True  # the connection stays open
 
 
-def test_standalone_rejects_read_splitting(start_proxy):
+def test_standalone_rejects_read_splitting():
     from vproxy.config import load
     from vproxy.errors import ConfigError
     with pytest.raises(ConfigError, match="read_from"):

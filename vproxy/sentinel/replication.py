@@ -43,9 +43,10 @@ class ReplicationMonitor(HAMonitor):
         self.down_since = 0.0
         self.promotions = 0  # replicas this instance promoted
         self.ignored: set = set()  # unrelated masters already warned about
+        self.aliases: set = set()  # addresses found to name a member already known
 
     def tick(self, suspects: set) -> None:
-        infos = self.probe_all(self.members)
+        infos = self.unique(self.probe_all(self.members))
         self.discover(infos)
         primary, how = self.choose(infos), ""
         if primary is None:
@@ -55,12 +56,24 @@ class ReplicationMonitor(HAMonitor):
             self.repair(primary, infos)
         self.publish(primary, self.members, how)
 
+    def unique(self, infos: dict) -> dict:
+        """One entry per node: a second address with a run id already seen (an alias) is dropped."""
+        seen: dict[str, tuple[str, int]] = {}
+        for addr, info in list(infos.items()):
+            first = seen.setdefault(info.run_id, addr) if info.run_id else addr
+            if first != addr:
+                del infos[addr]
+                self.members.remove(addr)
+                self.aliases.add(addr)
+                logger.info("replication set: {} is {} under another name", fmt_addr(addr), fmt_addr(first))
+        return infos
+
     def discover(self, infos: dict) -> None:
         """Learn members from the nodes: a primary's replicas, a replica's primary."""
         for info in list(infos.values()):
             found = list(info.replicas) if info.is_master else [info.master] if info.master else []
             for addr in found:
-                if addr not in self.members:
+                if addr not in self.members and addr not in self.aliases:
                     self.members.append(addr)
                     logger.info("replication set: learned {} from {}", fmt_addr(addr), fmt_addr(info.addr))
 
@@ -89,7 +102,7 @@ class ReplicationMonitor(HAMonitor):
             self.down_since = now
         if now - self.down_since < self.cfg.failover_timeout:
             return None, ""
-        infos = self.probe_all(self.members)  # look at every node again, right before deciding
+        infos = self.unique(self.probe_all(self.members))  # every node again, right before deciding
         if any(i.is_master for i in infos.values()):
             self.down_since = 0.0
             return self.choose(infos), "adopted"
