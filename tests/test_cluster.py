@@ -311,3 +311,7 @@ def test_wait_and_movable_keys(r):
     assert r.xread({"s1": 0})[0][0] == b"s1"
     with pytest.raises(redis.ResponseError, match="lmove"):
         r.lmove("a1", "b2", "LEFT", "RIGHT")
+    with pytest.raises(redis.ResponseError, match="[Nn]umber of keys"):
+        r.eval("return 1", 5, "a")
+    r.set("enc", "abc")
+    assert r.object("encoding", "enc") in (b"embstr", b"raw")

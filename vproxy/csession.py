@@ -86,9 +86,9 @@ class ClusterSession(ClientSession):
     def slots_of(self, name: bytes, args: list) -> set | None:
         """The slots of a request's keys (empty: keyless); None when its keys cannot be known."""
         pos = key_positions(self.app.commands.get(name), name, args)
-        if pos is None:
+        if pos is None:  # the server knows; if it cannot say either, any node answers with its error
             keys = self.getkeys(args)
-            return None if keys is None else {key_slot(k) for k in keys}
+            return set() if keys is None else {key_slot(k) for k in keys}
         return {key_slot(args[p]) for p in pos}
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
@@ -224,7 +224,7 @@ class ClusterSession(ClientSession):
             self.pin_slot = None
 
     def finish(self) -> None:
-        deadline, delay = 0.0, 0.02
+        deadline, delay, rounds = 0.0, 0.02, 0
         while True:
             self.wait_all()
             redo = [(s, f) for s in self.inflight if (f := s.batch.replies[s.idx]) is not None and f[:1] == b"-"
@@ -235,7 +235,8 @@ class ClusterSession(ClientSession):
             deadline = deadline or now + max(self.app.cfg.primary_wait, 0.2)
             if now >= deadline:
                 break
-            if any(not f.startswith((b"-MOVED ", b"-ASK ")) for _, f in redo):
+            rounds += 1
+            if rounds > 3 or any(not f.startswith((b"-MOVED ", b"-ASK ")) for _, f in redo):
                 self.refresh()
                 gevent.sleep(delay)
                 delay = min(delay * 2, 0.5)

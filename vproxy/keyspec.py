@@ -58,10 +58,21 @@ MOVABLE = {
 }
 
 
+# Container commands whose subcommand takes a key right after it (COMMAND lists them keyless).
+CONTAINER_KEY = {
+    b"object": {b"encoding", b"freq", b"idletime", b"refcount"},
+    b"xinfo": {b"stream", b"groups", b"consumers"},
+    b"memory": {b"usage"},
+}
+
+
 def key_positions(cmd, name: bytes, args: list) -> list[int] | None:
     """Indices of the key arguments ([] for none); None when only the server can tell (ask it)."""
     if cmd is None:
         return []
+    subs = CONTAINER_KEY.get(name)
+    if subs is not None:
+        return [2] if len(args) > 2 and args[1].lower() in subs else []
     if "movablekeys" in cmd.flags:
         rule = MOVABLE.get(name)
         if rule is not None:
