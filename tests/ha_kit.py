@@ -71,10 +71,10 @@ class ReplSet:
 
 
 class Sentinels:
-    """`n` sentinels (valkey-server <conf> --sentinel) monitoring `name` at primary_port, quorum 2."""
+    """`n` sentinels (valkey-server <conf> --sentinel) monitoring `name` at primary_port, quorum min(n, 2)."""
 
-    def __init__(self, primary_port: int, n: int = 3, name: str = "mymaster"):
-        self.name = name
+    def __init__(self, primary_port: int, n: int = 3, name: str = "mymaster", password: str = ""):
+        self.name, self.password = name, password
         self.dir = tempfile.mkdtemp(prefix="vproxy-sentinel-")
         self.ports = [free_port() for _ in range(n)]
         self.procs = []
@@ -82,9 +82,10 @@ class Sentinels:
             conf = os.path.join(self.dir, f"sentinel-{port}.conf")
             with open(conf, "w") as f:
                 f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile {self.dir}/log-{port}.txt\n"
-                        f"sentinel monitor {name} 127.0.0.1 {primary_port} 2\n"
+                        f"sentinel monitor {name} 127.0.0.1 {primary_port} {min(n, 2)}\n"
                         f"sentinel down-after-milliseconds {name} 500\n"
-                        f"sentinel failover-timeout {name} 3000\n")
+                        f"sentinel failover-timeout {name} 3000\n"
+                        + (f"requirepass {password}\n" if password else ""))
             self.procs.append(subprocess.Popen([server_binary(), conf, "--sentinel"],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in self.ports:
@@ -92,10 +93,12 @@ class Sentinels:
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", name), what=f"sentinel {port}")
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2)
+        return redis.Redis(port=port, socket_timeout=2, password=self.password or None)
 
     def args(self) -> list[str]:
         out = ["--mode", "sentinel", "--master", self.name]
+        if self.password:
+            out += ["--sentinel-password", self.password]
         for p in self.ports:
             out += ["--sentinel", f"127.0.0.1:{p}"]
         return out

@@ -96,3 +96,20 @@ def test_two_proxies_promote_one_replica(rset, start_proxy):
     for proxy in (a, b):
         proxy.client().set(f"after:{proxy.port}", 1)
     assert rset.by_port(int(ta.rsplit(":", 1)[1])).client().dbsize() >= 2
+
+
+def test_two_masters_are_reconciled_the_same_way_everywhere(rset, start_proxy):
+    """A double promotion (made by hand here) is undone: both proxies keep the same one, demote the other."""
+    slow = [a if a != "1" else "60" for a in FAST]  # failover_timeout 60: the proxies never promote
+    a = start_proxy(*rset.args(), *slow)
+    b = start_proxy(*rset.args(), *slow)
+    rset.primary.kill()
+    wait_for(lambda: topology(a)["primary"] is None and topology(b)["primary"] is None, what="no primary")
+    for r in rset.replicas:
+        r.client().execute_command("REPLICAOF", "NO", "ONE")
+    wait_for(lambda: len(rset.masters()) == 1, timeout=15, what="one master left")
+    kept = rset.masters()[0]
+    wait_for(lambda: topology(a)["primary"] == topology(b)["primary"] == f"127.0.0.1:{kept}", what="both agree")
+    other = next(r for r in rset.replicas if r.port != kept)
+    wait_for(lambda: repl_info(other.port).get("master_port") == kept, what="the other follows it")
+    assert rset.masters() == [kept]  # which one is kept: test_ha_choice (the same rule on every proxy)

@@ -36,6 +36,18 @@ def test_discovers_primary_and_replicas(sset, start_proxy):
     assert rs.primary.client().get("k") == b"v"
 
 
+def test_sentinel_password(start_proxy):
+    rs = ReplSet(1)
+    sentinels = Sentinels(rs.primary.port, n=1, password="s3cret")
+    try:
+        p = start_proxy(*sentinels.args(), *FAST)
+        assert topology(p)["primary"] == rs.primary.addr
+        assert topology(p)["sentinel"] == f"127.0.0.1:{sentinels.ports[0]}"
+    finally:
+        sentinels.stop()
+        rs.stop()
+
+
 @pytest.mark.parametrize("fault", ["kill", "pause", "shutdown"])
 def test_sentinel_failover_under_load(sset, start_proxy, fault):
     rs, sentinels = sset
