@@ -85,6 +85,8 @@ def migrate_slot(cluster, slot: int, src, dst, batch: int = 10):
         moved += len(keys)
         time.sleep(0.01)  # let the load run between batches (pacing, not synchronisation)
     for n in [dst, src] + [p for p in cluster.primaries if p not in (src, dst)]:
+        if n.proc.poll() is not None:
+            continue
         n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
     return moved
 
@@ -153,3 +155,38 @@ def test_primary_killed_under_load(replicated):
         assert alive
     finally:
         p.stop()
+
+
+def test_new_node_takes_a_slot_under_load(cluster):
+    """A node joins and a slot migrates to it: vproxy learns the node from MOVED/ASK and the map."""
+    from clusterkit import cluster_port
+    from conftest import Server
+    cluster.flushall()
+    p = _proxy(cluster)
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500",
+            "--cluster-allow-replica-migration", "no")
+    new = Server(cluster.kind, cluster_port(), *args)
+    try:
+        cluster.primaries[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", new.port)
+        nodes = cluster.nodes + [new]
+        wait_for(lambda: all(len(cluster.known(n)) == len(nodes) for n in nodes), 20, "the new node to be known")
+        wait_for(lambda: Cluster.state_ok(new), 20, "the new node to see the whole map")
+        tag = "newnode"
+        load = Load(p, f"{{{tag}}}n", threads=3, keys=60)
+        wait_for(lambda: load.ops > 200, 20, "load to start")
+        src = cluster.owner(f"{{{tag}}}")
+        migrate_slot(cluster, key_slot(f"{{{tag}}}".encode()), src, new)
+        before = load.ops
+        wait_for(lambda: load.ops > before + 200, 20, "load to continue on the new node")
+        load.finish()
+        assert load.errors == [] and load.disconnects == 0
+        assert new.client().dbsize() == len({k for k in load.written})
+        migrate_slot(cluster, key_slot(f"{{{tag}}}".encode()), new, src)  # back, for later tests
+    finally:
+        p.stop()
+        for n in cluster.nodes:
+            try:
+                n.client().execute_command("CLUSTER", "FORGET", Cluster.node_id(new))
+            except Exception:
+                pass
+        new.stop()
