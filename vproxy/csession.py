@@ -22,7 +22,7 @@ import gevent
 from . import dbns, fanout, resp, split, txn
 from .client import ClientSession
 from .errors import BackendError
-from .keyspec import key_positions
+from .keyspec import CONTAINER_KEY, key_positions
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .slots import key_slot
@@ -85,7 +85,11 @@ class ClusterSession(ClientSession):
 
     def slots_of(self, name: bytes, args: list) -> set | None:
         """The slots of a request's keys (empty: keyless); None when its keys cannot be known."""
-        pos = key_positions(self.app.commands.get(name), name, args)
+        cmd = self.app.commands.get(name)
+        one = _single_key(cmd, name)
+        if one and one < len(args):  # the common case: one key at a fixed place
+            return {key_slot(args[one])}
+        pos = key_positions(cmd, name, args)
         if pos is None:  # the server knows; if it cannot say either, any node answers with its error
             keys = self.getkeys(args)
             return set() if keys is None else {key_slot(k) for k in keys}
@@ -333,6 +337,20 @@ class ClusterSession(ClientSession):
 
     def key(self) -> tuple[int, int]:
         return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto)
+
+
+_SINGLE: dict = {}  # Command -> position of its only key (0: not a single-key command)
+
+
+def _single_key(cmd, name: bytes) -> int:
+    if cmd is None:
+        return 0
+    pos = _SINGLE.get(id(cmd))
+    if pos is None or pos[0] is not cmd:
+        ok = cmd.first_key > 0 and cmd.first_key == cmd.last_key and "movablekeys" not in cmd.flags \
+            and name not in CONTAINER_KEY
+        pos = _SINGLE[id(cmd)] = (cmd, cmd.first_key if ok else 0)
+    return pos[1]
 
 
 def _addr(text: bytes) -> tuple[str, int]:

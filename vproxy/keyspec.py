@@ -63,6 +63,7 @@ CONTAINER_KEY = {
     b"object": {b"encoding", b"freq", b"idletime", b"refcount"},
     b"xinfo": {b"stream", b"groups", b"consumers"},
     b"memory": {b"usage"},
+    b"xgroup": {b"create", b"setid", b"destroy", b"createconsumer", b"delconsumer"},
 }
 
 
