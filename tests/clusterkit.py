@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 
 import redis
-
 from conftest import Server, wait_for
 
 SLOTS = 16384
@@ -50,7 +49,7 @@ class Cluster:
         for j, rep in enumerate(self.replicas):
             prim = self.primaries[j % len(self.primaries)]
             pid = self.node_id(prim)
-            wait_for(lambda: rep.client().execute_command("CLUSTER", "REPLICATE", pid), 20,
+            wait_for(lambda rep=rep, pid=pid: rep.client().execute_command("CLUSTER", "REPLICATE", pid), 20,
                      f"replica {rep.port} to follow {prim.port}")
         self.wait_ok()
 

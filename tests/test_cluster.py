@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import redis
-
 from clusterkit import Cluster
 from conftest import BACKENDS, Proxy, wait_for
 
@@ -205,7 +204,7 @@ def _copy_to_ref(r, cluster, keys):
 
 def test_set_algebra_matches_the_server(r, cluster):
     a, b, c = _spread("set", 3)
-    r.sadd(a, *range(0, 30))
+    r.sadd(a, *range(30))
     r.sadd(b, *range(10, 40, 2))
     r.sadd(c, *range(5, 15))
     ref = _copy_to_ref(r, cluster, [a, b, c])

@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 import pytest
-
 from clusterkit import Cluster
+
 from vproxy.config import parse_addr
 from vproxy.sentinel.cluster import ClusterMonitor
 from vproxy.sentinel.topology import SLOTS, Topology

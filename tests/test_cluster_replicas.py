@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from clusterkit import Cluster
 from conftest import Proxy, wait_for
 

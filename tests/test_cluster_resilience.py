@@ -8,9 +8,9 @@ import time
 
 import pytest
 import redis
-
 from clusterkit import Cluster
 from conftest import BACKENDS, Proxy, wait_for
+
 from vproxy.slots import key_slot
 
 

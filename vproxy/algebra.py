@@ -198,7 +198,7 @@ def fmt_score(x: float) -> bytes:
     if math.isinf(x):
         return b"inf" if x > 0 else b"-inf"
     text = repr(x)
-    return (text[:-2] if text.endswith(".0") else text).encode()
+    return (text.removesuffix(".0")).encode()
 
 
 def zreply(items: list, withscores: bool, proto: int) -> bytes:

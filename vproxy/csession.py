@@ -40,7 +40,7 @@ _IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire
 class Sub:
     """One request vproxy sends to a node: its reply lands in batch.replies[idx]."""
 
-    __slots__ = ("batch", "idx", "raw", "slot", "name", "block")
+    __slots__ = ("batch", "block", "idx", "name", "raw", "slot")
 
     def __init__(self, batch, idx, raw, slot, name, block=False):
         self.batch, self.idx, self.raw, self.slot, self.name, self.block = batch, idx, raw, slot, name, block
