@@ -113,3 +113,16 @@ def test_two_masters_are_reconciled_the_same_way_everywhere(rset, start_proxy):
     other = next(r for r in rset.replicas if r.port != kept)
     wait_for(lambda: repl_info(other.port).get("master_port") == kept, what="the other follows it")
     assert rset.masters() == [kept]  # which one is kept: test_ha_choice (the same rule on every proxy)
+
+
+def test_no_promotion_while_replicas_still_hear_the_primary(rset, start_proxy):
+    """vproxy cannot reach the primary (here: it lacks the password), the replicas can: no failover."""
+    for r in rset.replicas:
+        r.client().config_set("masterauth", "pw")
+    rset.primary.client().config_set("requirepass", "pw")  # the replicas' links stay up
+    p = start_proxy("--backend", rset.replicas[0].addr, "--mode", "replication", "--failover-timeout", "2",
+                    "--topology-refresh", "0.2", wait_learned=False)
+    wait_for(lambda: topology(p)["version"] > 40, timeout=30, what="40 looks without a primary (> 4 s)")
+    assert topology(p)["primary"] is None
+    assert [role(r.port)[0] for r in rset.replicas] == [b"slave", b"slave"]
+    assert all(repl_info(r.port)["master_link_status"] == "up" for r in rset.replicas)

@@ -7,8 +7,10 @@ Every tick (topology_refresh; 0.1 s while there is no primary; at once when the 
     several report master          -> choose_master(); the others, if they belong to the set, are
                                       made replicas of it (an old primary that came back)
     none for failover_timeout      -> look again at every node, adopt a master if one appeared
-                                      (another vproxy was faster), else promote the replica with the
-                                      greatest offset (ties: smallest run id) and point the rest at it
+                                      (another vproxy was faster); wait while a replica still hears
+                                      from its primary (only vproxy lost it); else promote the
+                                      replica with the greatest offset (ties: smallest run id) and
+                                      point the rest at it
     replicas following an unreachable or losing node are pointed at the primary
 
 Double promotion (several vproxy instances on one set). Guarantee: instances that reach the same
@@ -44,6 +46,7 @@ class ReplicationMonitor(HAMonitor):
         self.promotions = 0  # replicas this instance promoted
         self.ignored: set = set()  # unrelated masters already warned about
         self.aliases: set = set()  # addresses found to name a member already known
+        self.warned: set = set()  # outages (down_since) already logged as partitions
 
     def tick(self, suspects: set) -> None:
         infos = self.unique(self.probe_all(self.members))
@@ -106,10 +109,23 @@ class ReplicationMonitor(HAMonitor):
         if any(i.is_master for i in infos.values()):
             self.down_since = 0.0
             return self.choose(infos), "adopted"
+        if self.primary_heard(infos):
+            return None, ""
         best = choose_replica(infos.values())
         if best is None:
             return None, ""
         return self.promote(best, infos)
+
+    def primary_heard(self, infos: dict) -> bool:
+        """Whether a replica still hears from its primary: only vproxy lost it (a partition), so wait."""
+        timeout = self.cfg.failover_timeout
+        heard = [i for i in infos.values() if not i.is_master and i.master not in infos  # not chained
+                 and i.link_up and i.last_io is not None and i.last_io < timeout]
+        if heard and self.down_since not in self.warned:
+            self.warned.add(self.down_since)
+            logger.warning("primary unreachable from vproxy, but replica {} heard from it {}s ago: "
+                           "not failing over", fmt_addr(heard[0].addr), heard[0].last_io)
+        return bool(heard)
 
     def promote(self, best: NodeInfo, infos: dict) -> tuple[tuple[str, int] | None, str]:
         if not self.command(best.addr, "REPLICAOF", "NO", "ONE"):
