@@ -43,7 +43,6 @@ class ReplicationMonitor(HAMonitor):
         super().__init__(app)
         self.members: list[tuple[str, int]] = list(app.seeds)
         self.down_since = 0.0
-        self.promotions = 0  # replicas this instance promoted
         self.ignored: set = set()  # unrelated masters already warned about
         self.aliases: set = set()  # addresses found to name a member already known
         self.warned: set = set()  # outages (down_since) already logged as partitions
@@ -137,7 +136,6 @@ class ReplicationMonitor(HAMonitor):
             if info.addr != best.addr:
                 self.command(info.addr, "REPLICAOF", *best.addr)
         self.down_since = 0.0
-        self.promotions += 1
         return best.addr, f"vproxy promoted it: offset {best.offset} run id {best.run_id[:8]}"
 
     def repair(self, primary, infos: dict) -> None:
