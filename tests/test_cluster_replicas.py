@@ -32,7 +32,10 @@ def test_reads_go_to_replicas(cluster):
         assert sum(_calls(r, "get") for r in cluster.replicas) >= 100
         assert sum(_calls(m, "get") for m in cluster.primaries) == 0
         assert c.set("w", 1) and sum(_calls(m, "set") for m in cluster.primaries) == 1
+        gets = sum(_calls(r, "mget") for r in cluster.replicas)
         assert c.mget(keys[:10]) == [k.encode() for k in keys[:10]]
+        assert sum(_calls(r, "mget") for r in cluster.replicas) > gets  # split reads use replicas too
+        assert sum(_calls(m, "mget") for m in cluster.primaries) == 0
     finally:
         p.stop()
 

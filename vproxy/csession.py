@@ -196,11 +196,13 @@ class ClusterSession(ClientSession):
 
     # ---- split and fan-out requests ----
 
-    def op(self, batch: Batch, i: int, parts: list, merge) -> None:
-        """Send parts [(slot, args)] now; at settle, batch.replies[i] = merge(their replies)."""
-        self.ops.append((batch, i, self.subs(parts), merge))
+    def op(self, batch: Batch, i: int, parts: list, merge, reads: bool = False) -> None:
+        """Send parts [(slot, args)] now; at settle, batch.replies[i] = merge(their replies).
 
-    def subs(self, parts: list) -> list:
+        reads: read-only parts may go to replicas (read_from); never for cursors (SCAN)."""
+        self.ops.append((batch, i, self.subs(parts, reads and self.reads), merge))
+
+    def subs(self, parts: list, reads: bool = False) -> list:
         out = []
         sb = self.sb
         for slot, args in parts:
@@ -208,7 +210,8 @@ class ClusterSession(ClientSession):
             sb.replies.append(None)
             out.append(sub)
             self.inflight.append(sub)
-            self.send(sub)
+            replica = self.replica_for(slot, sub.name) if reads else None
+            self.send(sub, replica, readonly=replica is not None)
         return out
 
     def call(self, parts: list) -> list:

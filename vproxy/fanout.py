@@ -88,8 +88,11 @@ def all_ok(s, i, args, raw, batch):
 def randomkey(s, i, args, raw, batch):
     if s.ns:
         return dbns.randomkey(s, i, args, raw, batch)
+    hide = dbns.emulated(s)  # db 0 beside emulated databases: skip their namespaces
+
     def merge(frames):
-        found = [f for f in frames if f[:2] not in (b"$-", b"_\r")]
+        found = [f for f in frames if f[:2] not in (b"$-", b"_\r")
+                 and not (hide and f.split(b"\r\n", 2)[1].startswith(dbns.NS))]
         return random.choice(found) if found else frames[0]
     fan(s, i, args, batch, merge)
 

@@ -53,7 +53,7 @@ def mget(s, i, args, batch):
             for p, v in zip(ps, resp.decode(f)):
                 out[p - 1] = v
         return resp.value(out, s.proto)
-    s.op(batch, i, [(slot, [args[0]] + [args[p] for p in ps]) for slot, ps in groups.items()], merge)
+    s.op(batch, i, [(slot, [args[0]] + [args[p] for p in ps]) for slot, ps in groups.items()], merge, reads=True)
 
 
 def mset(s, i, args, batch):
@@ -69,7 +69,7 @@ def count(s, i, args, batch):
     """DEL, UNLINK, EXISTS, TOUCH: the per-slot counts added up."""
     groups = group(args, 1, 1)
     parts = [(slot, [args[0]] + [args[p] for p in ps]) for slot, ps in groups.items()]
-    s.op(batch, i, parts, lambda frames: resp.integer(sum(int(f[1:-2]) for f in frames)))
+    s.op(batch, i, parts, lambda frames: resp.integer(sum(int(f[1:-2]) for f in frames)), reads=True)
 
 
 SPLIT = {
