@@ -114,13 +114,19 @@ def test_scan_visits_every_key_once(r):
     assert set(r.scan_iter(_type="string", count=100)) == keys | {f"other:{n}".encode() for n in range(50)}
 
 
-def test_scripts_fan_out(r):
+def test_scripts_fan_out(r, cluster):
     sha = r.script_load("return 1")
     assert r.script_exists(sha, "0" * 40) == [True, False]
     assert r.evalsha(sha, 1, "anykey") == 1
     assert r.eval("return redis.call('GET', KEYS[1])", 1, "key:1") is None
+    owner = cluster.client_for("key:1")
+    owner.script_flush()  # as on a node that never saw the script (new, or a promoted replica)
+    assert r.evalsha(sha, 1, "key:1") == 1  # vproxy loads it there again
+    assert owner.script_exists(sha) == [True]
     assert r.script_flush() is True
     assert r.script_exists(sha) == [False]
+    with pytest.raises(redis.exceptions.NoScriptError):
+        r.evalsha("1" * 40, 0)
 
 
 def test_info_and_cluster_commands(r, proxy):

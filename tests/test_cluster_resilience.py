@@ -124,9 +124,9 @@ def test_live_slot_migration_under_load(cluster):
         p.stop()
 
 
-@pytest.fixture(scope="module")
-def replicated():
-    c = Cluster("valkey", 3, 1)
+@pytest.fixture(scope="module", params=BACKENDS)
+def replicated(request):
+    c = Cluster(request.param, 3, 1)
     yield c
     c.stop()
 

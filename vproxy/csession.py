@@ -137,7 +137,8 @@ class ClusterSession(ClientSession):
         self.rr += 1
         return shard.replicas[self.rr % len(shard.replicas)]
 
-    def send(self, sub: Sub, addr=None, asking: bool = False, fresh: bool = False, readonly: bool = False) -> None:
+    def send(self, sub: Sub, addr=None, asking: bool | bytes = False, fresh: bool = False,
+             readonly: bool = False) -> None:
         """Put a sub on the channel of `addr` (default: its slot's owner); a failure becomes its reply."""
         topo = self.app.router.topology
         if addr is None:
@@ -153,8 +154,8 @@ class ClusterSession(ClientSession):
         except BackendError as e:
             sub.batch.replies[sub.idx] = resp.error(str(e))
             return
-        if asking:
-            ch.submit(ASKING, None, 0, 0.0)
+        if asking:  # ASKING, or another request that must run right before (SCRIPT LOAD)
+            ch.submit(ASKING if asking is True else asking, None, 0, 0.0)
         ch.submit(sub.raw, sub.batch, sub.idx, 0.0 if sub.block else deadline_after(self.app.cfg.command_timeout))
 
     def channel_to(self, addr, fresh: bool = False):
@@ -264,6 +265,8 @@ class ClusterSession(ClientSession):
     def retryable(self, sub: Sub, frame: bytes) -> bool:
         if frame.startswith((b"-MOVED ", b"-ASK ")) or frame.startswith(_WAIT):
             return True
+        if frame.startswith(b"-NOSCRIPT"):  # a node that never saw SCRIPT LOAD (new, promoted, flushed)
+            return _script_of(sub) is not None
         if not frame.startswith(_DOWN) and b"has no owner" not in frame[:60]:
             return False
         if any(m in frame for m in _NOT_SENT):
@@ -279,6 +282,8 @@ class ClusterSession(ClientSession):
                 self.patch(slot, addr)
                 return self.send(sub, addr)
             return self.send(sub, addr, asking=True)
+        if frame.startswith(b"-NOSCRIPT"):
+            return self.send(sub, asking=resp.encode_request([b"SCRIPT", b"LOAD", _script_of(sub)]))
         self.send(sub)
 
     def patch(self, slot: int, addr) -> None:
@@ -340,6 +345,14 @@ class ClusterSession(ClientSession):
 
     def key(self) -> tuple[int, int]:
         return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto)
+
+
+def _script_of(sub: Sub) -> bytes | None:
+    """The body of the script an EVALSHA names, if vproxy saw it loaded."""
+    if sub.name not in (b"evalsha", b"evalsha_ro"):
+        return None
+    parts = sub.raw.split(b"\r\n", 5)
+    return fanout.SCRIPTS.get(parts[4].lower()) if len(parts) > 5 else None
 
 
 _SINGLE: dict = {}  # Command -> position of its only key (0: not a single-key command)

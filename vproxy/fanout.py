@@ -11,6 +11,7 @@ Primaries are numbered by their lowest slot, so a SCAN cursor survives a failove
 
 from __future__ import annotations
 
+import hashlib
 import random
 from binascii import hexlify
 
@@ -19,6 +20,8 @@ from .client import ClientSession
 from .local import _append_proxy_section
 from .slots import key_slot
 
+SCRIPTS: dict[bytes, bytes] = {}  # sha1 -> body of scripts loaded through SCRIPT LOAD (NOSCRIPT repair)
+MAX_SCRIPTS = 10000
 NODE_BITS = 10
 SCAN_NODE_MASK = (1 << NODE_BITS) - 1
 NO_MAP = resp.error("CLUSTERDOWN vproxy: the cluster's slot map is not known yet; retry shortly")
@@ -129,6 +132,12 @@ def scan(s, i, args, raw, batch):
     s.op(batch, i, [(nodes[node], [args[0], str(inner).encode(), *args[2:]])], merge)
 
 
+def remember_script(body: bytes) -> None:
+    if len(SCRIPTS) >= MAX_SCRIPTS:
+        SCRIPTS.clear()
+    SCRIPTS[hashlib.sha1(body).hexdigest().encode()] = body
+
+
 def script(s, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     if sub == b"exists":
@@ -136,6 +145,8 @@ def script(s, i, args, raw, batch):
             lists = [resp.decode(f) for f in frames]
             return resp.value([int(all(v[k] for v in lists)) for k in range(len(lists[0]))], s.proto)
         return fan(s, i, args, batch, merge)
+    if sub == b"load" and len(args) == 3:
+        remember_script(args[2])
     if sub in (b"load", b"flush"):
         return fan(s, i, args, batch, first)
     if sub == b"kill":
