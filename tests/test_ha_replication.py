@@ -126,3 +126,25 @@ def test_no_promotion_while_replicas_still_hear_the_primary(rset, start_proxy):
     assert topology(p)["primary"] is None
     assert [role(r.port)[0] for r in rset.replicas] == [b"slave", b"slave"]
     assert all(repl_info(r.port)["master_link_status"] == "up" for r in rset.replicas)
+
+
+def test_blocked_and_subscribed_clients_get_a_retryable_error(rset, start_proxy):
+    """BLPOP and SUBSCRIBE pinned to the old primary: an error, the connection stays, a retry works."""
+    from conftest import RawClient
+    p = start_proxy(*rset.args(), *FAST)
+    blocked, sub = RawClient(p.port, timeout=20), RawClient(p.port, timeout=20)
+    blocked.send(RawClient.encode("BLPOP", "q", "0"))
+    assert sub.call("SUBSCRIBE", "ch").startswith(b"*3\r\n$9\r\nsubscribe")
+    wait_for(lambda: b"cmd=blpop" in rset.primary.client().execute_command("CLIENT", "LIST"), what="BLPOP parked")
+    old = rset.primary.addr
+    rset.primary.kill()
+    assert blocked.read().startswith(b"-ERR vproxy: backend")
+    assert b"subscribe again" in sub.read()
+    new_primary(p, old)
+    blocked.send(RawClient.encode("BLPOP", "q", "0"))
+    assert sub.call("SUBSCRIBE", "ch").startswith(b"*3\r\n$9\r\nsubscribe")
+    c = p.client()
+    wait_for(lambda: c.publish("ch", "hi") == 1, what="subscriber on the new primary")
+    assert sub.read() == b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+    c.rpush("q", "x")  # before or after BLPOP parks: it gets x either way
+    assert blocked.read() == b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
