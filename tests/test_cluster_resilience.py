@@ -35,7 +35,12 @@ class Load:
         while not self.stop_.is_set():
             k = f"{prefix}:{n % keys}"
             try:
-                c.set(k, n)
+                if n % 5 == 0:  # a transaction on the same slot: it must survive the move too
+                    got_tx = c.pipeline(transaction=True).set(k, n).get(k).execute()
+                    if got_tx != [True, str(n).encode()]:
+                        self.errors.append(f"{k}: transaction gave {got_tx!r}")
+                else:
+                    c.set(k, n)
                 self.written[k] = n
                 got = c.get(k)
                 if got != str(n).encode():

@@ -31,9 +31,7 @@ ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
 _WAIT = (b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
 _DOWN = b"-ERR vproxy: backend "
-# A request that failed with one of these was never sent: resending it cannot run it twice.
-_NOT_SENT = (b"; retrying)", b"(connection closed)", b"refused", b"connect timed out", b"handshake",
-             b"has no owner", b"unreachable")
+_NOT_SENT = txn.NOT_SENT  # a request that failed with one of these was never sent
 _IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire", b"persist", b"mset"])
 
 

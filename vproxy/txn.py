@@ -1,21 +1,42 @@
-"""MULTI/EXEC and WATCH on a cluster: a transaction lives on the node of its first key's slot.
+"""MULTI/EXEC and WATCH on a cluster: a transaction is held in vproxy and sent whole at EXEC.
 
     WATCH k         -> lease on owner(slot k); the transaction is bound to that slot
-    MULTI           -> +OK at once; keyless requests queue in vproxy (+QUEUED) until a key
-    first key       -> lease on owner(slot), then MULTI + the queued requests (their replies dropped)
-    key of another slot -> CROSSSLOT error; EXEC then answers EXECABORT (the server gets DISCARD)
-    EXEC / DISCARD  -> on the lease (a transaction without keys runs on any primary)
+    MULTI           -> +OK from vproxy; nothing is sent yet
+    each request    -> checked (arity, known command, same slot as the first key) -> +QUEUED, kept
+    key of another slot -> CROSSSLOT error; EXEC then answers EXECABORT
+    EXEC            -> [ASKING] MULTI, the requests, EXEC, back to back on one connection to the
+                       slot owner (the WATCH lease, else the session's shared channel there: a
+                       transaction written in one piece cannot interleave with other clients'
+                       requests); a MOVED/ASK/TRYAGAIN at queue time -> the whole transaction runs
+                       again at the right node, until primary_wait; under WATCH -> nil (aborted:
+                       the client retries, as after a watched key changed)
+    DISCARD         -> nothing was sent: +OK (UNWATCH on the lease)
+Transactions holding SELECT/HELLO/CLIENT ... run on a connection of their own, closed afterwards.
 """
 
 from __future__ import annotations
 
+from time import monotonic
+
+import gevent
+
 from . import resp
-from .client import _STATEFUL, ClientSession
-from .local import LOCAL
+from .client import _STATEFUL
+from .errors import BackendError
+from .local import LOCAL, _apply_select
+from .mux.channel import Batch, deadline_after
+from .mux.lease import Lease
 
 MULTI = resp.encode_request([b"MULTI"])
-DISCARD = resp.encode_request([b"DISCARD"])
+EXEC = resp.encode_request([b"EXEC"])
+UNWATCH = resp.encode_request([b"UNWATCH"])
+ASKING = resp.encode_request([b"ASKING"])
 EXECABORT = resp.error("EXECABORT Transaction discarded because of previous errors.")
+_REDIRECT = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
+_DOWN = b"-ERR vproxy: backend "
+# A request that failed with one of these was never sent: resending it cannot run it twice.
+NOT_SENT = (b"; retrying)", b"(connection closed)", b"refused", b"connect timed out", b"handshake",
+            b"has no owner", b"unreachable")
 
 
 def other_slot(pin) -> str:
@@ -27,39 +48,6 @@ def _held(s) -> bool:
     return s.lease is not None and not s.lease.ending
 
 
-def open_lease(s, i, batch, slot: int, multi: bool) -> bool:
-    """Lease a connection on slot's owner (any primary for -1); replay MULTI and the queue."""
-    topo = s.app.router.topology
-    s.lease_addr = topo.owner(slot) if slot >= 0 else None
-    try:
-        lease = s._new_lease(i, batch)
-    finally:
-        s.lease_addr = None
-    if lease is None:
-        s.multi_failed = s.in_multi
-        return False
-    s.lease, s.cur = lease, lease.channel
-    s.pin_slot = slot if slot >= 0 else None
-    if multi:
-        lease.channel.submit(MULTI, None, 0, 0.0)
-        for name, args, raw in s.mq:
-            if name in _STATEFUL:
-                lease.dirty = True
-            lease.channel.submit(raw, None, 0, 0.0)
-        s.mq = []
-    return True
-
-
-def multi(s, i, args, raw, batch):
-    if s.in_multi:
-        batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
-        return
-    s.in_multi, s.multi_select, s.multi_failed, s.mq = True, None, False, []
-    if _held(s):  # after WATCH: the node is chosen already
-        return s.submit(s.lease.channel, i, raw, batch)
-    batch.replies[i] = resp.OK
-
-
 def watch(s, i, args, raw, batch):
     slots = s.slots_of(b"watch", args)
     if not slots or len(slots) > 1:
@@ -68,43 +56,53 @@ def watch(s, i, args, raw, batch):
     slot = slots.pop()
     if _held(s):
         if s.pin_slot is not None and slot != s.pin_slot:
-            batch.replies[i] = resp.error(other_slot(s.pin_slot))
+            batch.replies[i] = resp.error(other_slot(slot if s.pin_slot is None else s.pin_slot))
             return
-    elif not open_lease(s, i, batch, slot, multi=False):
-        return
+    else:
+        s.lease_addr = s.app.router.topology.owner(slot)
+        try:
+            lease = s._new_lease(i, batch)
+        finally:
+            s.lease_addr = None
+        if lease is None:
+            return
+        s.lease, s.cur = lease, lease.channel
+    s.pin_slot = slot
     s.watching = True
     s.submit(s.lease.channel, i, raw, batch)
 
 
-def queue(s, i, name, args, raw, batch):
-    """A request inside MULTI: checked against the transaction's slot, then queued on the node."""
-    slots = s.slots_of(name, args)
-    if slots is None or len(slots) > 1 or (slots and s.pin_slot is not None and s.pin_slot not in slots):
-        s.multi_failed = True
-        why = other_slot(s.pin_slot) if slots and len(slots) == 1 else \
-            f"CROSSSLOT vproxy: the keys of '{name.decode()}' are not all in one slot"
-        batch.replies[i] = resp.error(why)
+def multi(s, i, args, raw, batch):
+    if s.in_multi:
+        batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
-    if not _held(s):
-        if not slots:
-            return _queue_keyless(s, i, name, args, raw, batch)
-        if not open_lease(s, i, batch, next(iter(slots)), multi=True):
-            return
-    elif s.pin_slot is None and slots:
-        s.pin_slot = next(iter(slots))
-    ClientSession.in_transaction(s, i, name, args, raw, batch)
+    s.in_multi, s.multi_select, s.multi_failed, s.mq = True, None, False, []
+    batch.replies[i] = resp.OK
 
 
-def _queue_keyless(s, i, name, args, raw, batch):
+def queue(s, i, name, args, raw, batch):
+    """A request inside MULTI: checked like the server would at queue time, then kept."""
+    if name == b"watch":
+        batch.replies[i] = resp.error("ERR WATCH inside MULTI is not allowed")
+        return
     cmd = s.app.commands.get(name)
     if cmd is None or not cmd.arity_ok(len(args)):
         s.multi_failed = True
-        what = "unknown command" if cmd is None else "wrong number of arguments for"
-        batch.replies[i] = resp.error(f"ERR {what} '{args[0].decode(errors='replace')}'")
+        batch.replies[i] = resp.error(
+            f"ERR unknown command '{args[0].decode(errors='replace')}'" if cmd is None
+            else f"ERR wrong number of arguments for '{name.decode(errors='replace')}' command")
         return
+    slots = s.slots_of(name, args)
+    if slots is None or len(slots) > 1 or (slots and s.pin_slot is not None and s.pin_slot not in slots):
+        s.multi_failed = True
+        batch.replies[i] = resp.error(other_slot(s.pin_slot) if slots and len(slots) == 1 else
+                                      f"CROSSSLOT vproxy: the keys of '{name.decode()}' are not all in one slot")
+        return
+    if slots and s.pin_slot is None:
+        s.pin_slot = next(iter(slots))
     if name == b"select" and len(args) == 2 and args[1].isdigit():
         s.multi_select = int(args[1])
-    s.mq.append((name, args, raw))
+    s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
 
@@ -112,19 +110,97 @@ def exec_(s, i, args, raw, batch):
     name = args[0].lower()
     if not s.in_multi:
         return LOCAL[name](s, i, args, raw, batch)
-    if s.multi_failed or (name == b"discard" and not _held(s)):
-        if _held(s):
-            s.lease.ending = True
-            s.lease.channel.submit(DISCARD, None, 0, 0.0)
-        s.in_multi = s.watching = s.multi_failed = False
-        s.mq = []
+    queued, failed, target, slot = s.mq, s.multi_failed, s.multi_select, s.pin_slot
+    s.in_multi = s.multi_failed = False
+    s.mq = []
+    if name == b"discard" or failed:
+        end_watch(s)
         batch.replies[i] = EXECABORT if name == b"exec" else resp.OK
         return
-    if not _held(s) and not open_lease(s, i, batch, -1, multi=True):
-        s.in_multi = False
-        return
-    s.mq = []
-    LOCAL[name](s, i, args, raw, batch)
+    s.settle()  # everything before EXEC has answered
+    reply = run(s, queued, -1 if slot is None else slot)
+    if target is not None:
+        reply = _apply_select(s, reply, target)
+    batch.replies[i] = reply
+    if _held(s):
+        s.lease.ending = True  # EXEC ended the WATCH on the server
+    s.watching = False
+
+
+def end_watch(s) -> None:
+    if _held(s):
+        s.lease.channel.submit(UNWATCH, None, 0, 0.0)
+        s.lease.ending = True
+    s.watching = False
+
+
+def _retry(frame: bytes) -> bool:
+    """A reply that says the transaction did not run, and may run elsewhere or later."""
+    return frame.startswith(_REDIRECT) or (frame.startswith(_DOWN) and any(m in frame for m in NOT_SENT))
+
+
+def run(s, queued: list, slot: int) -> bytes:
+    """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
+    cfg = s.app.cfg
+    deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
+    own = any(name in _STATEFUL for name, _ in queued)
+    while True:
+        frames = _send(s, queued, slot, addr, asking, own)
+        bad = next((f for f in frames if _retry(f)), None)
+        if bad is None or monotonic() >= deadline:
+            return frames[-1]
+        if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
+            return resp.null(s.proto) if s.proto == 3 else b"*-1\r\n"
+        addr, asking = None, False
+        if bad.startswith((b"-MOVED ", b"-ASK ")):
+            parts = bad[1:].split()
+            addr, asking = _addr(parts[2]), bad.startswith(b"-ASK ")
+            if not asking:
+                s.patch(int(parts[1]), addr)
+        else:
+            s.refresh()
+            gevent.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
+    """MULTI + queued + EXEC on one connection, written in one piece; every reply, in order."""
+    topo = s.app.router.topology
+    lease = None
+    try:
+        if _held(s):
+            ch = s.lease.channel
+        else:
+            addr = addr or (topo.owner(slot) if slot >= 0 else topo.primary)
+            if addr is None:
+                return [resp.error(f"CLUSTERDOWN vproxy: slot {slot} has no owner")]
+            if own:
+                lease = Lease(s.app.router.pool(addr), s.key())
+                lease.dirty = True
+                ch = lease.channel
+            else:
+                ch = s.channel_to(addr)
+    except BackendError as e:
+        return [resp.error(str(e))]
+    b = Batch(len(queued) + 2)
+    deadline = deadline_after(s.app.cfg.command_timeout)
+    if asking:
+        ch.submit(ASKING, None, 0, 0.0)
+    ch.submit(MULTI, b, 0, deadline)
+    for j, (_, raw) in enumerate(queued, 1):
+        ch.submit(raw, b, j, deadline)
+    ch.submit(EXEC, b, len(queued) + 1, deadline)
+    try:
+        b.wait()
+    finally:
+        if lease is not None:
+            lease.release(clean=False)
+    return b.replies
+
+
+def _addr(text: bytes) -> tuple[str, int]:
+    host, _, port = text.decode().rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port.split("@")[0])
 
 
 def reset(s, i, args, raw, batch):
