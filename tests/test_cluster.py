@@ -320,3 +320,31 @@ def test_wait_and_movable_keys(r):
         r.eval("return 1", 5, "a")
     r.set("enc", "abc")
     assert r.object("encoding", "enc") in (b"embstr", b"raw")
+
+
+def test_transaction_semantics_match_the_server(r, proxy):
+    import socket
+
+    def raw(*cmds):
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            s.sendall(b"".join(b"*%d\r\n" % len(c) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in c)
+                               for c in cmds))
+            data, want = b"", len(cmds)
+            while data.count(b"\r\n") < want or not data.endswith(b"\r\n"):
+                data += s.recv(65536)
+                if data.startswith(b"-") and len(cmds) == 1:
+                    break
+            return data
+    r.set("{s}str", "x")
+    p = r.pipeline(transaction=True)
+    p.incr("{s}str").set("{s}ok", 1)
+    with pytest.raises(redis.ResponseError):  # an error inside EXEC's reply, the rest still ran
+        p.execute()
+    assert r.get("{s}ok") == b"1"
+    out = raw([b"MULTI"], [b"NOSUCHCMD"], [b"SET", b"{s}a", b"1"], [b"EXEC"])
+    assert out.startswith(b"+OK\r\n-ERR unknown command") and out.endswith(b"-EXECABORT Transaction discarded "
+                                                                            b"because of previous errors.\r\n")
+    assert r.get("{s}a") is None
+    assert raw([b"MULTI"], [b"MULTI"], [b"DISCARD"]) == b"+OK\r\n-ERR MULTI calls can not be nested\r\n+OK\r\n"
+    assert raw([b"EXEC"]).startswith(b"-ERR EXEC without MULTI")
+    assert raw([b"MULTI"], [b"PING"], [b"EXEC"]) == b"+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n"
