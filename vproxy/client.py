@@ -32,6 +32,8 @@ from .mux.lease import Lease
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
+_WAITS = (b"wait", b"waitaof")
+_WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
@@ -207,7 +209,7 @@ class ClientSession:
         elif policy is C.PIN:
             self.pin(i, name, raw, batch)
         elif policy is C.BLOCK:
-            self.block(i, raw, batch)
+            self.block(i, raw, batch, wait=name in _WAITS)
         elif policy is C.STREAM:
             self.start_stream(i, "monitor" if name == b"monitor" else "sub", raw, batch)
         elif policy is C.SIDE:
@@ -293,8 +295,12 @@ class ClientSession:
                 self.multi_select = int(args[1])
         self.submit(self.lease.channel, i, raw, batch)
 
-    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False) -> None:
-        """A blocking command gets a connection of its own until it answers."""
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:
+        """A blocking command gets a connection of its own until it answers.
+
+        WAIT/WAITAOF count acknowledgements of the writes made on *their* connection. The client's
+        writes went over shared connections, so a propagated no-op (PUBLISH, which a standalone
+        server replicates) first moves the leased connection's write offset past them."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         if self.oneshot is None or self.oneshot.channel is None or self.oneshot.channel.closed:
@@ -304,6 +310,8 @@ class ClientSession:
             self.oneshot = lease
             self.cur = lease.channel
         self.oneshot.dirty |= dirty
+        if wait:
+            self.oneshot.channel.submit(_WAIT_MARK, None, 0, 0.0)
         self.submit(self.oneshot.channel, i, raw, batch, timeout=False)
 
     def side(self, i: int, raw: bytes, batch: Batch) -> None:
