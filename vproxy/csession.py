@@ -210,7 +210,7 @@ class ClusterSession(ClientSession):
             out.append(sub)
             self.inflight.append(sub)
             replica = self.replica_for(slot, sub.name) if reads else None
-            self.send(sub, replica, readonly=replica is not None)
+            self.send(sub, replica, fresh=True, readonly=replica is not None)
         return out
 
     def call(self, parts: list) -> list:
@@ -298,7 +298,8 @@ class ClusterSession(ClientSession):
 
     def merge_ops(self) -> None:
         ops, self.ops = self.ops, []
-        self.sb = Batch(0)
+        if self.sb.replies:
+            self.sb = Batch(0)
         for batch, i, subs, merge in ops:
             frames = [s.batch.replies[s.idx] for s in subs]
             err = next((f for f in frames if f is None or f[:1] == b"-"), None)
