@@ -322,7 +322,7 @@ class ClusterSession(ClientSession):
             batch.replies[i] = resp.error(str(e))
             return None
 
-    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False) -> None:
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, **kw) -> None:
         """A blocking command: its own connection on its key's node; redirections followed."""
         args = self.cur_args
         name = args[0].lower()
@@ -330,7 +330,7 @@ class ClusterSession(ClientSession):
         if (self.lease is not None and not self.lease.ending) or dirty or not slots:
             if self.lease is not None and not self.lease.ending:
                 return self.on_lease(i, raw, batch, slots)
-            return super().block(i, raw, batch, dirty)
+            return super().block(i, raw, batch, dirty, **kw)
         if len(slots) > 1:
             batch.replies[i] = resp.error(split.crossslot(name))
             return
