@@ -44,109 +44,141 @@ class RequestParser:
     def feed(self, data: bytes) -> list[tuple[list[bytes], bytes]]:
         """Add bytes; return the requests now complete. Raises ProtocolError(msg, done) on bad input."""
         buf = self.buf
-        buf += data
-        if len(buf) < self.need:
-            return []
+        if buf:
+            buf += data
+            if len(buf) < self.need:
+                return []
+            # Scan an immutable copy: slices of bytes are the bytes we hand out, no second copy.
+            # Mid-request, only the part not scanned yet is copied (a big request arriving in
+            # pieces is never copied again and again).
+            base = self.pos if self.nargs >= 0 else 0
+            chunk = bytes(buf) if not base else bytes(buf[base:])
+        else:  # the common case: nothing left over, scan the received bytes themselves
+            base = 0
+            chunk = data if type(data) is bytes else bytes(data)
         out: list[tuple[list[bytes], bytes]] = []
         try:
-            self._parse(out)
+            self._parse(chunk, base, out)
         except ProtocolError as e:
             e.requests = out  # requests before the bad one still run, as in Redis
             raise
-        if len(buf) > self.max_buffer:
+        if len(self.buf) > self.max_buffer:
             e = ProtocolError("client query buffer limit reached")
             e.requests = out
             raise e
         return out
 
-    def _parse(self, out: list) -> None:
-        buf = self.buf
-        start = 0
-        while start < len(buf):
-            if self.nargs < 0:
-                if buf[start] != _STAR:
-                    end = self._inline(start, out)
+    def _parse(self, data: bytes, base: int, out: list) -> None:
+        """Scan data (bytes from buf offset `base`, or the received bytes when buf was empty).
+
+        Positions below are offsets in data; `start` is where the unconsumed bytes begin: the
+        request being parsed, which may lie before data (-base: it began in an earlier feed)."""
+        buf, nargs, args = self.buf, self.nargs, self.args
+        size = len(data)
+        find = data.find
+        max_bulk = self.max_bulk
+        need = 0
+        if nargs >= 0:
+            start, pos = -base, 0
+        else:
+            start = pos = 0
+        while True:
+            if nargs < 0:
+                start = pos
+                if pos >= size:
+                    break
+                if data[pos] != _STAR:  # (base is 0 here: data holds every unconsumed byte)
+                    end = self._inline(data, pos, out)
+                    need = self.need
                     if end < 0:
                         break
-                    start = end
+                    pos = end
                     continue
-                nl = buf.find(CRLF, start)
-                if nl < 0:
-                    if len(buf) - start > MAX_LINE:
-                        raise ProtocolError("too big mbulk count string")
-                    break
-                n = _header_int(buf, start + 1, nl, "invalid multibulk length")
+                if pos + 3 < size and data[pos + 2] == 13 and data[pos + 3] == 10 \
+                        and 0 <= (n := data[pos + 1] - 48) <= 9:
+                    pos += 4  # `*N\r\n` with one digit, the common case: no find, no int()
+                else:
+                    nl = find(CRLF, pos)
+                    if nl < 0:
+                        if size - pos > MAX_LINE:
+                            raise ProtocolError("too big mbulk count string")
+                        break
+                    try:
+                        n = int(data[pos + 1:nl])
+                    except ValueError:
+                        raise ProtocolError("invalid multibulk length") from None
+                    pos = nl + 2
                 if n > self.max_args:
                     raise ProtocolError("invalid multibulk length")
                 if n <= 0:  # `*0` and `*-1` are ignored, as Redis does
-                    start = nl + 2
                     continue
-                self.nargs, self.pos, self.args = n, nl + 2, []
-            end = self._bulk_args(start)
-            if end < 0:
+                nargs, args = n, []
+            left = nargs - len(args)
+            while left:
+                if pos >= size:
+                    need = max(need, pos + base + 1)
+                    break
+                if data[pos] != _DOLLAR:
+                    raise ProtocolError(f"expected '$', got '{chr(data[pos])}'")
+                # `$N\r\n` with one or two digits, the common case: no find, no int()
+                if pos + 3 < size and data[pos + 2] == 13 and data[pos + 3] == 10 \
+                        and 0 <= (n := data[pos + 1] - 48) <= 9:
+                    nl = pos + 4
+                elif (pos + 4 < size and data[pos + 3] == 13 and data[pos + 4] == 10
+                      and 0 <= (n := data[pos + 1] - 48) <= 9 and 0 <= (d := data[pos + 2] - 48) <= 9):
+                    n = n * 10 + d
+                    nl = pos + 5
+                else:
+                    nl = find(CRLF, pos)
+                    if nl < 0:
+                        if size - pos > MAX_LINE:
+                            raise ProtocolError("too big bulk count string")
+                        need = max(need, pos + base + 1)
+                        break
+                    try:
+                        n = int(data[pos + 1:nl])
+                    except ValueError:
+                        raise ProtocolError("invalid bulk length") from None
+                    nl += 2
+                if n < 0 or n > max_bulk:
+                    raise ProtocolError("invalid bulk length")
+                end = nl + n
+                if end + 2 > size:
+                    need = end + 2 + base
+                    break
+                if data[end] != 13 or data[end + 1] != 10:
+                    raise ProtocolError("bulk argument not terminated by CRLF")
+                args.append(data[nl:end])
+                pos = end + 2
+                left -= 1
+            if left:
                 break
-            out.append((self.args, bytes(buf[start:end])))
-            self.nargs, self.args = -1, []
-            start = end
-        if start:
-            del buf[:start]  # O(1): CPython moves the bytearray's start offset
-            self.need = max(0, self.need - start)
-            if self.nargs >= 0:
-                self.pos -= start
+            out.append((args, data[start:pos] if start >= 0 else bytes(buf[:pos + base])))
+            nargs, args, need = -1, [], 0
+        # Keep only the unconsumed bytes, in buf coordinates.
+        consumed = start + base
+        if buf:
+            if consumed:
+                del buf[:consumed]  # O(1): CPython moves the bytearray's start offset
+        elif consumed < size:
+            buf += data[consumed:] if consumed else data
+        self.nargs, self.args = nargs, args
+        self.pos = pos + base - consumed if nargs >= 0 else 0
+        self.need = max(0, need - consumed)
 
-    def _bulk_args(self, start: int) -> int:
-        """Read the current request's bulk arguments; its end offset, or -1 if incomplete."""
-        buf, pos, args, nargs = self.buf, self.pos, self.args, self.nargs
-        size = len(buf)
-        while len(args) < nargs:
-            if pos >= size:
-                break
-            if buf[pos] != _DOLLAR:
-                raise ProtocolError(f"expected '$', got '{chr(buf[pos])}'")
-            nl = buf.find(CRLF, pos)
-            if nl < 0:
-                if size - pos > MAX_LINE:
-                    raise ProtocolError("too big bulk count string")
-                break
-            n = _header_int(buf, pos + 1, nl, "invalid bulk length")
-            if n < 0 or n > self.max_bulk:
-                raise ProtocolError("invalid bulk length")
-            end = nl + 2 + n
-            if end + 2 > size:
-                self.need = end + 2
-                break
-            if buf[end:end + 2] != CRLF:
-                raise ProtocolError("bulk argument not terminated by CRLF")
-            args.append(bytes(buf[nl + 2:end]))
-            pos = end + 2
-        self.pos = pos
-        if len(args) < nargs:
-            self.need = max(self.need, pos + 1)
-            return -1
-        self.need = 0
-        return pos
-
-    def _inline(self, start: int, out: list) -> int:
-        buf = self.buf
-        nl = buf.find(b"\n", start)
+    def _inline(self, data: bytes, start: int, out: list) -> int:
+        """One inline (telnet style) request at start; its end offset, or -1 if incomplete."""
+        nl = data.find(b"\n", start)
         if nl < 0:
-            if len(buf) - start > MAX_LINE:
+            if len(data) - start > MAX_LINE:
                 raise ProtocolError("too big inline request")
-            self.need = len(buf) + 1
+            self.need = len(data) + 1
             return -1
         self.need = 0
-        line = bytes(buf[start:nl]).rstrip(b"\r")
-        args = split_inline(line)
+        args = split_inline(data[start:nl].rstrip(b"\r"))
         if args:
             out.append((args, encode_request(args)))
         return nl + 1
-
-
-def _header_int(buf: bytearray, a: int, b: int, msg: str) -> int:
-    try:
-        return int(buf[a:b])
-    except ValueError:
-        raise ProtocolError(msg) from None
 
 
 _ESCAPES = {110: 10, 114: 13, 116: 9, 98: 8, 97: 7}  # \n \r \t \b \a, as sdssplitargs
@@ -206,45 +238,62 @@ class ReplyFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buf
-        buf += data
-        if len(buf) < self.need:
-            return []
+        if buf:
+            buf += data
+            if len(buf) < self.need:
+                return []
+            # Scan an immutable copy of what is not scanned yet (a big reply arriving in pieces
+            # is not copied again and again): frames are then plain slices, one copy each.
+            base = self.pos
+            chunk = bytes(buf) if not base else bytes(buf[base:])
+        else:  # the common case: nothing left over, scan the received bytes themselves
+            base = 0
+            chunk = data if type(data) is bytes else bytes(data)
         frames: list[bytes] = []
-        self._scan(frames)
-        if self.start:
-            del buf[: self.start]
-            self.pos -= self.start
-            if self.need:
-                self.need -= self.start
-            self.start = 0
+        self._scan(chunk, base, frames)
         return frames
 
-    def _scan(self, frames: list) -> None:
-        buf, pos, stack = self.buf, self.pos, self.stack
-        size = len(buf)
-        self.need = 0
+    def _scan(self, data: bytes, base: int, frames: list) -> None:
+        """Scan data (bytes from buf offset `base`, or the received bytes when buf was empty).
+
+        Positions are offsets in data; `start`, the first byte of the reply being scanned, is
+        -base when that reply began in an earlier feed (its bytes are then in buf)."""
+        buf, stack = self.buf, self.stack
+        size = len(data)
+        find = data.find
+        start = self.start - base
+        pos = 0
+        need = 0
         while pos < size:
-            t = buf[pos]
+            t = data[pos]
             if t in _LINE_TYPES:
-                nl = buf.find(CRLF, pos)
+                nl = find(CRLF, pos)
                 if nl < 0:
                     break
                 pos = nl + 2
             elif t in _BULK_TYPES:
-                nl = buf.find(CRLF, pos)
-                if nl < 0:
-                    break
-                n = int(buf[pos + 1:nl])
-                end = nl + 2 if n < 0 else nl + 4 + n
+                # `$N\r\n` with one or two digits, the common case: no find, no int()
+                if pos + 3 < size and data[pos + 2] == 13 and data[pos + 3] == 10 \
+                        and 0 <= (n := data[pos + 1] - 48) <= 9:
+                    end = pos + 6 + n
+                elif pos + 4 < size and data[pos + 3] == 13 and data[pos + 4] == 10 \
+                        and 0 <= (n := data[pos + 1] - 48) <= 9 and 0 <= (d := data[pos + 2] - 48) <= 9:
+                    end = pos + 7 + n * 10 + d
+                else:
+                    nl = find(CRLF, pos)
+                    if nl < 0:
+                        break
+                    n = int(data[pos + 1:nl])
+                    end = nl + 2 if n < 0 else nl + 4 + n
                 if end > size:
-                    self.need = end
+                    need = end + base
                     break
                 pos = end
             else:
-                nl = buf.find(CRLF, pos)
+                nl = find(CRLF, pos)
                 if nl < 0:
                     break
-                n = _aggregate_len(t, buf, pos, nl)
+                n = _aggregate_len(t, data, pos, nl)
                 pos = nl + 2
                 if n > 0:
                     stack.append(n)
@@ -256,9 +305,18 @@ class ReplyFramer:
                     break
                 stack.pop()
             if not stack:
-                frames.append(bytes(buf[self.start:pos]))
-                self.start = pos
-        self.pos = pos
+                frames.append(data[start:pos] if start >= 0 else bytes(buf[:pos + base]))
+                start = pos
+        # Keep only the bytes of the reply in progress, in buf coordinates.
+        consumed = start + base
+        if buf:
+            if consumed:
+                del buf[:consumed]  # O(1): CPython moves the bytearray's start offset
+        elif consumed < size:
+            buf += data[consumed:] if consumed else data
+        self.start = 0
+        self.pos = pos + base - consumed
+        self.need = need - consumed if need else 0
 
 
 def _aggregate_len(t: int, buf: bytearray, pos: int, nl: int) -> int:

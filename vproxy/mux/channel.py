@@ -15,6 +15,7 @@ from time import monotonic
 
 import gevent
 from gevent.event import Event
+from gevent.hub import Waiter
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
@@ -22,25 +23,55 @@ from .backend import BackendConn
 
 
 class Batch:
-    """One client's replies in flight, in the client's order; filled by channels, awaited by the client."""
+    """One client's replies in flight, in the client's order; filled by channels, awaited by the client.
 
-    __slots__ = ("replies", "left", "event")
+    wait() parks the client greenlet on a gevent Waiter, woken by one hub callback when the last
+    reply is in: about half the cost of an Event set/wait per round trip. `event` (created on first
+    use) serves waits with a timeout."""
+
+    __slots__ = ("replies", "left", "_event", "_waiter")
 
     def __init__(self, n: int):
         self.replies: list = [None] * n
         self.left = 0
-        self.event = Event()
+        self._event: Event | None = None
+        self._waiter: Waiter | None = None
+
+    @property
+    def event(self) -> Event:
+        """Set when the last reply is in (for waits with a timeout; clear it after waking)."""
+        ev = self._event
+        if ev is None:
+            ev = self._event = Event()
+        return ev
 
     def put(self, idx: int, frame: bytes) -> None:
         self.replies[idx] = frame
         self.left -= 1
         if not self.left:
-            self.event.set()
+            self.done()
+
+    def done(self) -> None:
+        """Wake whoever waits: the last reply is in."""
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            w.hub.loop.run_callback(w.switch, None)
+        if self._event is not None:
+            self._event.set()
 
     def wait(self) -> None:
         while self.left:
-            self.event.wait()
-            self.event.clear()
+            if self._waiter is not None:  # someone else waits already: share the event
+                self.event.wait()
+                self.event.clear()
+                continue
+            w = self._waiter = Waiter()
+            try:
+                w.get()
+            finally:
+                if self._waiter is w:
+                    self._waiter = None
 
 
 class Channel:
@@ -120,8 +151,11 @@ class Channel:
                     if not waiters:
                         raise BackendError("reply with no request waiting for it")
                     batch, idx, _ = waiters.popleft()
-                    if batch is not None:
-                        batch.put(idx, frame)
+                    if batch is not None:  # batch.put(idx, frame), inlined: once per reply
+                        batch.replies[idx] = frame
+                        batch.left -= 1
+                        if not batch.left:
+                            batch.done()
         except (OSError, AttributeError, BackendError, ValueError) as e:
             why = e if isinstance(e, BackendError) else "connection lost"
             self.abort(backend_unavailable(self.conn.name, str(why)))
