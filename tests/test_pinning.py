@@ -647,13 +647,6 @@ def test_subscribe_inside_multi_does_not_poison_other_clients(proxy, server):
             assert b.read_n(5) == [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n+OK\r\n", b"+OK\r\n", b"+OK\r\n"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HELLO while a WATCH pins a connection: local.hello switches the session's protocol but the "
-        "pinned connection keeps the old one, so replies come in the old protocol until UNWATCH/EXEC"
-    ),
-)
 def test_hello_while_watching_switches_replies(raw, server):
     server.client().hset("hw", "f", "v")
     c = raw()
@@ -662,13 +655,6 @@ def test_hello_while_watching_switches_replies(raw, server):
     assert c.call("HGETALL", "hw") == b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HELLO queued inside MULTI: EXEC switches the backend connection's protocol, but the session "
-        "keeps its old protocol (only SELECT is followed after EXEC, by client._apply_select)"
-    ),
-)
 def test_hello_inside_multi_applies_after_exec(raw, server):
     server.client().hset("hm", "f", "v")
     c = raw()

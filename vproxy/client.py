@@ -73,7 +73,8 @@ class ClientSession:
         self.oneshot: Lease | None = None  # one blocking command
         self.stream: Stream | None = None
         self.in_multi = self.watching = False
-        self.multi_select: int | None = None
+        self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
+        self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
         self.sides: list[Lease] = []  # side connections, closed once their reply is in
         self.closing = False
@@ -123,7 +124,14 @@ class ClientSession:
     def write(self, data: bytes) -> None:
         with self.wlock:
             try:
-                self.sock.sendall(data)
+                # one send on the raw socket usually takes it all; gevent's sendall (which parks the
+                # greenlet until the socket drains) only for the rest
+                try:
+                    sent = self.sock._sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
             except OSError:
                 self.closing = True
 
@@ -197,11 +205,12 @@ class ClientSession:
         if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
             return self.in_transaction(i, name, args, raw, batch)
         table = self.app.commands
-        cmd = table.get(name)
-        if cmd is not None and not cmd.arity_ok(len(args)):
+        arity, policy = table.lookup(name)
+        if arity and (len(args) != arity if arity > 0 else len(args) < -arity):
             batch.replies[i] = resp.error(E.wrong_arity(name.decode(errors="replace")))
             return
-        policy = table.policy(name, args)
+        if policy is C.BY_ARGS:
+            policy = table.policy(name, args)
         if policy is C.FORWARD:
             self.forward(i, raw, batch, name, args)
         elif policy is C.LOCAL:
@@ -282,7 +291,7 @@ class ClientSession:
             self.lease = lease
             self.cur = lease.channel
         if name == b"multi":
-            self.in_multi, self.multi_select = True, None
+            self.in_multi, self.multi_select, self.multi_proto = True, None, None
         else:
             self.watching = True
         self.submit(self.lease.channel, i, raw, batch)
@@ -293,6 +302,8 @@ class ClientSession:
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and args[1].isdigit():
                 self.multi_select = int(args[1])
+            elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
+                self.multi_proto = int(args[1])
         self.submit(self.lease.channel, i, raw, batch)
 
     def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:

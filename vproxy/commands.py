@@ -39,7 +39,7 @@ SIDE_SUBCOMMANDS = {(b"script", b"kill"), (b"function", b"kill")}
 _SIDE_CONTAINERS = {c for c, _ in SIDE_SUBCOMMANDS}
 # Commands that block only when an option says so.
 BLOCK_OPTION = {b"xread": b"block", b"xreadgroup": b"block"}
-_BY_ARGS = "by-args"  # policy depends on the arguments
+BY_ARGS = _BY_ARGS = "by-args"  # policy depends on the arguments
 
 
 @dataclass(slots=True)
@@ -80,6 +80,7 @@ class CommandTable:
             self.commands[name.encode()] = Command(name, arity, frozenset(flags.split()), first, last, step)
         self.learned = False
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
+        self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
 
     def get(self, name: bytes) -> Command | None:
         return self.commands.get(name)
@@ -94,8 +95,17 @@ class CommandTable:
         if table:
             self.commands.update(table)
             self._policies.clear()
+            self._specs.clear()
             self.learned = True
         return len(table)
+
+    def lookup(self, name: bytes) -> tuple[int, str]:
+        """(arity, policy) of a name, cached: arity 0 when unknown; policy BY_ARGS needs policy()."""
+        spec = self._specs.get(name)
+        if spec is None:
+            cmd = self.commands.get(name)
+            spec = self._specs[name] = (cmd.arity if cmd is not None else 0, self._policy_of(name))
+        return spec
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import toml
@@ -124,15 +124,12 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m", "sentinel": "-s"}
 
 
-@dataclass
 class Config:
-    values: dict = field(default_factory=dict)
+    """The settings in force, as attributes (plain instance attributes: read on every request)."""
 
-    def __getattr__(self, name):
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __init__(self, values: dict | None = None):
+        self.values = dict(values or {})
+        self.__dict__.update(self.values)
 
 
 def _coerce(s: Setting, raw, source: str):

@@ -102,6 +102,10 @@ def hello(s, i, args, raw, batch):
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
             "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
             "select the RESP protocol version at the same time"))
+    if proto != s.proto and s.lease is not None and not s.lease.ending:
+        # WATCH holds a connection: it must speak the new protocol too (its reply is not the client's)
+        s.lease.channel.submit(resp.encode_request([b"HELLO", b"%d" % proto]), None, 0, 0.0)
+        s.lease.dirty = True
     s.authed, s.proto = True, proto
     if name is not None:
         s.name = name
@@ -149,9 +153,9 @@ def exec_(s, i, args, raw, batch):
     if s.in_multi:
         s.in_multi = s.watching = False
         s.lease.ending = True
-        target = s.multi_select if args[0].lower() == b"exec" else None
-        if target is not None:
-            s.post.append((i, lambda frame: _apply_select(s, frame, target)))
+        if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None):
+            db, proto = s.multi_select, s.multi_proto
+            s.post.append((i, lambda frame: _apply_after_exec(s, frame, db, proto)))
         return s.submit(s.lease.channel, i, raw, batch)
     if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)
@@ -159,8 +163,16 @@ def exec_(s, i, args, raw, batch):
 
 
 def _apply_select(s, frame: bytes, db: int) -> bytes:
+    return _apply_after_exec(s, frame, db, None)
+
+
+def _apply_after_exec(s, frame: bytes, db: int | None, proto: int | None) -> bytes:
+    """A transaction that ran SELECT or HELLO changes the session, as it changed the connection."""
     if frame[:1] == b"*" and frame[:3] != b"*-1":
-        s.db = db
+        if db is not None:
+            s.db = db
+        if proto is not None:
+            s.proto = proto
     return frame
 
 
