@@ -116,8 +116,12 @@ class Channel:
         try:
             self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
         except BackendError as e:
-            self.pool.connect_failed(str(e))
+            if not self.closed:  # closed by vproxy mid-handshake: not the backend's failure
+                self.pool.connect_failed(str(e))
             self.abort(backend_unavailable(self.conn.name, str(e)))
+            return
+        if self.closed:  # closed while the socket was being opened: abort() could not close it
+            self.conn.close()
             return
         self.pool.connect_ok()
         self.ready = True
