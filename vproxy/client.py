@@ -314,7 +314,8 @@ class ClientSession:
         server replicates) first moves the leased connection's write offset past them."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
-        if self.oneshot is None or self.oneshot.channel is None or self.oneshot.channel.closed:
+        ch = self.oneshot.channel if self.oneshot is not None else None
+        if ch is None or ch.closed or ch.key != (self.db, self.proto):  # SELECT/HELLO since: a new one
             lease = self._new_lease(i, batch)
             if lease is None:
                 return
