@@ -19,6 +19,28 @@ def test_blocking_command_after_select_runs_in_the_new_db(raw, server):
     assert c.read_n(3) == [b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", b"+OK\r\n", b"*2\r\n$1\r\nb\r\n$1\r\ny\r\n"]
 
 
+def test_failed_select_in_multi_keeps_the_session_db_and_the_pool(raw, server):
+    """SELECT 99 fails inside EXEC: the session stays on its db, and no one's connections break."""
+    c = raw()
+    c.send(E("MULTI") + E("SELECT", "99") + E("EXEC"))
+    assert c.read_n(3)[2] == b"*1\r\n-ERR DB index is out of range\r\n"
+    assert c.call("SET", "k", "v") == b"+OK\r\n"
+    assert server.client(db=0).get("k") == b"v"
+    other = raw()
+    assert other.call("SELECT", "3") == b"+OK\r\n"
+    assert other.call("GET", "nothing") == b"$-1\r\n"
+
+
+def test_select_refused_while_subscribed_resp2_keeps_the_db(raw, server):
+    """In RESP2 pub/sub the server refuses SELECT: the session must not switch database."""
+    c = raw()
+    assert c.call("SUBSCRIBE", "ch").endswith(b":1\r\n")
+    assert c.call("SELECT", "5").startswith(b"-ERR")
+    assert c.call("UNSUBSCRIBE", "ch").endswith(b":0\r\n")
+    assert c.call("SET", "k3", "v") == b"+OK\r\n"
+    assert server.client(db=0).get("k3") == b"v"
+
+
 def test_subscribe_then_hang_up_leaks_no_backend_connection(proxy, server):
     """A client that subscribes and disconnects at once must not leave a backend connection open."""
     wait_for(lambda: proxy_stats(proxy)["backend_connections_pinned"] == 0, what="no pins")

@@ -300,11 +300,17 @@ class ClientSession:
         """Inside MULTI everything is queued by the server, wrong arity included (it aborts EXEC)."""
         if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
-            if name == b"select" and len(args) == 2 and args[1].isdigit():
+            if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
                 self.multi_select = int(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
         self.submit(self.lease.channel, i, raw, batch)
+
+    def _db_arg(self, arg: bytes) -> int | None:
+        """The database a forwarded SELECT switches to, None when the server will refuse it."""
+        if not arg.isdigit() or (arg[:1] == b"0" and arg != b"0") or int(arg) >= self.app.databases:
+            return None  # a failed SELECT changes nothing; a bad db in the session breaks its connects
+        return int(arg)
 
     def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:
         """A blocking command gets a connection of its own until it answers.
@@ -364,7 +370,9 @@ class ClientSession:
             return LOCAL[name](self, i, args, raw, batch)
         if name in _STATEFUL:
             st.lease.dirty = True
-            if name == b"select" and len(args) == 2 and args[1].isdigit():
+            if st.kind == "sub" and self.proto == 2:
+                pass  # RESP2 pub/sub: the server refuses SELECT and HELLO
+            elif name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
                 self.db = int(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.proto = int(args[1])
