@@ -31,6 +31,15 @@ def test_failed_select_in_multi_keeps_the_session_db_and_the_pool(raw, server):
     assert other.call("GET", "nothing") == b"$-1\r\n"
 
 
+def test_select_in_multi_applies_to_the_rest_of_the_pipeline(raw, server):
+    """MULTI / SELECT 1 / EXEC / SET in one pipeline: the SET runs in db 1, as on the server."""
+    c = raw()
+    c.send(E("MULTI") + E("SELECT", "1") + E("EXEC") + E("SET", "k5", "v"))
+    assert c.read_n(4) == [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n+OK\r\n", b"+OK\r\n"]
+    assert server.client(db=1).get("k5") == b"v"
+    assert server.client(db=0).get("k5") is None
+
+
 def test_select_refused_while_subscribed_resp2_keeps_the_db(raw, server):
     """In RESP2 pub/sub the server refuses SELECT: the session must not switch database."""
     c = raw()

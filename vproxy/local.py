@@ -153,10 +153,12 @@ def exec_(s, i, args, raw, batch):
     if s.in_multi:
         s.in_multi = s.watching = False
         s.lease.ending = True
+        s.submit(s.lease.channel, i, raw, batch)
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None):
-            db, proto = s.multi_select, s.multi_proto
-            s.post.append((i, lambda frame: _apply_after_exec(s, frame, db, proto)))
-        return s.submit(s.lease.channel, i, raw, batch)
+            # the requests behind EXEC run on the db/protocol the transaction switched to: wait for it
+            s.settle()
+            batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
+        return
     if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.error(f"ERR {args[0].decode().upper()} without MULTI"))
