@@ -67,3 +67,20 @@ def test_subscribe_then_hang_up_leaks_no_backend_connection(proxy, server):
     # ... and every one of them is closed on the backend too
     wait_for(lambda: d.info("clients")["connected_clients"] <= before + 2, what="backend connections closed")
     d.close()
+
+
+def test_failed_multi_applies_no_queued_command(server, start_proxy):
+    """MULTI refused (max_pinned reached): the commands behind it must not run outside a transaction."""
+    server.client().flushall()
+    p = start_proxy("--backend", server.addr, "--max-pinned", "1")
+    with RawClient(p.port) as a, RawClient(p.port) as b:
+        assert a.call("WATCH", "w") == b"+OK\r\n"  # holds the one pinned connection
+        b.send(E("MULTI") + E("SET", "t", "1") + E("EXEC"))
+        multi, queued, exec_ = b.read_n(3)
+        assert multi.startswith(b"-ERR") and queued.startswith(b"-ERR") and exec_.startswith(b"-EXECABORT")
+        assert server.client().get("t") is None
+        assert b.call("SET", "t", "2") == b"+OK\r\n"  # the failed transaction is over
+        assert a.call("UNWATCH") == b"+OK\r\n"
+        assert b.call("MULTI") == b"+OK\r\n"  # and a new one works
+        assert b.call("INCR", "t") == b"+QUEUED\r\n"
+        assert b.call("EXEC") == b"*1\r\n:3\r\n"

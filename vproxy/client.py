@@ -287,6 +287,8 @@ class ClientSession:
         if self.lease is None or self.lease.ending:
             lease = self._new_lease(i, batch)
             if lease is None:
+                if name == b"multi":  # what the client queues behind it must not run: see in_transaction
+                    self.in_multi, self.lease = True, None
                 return
             self.lease = lease
             self.cur = lease.channel
@@ -298,6 +300,9 @@ class ClientSession:
 
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         """Inside MULTI everything is queued by the server, wrong arity included (it aborts EXEC)."""
+        if self.lease is None:  # MULTI failed: refuse until EXEC (EXECABORT) or DISCARD
+            batch.replies[i] = resp.error("ERR vproxy: MULTI failed, command not queued; send EXEC or DISCARD")
+            return
         if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:

@@ -150,6 +150,10 @@ def _append_proxy_section(s, frame: bytes) -> bytes:
 
 
 def exec_(s, i, args, raw, batch):
+    if s.in_multi and s.lease is None:  # MULTI failed (no connection): nothing was queued
+        s.in_multi = s.watching = False
+        aborted = resp.error("EXECABORT Transaction discarded because of previous errors.")
+        return _reply(batch, i, aborted if args[0].lower() == b"exec" else resp.OK)
     if s.in_multi:
         s.in_multi = s.watching = False
         s.lease.ending = True
