@@ -50,6 +50,14 @@ def test_select_refused_while_subscribed_resp2_keeps_the_db(raw, server):
     assert server.client(db=0).get("k3") == b"v"
 
 
+def test_info_with_non_utf8_error_stat_answers(raw, server):
+    """INFO's errorstats may hold any bytes a script put in an error: INFO must still answer."""
+    c = raw()
+    assert c.call("EVAL", b"return redis.error_reply('\xff\xfe boom')", "0") == b"-\xff\xfe boom\r\n"
+    reply = c.call("INFO")
+    assert reply.startswith(b"$") and b"# Proxy" in reply
+
+
 def test_subscribe_then_hang_up_leaks_no_backend_connection(proxy, server):
     """A client that subscribes and disconnects at once must not leave a backend connection open."""
     wait_for(lambda: proxy_stats(proxy)["backend_connections_pinned"] == 0, what="no pins")

@@ -143,10 +143,12 @@ def info(s, i, args, raw, batch):
 def _append_proxy_section(s, frame: bytes) -> bytes:
     if frame[:1] not in (b"$", b"="):
         return frame
-    text = resp.decode(frame)
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    text = text.rstrip("\r\n") + "\r\n\r\n" + admin.proxy_section(s.app)
-    return resp.verbatim(text, 3) if frame[:1] == b"=" else resp.bulk(text)
+    # bytes, not text: INFO may hold any bytes (errorstats count error prefixes scripts made up)
+    body = frame[frame.index(b"\r\n") + 2:-2]
+    if frame[:1] == b"=":
+        body = body[4:]  # "txt:"
+    body = body.rstrip(b"\r\n") + b"\r\n\r\n" + admin.proxy_section(s.app).encode()
+    return b"=%d\r\ntxt:%s\r\n" % (len(body) + 4, body) if frame[:1] == b"=" else resp.bulk(body)
 
 
 def exec_(s, i, args, raw, batch):
