@@ -92,3 +92,15 @@ def test_failed_multi_applies_no_queued_command(server, start_proxy):
         assert b.call("MULTI") == b"+OK\r\n"  # and a new one works
         assert b.call("INCR", "t") == b"+QUEUED\r\n"
         assert b.call("EXEC") == b"*1\r\n:3\r\n"
+
+
+def test_idle_timeout_spares_a_blocked_client(server, start_proxy):
+    """client_idle_timeout must not close a client waiting in BLPOP (the server exempts blocked clients)."""
+    p = start_proxy("--backend", server.addr, "--client-idle-timeout", "1")
+    with RawClient(p.port) as c:
+        started = time.monotonic()
+        assert c.call("BLPOP", "nothing", "2.5") == b"*-1\r\n"
+        assert time.monotonic() - started >= 2.0
+        assert c.call("PING") == b"+PONG\r\n"
+    with RawClient(p.port) as idle:  # and an idle client is still closed
+        assert idle.closed_by_peer(timeout=5)

@@ -63,8 +63,13 @@ def janitor(app) -> None:
             idle = app.cfg.client_idle_timeout
             if idle:
                 for s in list(app.clients.values()):
-                    if s.stream is None and now - s.last_active > idle:
+                    if s.batch is not None and s.batch.left:  # waiting for a reply (BLPOP ...): not idle
+                        s.last_active = now
+                    elif s.stream is None and now - s.last_active > idle:
                         s.closing = True
-                        s.sock.shutdown(socket.SHUT_RDWR)
+                        try:
+                            s.sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:  # gone already: the rest still get their check
+                            pass
         except Exception:  # the janitor must outlive any one bad tick
             logger.exception("janitor tick failed")
