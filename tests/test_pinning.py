@@ -437,6 +437,8 @@ def test_max_pinned_limit(server, start_proxy):
         reply = third.call("BLPOP", "lim3", "0")
         assert reply.startswith(b"-ERR") and b"max_pinned" in reply
         assert third.call("MULTI").startswith(b"-ERR")  # MULTI needs a pin too
+        assert third.call("SET", "lim-ok", "0").startswith(b"-ERR")  # not run outside the transaction
+        assert third.call("DISCARD") == b"+OK\r\n"
         assert third.call("SET", "lim-ok", "1") == b"+OK\r\n"  # still usable, on a shared connection
         assert third.call("GET", "lim-ok") == b"$1\r\n1\r\n"
         c = p.client(protocol=3)  # a whole new redis-py client connects fine meanwhile
