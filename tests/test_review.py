@@ -104,3 +104,13 @@ def test_idle_timeout_spares_a_blocked_client(server, start_proxy):
         assert c.call("PING") == b"+PONG\r\n"
     with RawClient(p.port) as idle:  # and an idle client is still closed
         assert idle.closed_by_peer(timeout=5)
+
+
+def test_client_without_subcommand_answers_before_the_table_is_learned(start_proxy):
+    """Backend not up yet (built-in command table, no arity for CLIENT): a bare CLIENT gets -ERR."""
+    from vproxy.embedded import free_port
+
+    p = start_proxy("--backend", f"127.0.0.1:{free_port()}", wait_learned=False)
+    with RawClient(p.port) as c:
+        assert c.call("CLIENT") == b"-ERR wrong number of arguments for 'client' command\r\n"
+        assert c.call("PING") == b"+PONG\r\n"

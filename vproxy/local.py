@@ -201,6 +201,8 @@ def unsubscribe(s, i, args, raw, batch):
 
 
 def client(s, i, args, raw, batch):
+    if len(args) < 2:  # the arity check needs the learned table: the backend may not have answered yet
+        return _reply(batch, i, resp.error(E.wrong_arity("client")))
     sub = args[1].lower()
     handler = CLIENT.get(sub)
     if handler is None:
