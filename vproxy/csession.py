@@ -20,6 +20,7 @@ from time import monotonic
 import gevent
 
 from . import dbns, fanout, resp, split, txn
+from . import errors as E
 from .client import ClientSession
 from .errors import BackendError
 from .keyspec import CONTAINER_KEY, key_positions
@@ -61,6 +62,14 @@ class ClusterSession(ClientSession):
         self.reads = app.cfg.read_from != "primary"  # read-only commands may go to replicas
         self.rr = self.id
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
+        # sharded pub/sub (see "shard channels" below)
+        self.schans: dict = {}  # shard channel the client is subscribed to -> node address (None: re-subscribing)
+        self.sconns: dict = {}  # node address -> Lease: shard channels on another node than the stream's own
+        self.resub: dict = {}  # node address -> [channel groups] whose SSUBSCRIBE vproxy sent there (replies hidden)
+        self.lostfrom: dict = {}  # channel -> the node that dropped it
+        self.sunsub: dict = {}  # channel -> SUNSUBSCRIBE replies the client is owed
+        self.slast = None  # the stream connection the client's last request went to
+        self.resubber = None  # the greenlet re-subscribing lost shard channels
 
     # ---- dispatch and routing ----
 
@@ -344,6 +353,307 @@ class ClusterSession(ClientSession):
 
     def key(self) -> tuple[int, int]:
         return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto)
+
+
+    # ---- shard channels: SSUBSCRIBE follows slot moves and failovers ----
+    #
+    # A subscribed client's stream has one connection (Stream.lease) plus one per other node its shard
+    # channels live on (sconns). When a node stops owning a slot (CLUSTER SETSLOT ... NODE, or its
+    # primary became a replica) the server sends `sunsubscribe <channel> <count>` for each of that
+    # slot's channels; a killed node just closes the connection. vproxy hides both, waits until the
+    # slot map names another owner (primary_wait at most), and sends SSUBSCRIBE there; that reply is
+    # hidden too. Counts in ssubscribe/sunsubscribe replies are the client's shard channels on every
+    # node, as one server would report.
+
+    def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
+        st = self.stream
+        if st.kind != "sub":
+            return super().stream_dispatch(i, name, args, raw, batch)
+        self._wait_main(st)
+        if name == b"ssubscribe":
+            return self._ssubscribe(st, i, args, raw, batch)
+        if name == b"sunsubscribe":
+            return self._sunsubscribe(st, i, args, raw, batch)
+        self._promote(st)
+        self._switch(st, st.lease)
+        super().stream_dispatch(i, name, args, raw, batch)
+        if self.stream is None:
+            self._drop_shards()
+
+    def _promote(self, st) -> None:
+        """PING and the like go to the stream's own connection: make it one that holds subscriptions
+        (after a slot move the old node's may hold none: it would answer PING as unsubscribed)."""
+        if st.counts[0] or not self.sconns or st.lease.pool.addr in self.schans.values():
+            return
+        old = st.lease
+        _, st.lease = self.sconns.popitem()
+        st.lease.channel.sink = self.on_stream
+        if _dead(old):
+            old.release(clean=False)
+        else:
+            self.sconns[old.pool.addr] = old
+            old.channel.sink = lambda frames, lease=old: self._on_shard_frames(lease, frames)
+
+    def _ssubscribe(self, st, i: int, args: list, raw: bytes, batch: Batch) -> None:
+        slots = {key_slot(c) for c in args[1:]}
+        if len(slots) > 1:
+            batch.replies[i] = resp.error("CROSSSLOT Keys in request don't hash to the same slot")
+            return
+        slot = slots.pop()
+        addr = self.app.router.topology.owner(slot)
+        if addr is None:
+            batch.replies[i] = resp.error(f"CLUSTERDOWN vproxy: slot {slot} has no owner")
+            return
+        try:
+            lease = self._sconn(st, addr)
+        except BackendError as e:
+            batch.replies[i] = resp.error(str(e))
+            return
+        self._switch(st, lease)
+        lease.channel.send_raw(raw)
+
+    def _sunsubscribe(self, st, i: int, args: list, raw: bytes, batch: Batch) -> None:
+        names = args[1:] or list(self.schans)
+        if not names:  # none subscribed: the server's own answer (channel nil, count 0)
+            self._switch(st, st.lease)
+            return super().stream_dispatch(i, b"sunsubscribe", args, raw, batch)
+        groups: dict = {}
+        local = []
+        topo = self.app.router.topology
+        for c in names:
+            if c in self.schans:
+                addr = self.schans[c]
+                if addr is None:  # being re-subscribed: nothing to undo on a server
+                    local.append(c)
+                    continue
+            else:
+                addr = topo.owner(key_slot(c)) or st.lease.pool.addr
+            groups.setdefault(addr, []).append(c)
+        for addr, chans in groups.items():
+            try:
+                lease = self._sconn(st, addr)
+            except BackendError:
+                local += chans
+                continue
+            self._switch(st, lease)
+            for c in chans:
+                self.sunsub[c] = self.sunsub.get(c, 0) + 1
+            lease.channel.send_raw(resp.encode_request([b"SUNSUBSCRIBE", *chans]))
+        if self.slast is not None:
+            self._sync_on(st, self.slast)
+        if local:
+            head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
+            out = []
+            for c in local:
+                self.schans.pop(c, None)
+                self.lostfrom.pop(c, None)
+                out.append(head + resp.bulk(b"sunsubscribe") + resp.bulk(c) + resp.integer(len(self.schans)))
+            st.counts[1] = len(self.schans)
+            self.write(b"".join(out))
+        if st.counts == [0, 0] and not self.schans:
+            self._end_stream(clean=True)
+
+    def _switch(self, st, lease) -> None:
+        """Replies come in request order: the previous connection's replies first."""
+        last = self.slast or st.lease
+        if last is not None and last is not lease and last.channel is not None and not last.channel.closed:
+            self._sync_on(st, last)
+        self.slast = lease
+
+    def _sync_on(self, st, lease) -> bool:
+        ch = lease.channel
+        if ch is None or ch.closed:
+            return False
+        st.synced.clear()
+        ch.send_raw(resp.encode_request([b"PING", st.token]))
+        return st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
+
+    def _wait_main(self, st) -> None:
+        """The stream's own connection was lost with only shard channels on it: wait for its successor."""
+        deadline = monotonic() + max(self.app.cfg.primary_wait, 1.0)
+        while self.stream is st and _dead(st.lease) and self.resubber is not None and monotonic() < deadline:
+            gevent.sleep(0.02)
+
+    def _sconn(self, st, addr):
+        """The stream's connection to node addr (opened if needed)."""
+        if not _dead(st.lease) and st.lease.pool.addr == addr:
+            return st.lease
+        lease = self.sconns.get(addr)
+        if lease is not None and not _dead(lease):
+            return lease
+        lease = Lease(self.app.router.pool(addr), self.key())
+        lease.dirty = True
+        if _dead(st.lease) and st.counts[0] == 0:  # it becomes the stream's own connection
+            old, st.lease = st.lease, lease
+            old.release(clean=False)
+            lease.channel.sink = self.on_stream
+        else:
+            self.sconns[addr] = lease
+            lease.channel.sink = lambda frames, lease=lease: self._on_shard_frames(lease, frames)
+        return lease
+
+    def on_stream(self, frames) -> None:
+        st = self.stream
+        if st is None or st.kind != "sub":
+            return super().on_stream(frames)
+        self._on_shard_frames(st.lease, frames)
+
+    def _on_shard_frames(self, lease, frames) -> None:
+        st = self.stream
+        if st is None:
+            return
+        if frames is None:
+            return self._conn_lost(st, lease)
+        addr = lease.pool.addr
+        out = []
+        for f in frames:
+            if f[:1] == b"-" and self.resub.get(addr) and f.startswith((b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN")):
+                self._resub_failed(addr, f)  # the answer to vproxy's own SSUBSCRIBE
+                continue
+            if f[:4] in (b"*3\r\n", b">3\r\n") and b"subscribe" in f[:24]:
+                v = resp.decode(f)
+                if isinstance(v, list) and len(v) == 3 and v[0] in (b"ssubscribe", b"sunsubscribe"):
+                    f = self._shard_reply(addr, v[0], v[1], f[:4])
+                    if f is None:
+                        continue
+            out.append(f)
+        if out:
+            ClientSession.on_stream(self, out)
+
+    def _shard_reply(self, addr, kind: bytes, c, head: bytes) -> bytes | None:
+        """A server's ssubscribe/sunsubscribe: the client's count, or None to hide it."""
+        if kind == b"ssubscribe":
+            groups = self.resub.get(addr)
+            if groups and c in groups[0]:  # vproxy's re-subscription
+                groups[0].remove(c)
+                if not groups[0]:
+                    groups.pop(0)
+                return None
+            self.schans[c] = addr
+        elif c is not None and self.sunsub.get(c):  # the client asked
+            self.sunsub[c] -= 1
+            if not self.sunsub[c]:
+                del self.sunsub[c]
+            self.schans.pop(c, None)
+            self.lostfrom.pop(c, None)
+        elif c is not None:  # the server dropped it: the slot moved away
+            if self.schans.get(c) == addr and not any(c in g for g in self.resub.get(addr, ())):
+                self.schans[c] = None
+                self.lostfrom[c] = addr
+                self._kick()
+            return None
+        return head + resp.bulk(kind) + resp.value(c, self.proto) + resp.integer(len(self.schans))
+
+    def _resub_failed(self, addr, frame: bytes) -> None:
+        chans = self.resub[addr].pop(0)
+        for c in chans:
+            if self.schans.get(c) == addr:
+                self.schans[c] = None
+                self.lostfrom.setdefault(c, addr)
+        if frame.startswith(b"-MOVED ") and chans:
+            parts = frame[1:].split()
+            self.patch(int(parts[1]), _addr(parts[2]))
+        self._kick()
+
+    def _conn_lost(self, st, lease) -> None:
+        addr = lease.pool.addr
+        if lease is st.lease and st.counts[0] > 0:  # channels and patterns there too: the stream ends
+            ClientSession.on_stream(self, None)
+            self._drop_shards()
+            return
+        for c, a in self.schans.items():
+            if a == addr:
+                self.schans[c] = None
+                self.lostfrom[c] = addr
+        self.resub.pop(addr, None)
+        if lease is not st.lease:
+            if self.sconns.get(addr) is lease:
+                del self.sconns[addr]
+            lease.release(clean=False)
+        elif self.sconns:  # another node's connection becomes the stream's own
+            old, (_, st.lease) = st.lease, self.sconns.popitem()
+            st.lease.channel.sink = self.on_stream
+            old.release(clean=False)
+        if self.slast is lease:
+            self.slast = None
+        st.synced.set()  # a sync waiting on it ends
+        self.refresh()
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.resubber is None and self.stream is not None:
+            self.resubber = gevent.spawn(self._resubscribe)
+
+    def _resubscribe(self) -> None:
+        """Send SSUBSCRIBE for the lost channels to their slots' new owners (primary_wait at most)."""
+        st = self.stream
+        wait = max(self.app.cfg.primary_wait, 1.0)
+        start = monotonic()
+        delay = 0.02
+        try:
+            while self.stream is st and st is not None:
+                lost = [c for c, a in self.schans.items() if a is None]
+                if not lost:
+                    return
+                late = monotonic() - start
+                if late > 2 * wait:  # no owner to be found: the client gets the server's news after all
+                    return self._give_up(st, lost)
+                topo = self.app.router.topology
+                groups: dict = {}
+                for c in lost:
+                    addr = topo.owner(key_slot(c))
+                    if addr is not None and (addr != self.lostfrom.get(c) or late > wait):
+                        groups.setdefault(addr, []).append(c)
+                for addr, chans in groups.items():
+                    try:
+                        lease = self._sconn(st, addr)
+                    except BackendError:
+                        continue
+                    for c in chans:
+                        self.schans[c] = addr
+                        self.lostfrom.pop(c, None)
+                    self.resub.setdefault(addr, []).append(list(chans))
+                    lease.channel.send_raw(resp.encode_request([b"SSUBSCRIBE", *chans]))
+                if any(a is None for a in self.schans.values()):
+                    self.refresh()
+                    gevent.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+        finally:
+            self.resubber = None
+            if self.stream is st and st is not None and any(a is None for a in self.schans.values()):
+                self._kick()
+
+    def _give_up(self, st, lost: list) -> None:
+        head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
+        out = []
+        for c in lost:
+            self.schans.pop(c, None)
+            self.lostfrom.pop(c, None)
+            out.append(head + resp.bulk(b"sunsubscribe") + resp.bulk(c) + resp.integer(len(self.schans)))
+        st.counts[1] = len(self.schans)
+        if _dead(st.lease):
+            out.append(resp.error(E.backend_unavailable(st.lease.pool.name, "connection lost; "
+                                                        "subscriptions ended, subscribe again")))
+        self.write(b"".join(out))
+
+    def _drop_shards(self) -> None:
+        sconns, self.sconns = self.sconns, {}
+        for lease in sconns.values():
+            if lease.channel is not None:
+                lease.channel.sink = None
+            lease.release(clean=False)
+        self.schans, self.resub, self.lostfrom, self.sunsub, self.slast = {}, {}, {}, {}, None
+        if self.resubber is not None and self.resubber is not gevent.getcurrent():
+            self.resubber.kill(block=False)
+        self.resubber = None
+
+    def _end_stream(self, clean: bool = False) -> None:
+        super()._end_stream(clean)
+        self._drop_shards()
+
+
+def _dead(lease) -> bool:
+    return lease is None or lease.channel is None or lease.channel.closed
 
 
 def _script_of(sub: Sub) -> bytes | None:
