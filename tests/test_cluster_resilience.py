@@ -8,6 +8,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from clusterkit import Cluster
 from conftest import BACKENDS, Proxy, wait_for
 
@@ -24,7 +26,8 @@ class Load:
         self.written: dict[str, int] = {}
         self.disconnects = 0
         # a socket timeout well above --primary-wait: a command held through a failover is not a disconnect
-        self.threads = [threading.Thread(target=self.run, args=(proxy.client(socket_timeout=60), f"{prefix}{t}", keys),
+        self.threads = [threading.Thread(target=self.run, args=(proxy.client(socket_timeout=60, retry=Retry(NoBackoff(), 0)),
+                                                             f"{prefix}{t}", keys),
                                          daemon=True)
                         for t in range(threads)]
         for t in self.threads:
@@ -52,19 +55,29 @@ class Load:
                     if any(v is None for v in vals):
                         self.errors.append(f"mget saw a missing key at n={n}")
                 self.ops += 1
+            except redis.TimeoutError as e:  # no reply within 60 s: counted as an error, and this client stops
+                self.errors.append(f"timeout: {e}")
+                return
             except redis.ConnectionError as e:
                 self.disconnects += 1
                 self.errors.append(f"disconnect: {e}")
             except redis.ResponseError as e:
                 self.errors.append(str(e))
             n += 1
-        if c.client_id() != conn_id:
+        try:
+            if c.client_id() != conn_id:
+                self.disconnects += 1
+        except redis.ConnectionError as e:
             self.disconnects += 1
+            self.errors.append(f"disconnect at the end: {e}")
 
     def finish(self):
+        """Stop the load; every thread must end (a request hanging past the deadline is a bug)."""
         self.stop_.set()
         for t in self.threads:
-            t.join(30)
+            t.join(90)
+        hung = [t.name for t in self.threads if t.is_alive()]
+        assert not hung, f"client threads still in a request after 90 s: {hung}"
 
 
 def _proxy(cluster, *extra):

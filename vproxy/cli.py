@@ -13,6 +13,13 @@ from .config import load
 from .errors import ConfigError
 
 
+def _dump_greenlets() -> None:
+    """SIGUSR1: log every greenlet's stack (what is each client waiting for?)."""
+    from gevent.util import format_run_info
+
+    logger.warning("greenlet dump (SIGUSR1):\n{}", "\n".join(format_run_info()))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(argv)
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # Signals only queue work: the handler sets an event, the main greenlet does the shutdown.
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
+    gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
     app.start()
     stop.wait()
     logger.info("shutting down")

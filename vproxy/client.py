@@ -20,6 +20,7 @@ from time import monotonic, time
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
+from loguru import logger
 
 from . import commands as C
 from . import errors as E
@@ -100,8 +101,10 @@ class ClientSession:
                     break
                 if reqs:
                     self.process(reqs)
-        except (OSError, ValueError):
-            pass
+        except OSError:
+            pass  # the client's socket failed: nothing to tell it
+        except Exception:  # a bug must cost one client, not the proxy, and must be seen
+            logger.exception("client {} dropped by an unexpected error", self.id)
         finally:
             self.cleanup()
 
