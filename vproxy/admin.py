@@ -156,8 +156,9 @@ def client_unblock(s, args: list) -> bytes:
     frame = resp.error("UNBLOCKED client unblocked via CLIENT UNBLOCK") if error else timed_out
     ch = lease.channel
     lease.dirty = True
-    waiters, ch.waiters = list(ch.waiters), type(ch.waiters)()
-    for batch, idx, _ in waiters:
+    waiters, ch.waiters = ch.waiters, type(ch.waiters)()
+    while waiters:  # emptied: the channel's reader must find nobody left to answer
+        batch, idx, _ = waiters.popleft()
         if batch is not None:
             batch.put(idx, frame)
     ch.close()

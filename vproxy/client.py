@@ -162,7 +162,7 @@ class ClientSession:
 
     def _wait_watching_client(self, batch: Batch) -> None:
         """Wait on a pinned connection (maybe blocked for long), noticing if the client hangs up."""
-        while batch.left:
+        while batch.left > 0:
             if batch.event.wait(timeout=0.5):
                 batch.event.clear()
                 continue

@@ -61,7 +61,7 @@ class Batch:
             self._event.set()
 
     def wait(self) -> None:
-        while self.left:
+        while self.left > 0:
             if self._waiter is not None:  # someone else waits already: share the event
                 self.event.wait()
                 self.event.clear()
@@ -182,7 +182,8 @@ class Channel:
         self.pool.forget(self)
         err = resp.error(msg)
         waiters, self.waiters = self.waiters, deque()
-        for batch, idx, _ in waiters:
+        while waiters:  # emptied, not just read: a reader still holding this deque finds nobody to answer
+            batch, idx, _ = waiters.popleft()
             if batch is not None:
                 batch.put(idx, err)
         sink, self.sink = self.sink, None
