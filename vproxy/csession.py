@@ -212,8 +212,8 @@ class ClusterSession(ClientSession):
 
     def subs(self, parts: list, reads: bool = False) -> list:
         out = []
-        sb = self.sb
         for slot, args in parts:
+            sb = self.sb  # per part: a settle inside send() (an old channel draining) starts a new one
             sub = Sub(sb, len(sb.replies), resp.encode_request(args), slot, args[0].lower())
             sb.replies.append(None)
             out.append(sub)
