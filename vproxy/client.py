@@ -138,14 +138,19 @@ class ClientSession:
             except OSError:
                 self.closing = True
 
-    def settle(self) -> None:
-        """Wait for every reply in flight, then release leases whose state has ended."""
+    def wait_batch(self) -> None:
+        """Wait for every reply of the current batch (watching for a hang-up while pinned)."""
         batch = self.batch
         if batch is not None and batch.left:
             if self.oneshot is not None or self.lease is not None:
                 self._wait_watching_client(batch)
             else:
                 batch.wait()
+
+    def settle(self) -> None:
+        """Wait for every reply in flight, then release leases whose state has ended."""
+        self.wait_batch()
+        batch = self.batch
         if self.ha_sent:
             self._ha_recover(batch)
         for lease in self.sides:

@@ -261,12 +261,7 @@ class ClusterSession(ClientSession):
         self.merge_ops()
 
     def wait_all(self) -> None:
-        batch = self.batch
-        if batch is not None and batch.left:
-            if self.oneshot is not None or self.lease is not None:
-                self._wait_watching_client(batch)
-            else:
-                batch.wait()
+        self.wait_batch()
         self.sb.wait()
 
     def retryable(self, sub: Sub, frame: bytes) -> bool:
