@@ -92,6 +92,8 @@ class Server:
 class Proxy:
     """A vproxy process started with `python -m vproxy`, stopped by its pid."""
 
+    ready_reply = b"+PONG"  # what a PING gets once the proxy is up
+
     def __init__(self, *args: str, env: dict | None = None, wait_learned: bool = True):
         self.port = free_port()
         cmd = [sys.executable, "-m", "vproxy", "--listen", f"127.0.0.1:{self.port}", "--log-level", "WARNING", *args]
@@ -106,7 +108,7 @@ class Proxy:
             raise RuntimeError(f"vproxy exited with {self.proc.returncode}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith(self.ready_reply)
 
     def client(self, **kw) -> redis.Redis:
         kw.setdefault("socket_timeout", 15)
@@ -360,12 +362,7 @@ class PasswordProxy(Proxy):
         self.password = password
         super().__init__("--password", password, *args, **kw)
 
-    def _up(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"vproxy exited with {self.proc.returncode}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"-NOAUTH")
+    ready_reply = b"-NOAUTH"  # before AUTH, a PING is refused: that is the proxy being up
 
     def client(self, **kw) -> redis.Redis:
         kw.setdefault("password", self.password)

@@ -155,13 +155,7 @@ class RequestParser:
                 break
             out.append((args, data[start:pos] if start >= 0 else bytes(buf[:pos + base])))
             nargs, args, need = -1, [], 0
-        # Keep only the unconsumed bytes, in buf coordinates.
-        consumed = start + base
-        if buf:
-            if consumed:
-                del buf[:consumed]  # O(1): CPython moves the bytearray's start offset
-        elif consumed < size:
-            buf += data[consumed:] if consumed else data
+        consumed = _keep_tail(buf, data, start + base, size)  # the request in progress stays
         self.nargs, self.args = nargs, args
         self.pos = pos + base - consumed if nargs >= 0 else 0
         self.need = max(0, need - consumed)
@@ -183,6 +177,16 @@ class RequestParser:
 
 _ESCAPES = {110: 10, 114: 13, 116: 9, 98: 8, 97: 7}  # \n \r \t \b \a, as sdssplitargs
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _keep_tail(buf: bytearray, data, consumed: int, size: int) -> int:
+    """Keep only the unconsumed bytes in buf (which is empty when `data` was scanned in place)."""
+    if buf:
+        if consumed:
+            del buf[:consumed]  # O(1): CPython moves the bytearray's start offset
+    elif consumed < size:
+        buf += data[consumed:] if consumed else data
+    return consumed
 
 
 def split_inline(line: bytes) -> list[bytes]:
@@ -307,13 +311,7 @@ class ReplyFramer:
             if not stack:
                 frames.append(data[start:pos] if start >= 0 else bytes(buf[:pos + base]))
                 start = pos
-        # Keep only the bytes of the reply in progress, in buf coordinates.
-        consumed = start + base
-        if buf:
-            if consumed:
-                del buf[:consumed]  # O(1): CPython moves the bytearray's start offset
-        elif consumed < size:
-            buf += data[consumed:] if consumed else data
+        consumed = _keep_tail(buf, data, start + base, size)  # the reply in progress stays
         self.start = 0
         self.pos = pos + base - consumed
         self.need = need - consumed if need else 0
