@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from vproxy.embedded import EmbeddedValkey, free_port
+from vproxy.embedded import EmbeddedValkey, free_port, stop_process
 
 REDIS7 = shutil.which("redis-server")
 
@@ -76,13 +76,8 @@ class Server:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        stop_process(self.proc, 10)
         if self._embedded is not None:
             self._embedded.stop()
         else:
@@ -118,13 +113,7 @@ class Proxy:
         return self.client().info("proxy")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         if self.log:
             self.log.close()
 

