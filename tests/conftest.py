@@ -13,6 +13,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from vproxy.embedded import EmbeddedValkey, free_port, stop_process
 
@@ -107,6 +109,8 @@ class Proxy:
 
     def client(self, **kw) -> redis.Redis:
         kw.setdefault("socket_timeout", 15)
+        # no silent retry: redis-py would resend a request whose reply vproxy never gave (and hide it)
+        kw.setdefault("retry", Retry(NoBackoff(), 0))
         return redis.Redis(port=self.port, **kw)
 
     def info(self) -> dict:

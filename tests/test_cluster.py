@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from clusterkit import Cluster
 from conftest import BACKENDS, Proxy, wait_for
 
@@ -182,6 +184,37 @@ def test_blocking_pops_route_to_the_key(r, proxy):
     assert r.blpop(["q"], timeout=5) == (b"q", b"x")
     t.join()
     assert r.blpop(["q"], timeout=0.1) is None
+
+
+def test_split_request_behind_a_lost_connection_is_answered(r, proxy, cluster):
+    """A pipeline whose MGET needs a node whose connection vproxy has just lost: vproxy first settles
+    what is in flight (the old connection's order), then opens a new one; the MGET still gets its
+    reply (it once went unanswered: the client hung)."""
+    keys = {}
+    for n in range(1000):  # one key per primary
+        keys.setdefault(cluster.owner(f"s{n}").port, f"s{n}")
+        if len(keys) == 3:
+            break
+    first, *rest = cluster.primaries
+    on_first = keys[first.port]
+    c = proxy.client(socket_timeout=5, retry=Retry(NoBackoff(), 0))  # a missing reply is a timeout, not retried
+    for k in keys.values():
+        c.set(k, k)
+    for victim in rest:  # the session now holds a connection to every node; cut those of two nodes
+        direct = victim.client()
+        before, shared = proxy.info()["backend_connects"], proxy.info()["backend_connections_shared"]
+        for cl in direct.client_list():
+            if cl.get("name") == "vproxy":
+                direct.client_kill_filter(_id=cl["id"])
+        direct.close()
+        wait_for(lambda: proxy.info()["backend_connections_shared"] < shared, what="vproxy to see the connections go")
+        p = c.pipeline(transaction=False)
+        p.get(on_first)
+        p.mget(list(keys.values()))
+        p.get(on_first)
+        assert p.execute() == [on_first.encode(), [k.encode() for k in keys.values()], on_first.encode()]
+        assert proxy.info()["backend_connects"] > before  # a new connection was opened
+    c.close()
 
 
 def _spread(prefix, n=3):

@@ -14,10 +14,32 @@ from .errors import ConfigError
 
 
 def _dump_greenlets() -> None:
-    """SIGUSR1: log every greenlet's stack (what is each client waiting for?)."""
+    """SIGUSR1: log every greenlet's stack and every backend channel with requests in flight, and
+    every reply batch still waiting (what is each client waiting for, and who owes the reply?)."""
+    import gc
+
     from gevent.util import format_run_info
 
-    logger.warning("greenlet dump (SIGUSR1):\n{}", "\n".join(format_run_info()))
+    from .mux.channel import Batch, Channel
+
+    lines = []
+    owed: dict = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, Channel) and (obj.waiters or not obj.closed):
+            lines.append(f"{obj!r} closed={obj.closed} ready={obj.ready} sink={obj.sink is not None} "
+                         f"writer={'dead' if obj.writer.dead else 'live'} "
+                         f"reader={'-' if obj.reader is None else 'dead' if obj.reader.dead else 'live'} "
+                         f"unsent={len(obj.outbuf)} wake={obj.wake.is_set()} framer-buffered={len(obj.conn.framer.buf)} "
+                         f"laddr={obj.conn.sock.getsockname() if obj.conn.sock else None}")
+            for batch, idx, *_ in obj.waiters:
+                if batch is not None:
+                    owed[id(batch)] = owed.get(id(batch), 0) + 1
+    for obj in gc.get_objects():
+        if isinstance(obj, Batch) and obj.left:
+            lines.append(f"batch {id(obj):#x} left={obj.left} owed-by-channels={owed.get(id(obj), 0)} "
+                         f"size={len(obj.replies)} waiting={obj._waiter is not None}")
+    logger.warning("greenlet dump (SIGUSR1):\n{}\nchannels and batches:\n{}",
+                   "\n".join(format_run_info()), "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,10 +128,8 @@ class ClusterSession(ClientSession):
                 h(self, i, args, raw, batch)
 
     def route(self, batch: Batch, i: int, raw: bytes, slot: int, name: bytes, reads: bool = False) -> None:
-        sub = Sub(batch, i, raw, slot, name)
-        self.inflight.append(sub)
         replica = self.replica_for(slot, name) if reads else None
-        self.send(sub, replica, fresh=True, readonly=replica is not None)
+        self.send(Sub(batch, i, raw, slot, name), replica, fresh=True, readonly=replica is not None)
 
     def replica_for(self, slot: int, name: bytes):
         """A replica of slot's shard for a read-only command (round robin), else None (the primary)."""
@@ -146,21 +144,34 @@ class ClusterSession(ClientSession):
 
     def send(self, sub: Sub, addr=None, asking: bool | bytes = False, fresh: bool = False,
              readonly: bool = False) -> None:
-        """Put a sub on the channel of `addr` (default: its slot's owner); a failure becomes its reply."""
+        """Put a sub on the channel of `addr` (default: its slot's owner); a failure becomes its reply.
+
+        fresh: a new sub, joining `inflight` (and, when it has no batch yet, the split batch `sb`) only
+        once its channel is chosen: choosing may first settle everything before it (channel_to), and a
+        sub that joined earlier would be settled (and forgotten) before it was even sent."""
         topo = self.app.router.topology
         if addr is None:
             addr = topo.owner(sub.slot) if sub.slot >= 0 else topo.primary
+        ch, err = None, None
         if addr is None:
-            sub.batch.replies[sub.idx] = resp.error(f"CLUSTERDOWN vproxy: slot {sub.slot} has no owner")
+            err = f"CLUSTERDOWN vproxy: slot {sub.slot} has no owner"
+        else:
+            try:
+                ch = self.node_lease(addr) if sub.block else self.channel_to(addr, fresh)
+            except BackendError as e:
+                err = str(e)
+        if fresh:
+            if sub.batch is None:
+                sb = self.sb
+                sub.batch, sub.idx = sb, len(sb.replies)
+                sb.replies.append(None)
+            self.inflight.append(sub)
+        if err is not None:
+            sub.batch.replies[sub.idx] = resp.error(err)
             return
-        try:
-            ch = self.node_lease(addr) if sub.block else self.channel_to(addr, fresh)
-            if readonly and not getattr(ch, "readonly", False):
-                ch.readonly = True  # a replica's connection: READONLY first, so it serves reads
-                ch.submit(READONLY, None, 0, 0.0)
-        except BackendError as e:
-            sub.batch.replies[sub.idx] = resp.error(str(e))
-            return
+        if readonly and not getattr(ch, "readonly", False):
+            ch.readonly = True  # a replica's connection: READONLY first, so it serves reads
+            ch.submit(READONLY, None, 0, 0.0)
         if asking:  # ASKING, or another request that must run right before (SCRIPT LOAD)
             ch.submit(ASKING if asking is True else asking, None, 0, 0.0)
         ch.submit(sub.raw, sub.batch, sub.idx, 0.0 if sub.block else deadline_after(self.app.cfg.command_timeout))
@@ -170,7 +181,7 @@ class ClusterSession(ClientSession):
         ch = self.chans.get(addr)
         if ch is not None and not ch.closed and ch.key == key:
             return ch
-        if fresh and ch is not None and self.inflight[:-1]:
+        if fresh and ch is not None and self.inflight:
             self.settle()  # the old channel's requests answer (or are resent) before any newer one runs
             ch = self.chans.get(addr)
             if ch is not None and not ch.closed and ch.key == key:
@@ -208,18 +219,16 @@ class ClusterSession(ClientSession):
         """Send parts [(slot, args)] now; at settle, batch.replies[i] = merge(their replies).
 
         reads: read-only parts may go to replicas (read_from); never for cursors (SCAN)."""
-        self.ops.append((batch, i, self.subs(parts, reads and self.reads), merge))
+        subs = self.subs(parts, reads and self.reads)  # first: it may settle (and merge) what came before
+        self.ops.append((batch, i, subs, merge))
 
     def subs(self, parts: list, reads: bool = False) -> list:
         out = []
         for slot, args in parts:
-            sb = self.sb  # per part: a settle inside send() (an old channel draining) starts a new one
-            sub = Sub(sb, len(sb.replies), resp.encode_request(args), slot, args[0].lower())
-            sb.replies.append(None)
-            out.append(sub)
-            self.inflight.append(sub)
+            sub = Sub(None, 0, resp.encode_request(args), slot, args[0].lower())
             replica = self.replica_for(slot, sub.name) if reads else None
             self.send(sub, replica, fresh=True, readonly=replica is not None)
+            out.append(sub)
         return out
 
     def call(self, parts: list) -> list:
