@@ -29,6 +29,7 @@ from .errors import BackendError, ProtocolError
 from .mux.channel import Batch, deadline_after
 from .local import LOCAL
 from .mux.lease import Lease
+from .sockio import recv_ready, send_all
 
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
@@ -88,7 +89,7 @@ class ClientSession:
     def run(self) -> None:
         try:
             while not self.closing:
-                data = self.sock.recv(65536)
+                data = recv_ready(self.sock, 65536)
                 if not data:
                     break
                 self.last_active = monotonic()
@@ -127,14 +128,7 @@ class ClientSession:
     def write(self, data: bytes) -> None:
         with self.wlock:
             try:
-                # one send on the raw socket usually takes it all; gevent's sendall (which parks the
-                # greenlet until the socket drains) only for the rest
-                try:
-                    sent = self.sock._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
+                send_all(self.sock, data)
             except OSError:
                 self.closing = True
 

@@ -8,6 +8,7 @@ import gevent
 
 from .. import resp
 from ..errors import BackendError
+from ..sockio import recv_ready, send_all
 
 
 class BackendConn:
@@ -65,12 +66,12 @@ class BackendConn:
                 raise BackendError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}")
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        send_all(self.sock, data)
 
     def read_frames(self) -> list[bytes]:
         """Block until at least one whole reply arrived; [] means the backend closed the socket."""
         while True:
-            data = self.sock.recv(262144)
+            data = recv_ready(self.sock, 262144)
             if not data:
                 return []
             frames = self.framer.feed(data)

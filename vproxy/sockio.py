@@ -1,0 +1,39 @@
+"""Socket reads and writes for gevent sockets, minus the syscall gevent's own recv/sendall waste.
+
+gevent's recv tries the read first and, when nothing is there (EAGAIN: a Python exception), parks
+the greenlet and tries again. For a proxy the first try nearly always fails: a client that has its
+reply sends its next request later, a backend answers after it was written to. Parking first and
+reading once the socket is readable saves a syscall and an exception per request. The event loop
+(libev, level-triggered) wakes at once when bytes are already waiting, so nothing is ever missed.
+
+gevent's sendall asks the kernel for SO_SNDBUF and the clock on every call; one plain send takes
+the whole of a reply nearly always, and only a remainder goes through sendall.
+"""
+
+from __future__ import annotations
+
+from errno import EBADF
+
+
+def recv_ready(sock, size: int) -> bytes:
+    """Wait until the gevent socket `sock` is readable, then read up to size bytes (b'' at EOF)."""
+    raw = sock._sock
+    while True:
+        ev = sock._read_event
+        if ev is None:  # closed by another greenlet
+            raise OSError(EBADF, "socket closed")
+        sock._wait(ev)
+        try:
+            return raw.recv(size)
+        except BlockingIOError:  # woken, but another reader took the bytes: wait again
+            continue
+
+
+def send_all(sock, data: bytes) -> None:
+    """Send all of data: one plain send, gevent's sendall (which parks until drained) for the rest."""
+    try:
+        sent = sock._sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        sock.sendall(data[sent:])
