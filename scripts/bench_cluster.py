@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vproxy in front of a 3-primary cluster vs the cluster direct (`redis-benchmark --cluster`).
 
-    python scripts/bench_cluster.py [--requests N] [--kind valkey|redis7]
+    python scripts/bench_cluster.py [--requests N] [--kind valkey|redis7] [--proxy-arg=--pool-size=1 ...]
 
 Builds the cluster (tests/clusterkit.py) and a vproxy in cluster mode on free ports, runs
 redis-benchmark GET/SET at 50 clients, unpipelined and with -P 16, prints requests/s and the
@@ -37,13 +37,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=100000)
     ap.add_argument("--kind", default="valkey", choices=["valkey", "redis7"])
+    ap.add_argument("--proxy-arg", action="append", default=[], help="extra vproxy flag (repeatable), e.g. --proxy-arg=--pool-size=1")
     args = ap.parse_args()
     if not shutil.which("redis-benchmark"):
         sys.exit("redis-benchmark is not installed")
     cluster = Cluster(args.kind, 3)
     proxy = None
     try:
-        proxy = Proxy("--mode", "cluster", *[a for s in cluster.seeds for a in ("--backend", s)])
+        proxy = Proxy("--mode", "cluster", *[a for s in cluster.seeds for a in ("--backend", s)], *args.proxy_arg)
         print("| test | pipeline | direct rps | vproxy rps | ratio |\n| --- | --- | --- | --- | --- |")
         for pipeline in (1, 16):
             direct = bench(cluster.primaries[0].port, ["--cluster"], pipeline, args.requests)
