@@ -131,6 +131,33 @@ def test_scripts_fan_out(r, cluster):
         r.evalsha("1" * 40, 0)
 
 
+def test_script_kill_reaches_the_busy_node(r, proxy, cluster):
+    """SCRIPT KILL goes to every primary on side connections: the one whose node runs the script
+    answers +OK (the others NOTBUSY), the script's client gets the server's error, the node serves again."""
+    from conftest import RawClient
+    olds = [(n, n.client().config_get("busy-reply-threshold")["busy-reply-threshold"]) for n in cluster.primaries]
+    for n, _ in olds:
+        n.client().config_set("busy-reply-threshold", 100)
+    key = next(f"busy{n}" for n in range(1000) if cluster.owner(f"busy{n}") is cluster.primaries[-1])
+    try:
+        assert _raises(r.script_kill).startswith("NOTBUSY")  # nothing runs anywhere
+        with RawClient(proxy.port, timeout=15) as runner, RawClient(proxy.port) as other:
+            runner.send(RawClient.encode("EVAL", "local i = 0 while true do i = i + 1 end", "1", key))
+            wait_for(lambda: other.call("GET", key).startswith(b"-BUSY"), what="the script to be running")
+            assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
+            assert runner.read().startswith(b"-ERR Script killed by user with SCRIPT KILL")
+            assert other.call("GET", key) == b"$-1\r\n"
+        assert _raises(r.function_kill).startswith("NOTBUSY")
+    finally:
+        for n, old in olds:
+            n.client().config_set("busy-reply-threshold", old)
+
+
+def _raises(fn) -> str:
+    with pytest.raises(redis.ResponseError) as e:
+        fn()
+    return str(e.value)
+
 def test_info_and_cluster_commands(r, proxy):
     info = r.info()
     assert info["cluster_enabled"] == 0 and info["proxy_cluster_nodes"] == 3

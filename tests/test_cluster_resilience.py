@@ -177,8 +177,10 @@ def test_primary_killed_under_load(replicated):
         p.stop()
 
 
-def test_new_node_takes_a_slot_under_load(cluster):
-    """A node joins and a slot migrates to it: vproxy learns the node from MOVED/ASK and the map."""
+def test_node_joins_takes_a_slot_and_leaves_under_load(cluster):
+    """A node joins and a slot migrates to it: vproxy learns the node from MOVED/ASK and the map. Then
+    the slot moves back and the cluster forgets the node: clients see nothing, and vproxy lets go of
+    its connections to the node that left."""
     from clusterkit import cluster_port
     from conftest import Server
     cluster.flushall()
@@ -186,27 +188,43 @@ def test_new_node_takes_a_slot_under_load(cluster):
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500",
             "--cluster-allow-replica-migration", "no")
     new = Server(cluster.kind, cluster_port(), *args)
+    forgotten = False
     try:
         cluster.primaries[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", new.port)
         nodes = cluster.nodes + [new]
         wait_for(lambda: all(len(cluster.known(n)) == len(nodes) for n in nodes), 20, "the new node to be known")
         wait_for(lambda: Cluster.state_ok(new), 20, "the new node to see the whole map")
         tag = "newnode"
+        slot = key_slot(f"{{{tag}}}".encode())
         load = Load(p, f"{{{tag}}}n", threads=3, keys=60)
         wait_for(lambda: load.ops > 200, 20, "load to start")
         src = cluster.owner(f"{{{tag}}}")
-        migrate_slot(cluster, key_slot(f"{{{tag}}}".encode()), src, new)
+        migrate_slot(cluster, slot, src, new)
         before = load.ops
         wait_for(lambda: load.ops > before + 200, 20, "load to continue on the new node")
+        assert new.client().dbsize() > 0
+        assert any(c.get("name") == "vproxy" for c in new.client().client_list())
+
+        migrate_slot(cluster, slot, new, src)  # the node leaves: its slot goes back, then it is forgotten
+        new_id = Cluster.node_id(new)
+        for n in cluster.nodes:
+            n.client().execute_command("CLUSTER", "FORGET", new_id)
+        forgotten = True
+        new.client().execute_command("CLUSTER", "RESET", "SOFT")
+        wait_for(lambda: not any(c.get("name") == "vproxy" for c in new.client().client_list()), 30,
+                 "vproxy to close its connections to the node that left")
+        before = load.ops
+        wait_for(lambda: load.ops > before + 200, 20, "load to continue after the node left")
         load.finish()
         assert load.errors == [] and load.disconnects == 0
-        assert new.client().dbsize() == len({k for k in load.written})
-        migrate_slot(cluster, key_slot(f"{{{tag}}}".encode()), new, src)  # back, for later tests
+        assert new.client().dbsize() == 0
+        assert src.client().dbsize() == len(set(load.written))
     finally:
         p.stop()
-        for n in cluster.nodes:
-            try:
-                n.client().execute_command("CLUSTER", "FORGET", Cluster.node_id(new))
-            except Exception:
-                pass
+        if not forgotten:
+            for n in cluster.nodes:
+                try:
+                    n.client().execute_command("CLUSTER", "FORGET", Cluster.node_id(new))
+                except Exception:
+                    pass
         new.stop()

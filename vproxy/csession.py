@@ -231,6 +231,29 @@ class ClusterSession(ClientSession):
             out.append(sub)
         return out
 
+    def sides_everywhere(self, batch: Batch, i: int, raw: bytes, merge) -> None:
+        """raw on a side connection (a fresh one, closed afterwards) to every slot-owning primary,
+        right now; at settle, batch.replies[i] = merge(their replies, errors included). For SCRIPT
+        KILL and FUNCTION KILL: the busy node answers nothing on the connections it already has."""
+        subs = []
+        for addr in self.app.router.topology.primaries:
+            sb = self.sb
+            sub = Sub(sb, len(sb.replies), raw, -1, b"kill")
+            sb.replies.append(None)
+            subs.append(sub)
+            try:
+                lease = Lease(self.app.router.pool(addr), self.key())
+            except BackendError as e:
+                sb.replies[sub.idx] = resp.error(str(e))
+                continue
+            lease.dirty = True
+            lease.channel.submit(raw, sb, sub.idx, deadline_after(self.app.cfg.command_timeout))
+            self.sides.append(lease)
+        if not subs:
+            batch.replies[i] = fanout.NO_MAP
+            return
+        self.ops.append((batch, i, subs, merge))
+
     def call(self, parts: list) -> list:
         """Run parts [(slot, args)] now, after everything before them; their final replies, in order."""
         self.settle()
@@ -315,7 +338,8 @@ class ClusterSession(ClientSession):
             self.sb = Batch(0)
         for batch, i, subs, merge in ops:
             frames = [s.batch.replies[s.idx] for s in subs]
-            err = next((f for f in frames if f is None or f[:1] == b"-"), None)
+            err = next((f for f in frames if f is None or (f[:1] == b"-" and merge not in fanout.TAKE_ERRORS)),
+                       None)
             if err is not None:
                 batch.replies[i] = err or resp.error("ERR vproxy: a part of the request got no reply")
                 continue

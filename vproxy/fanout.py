@@ -49,6 +49,17 @@ def first(frames):
     return frames[0]
 
 
+def killed(frames):
+    """SCRIPT/FUNCTION KILL on every primary: +OK if one killed something, else the first error that
+    is not NOTBUSY (a node that could not be asked), else NOTBUSY."""
+    if resp.OK in frames:
+        return resp.OK
+    return next((f for f in frames if not f.startswith(b"-NOTBUSY")), frames[0])
+
+
+TAKE_ERRORS = frozenset([killed])  # merges that get the nodes' error replies too
+
+
 def sum_ints(frames):
     return resp.integer(sum(int(f[1:-2]) for f in frames))
 
@@ -149,8 +160,8 @@ def script(s, i, args, raw, batch):
         remember_script(args[2])
     if sub in (b"load", b"flush"):
         return fan(s, i, args, batch, first)
-    if sub == b"kill":
-        return ClientSession.dispatch(s, i, args, raw, batch)
+    if sub == b"kill" and len(args) == 2:
+        return s.sides_everywhere(batch, i, raw, killed)
     one(s, i, args, raw, batch)
 
 
@@ -158,8 +169,8 @@ def function(s, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     if sub in (b"load", b"delete", b"flush", b"restore"):
         return fan(s, i, args, batch, first)
-    if sub == b"kill":
-        return ClientSession.dispatch(s, i, args, raw, batch)
+    if sub == b"kill" and len(args) == 2:
+        return s.sides_everywhere(batch, i, raw, killed)
     one(s, i, args, raw, batch)
 
 

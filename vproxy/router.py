@@ -75,6 +75,18 @@ class Router:
     def expire(self, now: float) -> None:
         for p in list(self.pools.values()):
             p.expire(now)
+        nodes = getattr(self.topology, "nodes", None)
+        if nodes:
+            self._prune(nodes)
+
+    def _prune(self, nodes: frozenset) -> None:
+        """Cluster: close the pools of nodes the slot map no longer names (removed from the cluster),
+        once nothing is in flight or pinned there; a MOVED back to such a node opens a new pool."""
+        for addr in [a for a in self.pools if a not in nodes]:
+            p = self.pools[addr]
+            if p.quiet():
+                p.close("node left the cluster")
+                del self.pools[addr]
 
     def close(self) -> None:
         for p in self.pools.values():

@@ -103,6 +103,10 @@ class NodePool:
             if ch.expired(now):
                 ch.timeout()
 
+    def quiet(self) -> bool:
+        """Nothing in flight and nothing pinned: closing loses no request."""
+        return not self.leased and not any(ch.waiters for chans in self.shared.values() for ch in chans)
+
     def counts(self) -> dict[str, int]:
         return {
             "shared": sum(len(c) for c in self.shared.values()),

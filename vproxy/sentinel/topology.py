@@ -75,6 +75,11 @@ class ClusterTopology(Topology):
         i = self.slots[slot] if self.slots else -1
         return self.shards[i] if i >= 0 else None
 
+    @cached_property
+    def nodes(self) -> frozenset:
+        """Every node the map names: each shard's primary and replicas."""
+        return frozenset(a for sh in self.shards for a in (sh.primary, *sh.replicas))
+
     @property
     def primaries(self) -> tuple[tuple[str, int], ...]:
         """Primaries owning at least one slot, in the order of their lowest slot."""
