@@ -153,6 +153,27 @@ def test_script_kill_reaches_the_busy_node(r, proxy, cluster):
             n.client().config_set("busy-reply-threshold", old)
 
 
+def test_monitor_shows_every_primary(proxy, cluster):
+    """MONITOR through vproxy shows the commands every primary runs (one MONITOR per node, merged),
+    with one +OK; when the client leaves, every node's MONITOR connection is closed."""
+    from conftest import RawClient
+    keys = [next(f"mon{n}" for n in range(1000) if cluster.owner(f"mon{n}") is p) for p in cluster.primaries]
+
+    def monitors():
+        return sum(1 for n in cluster.primaries for c in n.client().client_list() if "O" in c.get("flags", ""))
+    c = proxy.client()
+    with RawClient(proxy.port) as mon:
+        assert mon.call("MONITOR") == b"+OK\r\n"
+        wait_for(lambda: monitors() == len(cluster.primaries), what="a MONITOR on every primary")
+        for k in keys:
+            c.set(k, "v")
+        seen = set()
+        lines = mon.read_until(lambda f: seen.update(k for k in keys if f'"{k}"'.encode() in f) or seen == set(keys))
+        assert all(f.startswith(b"+") for f in lines)  # status lines only: no stray +OK or error
+        assert all(b'"set"' in f.lower() for f in lines if any(k.encode() in f for k in keys))
+    wait_for(lambda: monitors() == 0, what="the nodes' MONITOR connections to close")
+    c.close()
+
 def _raises(fn) -> str:
     with pytest.raises(redis.ResponseError) as e:
         fn()

@@ -523,8 +523,47 @@ class ClusterSession(ClientSession):
     def on_stream(self, frames) -> None:
         st = self.stream
         if st is None or st.kind != "sub":
-            return super().on_stream(frames)
+            super().on_stream(frames)
+            if frames is None and self.stream is None:
+                self._drop_shards()  # MONITOR: the other nodes' connections end with it
+            return
         self._on_shard_frames(st.lease, frames)
+
+    # ---- MONITOR: every primary's commands ----
+
+    def start_stream(self, i: int, kind: str, raw: bytes, batch: Batch) -> None:
+        """MONITOR runs on the stream's own connection and on one more per other primary; their
+        lines are merged as they come (each node's in its order). A node that cannot be reached, or
+        whose connection is lost, just shows nothing; the stream ends with its own connection."""
+        super().start_stream(i, kind, raw, batch)
+        st = self.stream
+        if kind != "monitor" or st is None:
+            return
+        for addr in self.app.router.topology.primaries:
+            if addr == st.lease.pool.addr or addr in self.sconns:
+                continue
+            try:
+                lease = Lease(self.app.router.pool(addr), self.key())
+            except BackendError:
+                continue
+            lease.dirty = True
+            self.sconns[addr] = lease
+            lease.channel.sink = lambda frames, lease=lease, ack=[True]: self._on_monitor_frames(lease, frames, ack)
+            lease.channel.send_raw(raw)
+
+    def _on_monitor_frames(self, lease, frames, ack: list) -> None:
+        if self.stream is None:
+            return
+        if frames is None:
+            if self.sconns.get(lease.pool.addr) is lease:
+                del self.sconns[lease.pool.addr]
+            lease.release(clean=False)
+            return
+        if ack[0]:  # this node's +OK to MONITOR: vproxy's, the client has its one +OK already
+            ack[0] = False
+            frames = frames[1:]
+        if frames:
+            ClientSession.on_stream(self, frames)
 
     def _on_shard_frames(self, lease, frames) -> None:
         st = self.stream
