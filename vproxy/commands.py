@@ -81,6 +81,7 @@ class CommandTable:
         self.learned = False
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
+        self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
 
     def get(self, name: bytes) -> Command | None:
         return self.commands.get(name)
@@ -96,6 +97,7 @@ class CommandTable:
             self.commands.update(table)
             self._policies.clear()
             self._specs.clear()
+            self.derived.clear()
             self.learned = True
         return len(table)
 
