@@ -305,11 +305,15 @@ class ClusterSession(ClientSession):
             for s, f in redo:
                 self.resend(s, f)
         self.inflight = []
-        self.merge_ops()
+        if self.ops or self.sb.replies:
+            self.merge_ops()
 
     def wait_all(self) -> None:
-        self.wait_batch()
-        self.sb.wait()
+        batch = self.batch
+        if batch is not None and batch.left:
+            self.wait_batch()
+        if self.sb.left:
+            self.sb.wait()
 
     def retryable(self, sub: Sub, frame: bytes) -> bool:
         if frame.startswith((b"-MOVED ", b"-ASK ")) or frame.startswith(_WAIT):
