@@ -77,3 +77,22 @@ def test_blocking_reply_names_the_client_key(setup):
     t.start()
     assert c5.bzpopmin(["zq"], timeout=5) == (b"zq", b"m", 2.0)
     t.join()
+
+
+def test_reset_out_of_monitor_returns_to_db0(setup):
+    """RESET ends MONITOR and returns the connection to database 0: the next command reads db 0's
+    keys, not those of the database selected before MONITOR."""
+    from conftest import RawClient
+    kind, cluster, proxy = setup
+    cluster.flushall()
+    proxy.client(db=0).set("rk", "zero")
+    proxy.client(db=3).set("rk", "three")
+    with RawClient(proxy.port) as c:
+        assert c.call("SELECT", "3") == b"+OK\r\n"
+        assert c.call("GET", "rk") == b"$5\r\nthree\r\n"
+        assert c.call("MONITOR") == b"+OK\r\n"
+        c.send(RawClient.encode("RESET"))
+        c.read_until(lambda f: f == b"+RESET\r\n")
+        assert c.call("GET", "rk") == b"$4\r\nzero\r\n"
+        assert c.call("SET", "rk2", "x") == b"+OK\r\n"
+    assert proxy.client(db=0).get("rk2") == b"x" and proxy.client(db=3).get("rk2") is None

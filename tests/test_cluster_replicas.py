@@ -51,3 +51,28 @@ def test_primary_reads_by_default(cluster):
         assert sum(_calls(r, "get") for r in cluster.replicas) == 0
     finally:
         p.stop()
+
+
+def test_read_from_a_silent_replica_falls_back_to_the_primary(cluster):
+    """A replica that stops answering (SIGSTOP) before a session's first read goes there: the new
+    connection's handshake times out, and the read runs on the primary instead of failing."""
+    p = Proxy("--mode", "cluster", "--backend", cluster.seeds[0], "--read-from", "replica",
+              "--command-timeout", "1")
+    shard = 0
+    replica = cluster.replicas[shard]  # clusterkit: replica j follows primary j % 3
+    key = next(f"silent{n}" for n in range(1000) if cluster.owner(f"silent{n}") is cluster.primaries[shard])
+    try:
+        c = p.client(socket_timeout=10)
+        wait_for(lambda: c.info()["proxy_cluster_replicas"] == 3, 20, "the proxy to know the replicas")
+        assert c.set(key, "v")
+        rc = replica.client(single_connection_client=True)
+        rc.execute_command("READONLY")
+        wait_for(lambda: rc.get(key) == b"v", what="replication")
+        rc.close()
+        replica.pause()
+        try:
+            assert c.get(key) == b"v"
+        finally:
+            replica.resume()
+    finally:
+        p.stop()

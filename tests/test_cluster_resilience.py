@@ -217,8 +217,8 @@ def test_node_joins_takes_a_slot_and_leaves_under_load(cluster):
             n.client().execute_command("CLUSTER", "FORGET", new_id)
         forgotten = True
         new.client().execute_command("CLUSTER", "RESET", "SOFT")
-        wait_for(lambda: not any(c.get("name") == "vproxy" for c in new.client().client_list()), 30,
-                 "vproxy to close its connections to the node that left")
+        wait_for(lambda: not any(c.get("name") == "vproxy" for c in new.client().client_list()), 40,
+                 "vproxy to close its connections to the node that left (10 s after the map dropped it)")
         before = load.ops
         wait_for(lambda: load.ops > before + 200, 20, "load to continue after the node left")
         load.finish()
@@ -234,3 +234,36 @@ def test_node_joins_takes_a_slot_and_leaves_under_load(cluster):
                 except Exception:
                     pass
         new.stop()
+
+
+def test_ask_to_a_silent_node_ends_in_an_error_not_a_hang(cluster):
+    """Mid-migration, a key already moved: the old owner answers ASK, and the new owner, whose
+    connection vproxy holds, stops answering (SIGSTOP). ASKING and the read wait on it; after
+    command_timeout the connection is replaced, and after primary_wait the client gets an error.
+    (ASKING once carried no deadline: the janitor never saw the stuck connection, the client hung.)"""
+    cluster.flushall()
+    src, dst = cluster.primaries[0], cluster.primaries[1]
+    key = next(f"ask{n}" for n in range(1000) if cluster.owner(f"ask{n}") is src)
+    on_dst = next(f"dst{n}" for n in range(1000) if cluster.owner(f"dst{n}") is dst)
+    slot = key_slot(key.encode())
+    p = _proxy(cluster, "--command-timeout", "1", "--primary-wait", "2")
+    c = p.client(socket_timeout=20)
+    try:
+        assert c.set(key, "v") and c.set(on_dst, "w") and c.get(on_dst) == b"w"  # a connection to dst is open
+        sid, did = cluster.node_id(src), cluster.node_id(dst)
+        dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+        src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+        src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", key)
+        dst.pause()
+        try:
+            with pytest.raises(redis.ResponseError):
+                c.get(key)
+        finally:
+            dst.resume()
+        for n in (src, dst):
+            n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
+        wait_for(lambda: c.get(key) == b"v", what="the key to be served by its new owner")
+        migrate_slot(cluster, slot, dst, src)  # back, for later tests
+    finally:
+        c.close()
+        p.stop()

@@ -184,12 +184,14 @@ class ClusterSession(ClientSession):
         if err is not None:
             sub.batch.replies[sub.idx] = resp.error(err)
             return
+        # every request gets the deadline (not just the client's): the janitor looks at the oldest one
+        deadline = 0.0 if sub.block else deadline_after(self.app.cfg.command_timeout)
         if readonly and not getattr(ch, "readonly", False):
             ch.readonly = True  # a replica's connection: READONLY first, so it serves reads
-            ch.submit(READONLY, None, 0, 0.0)
+            ch.submit(READONLY, None, 0, deadline)
         if asking:  # ASKING, or another request that must run right before (SCRIPT LOAD)
-            ch.submit(ASKING if asking is True else asking, None, 0, 0.0)
-        ch.submit(sub.raw, sub.batch, sub.idx, 0.0 if sub.block else deadline_after(self.app.cfg.command_timeout))
+            ch.submit(ASKING if asking is True else asking, None, 0, deadline)
+        ch.submit(sub.raw, sub.batch, sub.idx, deadline)
 
     def channel_to(self, addr, fresh: bool = False):
         key = self.key()
@@ -358,8 +360,8 @@ class ClusterSession(ClientSession):
         for batch, i, subs, merge in ops:
             frames = [s.batch.replies[s.idx] for s in subs]
             err = next((f for f in frames if f is None or (f[:1] == b"-" and merge not in fanout.TAKE_ERRORS)),
-                       None)
-            if err is not None:
+                       False)
+            if err is not False:
                 batch.replies[i] = err or resp.error("ERR vproxy: a part of the request got no reply")
                 continue
             try:
@@ -414,6 +416,8 @@ class ClusterSession(ClientSession):
 
     def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         st = self.stream
+        if name == b"reset":
+            txn.forget(self)  # and the stream ends, as the rest of RESET does below
         if st.kind != "sub":
             return super().stream_dispatch(i, name, args, raw, batch)
         self._wait_main(st)

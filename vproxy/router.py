@@ -22,6 +22,7 @@ from .mux.pool import NodePool
 from .sentinel.topology import Topology
 
 HA_MODES = ("sentinel", "replication")
+PRUNE_AFTER = 10.0  # seconds a node is out of the cluster map before its idle pool is closed
 UNKNOWN_OUTCOME = ("ERR vproxy: the connection to {} was lost with this write in flight (failover?); "
                    "it may or may not have been applied, so vproxy did not retry it")
 
@@ -40,6 +41,8 @@ class Router:
         self.verdict: Event | None = None  # set once the monitor has looked at the suspects
         self.last_primary = topology.primary
         self._rr = 0
+        self.absent: dict = {}  # cluster: pool address -> when the slot map stopped naming it
+        self.retired = [0, 0]  # connects and connect failures of pruned pools (INFO keeps counting them)
         self.split = self.ha and cfg.read_from != "primary"
         if self.split:
             self.pool_for = self._split  # reads may go to replicas; standalone keeps the cheap method
@@ -77,16 +80,22 @@ class Router:
             p.expire(now)
         nodes = getattr(self.topology, "nodes", None)
         if nodes:
-            self._prune(nodes)
+            self._prune(nodes, now)
 
-    def _prune(self, nodes: frozenset) -> None:
-        """Cluster: close the pools of nodes the slot map no longer names (removed from the cluster),
-        once nothing is in flight or pinned there; a MOVED back to such a node opens a new pool."""
+    def _prune(self, nodes: frozenset, now: float) -> None:
+        """Cluster: close the pools of nodes the slot map has not named for PRUNE_AFTER seconds
+        (removed from the cluster), once nothing is in flight or pinned there. The grace spares a
+        node that is importing its first slot (the map lists only slot owners; ASK leads there).
+        A MOVED or ASK to a pruned node opens a new pool."""
+        for addr in [a for a in self.absent if a in nodes or a not in self.pools]:
+            del self.absent[addr]
         for addr in [a for a in self.pools if a not in nodes]:
             p = self.pools[addr]
-            if p.quiet():
+            if now - self.absent.setdefault(addr, now) >= PRUNE_AFTER and p.quiet():
                 p.close("node left the cluster")
-                del self.pools[addr]
+                self.retired[0] += p.connects
+                self.retired[1] += p.failures
+                del self.pools[addr], self.absent[addr]
 
     def close(self) -> None:
         for p in self.pools.values():

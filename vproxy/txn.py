@@ -129,7 +129,7 @@ def exec_(s, i, args, raw, batch):
 
 def end_watch(s) -> None:
     if _held(s):
-        s.lease.channel.submit(UNWATCH, None, 0, 0.0)
+        s.lease.channel.submit(UNWATCH, None, 0, deadline_after(s.app.cfg.command_timeout))
         s.lease.ending = True
     s.watching = False
 
@@ -185,7 +185,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
     b = Batch(len(queued) + 2)
     deadline = deadline_after(s.app.cfg.command_timeout)
     if asking:
-        ch.submit(ASKING, None, 0, 0.0)
+        ch.submit(ASKING, None, 0, deadline)  # a deadline on every request: the janitor looks at the oldest
     ch.submit(MULTI, b, 0, deadline)
     for j, (_, raw) in enumerate(queued, 1):
         ch.submit(raw, b, j, deadline)
@@ -203,8 +203,13 @@ def _addr(text: bytes) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port.split("@")[0])
 
 
-def reset(s, i, args, raw, batch):
+def forget(s) -> None:
+    """RESET: the cluster session's own state (queued transaction, bound slot, database namespace)."""
     s.mq, s.multi_failed, s.pin_slot, s.ns = [], False, None, None
+
+
+def reset(s, i, args, raw, batch):
+    forget(s)
     LOCAL[b"reset"](s, i, args, raw, batch)
 
 
