@@ -168,3 +168,47 @@ def test_shard_channel_survives_its_primary_killed(cluster, proxy):
         assert got[0][0] == b"ssubscribe" and got[0][2] == 2
     finally:
         s.close()
+
+
+def _heard_plain(sub: Sub, r, publish_to: bytes, expect: list, timeout: float = 30) -> None:
+    """PUBLISH through the proxy until the subscriber gets `expect` + [message]; nothing else may arrive."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        msg = f"p{n}-{time.monotonic()}".encode()
+        with contextlib.suppress(redis.RedisError):  # the node vproxy asks may be the dead one
+            r.publish(publish_to, msg)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            sub.poll()
+            for v in sub.seen:
+                assert v[0] in (b"message", b"pmessage"), f"unexpected frame {v!r} (all: {sub.seen!r})"
+            if expect + [msg] in sub.seen:
+                sub.seen.clear()
+                return
+    raise AssertionError(f"no message on {publish_to!r} within {timeout}s")
+
+
+def test_subscriber_survives_its_node_killed(cluster, proxy):
+    """SUBSCRIBE/PSUBSCRIBE live on one node's connection; when that node dies vproxy subscribes
+    again on another primary, hiding the confirmations: the client keeps hearing, with no error."""
+    r = proxy.client(socket_timeout=30)
+    s = Sub(proxy.port)
+    try:
+        s.send("SUBSCRIBE", "news")
+        s.send("PSUBSCRIBE", "al*")
+        assert s.take(2) == [[b"subscribe", b"news", 1], [b"psubscribe", b"al*", 2]]
+        _heard_plain(s, r, b"news", [b"message", b"news"])
+        holder = [n for n in cluster.nodes if n.proc.poll() is None
+                  and any(int(c.get("sub", 0)) > 0 for c in n.client().client_list())]
+        assert len(holder) == 1
+        holder[0].kill()
+        _heard_plain(s, r, b"news", [b"message", b"news"])
+        _heard_plain(s, r, b"alpha", [b"pmessage", b"al*", b"alpha"])
+        s.send("SUBSCRIBE", "more")
+        assert s.take(1) == [[b"subscribe", b"more", 3]]
+        s.send("PING")
+        assert s.take(1) == [[b"pong", b""]]
+    finally:
+        s.close()

@@ -70,7 +70,10 @@ class ClusterSession(ClientSession):
         self.lostfrom: dict = {}  # channel -> the node that dropped it
         self.sunsub: dict = {}  # channel -> SUNSUBSCRIBE replies the client is owed
         self.slast = None  # the stream connection the client's last request went to
-        self.resubber = None  # the greenlet re-subscribing lost shard channels
+        self.resubber = None  # the greenlet re-subscribing lost shard channels (and the main stream's)
+        self.pubsub = {b"subscribe": set(), b"psubscribe": set()}  # the stream's own channels, patterns
+        self.main_lost = None  # the node whose loss took the stream's own connection (re-subscribing)
+        self.hide = 0  # subscribe/psubscribe confirmations of vproxy's re-subscription still to hide
 
     # ---- dispatch and routing ----
 
@@ -606,6 +609,15 @@ class ClusterSession(ClientSession):
                     f = self._shard_reply(addr, v[0], v[1], f[:4])
                     if f is None:
                         continue
+                elif isinstance(v, list) and len(v) == 3 and v[0] in _MAIN_KINDS and lease is st.lease:
+                    if self.hide and v[0] in self.pubsub:  # the answer to vproxy's re-subscription
+                        self.hide -= 1
+                        continue
+                    kind = _MAIN_KINDS[v[0]]
+                    if kind == v[0]:
+                        self.pubsub[kind].add(v[1])
+                    else:
+                        self.pubsub[kind].discard(v[1])
             out.append(f)
         if out:
             ClientSession.on_stream(self, out)
@@ -647,10 +659,8 @@ class ClusterSession(ClientSession):
 
     def _conn_lost(self, st, lease) -> None:
         addr = lease.pool.addr
-        if lease is st.lease and st.counts[0] > 0:  # channels and patterns there too: the stream ends
-            ClientSession.on_stream(self, None)
-            self._drop_shards()
-            return
+        if lease is st.lease and st.counts[0] > 0:  # channels and patterns there too: subscribed again
+            self.main_lost, self.hide = addr, 0  # elsewhere (_resubscribe); hidden replies die with it
         for c, a in self.schans.items():
             if a == addr:
                 self.schans[c] = None
@@ -683,12 +693,17 @@ class ClusterSession(ClientSession):
         try:
             while self.stream is st and st is not None:
                 lost = [c for c, a in self.schans.items() if a is None]
-                if not lost:
+                if not lost and self.main_lost is None:
                     return
                 late = monotonic() - start
                 if late > 2 * wait:  # no owner to be found: the client gets the server's news after all
+                    if self.main_lost is not None:
+                        ClientSession.on_stream(self, None)  # "subscriptions ended, subscribe again"
+                        return self._drop_shards()
                     return self._give_up(st, lost)
                 topo = self.app.router.topology
+                if self.main_lost is not None:
+                    self._resubscribe_main(st, topo, late > wait)
                 groups: dict = {}
                 for c in lost:
                     addr = topo.owner(key_slot(c))
@@ -704,14 +719,43 @@ class ClusterSession(ClientSession):
                         self.lostfrom.pop(c, None)
                     self.resub.setdefault(addr, []).append(list(chans))
                     lease.channel.send_raw(resp.encode_request([b"SSUBSCRIBE", *chans]))
-                if any(a is None for a in self.schans.values()):
+                if self.main_lost is not None or any(a is None for a in self.schans.values()):
                     self.refresh()
                     gevent.sleep(delay)
                     delay = min(delay * 2, 0.2)
         finally:
             self.resubber = None
-            if self.stream is st and st is not None and any(a is None for a in self.schans.values()):
+            if self.stream is st and st is not None and (self.main_lost is not None
+                                                         or any(a is None for a in self.schans.values())):
                 self._kick()
+
+    def _resubscribe_main(self, st, topo, late: bool) -> None:
+        """SUBSCRIBE/PSUBSCRIBE the stream's channels and patterns again, on a new connection to a
+        primary (another than the lost node's, unless that one is all there is after primary_wait);
+        the confirmations are hidden. Messages published in between are lost."""
+        if _dead(st.lease):
+            addr = next((a for a in topo.primaries if a != self.main_lost), None)
+            if addr is None and late:
+                addr = topo.primary
+            if addr is None:
+                return
+            try:
+                lease = Lease(self.app.router.pool(addr), self.key())
+            except BackendError:
+                return
+            lease.dirty = True
+            old, st.lease = st.lease, lease
+            lease.channel.sink = self.on_stream
+            if old is not None:
+                old.release(clean=False)
+        raw = b""
+        for kind, names in self.pubsub.items():
+            if names:
+                raw += resp.encode_request([kind.upper(), *names])
+                self.hide += len(names)
+        self.main_lost = None
+        if raw:
+            st.lease.channel.send_raw(raw)
 
     def _give_up(self, st, lost: list) -> None:
         head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
@@ -733,6 +777,7 @@ class ClusterSession(ClientSession):
                 lease.channel.sink = None
             lease.release(clean=False)
         self.schans, self.resub, self.lostfrom, self.sunsub, self.slast = {}, {}, {}, {}, None
+        self.pubsub, self.main_lost, self.hide = {b"subscribe": set(), b"psubscribe": set()}, None, 0
         if self.resubber is not None and self.resubber is not gevent.getcurrent():
             self.resubber.kill(block=False)
         self.resubber = None
@@ -740,6 +785,10 @@ class ClusterSession(ClientSession):
     def _end_stream(self, clean: bool = False) -> None:
         super()._end_stream(clean)
         self._drop_shards()
+
+
+_MAIN_KINDS = {b"subscribe": b"subscribe", b"unsubscribe": b"subscribe",
+               b"psubscribe": b"psubscribe", b"punsubscribe": b"psubscribe"}
 
 
 def _dead(lease) -> bool:
