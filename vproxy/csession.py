@@ -535,8 +535,7 @@ class ClusterSession(ClientSession):
         lease = self.sconns.get(addr)
         if lease is not None and not _dead(lease):
             return lease
-        lease = Lease(self.app.router.pool(addr), self.key())
-        lease.dirty = True
+        lease = self._stream_lease(addr)
         if _dead(st.lease) and st.counts[0] == 0:  # it becomes the stream's own connection
             old, st.lease = st.lease, lease
             old.release(clean=False)
@@ -544,6 +543,12 @@ class ClusterSession(ClientSession):
         else:
             self.sconns[addr] = lease
             lease.channel.sink = lambda frames, lease=lease: self._on_shard_frames(lease, frames)
+        return lease
+
+    def _stream_lease(self, addr) -> Lease:
+        """A connection of the stream's own on node addr (never reused afterwards); BackendError if none."""
+        lease = Lease(self.app.router.pool(addr), self.key())
+        lease.dirty = True
         return lease
 
     def on_stream(self, frames) -> None:
@@ -569,10 +574,9 @@ class ClusterSession(ClientSession):
             if addr == st.lease.pool.addr or addr in self.sconns:
                 continue
             try:
-                lease = Lease(self.app.router.pool(addr), self.key())
+                lease = self._stream_lease(addr)
             except BackendError:
                 continue
-            lease.dirty = True
             self.sconns[addr] = lease
             lease.channel.sink = lambda frames, lease=lease, ack=[True]: self._on_monitor_frames(lease, frames, ack)
             lease.channel.send_raw(raw)
@@ -740,10 +744,9 @@ class ClusterSession(ClientSession):
             if addr is None:
                 return
             try:
-                lease = Lease(self.app.router.pool(addr), self.key())
+                lease = self._stream_lease(addr)
             except BackendError:
                 return
-            lease.dirty = True
             old, st.lease = st.lease, lease
             lease.channel.sink = self.on_stream
             if old is not None:
