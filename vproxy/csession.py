@@ -496,14 +496,7 @@ class ClusterSession(ClientSession):
         if self.slast is not None:
             self._sync_on(st, self.slast)
         if local:
-            head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
-            out = []
-            for c in local:
-                self.schans.pop(c, None)
-                self.lostfrom.pop(c, None)
-                out.append(head + resp.bulk(b"sunsubscribe") + resp.bulk(c) + resp.integer(len(self.schans)))
-            st.counts[1] = len(self.schans)
-            self.write(b"".join(out))
+            self.write(self._drop_locally(st, local))
         if st.counts == [0, 0] and not self.schans:
             self._end_stream(clean=True)
 
@@ -760,14 +753,19 @@ class ClusterSession(ClientSession):
         if raw:
             st.lease.channel.send_raw(raw)
 
-    def _give_up(self, st, lost: list) -> None:
+    def _drop_locally(self, st, names: list) -> bytes:
+        """Forget shard channels no server holds for the client; the sunsubscribe replies it is owed."""
         head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
         out = []
-        for c in lost:
+        for c in names:
             self.schans.pop(c, None)
             self.lostfrom.pop(c, None)
             out.append(head + resp.bulk(b"sunsubscribe") + resp.bulk(c) + resp.integer(len(self.schans)))
         st.counts[1] = len(self.schans)
+        return b"".join(out)
+
+    def _give_up(self, st, lost: list) -> None:
+        out = [self._drop_locally(st, lost)]
         if _dead(st.lease):
             out.append(resp.error(E.backend_unavailable(st.lease.pool.name, "connection lost; "
                                                         "subscriptions ended, subscribe again")))
