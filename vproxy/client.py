@@ -17,7 +17,6 @@ import socket
 from itertools import count
 from time import monotonic, time
 
-import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from loguru import logger
@@ -26,8 +25,8 @@ from . import commands as C
 from . import errors as E
 from . import resp
 from .errors import BackendError, ProtocolError
-from .mux.channel import Batch, deadline_after
 from .local import LOCAL
+from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .sockio import recv_ready, send_all
 
@@ -392,9 +391,11 @@ class ClientSession:
             if self._sync_stream(st) and st.counts == [0, 0]:
                 self._end_stream(clean=True)
 
-    def _sync_stream(self, st: Stream) -> bool:
-        """A PING right behind the requests comes back after every reply before it: wait for it."""
-        ch = st.lease.channel
+    def _sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
+        """A PING right behind the requests comes back after every reply before it: wait for it.
+
+        lease: the stream connection to sync (default its own; cluster shard channels have more)."""
+        ch = (lease or st.lease).channel
         if ch is None or ch.closed:
             return False
         st.synced.clear()

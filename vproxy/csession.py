@@ -494,7 +494,7 @@ class ClusterSession(ClientSession):
                 self.sunsub[c] = self.sunsub.get(c, 0) + 1
             lease.channel.send_raw(resp.encode_request([b"SUNSUBSCRIBE", *chans]))
         if self.slast is not None:
-            self._sync_on(st, self.slast)
+            self._sync_stream(st, self.slast)
         if local:
             self.write(self._drop_locally(st, local))
         if st.counts == [0, 0] and not self.schans:
@@ -504,16 +504,8 @@ class ClusterSession(ClientSession):
         """Replies come in request order: the previous connection's replies first."""
         last = self.slast or st.lease
         if last is not None and last is not lease and last.channel is not None and not last.channel.closed:
-            self._sync_on(st, last)
+            self._sync_stream(st, last)
         self.slast = lease
-
-    def _sync_on(self, st, lease) -> bool:
-        ch = lease.channel
-        if ch is None or ch.closed:
-            return False
-        st.synced.clear()
-        ch.send_raw(resp.encode_request([b"PING", st.token]))
-        return st.synced.wait(timeout=max(self.app.cfg.command_timeout, 1.0))
 
     def _wait_main(self, st) -> None:
         """The stream's own connection was lost with only shard channels on it: wait for its successor."""

@@ -37,3 +37,12 @@ def send_all(sock, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         sock.sendall(data[sent:])
+
+
+def close_quietly(sock) -> None:
+    """Close a socket (None: nothing to do); an error on close tells nothing anyone acts on."""
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass

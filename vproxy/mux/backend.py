@@ -8,7 +8,7 @@ import gevent
 
 from .. import resp
 from ..errors import BackendError
-from ..sockio import recv_ready, send_all
+from ..sockio import close_quietly, recv_ready, send_all
 
 
 class BackendConn:
@@ -92,8 +92,4 @@ class BackendConn:
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        close_quietly(sock)

@@ -13,6 +13,7 @@ import gevent
 import hiredis
 
 from .. import resp
+from ..sockio import close_quietly
 
 
 class NodeError(Exception):
@@ -102,11 +103,7 @@ class NodeLink:
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        close_quietly(sock)
 
 
 @dataclass
