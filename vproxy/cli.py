@@ -26,10 +26,12 @@ def _dump_greenlets() -> None:
     owed: dict = {}
     for obj in gc.get_objects():
         if isinstance(obj, Channel) and (obj.waiters or not obj.closed):
+            reader = obj.reader
+            reading = "-" if reader is None else ("dead" if reader.dead else "live") \
+                if isinstance(reader, gevent.Greenlet) else ("watching" if reader.active else "stopped")
             lines.append(f"{obj!r} closed={obj.closed} ready={obj.ready} sink={obj.sink is not None} "
-                         f"writer={'dead' if obj.writer.dead else 'live'} "
-                         f"reader={'-' if obj.reader is None else 'dead' if obj.reader.dead else 'live'} "
-                         f"unsent={len(obj.outbuf)} wake={obj.wake.is_set()} framer-buffered={len(obj.conn.framer.buf)} "
+                         f"flushing={obj.flushing} reader={reading} queued={len(obj.outbuf)} "
+                         f"unsent-requests={obj.unsent} framer-buffered={len(obj.conn.framer.buf)} "
                          f"laddr={obj.conn.sock.getsockname() if obj.conn.sock else None}")
             for batch, idx, *_ in obj.waiters:
                 if batch is not None:

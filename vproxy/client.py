@@ -18,6 +18,7 @@ from itertools import count
 from time import monotonic, time
 
 from gevent.event import Event
+from gevent.hub import get_hub
 from gevent.lock import Semaphore
 from loguru import logger
 
@@ -38,7 +39,11 @@ _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
-_CONN_LOST = b"-ERR vproxy: backend "  # channel aborts and timeouts (errors.backend_unavailable/timeout)
+# Requests of one client in flight at once: bounds the replies vproxy holds for one client (a client
+# pipelining thousands of GETs of big values) and what it queues ahead of others on a shared connection.
+PIPELINE_WINDOW = 64
+WINDOW_BYTES = 4 << 20  # the reply bytes one window should hold: a window of big replies shrinks
+WRITE_CHUNK = 256 << 10  # replies are joined into writes up to this size
 # Commands that change a connection's state: forwarded on a lease, they make it dirty.
 _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
 
@@ -82,15 +87,21 @@ class ClientSession:
         self.wlock = Semaphore()
         self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
         self.batch: Batch | None = None
+        self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
+        self.early_bytes = 0
+        self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
 
     # ---- the loop ----
 
     def run(self) -> None:
         try:
             while not self.closing:
-                data = recv_ready(self.sock, 65536)
-                if not data:
-                    break
+                if self.early:  # bytes read while a pinned request waited (see _watch_client)
+                    data, self.early, self.early_bytes = b"".join(self.early), [], 0
+                else:
+                    data = recv_ready(self.sock, 65536)
+                    if not data:
+                        break
                 self.last_active = monotonic()
                 try:
                     reqs = self.parser.feed(data)
@@ -109,20 +120,68 @@ class ClientSession:
             self.cleanup()
 
     def process(self, reqs: list) -> None:
-        batch = self.batch = Batch(len(reqs))
-        stats = self.app.stats
-        stats.commands += len(reqs)
-        for i, (args, raw) in enumerate(reqs):
-            self.dispatch(i, args, raw, batch)
+        """Run requests in windows: each window's replies are written before the next one is sent,
+        so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
+        and a client that does not read its replies stops being read (its greenlet waits in send)."""
+        self.app.stats.commands += len(reqs)
+        start, n = 0, len(reqs)
+        while start < n:
+            size = self.window
+            part = reqs if not start and n <= size else reqs[start:start + size]
+            start += len(part)
+            batch = self.batch = Batch(len(part))
+            for i, (args, raw) in enumerate(part):
+                self.dispatch(i, args, raw, batch)
+                if self.closing:
+                    break
+            self.settle()
+            self.flush(batch, len(part))
             if self.closing:
                 break
-        self.settle()
-        for idx, fn in self.post:
-            batch.replies[idx] = fn(batch.replies[idx])
-        self.post.clear()
-        out = [r for r in batch.replies if r is not None]
-        if out:
-            self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def flush(self, batch: Batch, upto: int) -> None:
+        """Write the replies before index upto (all in: settled), post-processed, and forget them."""
+        replies = batch.replies
+        if self.post:
+            keep = []
+            for idx, fn in self.post:
+                if idx < upto:
+                    replies[idx] = fn(replies[idx])
+                else:
+                    keep.append((idx, fn))
+            self.post[:] = keep
+        if upto == len(replies):
+            out = [r for r in replies if r is not None]
+        else:  # an early flush (a blocking command or a stream is next): these are written now
+            out = [r for r in replies[:upto] if r is not None]
+            replies[:upto] = [None] * upto
+        if len(out) == 1:
+            return self.write(out[0])
+        size = sum(map(len, out))
+        if size <= WRITE_CHUNK:
+            if out:
+                self.write(b"".join(out))
+            if self.window < PIPELINE_WINDOW:
+                self.window = min(PIPELINE_WINDOW, self.window * 2)
+            return
+        self.window = max(1, min(PIPELINE_WINDOW, len(out) * WINDOW_BYTES // size))
+        if upto == len(replies):
+            batch.replies = [None] * upto  # the frames live in `out` alone: each is freed once written
+        self._write_chunked(out)
+
+    def _write_chunked(self, out: list) -> None:
+        """Big replies: written in pieces of about WRITE_CHUNK, never copied into one huge buffer."""
+        group: list = []
+        size = 0
+        for i, frame in enumerate(out):
+            out[i] = None  # written frames are freed as the client takes them
+            group.append(frame)
+            size += len(frame)
+            if size >= WRITE_CHUNK:
+                self.write(group[0] if len(group) == 1 else b"".join(group))
+                group, size = [], 0
+        if group:
+            self.write(b"".join(group))
 
     def write(self, data: bytes) -> None:
         with self.wlock:
@@ -159,26 +218,40 @@ class ClientSession:
             self.cur = None
 
     def _wait_watching_client(self, batch: Batch) -> None:
-        """Wait on a pinned connection (maybe blocked for long), noticing if the client hangs up."""
-        while batch.left > 0:
-            if batch.event.wait(timeout=0.5):
-                batch.event.clear()
-                continue
-            if self._client_gone():
-                for lease in (self.oneshot, self.lease):
-                    if lease is not None and lease.channel is not None:
-                        lease.dirty = True
-                        lease.channel.close()  # answers the waiters with errors: the wait ends
-                self.closing = True
-
-    def _client_gone(self) -> bool:
+        """Wait on a pinned connection (maybe blocked for long), noticing at once if the client hangs
+        up: its pinned connections are then closed, which ends a BLPOP on the server before it can
+        take an element that other clients push (and ends this wait: the waiters get errors)."""
+        watcher = get_hub().loop.io(self.sock.fileno(), 1)
+        watcher.start(self._watch_client, watcher)
         try:
-            # the raw socket under gevent's: a non-blocking peek that cannot park this greenlet
-            return self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            batch.wait()
+        finally:
+            watcher.stop()
+            watcher.close()
+
+    def _watch_client(self, watcher) -> None:
+        """Runs in the loop while a pinned request waits: read what the client sends meanwhile (kept
+        for later, up to the query buffer limit), to see its hang-up even behind pipelined requests."""
+        try:
+            while True:
+                data = self.sock._sock.recv(65536)
+                if not data:
+                    break
+                self.early.append(data)
+                self.early_bytes += len(data)
+                if self.early_bytes > self.app.cfg.client_query_buffer_limit:
+                    watcher.stop()  # stop reading (backpressure); the hang-up is seen later
+                    return
         except BlockingIOError:
-            return False
+            return
         except OSError:
-            return True
+            pass
+        watcher.stop()
+        self.closing = True
+        for lease in (self.oneshot, self.lease):
+            if lease is not None and lease.channel is not None:
+                lease.dirty = True
+                lease.channel.close()  # answers the waiters with errors: the wait ends
 
     def cleanup(self) -> None:
         self.closing = True
@@ -240,22 +313,27 @@ class ClientSession:
             ch = self.cur
             if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != (self.db, self.proto):
                 self.settle()
+                if self.closing:  # the client left while a pinned request waited: nothing more runs
+                    return
                 ch = self.cur = pool.channel((self.db, self.proto))
         except BackendError as e:
-            batch.replies[i] = resp.error(str(e))
+            batch.unsent(i, resp.error(str(e)))
             if self.ha_sent is not None and pool is not None:  # HA: not sent; retried in settle
-                self.ha_sent.append((i, raw, name, args, (self.db, self.proto), pool, None))
+                self.ha_sent.append((i, raw, name, args, (self.db, self.proto), pool))
             return
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
         if self.ha_sent is not None:
-            self.ha_sent.append((i, raw, name, args, ch.key, pool, ch))
+            self.ha_sent.append((i, raw, name, args, ch.key, pool))
 
     # ---- HA (sentinel/replication modes): one more try after a failover; see router.recover ----
 
     def _ha_recover(self, batch: Batch) -> None:
         """Requests whose backend connection failed run again where the router says, or get its error."""
         sent, self.ha_sent = self.ha_sent, []
-        failed = [e for e in sent if (batch.replies[e[0]] or b"").startswith(_CONN_LOST)]
+        lost = batch.lost
+        if not lost:
+            return
+        failed = [(*e, lost.pop(e[0])) for e in sent if e[0] in lost]  # (..., whether it was sent)
         if not failed:
             return
         timeout = self.app.cfg.command_timeout
@@ -277,6 +355,8 @@ class ClientSession:
 
     def _new_lease(self, i: int, batch: Batch) -> Lease | None:
         self.settle()
+        if self.closing:
+            return None
         try:
             return Lease(self.app.router.primary(), self.key())
         except BackendError as e:
@@ -333,6 +413,7 @@ class ClientSession:
                 return
             self.oneshot = lease
             self.cur = lease.channel
+            self.flush(batch, i)  # replies before it are in (settled): the client gets them before it blocks
         self.oneshot.dirty |= dirty
         if wait:
             self.oneshot.channel.submit(_WAIT_MARK, None, 0, 0.0)
@@ -358,11 +439,7 @@ class ClientSession:
         lease = self._new_lease(i, batch)
         if lease is None:
             return
-        # replies before this one go out first: the stream writes as soon as it reads
-        out = [r for r in batch.replies[:i] if r is not None]
-        batch.replies[:i] = [None] * i
-        if out:
-            self.write(b"".join(out))
+        self.flush(batch, i)  # replies before this one go out first: the stream writes as soon as it reads
         self.stream = Stream(lease, kind, b"vproxy-sync-%d" % self.id)
         lease.channel.sink = self.on_stream
         lease.channel.send_raw(raw)

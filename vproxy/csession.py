@@ -32,8 +32,6 @@ from .slots import key_slot
 ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
 _WAIT = (b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
-_DOWN = b"-ERR vproxy: backend "
-_NOT_SENT = txn.NOT_SENT  # a request that failed with one of these was never sent
 _IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire", b"persist", b"mset"])
 
 
@@ -185,7 +183,7 @@ class ClusterSession(ClientSession):
                 sb.replies.append(None)
             self.inflight.append(sub)
         if err is not None:
-            sub.batch.replies[sub.idx] = resp.error(err)
+            sub.batch.unsent(sub.idx, resp.error(err))
             return
         # every request gets the deadline (not just the client's): the janitor looks at the oldest one
         deadline = 0.0 if sub.block else deadline_after(self.app.cfg.command_timeout)
@@ -321,13 +319,17 @@ class ClusterSession(ClientSession):
             self.sb.wait()
 
     def retryable(self, sub: Sub, frame: bytes) -> bool:
+        """May this failed sub run again? Decided from facts: a redirection, or what its batch
+        recorded when the connection failed (never sent: yes; sent: only if it may run twice)."""
+        lost = sub.batch.lost
+        sent = lost.pop(sub.idx, None) if lost else None  # consumed: a resend records a new fact
         if frame.startswith((b"-MOVED ", b"-ASK ")) or frame.startswith(_WAIT):
             return True
         if frame.startswith(b"-NOSCRIPT"):  # a node that never saw SCRIPT LOAD (new, promoted, flushed)
             return _script_of(sub) is not None
-        if not frame.startswith(_DOWN) and b"has no owner" not in frame[:60]:
+        if sent is None:  # the server's own error reply
             return False
-        if any(m in frame for m in _NOT_SENT):
+        if not sent:
             return True
         cmd = self.app.commands.get(sub.name)  # sent, then lost: resend only what may run twice
         return cmd is not None and ("readonly" in cmd.flags or sub.name in _IDEMPOTENT)
@@ -376,6 +378,8 @@ class ClusterSession(ClientSession):
 
     def _new_lease(self, i: int, batch: Batch):
         self.settle()
+        if self.closing:
+            return None
         try:
             pool = self.app.router.pool(self.lease_addr) if self.lease_addr else self.app.router.primary()
             return Lease(pool, self.key())
@@ -396,6 +400,7 @@ class ClusterSession(ClientSession):
             batch.replies[i] = resp.error(split.crossslot(name))
             return
         self.settle()
+        self.flush(batch, i)  # replies before it are in: the client gets them before it blocks
         sub = Sub(batch, i, raw, slots.pop(), name, block=True)
         self.inflight.append(sub)
         self.send(sub)

@@ -250,10 +250,41 @@ def _client_stream(s, i, args, raw, batch):
     sub, arg = args[1].lower(), args[2].lower() if len(args) > 2 else b""
     starts = (sub == b"tracking" and arg == b"on") or (sub == b"reply" and arg in (b"off", b"skip"))
     if starts:
+        if sub == b"tracking":
+            raw = _redirect_to_backend(s, args, raw)
+            if raw is None:
+                return _reply(batch, i, resp.error("ERR The client ID you want redirect to does not exist"))
         return s.start_stream(i, sub.decode(), raw, batch)
     if arg in (b"off", b"on"):
         return _reply(batch, i, resp.OK)
     _reply(batch, i, resp.error(E.SYNTAX))
+
+
+def _redirect_to_backend(s, args, raw):
+    """CLIENT TRACKING on REDIRECT <id>: the id is a vproxy client's (CLIENT ID); the server knows the
+    backend connection that client holds pinned (it subscribed to __redis__:invalidate, so it has
+    one). The request with that connection's id instead; None when there is no such connection."""
+    low = [a.lower() for a in args]
+    if b"redirect" not in low:
+        return raw
+    j = low.index(b"redirect") + 1
+    if j >= len(args):
+        return raw  # the server answers the syntax error
+    target = s.app.clients.get(int(args[j])) if args[j].isdigit() else None
+    conn_id = _pinned_backend_id(target) if target is not None else None
+    if conn_id is None:
+        return None
+    return resp.encode_request([*args[:j], b"%d" % conn_id, *args[j + 1:]])
+
+
+def _pinned_backend_id(session):
+    """The server's id of the connection a client holds pinned (its stream's first), else None."""
+    st = session.stream
+    for lease in (st.lease if st is not None else None, session.lease, session.oneshot):
+        ch = lease.channel if lease is not None else None
+        if ch is not None and not ch.closed and ch.conn.backend_id is not None:
+            return ch.conn.backend_id
+    return None
 
 
 def _client_maint_notifications(s, i, args, raw, batch):

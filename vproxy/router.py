@@ -141,9 +141,10 @@ class Router:
     def recover(self, failed: list, session) -> list:
         """Requests whose backend connection failed -> [(idx, raw, key, pool or error frame)].
 
-        `failed` holds (idx, raw, name, args, key, pool, channel) as the client sent them; channel
-        None (or one that never connected) means the request never left vproxy, so it is safe to
-        send again. A read is sent again once; a write that may have reached the backend is not.
+        `failed` holds (idx, raw, name, args, key, pool, sent) as the client sent them; sent is the
+        fact the connection recorded (Batch.lost): False means the request never left vproxy, so it
+        is safe to send again. A read is sent again once; a write that may have reached the backend
+        is not.
         """
         deadline = monotonic() + self.cfg.primary_wait
         t = self.topology
@@ -154,8 +155,7 @@ class Router:
         if verdict is not None:
             verdict.wait(max(0.0, deadline - monotonic()))
         out = []
-        for idx, raw, name, args, key, pool, ch in failed:
-            sent = ch is not None and ch.ready
+        for idx, raw, name, args, key, pool, sent in failed:
             if sent and not _is_read(name, session):
                 out.append((idx, raw, key, resp.error(UNKNOWN_OUTCOME.format(pool.name))))
                 continue

@@ -33,10 +33,6 @@ UNWATCH = resp.encode_request([b"UNWATCH"])
 ASKING = resp.encode_request([b"ASKING"])
 EXECABORT = resp.error("EXECABORT Transaction discarded because of previous errors.")
 _REDIRECT = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
-_DOWN = b"-ERR vproxy: backend "
-# A request that failed with one of these was never sent: resending it cannot run it twice.
-NOT_SENT = (b"; retrying)", b"(connection closed)", b"refused", b"connect timed out", b"handshake",
-            b"has no owner", b"unreachable")
 
 
 def other_slot(pin) -> str:
@@ -134,19 +130,15 @@ def end_watch(s) -> None:
     s.watching = False
 
 
-def _retry(frame: bytes) -> bool:
-    """A reply that says the transaction did not run, and may run elsewhere or later."""
-    return frame.startswith(_REDIRECT) or (frame.startswith(_DOWN) and any(m in frame for m in NOT_SENT))
-
-
 def run(s, queued: list, slot: int) -> bytes:
     """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
     cfg = s.app.cfg
     deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
     own = any(name in _STATEFUL for name, _ in queued)
     while True:
-        frames = _send(s, queued, slot, addr, asking, own)
-        bad = next((f for f in frames if _retry(f)), None)
+        frames, unsent = _send(s, queued, slot, addr, asking, own)
+        # may run again: the cluster said "not here / not now", or EXEC never reached a server
+        bad = next((f for f in frames if f.startswith(_REDIRECT)), frames[-1] if unsent else None)
         if bad is None or monotonic() >= deadline:
             return frames[-1]
         if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
@@ -163,8 +155,9 @@ def run(s, queued: list, slot: int) -> bytes:
             delay = min(delay * 2, 0.5)
 
 
-def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
-    """MULTI + queued + EXEC on one connection, written in one piece; every reply, in order."""
+def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[list, bool]:
+    """MULTI + queued + EXEC on one connection, written in one piece: every reply, in order, and
+    whether EXEC surely never reached a server (so the transaction may be sent again)."""
     topo = s.app.router.topology
     lease = None
     try:
@@ -173,7 +166,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
         else:
             addr = addr or (topo.owner(slot) if slot >= 0 else topo.primary)
             if addr is None:
-                return [resp.error(f"CLUSTERDOWN vproxy: slot {slot} has no owner")]
+                return [resp.error(f"CLUSTERDOWN vproxy: slot {slot} has no owner")], True
             if own:
                 lease = Lease(s.app.router.pool(addr), s.key())
                 lease.dirty = True
@@ -181,7 +174,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
             else:
                 ch = s.channel_to(addr)
     except BackendError as e:
-        return [resp.error(str(e))]
+        return [resp.error(str(e))], True
     b = Batch(len(queued) + 2)
     deadline = deadline_after(s.app.cfg.command_timeout)
     if asking:
@@ -195,7 +188,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> list:
     finally:
         if lease is not None:
             lease.release(clean=False)
-    return b.replies
+    return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
 
 
 def _addr(text: bytes) -> tuple[str, int]:

@@ -14,12 +14,13 @@ from ..sockio import close_quietly, recv_ready, send_all
 class BackendConn:
     """A connected, handshaken socket to one backend server, speaking RESP `proto` on database `db`."""
 
-    __slots__ = ("addr", "sock", "framer", "db", "proto")
+    __slots__ = ("addr", "sock", "framer", "db", "proto", "backend_id")
 
     def __init__(self, addr: tuple[str, int], db: int = 0, proto: int = 2):
         self.addr, self.db, self.proto = addr, db, proto
         self.sock: socket.socket | None = None
         self.framer = resp.ReplyFramer()
+        self.backend_id: int | None = None  # the server's CLIENT ID for this connection
 
     @property
     def name(self) -> str:
@@ -52,6 +53,7 @@ class BackendConn:
         if self.db:
             steps.append([b"SELECT", str(self.db).encode()])
         steps.append([b"CLIENT", b"SETNAME", b"vproxy"])
+        steps.append([b"CLIENT", b"ID"])  # CLIENT TRACKING ... REDIRECT names connections by it
         self.send(b"".join(resp.encode_request(s) for s in steps))
         frames: list[bytes] = []
         while len(frames) < len(steps):
@@ -59,10 +61,12 @@ class BackendConn:
             if not more:
                 raise BackendError("connection closed by backend during handshake")
             frames += more
+        if frames[-1][:1] == b":":
+            self.backend_id = int(frames[-1][1:-2])
         for step, frame in zip(steps, frames):
-            # Redis 7 answers CLIENT SETNAME with -BUSY while a script runs; the name is cosmetic, and
-            # this connection may be the one a SCRIPT KILL needs.
-            if frame[:1] == b"-" and not (step[1:2] == [b"SETNAME"] and frame.startswith(b"-BUSY")):
+            # Redis 7 answers CLIENT SETNAME/ID with -BUSY while a script runs; neither is essential,
+            # and this connection may be the one a SCRIPT KILL needs.
+            if frame[:1] == b"-" and not (step[1:2] in ([b"SETNAME"], [b"ID"]) and frame.startswith(b"-BUSY")):
                 raise BackendError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}")
 
     def send(self, data: bytes) -> None:

@@ -1,11 +1,13 @@
-"""A backend connection used through a queue: batched writes, one reader greenlet, FIFO replies.
+"""A backend connection used through a queue: batched writes, FIFO replies, errors never silence.
 
-    clients --submit(raw, batch, idx)--> outbuf --writer greenlet: one sendall per wake--> backend
-    backend --reader greenlet: ReplyFramer--> frames --FIFO waiters--> batch.put(idx, frame)
-                                                  \\--(stream mode) sink(frames) --> one client
+    clients --submit(raw, batch, idx)--> outbuf --loop callback: one send per loop iteration--> backend
+    backend --reader (loop I/O callback, or greenlet when leased): ReplyFramer--> frames
+            --FIFO waiters--> batch.replies[idx]; the batch's last reply wakes its client
+                         \\--(stream mode) sink(frames) --> one client
 
 A shared channel serves many clients of one (db, protocol); a leased channel serves one client.
-When the connection fails or times out every waiter gets an error reply, never silence.
+When the connection fails or times out every waiter gets an error reply, and its batch records
+whether that request was ever handed to the kernel (Batch.lost): retries read that fact.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from time import monotonic
 
 import gevent
 from gevent.event import Event
-from gevent.hub import Waiter
+from gevent.hub import Waiter, get_hub
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
@@ -25,15 +27,17 @@ from .backend import BackendConn
 class Batch:
     """One client's replies in flight, in the client's order; filled by channels, awaited by the client.
 
-    wait() parks the client greenlet on a gevent Waiter, woken by one hub callback when the last
-    reply is in: about half the cost of an Event set/wait per round trip. `event` (created on first
-    use) serves waits with a timeout."""
+    wait() parks the client greenlet on a gevent Waiter, switched to directly by a reader running in
+    the loop, or by one loop callback otherwise. `event` (created on first use) serves waits with a
+    timeout. `lost` maps the index of each request whose connection failed to whether it had been
+    sent (True: the server may have run it) or never left vproxy (False: safe to send again)."""
 
-    __slots__ = ("replies", "left", "_event", "_waiter")
+    __slots__ = ("replies", "left", "lost", "_event", "_waiter")
 
     def __init__(self, n: int):
         self.replies: list = [None] * n
         self.left = 0
+        self.lost: dict[int, bool] | None = None
         self._event: Event | None = None
         self._waiter: Waiter | None = None
 
@@ -51,12 +55,29 @@ class Batch:
         if not self.left:
             self.done()
 
-    def done(self) -> None:
-        """Wake whoever waits: the last reply is in."""
+    def fail(self, idx: int, frame: bytes, sent: bool) -> None:
+        """The request's connection failed: its error reply, and whether it had been sent."""
+        if self.lost is None:
+            self.lost = {}
+        self.lost[idx] = sent
+        self.put(idx, frame)
+
+    def unsent(self, idx: int, frame: bytes) -> None:
+        """The request never reached a connection (no node, node down): its error, safe to retry."""
+        if self.lost is None:
+            self.lost = {}
+        self.lost[idx] = False
+        self.replies[idx] = frame
+
+    def done(self, in_hub: bool = False) -> None:
+        """Wake whoever waits: the last reply is in (in_hub: called from the loop greenlet itself)."""
         w = self._waiter
         if w is not None:
             self._waiter = None
-            w.hub.loop.run_callback(w.switch, None)
+            if in_hub:
+                w.switch(None)
+            else:
+                w.hub.loop.run_callback(w.switch, None)
         if self._event is not None:
             self._event.set()
 
@@ -75,19 +96,30 @@ class Batch:
 
 
 class Channel:
-    """One backend connection with a write queue and FIFO reply matching."""
+    """One backend connection with a write queue and FIFO reply matching.
+
+    Shared channels do their I/O in the event loop itself: requests queued by any number of client
+    greenlets in one loop iteration go out in one send from a loop callback, and replies are read
+    by an I/O watcher's callback that wakes each waiting client directly. No greenlet of the
+    channel's own sits between a client and the backend, so a round trip costs two greenlet
+    switches instead of six. A send the kernel does not take whole, and the connect handshake, run
+    in a short-lived greenlet. Leased channels read in a greenlet instead: their stream sink
+    writes to its client and may block, which the loop itself must never do.
+    """
 
     def __init__(self, pool, key: tuple[int, int], exclusive: bool = False):
         self.pool, self.key, self.exclusive = pool, key, exclusive
         self.conn = BackendConn(pool.addr, db=key[0], proto=key[1])
         self.waiters: deque = deque()  # (batch, idx, deadline) in send order
         self.outbuf: list[bytes] = []
-        self.wake = Event()
+        self.unsent = 0  # waiters at the tail whose request has not been handed to the kernel yet
+        self.flushing = False  # a flush is scheduled, or a greenlet is draining a big send
         self.closed = False
         self.ready = False
         self.sink = None  # stream mode: callable(frames) that takes every reply
-        self.reader = None
-        self.writer = gevent.spawn(self._run)
+        self.reader = None  # the I/O watcher (shared) or reader greenlet (leased)
+        self._loop = get_hub().loop
+        self.writer = gevent.spawn(self._connect)  # then the greenlet draining a send, if any
 
     def __repr__(self):
         return f"<Channel {self.conn.name} db={self.key[0]} resp{self.key[1]} waiters={len(self.waiters)}>"
@@ -97,21 +129,62 @@ class Channel:
         if self.closed:
             if batch is not None:
                 batch.left += 1
-                batch.put(idx, resp.error(backend_unavailable(self.conn.name, "connection closed")))
+                batch.fail(idx, resp.error(backend_unavailable(self.conn.name, "connection closed")), False)
             return
         if batch is not None:
             batch.left += 1
         self.waiters.append((batch, idx, deadline))
+        self.unsent += 1
         self.outbuf.append(raw)
-        self.wake.set()
+        if not self.flushing and self.ready:
+            self.flushing = True
+            self._loop.run_callback(self._flush)
 
     def send_raw(self, raw: bytes) -> None:
         """Queue bytes whose replies nobody waits for through FIFO (stream mode)."""
         if not self.closed:
             self.outbuf.append(raw)
-            self.wake.set()
+            if not self.flushing and self.ready:
+                self.flushing = True
+                self._loop.run_callback(self._flush)
 
-    def _run(self) -> None:
+    # ---- writing ----
+
+    def _flush(self) -> None:
+        """Send everything queued in one non-blocking send; a remainder goes to a draining greenlet."""
+        outbuf = self.outbuf
+        if self.closed or not outbuf:
+            self.flushing = False
+            return
+        data = b"".join(outbuf) if len(outbuf) > 1 else outbuf[0]
+        outbuf.clear()
+        self.unsent = 0  # from here on a failure leaves these requests' outcome unknown
+        try:
+            sent = self.conn.sock._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except (OSError, AttributeError):  # AttributeError: socket closed under us
+            return self.abort(backend_unavailable(self.conn.name, "connection lost while sending"))
+        if sent < len(data):
+            self.writer = gevent.spawn(self._drain, data[sent:])
+        else:
+            self.flushing = False
+
+    def _drain(self, rest: bytes) -> None:
+        """The kernel's send buffer is full: wait until it takes the rest, and what queued since."""
+        try:
+            while rest:
+                self.conn.sock.sendall(rest)
+                rest = b"".join(self.outbuf)
+                self.outbuf.clear()
+                self.unsent = 0
+        except (OSError, AttributeError):
+            return self.abort(backend_unavailable(self.conn.name, "connection lost while sending"))
+        self.flushing = False
+
+    # ---- connecting ----
+
+    def _connect(self) -> None:
         cfg = self.pool.cfg
         try:
             self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
@@ -125,24 +198,34 @@ class Channel:
             return
         self.pool.connect_ok()
         self.ready = True
-        self.reader = gevent.spawn(self._read)
-        outbuf, wake = self.outbuf, self.wake
-        while not self.closed:
-            if not outbuf:
-                wake.clear()
-                if not outbuf:
-                    wake.wait()
-                continue
-            data = b"".join(outbuf) if len(outbuf) > 1 else outbuf[0]
-            outbuf.clear()
-            try:
-                self.conn.send(data)
-            except (OSError, AttributeError):  # AttributeError: socket closed under us
-                self.abort(backend_unavailable(self.conn.name, "connection lost while sending"))
-                return
+        if self.exclusive:
+            self.reader = gevent.spawn(self._read)
+        else:
+            self.reader = self._loop.io(self.conn.sock.fileno(), 1)
+            self.reader.start(self._on_readable)
+        if self.outbuf:
+            self.flushing = True
+            self._flush()
+
+    # ---- reading ----
+
+    def _on_readable(self) -> None:
+        """Shared channels: the loop says the socket is readable; read, frame, hand out replies."""
+        try:
+            data = self.conn.sock._sock.recv(262144)
+            if not data:
+                return self.abort(backend_unavailable(self.conn.name, "connection closed by backend"))
+            frames = self.conn.framer.feed(data)
+            if frames:
+                self._deliver(frames, True)
+        except BlockingIOError:
+            pass
+        except (OSError, AttributeError, BackendError, ValueError) as e:
+            why = e if isinstance(e, BackendError) else "connection lost"
+            self.abort(backend_unavailable(self.conn.name, str(why)))
 
     def _read(self) -> None:
-        waiters = self.waiters
+        """Leased channels: a greenlet reads, so that a stream sink may block on its client."""
         try:
             while True:
                 frames = self.conn.read_frames()
@@ -151,20 +234,30 @@ class Channel:
                 if self.sink is not None:
                     self.sink(frames)
                     continue
-                for frame in frames:
-                    if not waiters:
-                        raise BackendError("reply with no request waiting for it")
-                    batch, idx, _ = waiters.popleft()
-                    if batch is not None:  # batch.put(idx, frame), inlined: once per reply
-                        batch.replies[idx] = frame
-                        batch.left -= 1
-                        if not batch.left:
-                            batch.done()
+                self._deliver(frames, False)
+                if self.closed:
+                    return
         except (OSError, AttributeError, BackendError, ValueError) as e:
             why = e if isinstance(e, BackendError) else "connection lost"
             self.abort(backend_unavailable(self.conn.name, str(why)))
             return
         self.abort(backend_unavailable(self.conn.name, "connection closed by backend"))
+
+    def _deliver(self, frames: list, in_hub: bool) -> None:
+        """Match replies to waiters in FIFO order; a batch whose last reply is in wakes its client
+        (from the loop directly: the client runs now, and the loop resumes here when it waits)."""
+        waiters = self.waiters
+        for frame in frames:
+            if not waiters:
+                raise BackendError("reply with no request waiting for it")
+            batch, idx, _ = waiters.popleft()
+            if batch is not None:  # batch.put(idx, frame), inlined: once per reply
+                batch.replies[idx] = frame
+                batch.left -= 1
+                if not batch.left:
+                    batch.done(in_hub)
+                    if self.closed:  # the woken client closed this channel: the rest are answered
+                        return
 
     def expired(self, now: float) -> bool:
         """True when the oldest request has waited past its deadline."""
@@ -174,24 +267,32 @@ class Channel:
         self.abort(backend_timeout(self.conn.name, self.pool.cfg.command_timeout))
 
     def abort(self, msg: str) -> None:
-        """Close the connection and answer every waiter with an error (idempotent)."""
+        """Close the connection and answer every waiter with an error (idempotent), recording for
+        each request whether it was ever sent (see Batch.lost)."""
         if self.closed and not self.waiters:
             return
         self.closed = True
+        reader, self.reader = self.reader, None
+        if reader is not None and not isinstance(reader, gevent.Greenlet):
+            reader.stop()
+            reader.close()
         self.conn.close()
         self.pool.forget(self)
         err = resp.error(msg)
         waiters, self.waiters = self.waiters, deque()
+        sent_count, self.unsent = len(waiters) - self.unsent, 0
+        n = 0
         while waiters:  # emptied, not just read: a reader still holding this deque finds nobody to answer
             batch, idx, _ = waiters.popleft()
             if batch is not None:
-                batch.put(idx, err)
+                batch.fail(idx, err, n < sent_count)
+            n += 1
+        self.outbuf.clear()
         sink, self.sink = self.sink, None
         if sink is not None:
             sink(None)  # tells the stream's owner the connection is gone
-        self.wake.set()
-        if self.reader is not None and self.reader is not gevent.getcurrent():
-            self.reader.kill(block=False)
+        if reader is not None and isinstance(reader, gevent.Greenlet) and reader is not gevent.getcurrent():
+            reader.kill(block=False)
 
     def close(self) -> None:
         self.abort(backend_unavailable(self.conn.name, "connection closed by vproxy"))

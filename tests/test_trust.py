@@ -1,0 +1,134 @@
+"""What a client sees when it blocks, hangs up, pipelines big replies or redirects tracking: as on the
+server, and never at another client's expense."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import RawClient, proxy_stats, wait_for
+
+E = RawClient.encode
+
+
+def _blocked_clients(server) -> int:
+    return int(server.client().info("clients")["blocked_clients"])
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+# ---- pipelined blocking commands ----
+
+@pytest.mark.parametrize("target", ["server", "proxy"])
+def test_reply_before_a_pipelined_blpop_arrives_before_it_blocks(proxy, server, target):
+    """LPUSH + BLPOP in one write: the LPUSH's reply comes at once, then the BLPOP blocks; the first
+    blocked client is served first (the server's fairness), a later LPUSH serves the second."""
+    server.client().flushall()
+    port = proxy.port if target == "proxy" else server.port
+    first, second, pusher = RawClient(port), RawClient(port), RawClient(port)
+    try:
+        first.send(E("BLPOP", "mylist", "0"))
+        wait_for(lambda: _blocked_clients(server) == 1, what="the first BLPOP to block")
+        second.send(E("LPUSH", "mylist", "1") + E("BLPOP", "mylist", "0"))
+        assert second.read(timeout=5) == b":1\r\n"
+        assert first.read() == b"*2\r\n$6\r\nmylist\r\n$1\r\n1\r\n"
+        wait_for(lambda: _blocked_clients(server) == 1, what="the second BLPOP to block")
+        assert second.nothing_pending(0.1)
+        assert pusher.call("LPUSH", "mylist", "2") == b":1\r\n"
+        assert second.read() == b"*2\r\n$6\r\nmylist\r\n$1\r\n2\r\n"
+        assert second.call("PING") == b"+PONG\r\n"
+    finally:
+        for c in (first, second, pusher):
+            c.close()
+
+
+def test_mixed_pipeline_around_blocking_commands_keeps_order(proxy, server):
+    server.client().flushall()
+    c, pusher = RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        c.send(E("SET", "k", "1") + E("BLPOP", "q", "0") + E("INCR", "k") + E("BRPOP", "q", "0") + E("GET", "k"))
+        assert c.read(timeout=5) == b"+OK\r\n"
+        wait_for(lambda: _blocked_clients(server) == 1, what="BLPOP to block")
+        assert pusher.call("RPUSH", "q", "a") == b":1\r\n"
+        assert c.read() == b"*2\r\n$1\r\nq\r\n$1\r\na\r\n"
+        assert c.read() == b":2\r\n"
+        wait_for(lambda: _blocked_clients(server) == 1, what="BRPOP to block")
+        assert pusher.call("RPUSH", "q", "b") == b":1\r\n"
+        assert c.read_n(2) == [b"*2\r\n$1\r\nq\r\n$1\r\nb\r\n", b"$1\r\n2\r\n"]
+    finally:
+        c.close()
+        pusher.close()
+
+
+# ---- a client that hangs up while blocked ----
+
+@pytest.mark.parametrize("behind", [b"", E("SET", "after", "1") + E("INCR", "n")])
+def test_hang_up_while_blocked_ends_the_blpop_on_the_server(proxy, server, behind):
+    """The server must forget the BLPOP of a client that left (else it takes the next push and the
+    element is lost), also when the client had pipelined more requests behind it."""
+    server.client().flushall()
+    c = RawClient(proxy.port)
+    c.send(E("BLPOP", "jobs", "0") + behind)
+    wait_for(lambda: _blocked_clients(server) == 1, what="BLPOP to block")
+    c.close()
+    wait_for(lambda: _blocked_clients(server) == 0, what="the server to drop the departed client's BLPOP")
+    other = proxy.client(protocol=2)
+    assert other.lpush("jobs", "job-1") == 1
+    assert other.llen("jobs") == 1  # nobody took it
+    assert server.client().get("after") is None  # what came behind the BLPOP did not run
+    wait_for(lambda: int(proxy_stats(proxy)["backend_connections_pinned"]) == 0, what="the pin to go")
+
+
+# ---- replies stream out, with a bound on what vproxy holds per client ----
+
+def test_pipeline_of_big_replies_is_bounded_and_other_clients_go_on(proxy, server):
+    """A client pipelines 400 GETs of a 1 MB value and reads nothing: vproxy must not hold all 400 MB
+    for it, another client is served meanwhile, and the memory comes back once it leaves."""
+    server.client().flushall()
+    value = b"v" * (1 << 20)
+    server.client().set("big", value)
+    other = proxy.client(protocol=2)
+    assert other.set("small", "1")
+    base = _rss_kb(proxy.proc.pid)
+    hog = RawClient(proxy.port, timeout=30)
+    hog.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
+    hog.send(E("GET", "big") * 400)
+    peak = base
+    for _ in range(20):  # the hog never reads: look at vproxy while the other client works
+        assert other.get("small") == b"1"
+        peak = max(peak, _rss_kb(proxy.proc.pid))
+    assert peak - base < 300 * 1024, f"vproxy grew by {(peak - base) // 1024} MB for one client"
+    hog.sock.settimeout(30)
+    got = 0  # now read everything: every reply arrives, whole and in order
+    want = len(b"$%d\r\n" % len(value)) + len(value) + 2
+    while got < 400 * want:
+        data = hog.sock.recv(1 << 20)
+        assert data, "closed before all replies arrived"
+        got += len(data)
+    assert got == 400 * want
+    hog.close()
+    wait_for(lambda: _rss_kb(proxy.proc.pid) - base < 64 * 1024, what="vproxy to give the memory back")
+    assert other.get("small") == b"1"
+
+
+# ---- CLIENT TRACKING REDIRECT to another vproxy client ----
+
+def test_client_tracking_redirect_to_another_proxy_client(proxy, server):
+    """RESP2 client-side caching: one connection subscribes to __redis__:invalidate, another turns
+    tracking on with REDIRECT <the first one's CLIENT ID>, as CLIENT ID told it."""
+    server.client().flushall()
+    sub, data, writer = RawClient(proxy.port), RawClient(proxy.port), proxy.client(protocol=2)
+    try:
+        sub_id = int(sub.call("CLIENT", "ID")[1:-2])
+        assert sub.call("SUBSCRIBE", "__redis__:invalidate") == \
+            b"*3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n"
+        assert data.call("CLIENT", "TRACKING", "on", "REDIRECT", sub_id) == b"+OK\r\n"
+        writer.set("cached", "v1")
+        assert data.call("GET", "cached") == b"$2\r\nv1\r\n"
+        writer.set("cached", "v2")
+        assert sub.read() == b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$6\r\ncached\r\n"
+        assert data.call("CLIENT", "TRACKING", "on", "REDIRECT", 987654321).startswith(b"-ERR")
+    finally:
+        for c in (sub, data):
+            c.close()
