@@ -312,8 +312,9 @@ def run_redis_benchmark(port: int, clients: int, pipeline: int, requests: int, c
     if r.returncode != 0:
         raise RuntimeError(f"redis-benchmark failed ({r.returncode}): {r.stderr[-500:]}")
     header = None
-    for row in csv.reader(io.StringIO(r.stdout)):
-        if not row:
+    text = r.stdout[max(0, r.stdout.find('"test"')):]
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2:
             continue
         if row[0] == "test":
             header = row
@@ -829,8 +830,8 @@ def footnotes(res: dict) -> list[str]:
     lines = [f"direct, vproxy{', twemproxy' if twem else ''}: medians of {rounds} paired round(s); ratio = that "
              "target / direct, the median of the per-round ratios (throughput: higher is better; p99 and CPU: "
              "lower is better).",
-             "CPU us/req: CPU time of the process per request served (server alone, vproxy alone"
-             f"{', nutcracker alone' if twem else ''})."]
+             "CPU time per request served (the CPU us/req rows) is the process's own: server alone, vproxy alone"
+             f"{', nutcracker alone' if twem else ''}."]
     bc = res.get("backend_connections")
     if bc:
         lines.append(f"backend conns: max over {bc['samples']} samples during the vproxy c500 runs; backend "
