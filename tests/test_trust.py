@@ -132,3 +132,39 @@ def test_client_tracking_redirect_to_another_proxy_client(proxy, server):
     finally:
         for c in (sub, data):
             c.close()
+
+
+# ---- replies of plain requests leave from the loop (outbox): order and half-closed clients ----
+
+@pytest.mark.parametrize("target", ["server", "proxy"])
+def test_half_closed_client_still_gets_its_replies(proxy, server, target):
+    """`printf 'SET..GET..' | nc` style: the client sends, shuts its side, then reads everything."""
+    server.client().flushall()
+    c = RawClient(proxy.port if target == "proxy" else server.port)
+    try:
+        c.send(E("SET", "hc", "1") + E("INCR", "hc") + E("PING") + E("GET", "hc"))
+        c.sock.shutdown(__import__("socket").SHUT_WR)
+        assert c.read_n(4) == [b"+OK\r\n", b":2\r\n", b"+PONG\r\n", b"$1\r\n2\r\n"]
+    finally:
+        c.close()
+
+
+def test_plain_and_local_requests_interleaved_keep_order(proxy, server):
+    server.client().flushall()
+    c = RawClient(proxy.port)
+    try:
+        want = []
+        data = b""
+        for n in range(300):  # more than one pipeline window, crossing local/plain/pinned requests
+            data += E("INCR", "ctr")
+            want.append(b":%d\r\n" % (n + 1))
+            if n % 7 == 0:
+                data += E("ECHO", f"e{n}")
+                want.append(b"$%d\r\ne%d\r\n" % (len(f"e{n}"), n))
+            if n % 50 == 0:
+                data += E("MULTI") + E("GET", "ctr") + E("EXEC")
+                want += [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n$%d\r\n%d\r\n" % (len(str(n + 1)), n + 1)]
+        c.send(data)
+        assert c.read_n(len(want), timeout=20) == want
+    finally:
+        c.close()

@@ -21,6 +21,7 @@ def _dump_greenlets() -> None:
     from gevent.util import format_run_info
 
     from .mux.channel import Batch, Channel
+    from .outbox import Outbox
 
     lines = []
     owed: dict = {}
@@ -37,6 +38,9 @@ def _dump_greenlets() -> None:
                 if batch is not None:
                     owed[id(batch)] = owed.get(id(batch), 0) + 1
     for obj in gc.get_objects():
+        if isinstance(obj, Outbox) and (obj.left or obj.out):
+            lines.append(f"outbox {id(obj):#x} in-flight={obj.left} unwritten={len(obj.out)} "
+                         f"waiting={obj.waiter is not None} closed={obj.closed}")
         if isinstance(obj, Batch) and obj.left:
             lines.append(f"batch {id(obj):#x} left={obj.left} owed-by-channels={owed.get(id(obj), 0)} "
                          f"size={len(obj.replies)} waiting={obj._waiter is not None}")

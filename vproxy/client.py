@@ -29,6 +29,7 @@ from .errors import BackendError, ProtocolError
 from .local import LOCAL
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
+from .outbox import Outbox
 from .sockio import recv_ready, send_all
 
 _ids = count(1)
@@ -90,6 +91,8 @@ class ClientSession:
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
+        self.outbox = Outbox(sock)
+        self.fast = not app.router.ha  # HA modes retry failed requests: they need the batch path
 
     # ---- the loop ----
 
@@ -108,10 +111,12 @@ class ClientSession:
                 except ProtocolError as e:
                     if e.requests:
                         self.process(e.requests)
+                    self.outbox.wait_idle()  # their replies first
                     self.write(resp.error(f"ERR Protocol error: {e}"))
                     break
                 if reqs:
                     self.process(reqs)
+            self.outbox.wait_idle()  # a client that half-closed still gets the replies in flight
         except OSError:
             pass  # the client's socket failed: nothing to tell it
         except Exception:  # a bug must cost one client, not the proxy, and must be seen
@@ -122,8 +127,16 @@ class ClientSession:
     def process(self, reqs: list) -> None:
         """Run requests in windows: each window's replies are written before the next one is sent,
         so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
-        and a client that does not read its replies stops being read (its greenlet waits in send)."""
+        and a client that does not read its replies stops being read (its greenlet waits in send).
+        Plain requests first take the fast path (see outbox.py) while they can."""
         self.app.stats.commands += len(reqs)
+        if self.fast and self.plain():
+            done = self.forward_plain(reqs)
+            if done == len(reqs):
+                return
+            reqs = reqs[done:]
+        if not self.outbox.idle():
+            self.outbox.wait_idle()  # the plain requests' replies go out first
         start, n = 0, len(reqs)
         while start < n:
             size = self.window
@@ -138,6 +151,40 @@ class ClientSession:
             self.flush(batch, len(part))
             if self.closing:
                 break
+
+    def plain(self) -> bool:
+        """No state that a request must pass through: plain requests may take the fast path."""
+        return self.authed and self.lease is None and self.oneshot is None and self.stream is None \
+            and not self.in_multi and not self.closing
+
+    def forward_plain(self, reqs: list) -> int:
+        """Send the leading run of plain forwarded requests on the client's shared channel; their
+        replies go out through the outbox, from the loop. Returns how many requests were sent."""
+        box = self.outbox
+        key = (self.db, self.proto)
+        ch = self.cur
+        try:
+            pool = self.app.router.primary()
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
+                if not box.idle():
+                    box.wait_idle()  # the old channel's replies first: FIFO holds per channel only
+                ch = self.cur = pool.channel(key)
+        except BackendError:
+            return 0  # the general path answers the error
+        lookup = self.app.commands.lookup
+        deadline = deadline_after(self.app.cfg.command_timeout)
+        for k, (args, raw) in enumerate(reqs):
+            name = args[0].lower()
+            arity, policy = lookup(name)
+            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
+                return k
+            if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
+                box.wait_idle()
+                if ch.closed or self.closing or box.closed:
+                    return k
+            self.last_cmd = name
+            ch.submit(raw, box, -1, deadline)
+        return len(reqs)
 
     def flush(self, batch: Batch, upto: int) -> None:
         """Write the replies before index upto (all in: settled), post-processed, and forget them."""
@@ -255,6 +302,7 @@ class ClientSession:
 
     def cleanup(self) -> None:
         self.closing = True
+        self.outbox.close()
         self._end_stream()
         for lease in (self.lease, self.oneshot):
             if lease is not None:

@@ -49,6 +49,7 @@ class ClusterSession(ClientSession):
 
     def __init__(self, app, sock, addr):
         super().__init__(app, sock, addr)
+        self.fast = False  # every request is routed by its keys
         self.inflight: list[Sub] = []
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests

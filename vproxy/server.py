@@ -63,7 +63,7 @@ def janitor(app) -> None:
             idle = app.cfg.client_idle_timeout
             if idle:
                 for s in list(app.clients.values()):
-                    if s.batch is not None and s.batch.left:  # waiting for a reply (BLPOP ...): not idle
+                    if (s.batch is not None and s.batch.left) or s.outbox.left:  # waiting for a reply (BLPOP ...): not idle
                         s.last_active = now
                     elif s.stream is None and now - s.last_active > idle:
                         s.closing = True

@@ -244,20 +244,32 @@ class Channel:
         self.abort(backend_unavailable(self.conn.name, "connection closed by backend"))
 
     def _deliver(self, frames: list, in_hub: bool) -> None:
-        """Match replies to waiters in FIFO order; a batch whose last reply is in wakes its client
-        (from the loop directly: the client runs now, and the loop resumes here when it waits)."""
+        """Match replies to waiters in FIFO order. A batch whose last reply is in wakes its client
+        (from the loop directly: the client runs now, and the loop resumes here when it waits); an
+        outbox (idx -1, see outbox.py) writes its client's replies once this read is handed out."""
         waiters = self.waiters
-        for frame in frames:
-            if not waiters:
-                raise BackendError("reply with no request waiting for it")
-            batch, idx, _ = waiters.popleft()
-            if batch is not None:  # batch.put(idx, frame), inlined: once per reply
-                batch.replies[idx] = frame
-                batch.left -= 1
-                if not batch.left:
-                    batch.done(in_hub)
-                    if self.closed:  # the woken client closed this channel: the rest are answered
-                        return
+        boxes = []
+        try:
+            for frame in frames:
+                if not waiters:
+                    raise BackendError("reply with no request waiting for it")
+                batch, idx, _ = waiters.popleft()
+                if idx < 0:  # outbox.take(frame), inlined
+                    batch.pending.append(frame)
+                    batch.left -= 1
+                    if not batch.touched:
+                        batch.touched = True
+                        boxes.append(batch)
+                elif batch is not None:  # batch.put(idx, frame), inlined: once per reply
+                    batch.replies[idx] = frame
+                    batch.left -= 1
+                    if not batch.left:
+                        batch.done(in_hub)
+                        if self.closed:  # the woken client closed this channel: the rest are answered
+                            return
+        finally:
+            for box in boxes:
+                box.push()
 
     def expired(self, now: float) -> bool:
         """True when the oldest request has waited past its deadline."""

@@ -1,0 +1,109 @@
+"""Outbox: a client's replies written from the event loop as they arrive, in order, with backpressure.
+
+    client greenlet --submit(raw, outbox, -1)--> shared channel --reply--> outbox.take(frame)
+    channel reader (in the loop), after each read --> outbox.push(): one send of what came in
+    the socket full --> the rest waits in `out`, sent by a write watcher when the client reads again
+
+The plain case of a request (a command forwarded on a shared connection, nothing to rewrite) needs
+nothing of its client's greenlet once it is sent: the greenlet goes back to reading requests, and
+the reply goes out from the loop. That saves a round trip through the client greenlet per request.
+Anything else first waits until the outbox is idle (every reply in and written), so replies never
+overtake each other; and the client greenlet stops reading while too much is unwritten or in flight.
+"""
+
+from __future__ import annotations
+
+from gevent.hub import Waiter, get_hub, getcurrent
+
+
+class Outbox:
+    """The replies of one client's plain requests in flight (the `batch` a channel delivers to)."""
+
+    __slots__ = ("raw", "left", "pending", "out", "watcher", "waiter", "closed", "hub", "touched")
+
+    def __init__(self, sock):
+        self.raw = sock._sock  # the plain socket under gevent's: never blocks, never parks
+        self.left = 0  # requests sent whose reply has not come back (channels count it up)
+        self.pending: list[bytes] = []  # replies in, not yet handed to the socket
+        self.out = b""  # bytes the socket did not take yet
+        self.watcher = None  # write watcher while `out` waits
+        self.waiter: Waiter | None = None  # the client greenlet waiting for idle()
+        self.closed = False
+        self.hub = get_hub()
+        self.touched = False  # replies handed out by the read in progress: push() follows
+
+    def idle(self) -> bool:
+        return not self.left and not self.out and not self.pending
+
+    def take(self, frame: bytes) -> None:
+        """A reply came (the channel calls push() once its read is handed out)."""
+        self.pending.append(frame)
+        self.left -= 1
+
+    def fail(self, idx: int, frame: bytes, sent: bool) -> None:
+        """The request's connection failed: the error is its reply (as for a batch)."""
+        self.take(frame)
+        self.push()
+
+    def push(self) -> None:
+        """Write what came in: one send; what the socket does not take waits for the write watcher."""
+        self.touched = False
+        pending = self.pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            if self.out:
+                self.out += data
+            elif not self.closed:
+                self._send(data)
+        if self.waiter is not None and self.idle():
+            self._wake()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            n = self.raw.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # the client is gone: its greenlet sees that on its next read
+            self.closed = True
+            return
+        if n < len(data):
+            self.out = data[n:]
+            if self.watcher is None:
+                self.watcher = self.hub.loop.io(self.raw.fileno(), 2)
+            self.watcher.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        out, self.out = self.out, b""
+        self.watcher.stop()
+        if not self.closed:
+            self._send(out)
+        if self.waiter is not None and self.idle():
+            self._wake()
+
+    def _wake(self) -> None:
+        w, self.waiter = self.waiter, None
+        if getcurrent() is self.hub:
+            w.switch(None)
+        else:
+            self.hub.loop.run_callback(w.switch, None)
+
+    def wait_idle(self) -> None:
+        """Park the client greenlet until every reply is in and written (or the client is gone)."""
+        while not self.idle() and not self.closed:
+            w = self.waiter = Waiter()
+            try:
+                w.get()
+            finally:
+                if self.waiter is w:
+                    self.waiter = None
+
+    def close(self) -> None:
+        """The client left: replies still to come are dropped."""
+        self.closed = True
+        self.pending.clear()
+        self.out = b""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
