@@ -161,23 +161,18 @@ class ClientSession:
         """Send the leading run of plain forwarded requests on the client's shared channel; their
         replies go out through the outbox, from the loop. Returns how many requests were sent."""
         box = self.outbox
-        key = (self.db, self.proto)
-        ch = self.cur
-        try:
-            pool = self.app.router.primary()
-            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
-                if not box.idle():
-                    box.wait_idle()  # the old channel's replies first: FIFO holds per channel only
-                ch = self.cur = pool.channel(key)
-        except BackendError:
-            return 0  # the general path answers the error
         lookup = self.app.commands.lookup
-        deadline = deadline_after(self.app.cfg.command_timeout)
+        ch = deadline = None
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
             arity, policy = lookup(name)
             if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
                 return k
+            if ch is None:  # the first plain request: its channel (none is opened for other requests)
+                ch = self._plain_channel()
+                if ch is None:
+                    return k
+                deadline = deadline_after(self.app.cfg.command_timeout)
             if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
                 box.wait_idle()
                 if ch.closed or self.closing or box.closed:
@@ -185,6 +180,20 @@ class ClientSession:
             self.last_cmd = name
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
+
+    def _plain_channel(self):
+        """The shared channel plain requests go to (None: the general path answers the error)."""
+        key = (self.db, self.proto)
+        ch = self.cur
+        try:
+            pool = self.app.router.primary()
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
+                if not self.outbox.idle():
+                    self.outbox.wait_idle()  # the old channel's replies first: FIFO holds per channel only
+                ch = self.cur = pool.channel(key)
+        except BackendError:
+            return None
+        return ch
 
     def flush(self, batch: Batch, upto: int) -> None:
         """Write the replies before index upto (all in: settled), post-processed, and forget them."""
