@@ -18,7 +18,7 @@ from itertools import count
 from time import monotonic, time
 
 from gevent.event import Event
-from gevent.hub import get_hub
+from gevent.hub import Waiter, get_hub
 from gevent.lock import Semaphore
 from loguru import logger
 
@@ -92,6 +92,8 @@ class ClientSession:
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
         self.outbox = Outbox(sock)
+        self.intake: Waiter | None = None  # the greenlet parked in _intake
+        self.reader = None  # the loop's read watcher on the client socket (see _intake)
         self.fast = not app.router.ha  # HA modes retry failed requests: they need the batch path
 
     # ---- the loop ----
@@ -101,22 +103,29 @@ class ClientSession:
             while not self.closing:
                 if self.early:  # bytes read while a pinned request waited (see _watch_client)
                     data, self.early, self.early_bytes = b"".join(self.early), [], 0
+                elif self.fast and self.plain():
+                    got = self._intake()  # the loop reads and sends plain requests itself
+                    if got is None:
+                        break
+                    if isinstance(got, BaseException):
+                        raise got
+                    self.process(got)
+                    continue
                 else:
                     data = recv_ready(self.sock, 65536)
                     if not data:
                         break
                 self.last_active = monotonic()
-                try:
-                    reqs = self.parser.feed(data)
-                except ProtocolError as e:
-                    if e.requests:
-                        self.process(e.requests)
-                    self.outbox.wait_idle()  # their replies first
-                    self.write(resp.error(f"ERR Protocol error: {e}"))
-                    break
+                reqs = self.parser.feed(data)
                 if reqs:
+                    self.app.stats.commands += len(reqs)
                     self.process(reqs)
             self.outbox.wait_idle()  # a client that half-closed still gets the replies in flight
+        except ProtocolError as e:
+            if e.requests:
+                self.process(e.requests)
+            self.outbox.wait_idle()  # their replies first
+            self.write(resp.error(f"ERR Protocol error: {e}"))
         except OSError:
             pass  # the client's socket failed: nothing to tell it
         except Exception:  # a bug must cost one client, not the proxy, and must be seen
@@ -124,12 +133,60 @@ class ClientSession:
         finally:
             self.cleanup()
 
+    # ---- plain requests from the loop ----
+    #
+    # While the session is plain (see plain()), its greenlet parks in _intake and the loop reads the
+    # client's socket itself (_on_readable): plain requests are sent from there and their replies
+    # go out through the outbox, so the greenlet is not woken at all. Requests that need it (local
+    # ones, pinned state, a channel change, backpressure) are handed to it, with EOF and errors.
+
+    def _intake(self):
+        """Park until the loop hands over requests (a list), a ProtocolError, or None at EOF."""
+        w = self.intake = Waiter()
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = get_hub().loop.io(self.sock.fileno(), 1)
+        reader.start(self._on_readable)
+        try:
+            return w.get()
+        finally:
+            reader.stop()
+            self.intake = None
+
+    def _on_readable(self) -> None:
+        """In the loop: read, parse, send the plain requests; hand the rest to the greenlet."""
+        try:
+            data = self.sock._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._hand(None)
+        self.last_active = monotonic()
+        try:
+            reqs = self.parser.feed(data)
+            if not reqs:
+                return
+            self.app.stats.commands += len(reqs)
+            done = self.forward_plain(reqs, wait=False)
+        except Exception as e:  # ProtocolError, or a bug: the greenlet says it or logs it
+            return self._hand(e)
+        if done < len(reqs):
+            self._hand(reqs[done:] if done else reqs)
+
+    def _hand(self, value) -> None:
+        """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
+        self.reader.stop()
+        w, self.intake = self.intake, None
+        if w is not None:
+            w.switch(value)
+
     def process(self, reqs: list) -> None:
         """Run requests in windows: each window's replies are written before the next one is sent,
         so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
         and a client that does not read its replies stops being read (its greenlet waits in send).
         Plain requests first take the fast path (see outbox.py) while they can."""
-        self.app.stats.commands += len(reqs)
         if self.fast and self.plain():
             done = self.forward_plain(reqs)
             if done == len(reqs):
@@ -157,9 +214,10 @@ class ClientSession:
         return self.authed and self.lease is None and self.oneshot is None and self.stream is None \
             and not self.in_multi and not self.closing
 
-    def forward_plain(self, reqs: list) -> int:
+    def forward_plain(self, reqs: list, wait: bool = True) -> int:
         """Send the leading run of plain forwarded requests on the client's shared channel; their
-        replies go out through the outbox, from the loop. Returns how many requests were sent."""
+        replies go out through the outbox, from the loop. Returns how many requests were sent.
+        wait False (in the loop, which must never block): stop where the greenlet would wait."""
         box = self.outbox
         lookup = self.app.commands.lookup
         ch = deadline = None
@@ -169,11 +227,13 @@ class ClientSession:
             if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
                 return k
             if ch is None:  # the first plain request: its channel (none is opened for other requests)
-                ch = self._plain_channel()
+                ch = self._plain_channel(wait)
                 if ch is None:
                     return k
                 deadline = deadline_after(self.app.cfg.command_timeout)
             if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
+                if not wait:
+                    return k
                 box.wait_idle()
                 if ch.closed or self.closing or box.closed:
                     return k
@@ -181,14 +241,17 @@ class ClientSession:
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
 
-    def _plain_channel(self):
-        """The shared channel plain requests go to (None: the general path answers the error)."""
+    def _plain_channel(self, wait: bool):
+        """The shared channel plain requests go to (None: the general path answers the error, or
+        must wait first)."""
         key = (self.db, self.proto)
         ch = self.cur
         try:
             pool = self.app.router.primary()
             if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
                 if not self.outbox.idle():
+                    if not wait:
+                        return None
                     self.outbox.wait_idle()  # the old channel's replies first: FIFO holds per channel only
                 ch = self.cur = pool.channel(key)
         except BackendError:
@@ -312,6 +375,8 @@ class ClientSession:
     def cleanup(self) -> None:
         self.closing = True
         self.outbox.close()
+        if self.reader is not None:
+            self.reader.close()
         self._end_stream()
         for lease in (self.lease, self.oneshot):
             if lease is not None:
