@@ -33,19 +33,32 @@ class App:
         self.databases = 16
         self.started = monotonic()
         self.greenlets: list = []
-        backends = [parse_addr(b) for b in cfg.backend]
-        if cfg.embedded or (not backends and cfg.mode == "standalone"):
-            self.embedded = EmbeddedValkey()
-            self.embedded.wait_ready()
-            backends = [self.embedded.addr]
-            logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
-        self.seeds = backends
-        self.router = Router(cfg, Topology(cfg.mode, backends[0] if cfg.mode == "standalone" else None))
-        self.monitor = _monitor_for(cfg.mode)(self)
+        # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
+        try:
+            self.seeds = self._backends()
+        except BaseException:
+            self.listener.close()
+            raise
+        self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
+        self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
             from .csession import ClusterSession
             self.listener.session_class = ClusterSession
+
+    def _backends(self) -> list[tuple[str, int]]:
+        """The configured backends, or the embedded server started here (stopped again if it fails)."""
+        backends = [parse_addr(b) for b in self.cfg.backend]
+        if backends or self.cfg.mode != "standalone":  # embedded is standalone-only and backend-less
+            return backends
+        self.embedded = EmbeddedValkey()
+        try:
+            self.embedded.wait_ready()
+        except BaseException:
+            self.embedded.stop()
+            raise
+        logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
+        return [self.embedded.addr]
 
     @property
     def address(self) -> tuple[str, int]:

