@@ -5,6 +5,7 @@ from __future__ import annotations
 from time import monotonic
 
 import gevent
+from gevent.event import Event
 from loguru import logger
 
 from .commands import CommandTable
@@ -33,6 +34,7 @@ class App:
         self.databases = 16
         self.started = monotonic()
         self.greenlets: list = []
+        self.serving = Event()  # set once clients may be served (see start)
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
         try:
@@ -65,24 +67,37 @@ class App:
         return self.listener.address
 
     def start(self) -> None:
+        """Accept clients now; serve them once the command table is read or startup_wait has passed."""
         self.greenlets = [gevent.spawn(janitor, self), gevent.spawn(self.learn)]
         if self.monitor is not None:
             self.greenlets.append(gevent.spawn(self.monitor.run))
+        wait = self.cfg.startup_wait
+        if wait > 0:
+            self.greenlets.append(gevent.spawn_later(wait, self._serve_anyway))
+        else:
+            self.serving.set()
         self.listener.start()
         logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
+
+    def _serve_anyway(self) -> None:
+        if not self.serving.is_set():
+            logger.warning("serving clients with the built-in command table: the backend's was not read "
+                           "within {:g}s (startup_wait)", self.cfg.startup_wait)
+            self.serving.set()
 
     def learn(self) -> None:
         """Read the backend's COMMAND table, database count and identity; retry until it answers."""
         attempts = 0
         while True:
             addr = self.router.topology.primary
-            if addr is None:  # no primary known yet (the monitor is still discovering)
-                gevent.sleep(LEARN_RETRY)
+            if addr is None:  # no primary known yet: look again as soon as the monitor publishes one
+                self.router.changed.wait(LEARN_RETRY)
                 continue
             conn = BackendConn(addr)
             try:
                 conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
                 self._learn_from(conn)
+                self.serving.set()
                 return
             except (BackendError, OSError, ValueError) as e:
                 if attempts % 60 == 0:  # once, then every ~30 s: a down backend must not flood the log

@@ -108,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("command_timeout", float, 5.0, "Seconds a backend may take to answer a non-blocking "
             "command before the client gets an error and the connection is replaced (0: never).",
             check=_non_negative, reloadable=True),
+    Setting("startup_wait", float, 3.0, "At start, seconds client requests wait for vproxy to read the "
+            "backend's COMMAND table (so that nothing is routed with the built-in fallback table); past "
+            "it, requests are served anyway, and get an error while the backend is down (0: no wait).",
+            check=_non_negative),
     Setting("connect_timeout", float, 2.0, "Seconds to connect and handshake with a backend.",
             check=_positive),
     Setting("retry_max_backoff", float, 2.0, "Longest wait between reconnect attempts to a down "

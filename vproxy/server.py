@@ -49,6 +49,9 @@ class Listener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.session_class(app, sock, addr)
         app.clients[session.id] = session
+        # Accepted (and listed) at once, served once the command table is read or startup_wait has
+        # passed: a request routed with the built-in table could be answered differently.
+        app.serving.wait()
         session.run()
 
 
