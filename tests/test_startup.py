@@ -49,15 +49,19 @@ def started():
         p.stop()
 
 
-def test_cross_slot_commands_are_split_right_after_start(cluster, started):
+def test_cross_slot_commands_are_split_right_after_start(cluster, started, tmp_path):
     cluster.flushall()
     for k in ("a", "b", "c"):  # three slots, on three nodes
         cluster.client_for(k).sadd(k, k)
-    p = started(Proxy, "--mode", "cluster", "--backend", cluster.seeds[0])
+    log = tmp_path / "vproxy.log"
+    p = started(Proxy, "--mode", "cluster", "--backend", cluster.seeds[0], "--log-level", "INFO", log_path=log)
     with RawClient(p.port) as c:
         c.send(E("EXISTS", "a", "b", "c", "nope") + E("SUNIONSTORE", "{a}u", "a", "b", "c"))
         assert c.read_n(2) == [b":3\r\n", b":3\r\n"]
     assert cluster.client_for("{a}u").smembers("{a}u") == {b"a", b"b", b"c"}
+    # the start-up line says the databases beyond 0 are vproxy's emulation, not the cluster's
+    line = next(x for x in log.read_text().splitlines() if "learned" in x)  # logged before serving
+    assert "16 databases (the cluster serves db 0; 1-15 are emulated by vproxy as key namespaces)" in line
 
 
 def test_transaction_right_after_start_is_queued_like_the_server_does(cluster, started):

@@ -117,8 +117,20 @@ class App:
         dbs = conn.call("CONFIG", "GET", "databases")
         if isinstance(dbs, list) and len(dbs) == 2:
             self.databases = int(dbs[1])
-        logger.info("learned {} commands; backend {} {}; {} databases", n,
-                    self.server_info.get("server"), self.server_info.get("version"), self.databases)
+        logger.info("learned {} commands; backend {} {}; {}", n, self.server_info.get("server"),
+                    self.server_info.get("version"), self._databases_said())
+
+    def _databases_said(self) -> str:
+        """How many databases clients can SELECT, and who provides them (see dbns.py for a cluster)."""
+        if self.cfg.mode != "cluster":
+            return f"{self.databases} databases"
+        native = getattr(self.router.topology, "databases", 1)
+        if native <= 1 and self.databases <= 1:
+            return "1 database"
+        if native > 1:
+            return f"{native} databases (the cluster's own, cluster-databases)"
+        return (f"{self.databases} databases (the cluster serves db 0; 1-{self.databases - 1} are emulated "
+                "by vproxy as key namespaces)")
 
     def stop(self, drain: float = 2.0) -> None:
         """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
