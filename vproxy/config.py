@@ -196,6 +196,9 @@ def _check_together(v: dict) -> None:
                           "or 'cluster'")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
+    if v["embedded"] and v["backend"]:
+        raise ConfigError(f"setting 'embedded' starts a server of its own: it cannot front 'backend' "
+                          f"{', '.join(v['backend'])}; give one or the other")
 
 
 def _from_toml(path: str) -> dict:
