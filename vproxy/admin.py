@@ -71,12 +71,13 @@ def client_line(s) -> str:
         pass
     st = s.stream
     counts = st.counts if st is not None else [0, 0]
+    patterns = st.patterns if st is not None else 0
     now = time()
     return (
         f"id={s.id} addr={_fmt_addr(s.addr)} laddr={_fmt_addr(sock_name)} fd={_fileno(s)} "
         f"name={s.name.decode(errors='replace')} age={int(now - s.created)} "
-        f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0]} psub=0 "
-        f"ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
+        f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
+        f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
         f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"
