@@ -34,3 +34,8 @@ def test_client_list_shows_channels_patterns_and_shard_channels_apart(kind, star
         proxied.call("PUNSUBSCRIBE", "p*")
         assert _counts(p.client().execute_command("CLIENT", "LIST"), "punsubscribe") == (2, 0, 1)
 
+
+def test_info_proxy_names_the_backend_before_any_command(start_server, start_proxy):
+    s = start_server("valkey")
+    p = start_proxy("--backend", s.addr)
+    assert p.info()["proxy_backends"] == s.addr

@@ -27,7 +27,7 @@ def proxy_section(app) -> str:
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),
-        "proxy_backends": ",".join(p.name for p in app.router.pools.values()),
+        "proxy_backends": ",".join(_backend_names(app)),
         "connected_clients": len(app.clients),
         "total_connections_received": app.stats.connections,
         "rejected_connections": app.stats.rejected,
@@ -45,6 +45,13 @@ def proxy_section(app) -> str:
     }
     fields.update(ha_fields(app))
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+
+def _backend_names(app) -> list[str]:
+    """The configured backends (or the embedded one) and the known primary from the start, then
+    every other node vproxy has connections to (pools open on a node's first command)."""
+    addrs = [*app.seeds, app.router.topology.primary, *(p.addr for p in app.router.pools.values())]
+    return list(dict.fromkeys(_fmt_addr(a) for a in addrs if a is not None))
 
 
 def _flags(s) -> str:
