@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vproxy import resp  # noqa: E402
-from vproxy.builtin_commands import entries  # noqa: E402
-from vproxy.config import parse_addr  # noqa: E402
-from vproxy.embedded import EmbeddedValkey  # noqa: E402
+from vproxy import resp
+from vproxy.builtin_commands import entries
+from vproxy.config import parse_addr
+from vproxy.embedded import EmbeddedValkey
 
 
 def command_reply(addr) -> list:

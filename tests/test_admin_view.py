@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import BACKENDS, RawClient, wait_for
+from conftest import BACKENDS, RawClient
 
 E = RawClient.encode
 

@@ -49,8 +49,9 @@ def test_replaced_connection_after_command_timeout_is_logged(start_server, start
             assert b"did not answer within 0.5s" in c.call("GET", "k")
         finally:
             s.resume()
-    wait_for(lambda: _lines(log, "WARNING", f"backend {s.addr}: no reply within 0.5s (command_timeout); "
-                                            "connection replaced; 1 request in flight got an error"), what="the timeout line")
+    line = (f"backend {s.addr}: no reply within 0.5s (command_timeout); connection replaced; "
+            "1 request in flight got an error")
+    wait_for(lambda: _lines(log, "WARNING", line), what="the timeout line")
 
 
 def test_debug_level_shows_each_backend_connection(start_server, start_proxy, tmp_path):
@@ -60,7 +61,7 @@ def test_debug_level_shows_each_backend_connection(start_server, start_proxy, tm
         p = start_proxy("--backend", s.addr, "--log-level", level, log_path=log)
         with RawClient(p.port) as c:
             assert c.call("SUBSCRIBE", "ch").startswith(b"*3\r\n")  # a connection of its own...
-        wait_for(lambda: proxy_stats(p)["backend_connections_pinned"] == 0, what="the subscriber gone")
+        wait_for(lambda p=p: proxy_stats(p)["backend_connections_pinned"] == 0, what="the subscriber gone")
     # ...closed when the subscriber leaves: both shown at DEBUG only
     assert _lines(logs["DEBUG"], "DEBUG", f"backend {s.addr}: connection opened")
     assert _lines(logs["DEBUG"], "DEBUG", f"backend {s.addr}: connection closed")

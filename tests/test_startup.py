@@ -11,7 +11,7 @@ import time
 
 import pytest
 from clusterkit import Cluster
-from conftest import Proxy, RawClient, wait_for
+from conftest import Proxy, RawClient
 
 from vproxy.embedded import free_port
 

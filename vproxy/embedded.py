@@ -78,7 +78,8 @@ class EmbeddedValkey:
         self.proc = subprocess.Popen(
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent())
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent())  # noqa: PLW1509 (vproxy runs in one thread, under gevent)
 
     @property
     def addr(self) -> tuple[str, int]:

@@ -16,7 +16,7 @@ EVERY = 5.0  # seconds between two lines of one kind
 class RateLog:
     """One per source (a backend): `log(kind, level, text)` writes or holds back the line."""
 
-    __slots__ = ("every", "last", "held")
+    __slots__ = ("every", "held", "last")
 
     def __init__(self, every: float = EVERY):
         self.every = every
