@@ -91,10 +91,14 @@ class Proxy:
 
     ready_reply = b"+PONG"  # what a PING gets once the proxy is up
 
-    def __init__(self, *args: str, env: dict | None = None, wait_learned: bool = True):
+    def __init__(self, *args: str, env: dict | None = None, wait_learned: bool = True, log_path=None):
+        """log_path: a file that gets vproxy's stdout and stderr (its log; pass --log-level too)."""
         self.port = free_port()
         cmd = [sys.executable, "-m", "vproxy", "--listen", f"127.0.0.1:{self.port}", "--log-level", "WARNING", *args]
-        self.log = open(os.devnull, "w") if not os.environ.get("VPROXY_TEST_LOG") else None
+        if log_path is not None:
+            self.log = open(log_path, "w")
+        else:
+            self.log = open(os.devnull, "w") if not os.environ.get("VPROXY_TEST_LOG") else None
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log, stderr=self.log)
         wait_for(self._up, timeout=20, what=f"vproxy on port {self.port}")
         if wait_learned:

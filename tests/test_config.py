@@ -67,3 +67,13 @@ def test_shipped_config_file_loads():
 def test_configuration_doc_matches_code():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert reference_markdown() in doc, "docs/configuration.md is stale: run python scripts/gen_docs.py"
+
+
+def test_embedded_with_a_backend_is_refused():
+    """--embedded starts a server of its own: with --backend one of the two would be ignored silently."""
+    with pytest.raises(ConfigError, match="'embedded'.*127.0.0.1:6379"):
+        load(["--embedded", "--backend", "127.0.0.1:6379"], env={})
+    out = subprocess.run([sys.executable, "-m", "vproxy", "--embedded", "-b", "127.0.0.1:6379"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2
+    assert "setting 'embedded'" in out.stderr and "Traceback" not in out.stderr

@@ -27,7 +27,7 @@ def proxy_section(app) -> str:
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),
-        "proxy_backends": ",".join(p.name for p in app.router.pools.values()),
+        "proxy_backends": ",".join(_backend_names(app)),
         "connected_clients": len(app.clients),
         "total_connections_received": app.stats.connections,
         "rejected_connections": app.stats.rejected,
@@ -45,6 +45,13 @@ def proxy_section(app) -> str:
     }
     fields.update(ha_fields(app))
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+
+def _backend_names(app) -> list[str]:
+    """The configured backends (or the embedded one) and the known primary from the start, then
+    every other node vproxy has connections to (pools open on a node's first command)."""
+    addrs = [*app.seeds, app.router.topology.primary, *(p.addr for p in app.router.pools.values())]
+    return list(dict.fromkeys(_fmt_addr(a) for a in addrs if a is not None))
 
 
 def _flags(s) -> str:
@@ -71,12 +78,13 @@ def client_line(s) -> str:
         pass
     st = s.stream
     counts = st.counts if st is not None else [0, 0]
+    patterns = st.patterns if st is not None else 0
     now = time()
     return (
         f"id={s.id} addr={_fmt_addr(s.addr)} laddr={_fmt_addr(sock_name)} fd={_fileno(s)} "
         f"name={s.name.decode(errors='replace')} age={int(now - s.created)} "
-        f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0]} psub=0 "
-        f"ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
+        f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
+        f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
         f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"

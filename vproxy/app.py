@@ -5,6 +5,7 @@ from __future__ import annotations
 from time import monotonic
 
 import gevent
+from gevent.event import Event
 from loguru import logger
 
 from .commands import CommandTable
@@ -33,43 +34,70 @@ class App:
         self.databases = 16
         self.started = monotonic()
         self.greenlets: list = []
-        backends = [parse_addr(b) for b in cfg.backend]
-        if cfg.embedded or (not backends and cfg.mode == "standalone"):
-            self.embedded = EmbeddedValkey()
-            self.embedded.wait_ready()
-            backends = [self.embedded.addr]
-            logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
-        self.seeds = backends
-        self.router = Router(cfg, Topology(cfg.mode, backends[0] if cfg.mode == "standalone" else None))
-        self.monitor = _monitor_for(cfg.mode)(self)
+        self.serving = Event()  # set once clients may be served (see start)
+        # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
+        try:
+            self.seeds = self._backends()
+        except BaseException:
+            self.listener.close()
+            raise
+        self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
+        self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
             from .csession import ClusterSession
             self.listener.session_class = ClusterSession
+
+    def _backends(self) -> list[tuple[str, int]]:
+        """The configured backends, or the embedded server started here (stopped again if it fails)."""
+        backends = [parse_addr(b) for b in self.cfg.backend]
+        if backends or self.cfg.mode != "standalone":  # embedded is standalone-only and backend-less
+            return backends
+        self.embedded = EmbeddedValkey()
+        try:
+            self.embedded.wait_ready()
+        except BaseException:
+            self.embedded.stop()
+            raise
+        logger.info("embedded valkey-server on 127.0.0.1:{}", self.embedded.port)
+        return [self.embedded.addr]
 
     @property
     def address(self) -> tuple[str, int]:
         return self.listener.address
 
     def start(self) -> None:
+        """Accept clients now; serve them once the command table is read or startup_wait has passed."""
         self.greenlets = [gevent.spawn(janitor, self), gevent.spawn(self.learn)]
         if self.monitor is not None:
             self.greenlets.append(gevent.spawn(self.monitor.run))
+        wait = self.cfg.startup_wait
+        if wait > 0:
+            self.greenlets.append(gevent.spawn_later(wait, self._serve_anyway))
+        else:
+            self.serving.set()
         self.listener.start()
         logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
+
+    def _serve_anyway(self) -> None:
+        if not self.serving.is_set():
+            logger.warning("serving clients with the built-in command table: the backend's was not read "
+                           "within {:g}s (startup_wait)", self.cfg.startup_wait)
+            self.serving.set()
 
     def learn(self) -> None:
         """Read the backend's COMMAND table, database count and identity; retry until it answers."""
         attempts = 0
         while True:
             addr = self.router.topology.primary
-            if addr is None:  # no primary known yet (the monitor is still discovering)
-                gevent.sleep(LEARN_RETRY)
+            if addr is None:  # no primary known yet: look again as soon as the monitor publishes one
+                self.router.changed.wait(LEARN_RETRY)
                 continue
             conn = BackendConn(addr)
             try:
                 conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
                 self._learn_from(conn)
+                self.serving.set()
                 return
             except (BackendError, OSError, ValueError) as e:
                 if attempts % 60 == 0:  # once, then every ~30 s: a down backend must not flood the log
@@ -89,8 +117,20 @@ class App:
         dbs = conn.call("CONFIG", "GET", "databases")
         if isinstance(dbs, list) and len(dbs) == 2:
             self.databases = int(dbs[1])
-        logger.info("learned {} commands; backend {} {}; {} databases", n,
-                    self.server_info.get("server"), self.server_info.get("version"), self.databases)
+        logger.info("learned {} commands; backend {} {}; {}", n, self.server_info.get("server"),
+                    self.server_info.get("version"), self._databases_said())
+
+    def _databases_said(self) -> str:
+        """How many databases clients can SELECT, and who provides them (see dbns.py for a cluster)."""
+        if self.cfg.mode != "cluster":
+            return f"{self.databases} databases"
+        native = getattr(self.router.topology, "databases", 1)
+        if native <= 1 and self.databases <= 1:
+            return "1 database"
+        if native > 1:
+            return f"{native} databases (the cluster's own, cluster-databases)"
+        return (f"{self.databases} databases (the cluster serves db 0; 1-{self.databases - 1} are emulated "
+                "by vproxy as key namespaces)")
 
     def stop(self, drain: float = 2.0) -> None:
         """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""

@@ -10,7 +10,7 @@ from gevent.event import Event
 from loguru import logger
 
 from .config import load
-from .errors import ConfigError
+from .errors import ConfigError, StartError
 
 
 def _dump_greenlets() -> None:
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = App(cfg)
+    except StartError as e:  # says what and why already
+        logger.error("{}", e)
+        return 1
     except (OSError, RuntimeError, TimeoutError) as e:
         logger.error("cannot start: {}", e)
         return 1

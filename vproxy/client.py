@@ -35,6 +35,7 @@ from .sockio import recv_ready, send_all
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
+_PATTERN_KINDS = (b"psubscribe", b"punsubscribe")
 _WAITS = (b"wait", b"waitaof")
 _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
@@ -52,11 +53,12 @@ _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth",
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("lease", "kind", "counts", "synced", "token")
+    __slots__ = ("lease", "kind", "counts", "patterns", "synced", "token")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
         self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
+        self.patterns = 0  # of counts[0], the patterns (CLIENT LIST shows sub and psub apart)
         self.synced = Event()
 
 
@@ -624,6 +626,8 @@ class ClientSession:
                 v = resp.decode(f)
                 kind = _SUB_KINDS.get(v[0]) if isinstance(v, list) and len(v) == 3 else None
                 if kind is not None and isinstance(v[2], int):
+                    if v[0] in _PATTERN_KINDS:  # the server's count is channels+patterns: the change is the patterns'
+                        st.patterns += v[2] - st.counts[kind]
                     st.counts[kind] = v[2]
             out.append(f)
         if out:

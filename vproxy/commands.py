@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import builtin_commands
+
 # How vproxy runs a command (the `policy` of a Command):
 FORWARD = "forward"  # any shared connection of the client's (db, protocol)
 LOCAL = "local"  # answered by vproxy itself (session state it tracks)
@@ -56,28 +58,12 @@ class Command:
         return nargs == a if a > 0 else nargs >= -a
 
 
-# Fallback used until (or unless) the server's COMMAND reply is read.
-_BUILTIN = {
-    "get": (2, "readonly fast", 1, 1, 1), "set": (-3, "write", 1, 1, 1),
-    "mget": (-2, "readonly fast", 1, -1, 1), "mset": (-3, "write", 1, -1, 2),
-    "del": (-2, "write", 1, -1, 1), "multi": (1, "fast", 0, 0, 0), "exec": (1, "", 0, 0, 0),
-    "discard": (1, "fast", 0, 0, 0), "watch": (-2, "fast", 1, -1, 1), "unwatch": (1, "fast", 0, 0, 0),
-    "subscribe": (-2, "pubsub", 0, 0, 0), "psubscribe": (-2, "pubsub", 0, 0, 0),
-    "ssubscribe": (-2, "pubsub", 1, -1, 1), "unsubscribe": (-1, "pubsub", 0, 0, 0),
-    "punsubscribe": (-1, "pubsub", 0, 0, 0), "sunsubscribe": (-1, "pubsub", 1, -1, 1),
-    "blpop": (-3, "write blocking", 1, -2, 1), "brpop": (-3, "write blocking", 1, -2, 1),
-    "select": (2, "fast", 0, 0, 0), "ping": (-1, "fast", 0, 0, 0), "echo": (2, "fast", 0, 0, 0),
-    "auth": (-2, "fast", 0, 0, 0), "hello": (-1, "fast", 0, 0, 0), "monitor": (1, "admin", 0, 0, 0),
-}
-
-
 class CommandTable:
     """Commands by lower-case name: arity, flags, key positions."""
 
     def __init__(self):
-        self.commands: dict[bytes, Command] = {}
-        for name, (arity, flags, first, last, step) in _BUILTIN.items():
-            self.commands[name.encode()] = Command(name, arity, frozenset(flags.split()), first, last, step)
+        # the fallback until (or unless) the server's COMMAND reply is read
+        self.commands: dict[bytes, Command] = {e[0].encode(): Command(*e) for e in builtin_commands.entries()}
         self.learned = False
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request

