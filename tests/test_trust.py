@@ -168,3 +168,34 @@ def test_plain_and_local_requests_interleaved_keep_order(proxy, server):
         assert c.read_n(len(want), timeout=20) == want
     finally:
         c.close()
+
+
+# ---- a transaction inside a RESP3 subscription ----
+
+def _unsubscribe_in_multi(port: int) -> list[bytes]:
+    """SUBSCRIBE three channels, UNSUBSCRIBE two inside MULTI, EXEC, PUBLISH to the one left: every
+    reply and message, in the order they arrive."""
+    c = RawClient(port)
+    try:
+        assert c.call("HELLO", "3").startswith(b"%")
+        c.send(E("SUBSCRIBE", "foo", "bar", "baz"))
+        got = c.read_n(3)
+        for cmd in (("MULTI",), ("PING", "abc"), ("UNSUBSCRIBE", "bar"), ("UNSUBSCRIBE", "baz"), ("PING", "def"),
+                    ("EXEC",)):
+            got.append(c.call(*cmd))
+        got += [c.call("PUBLISH", "foo", "vaz"), c.read()]  # Redis 7.0 pushes the message first
+        got.append(c.call("UNSUBSCRIBE", "foo"))
+        got.append(c.call("GET", "nothing"))
+        return got
+    finally:
+        c.close()
+
+
+def test_unsubscribe_inside_multi_then_publish_to_self(proxy, server):
+    """As the server's own pub/sub test, through vproxy: byte for byte what the server answers."""
+    server.client().flushall()
+    direct = _unsubscribe_in_multi(server.port)
+    assert direct[8] == (b"*4\r\n$3\r\nabc\r\n>3\r\n$11\r\nunsubscribe\r\n$3\r\nbar\r\n:2\r\n"
+                         b">3\r\n$11\r\nunsubscribe\r\n$3\r\nbaz\r\n:1\r\n$3\r\ndef\r\n")
+    assert _unsubscribe_in_multi(proxy.port) == direct
+    wait_for(lambda: int(proxy_stats(proxy)["backend_connections_pinned"]) == 0, what="the pin to go")

@@ -53,10 +53,11 @@ _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth",
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("lease", "kind", "counts", "patterns", "synced", "token")
+    __slots__ = ("lease", "kind", "counts", "patterns", "synced", "token", "multi")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
+        self.multi = 0  # 1: in a MULTI (RESP3); 2: one that queued an unsubscribe
         self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
         self.patterns = 0  # of counts[0], the patterns (CLIENT LIST shows sub and psub apart)
         self.synced = Event()
@@ -588,9 +589,25 @@ class ClientSession:
             batch.replies[i] = resp.error(E.backend_unavailable("", "stream connection lost"))
             return
         ch.send_raw(raw)
+        if self._stream_multi(st, name):
+            return
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
             if self._sync_stream(st) and st.counts == [0, 0]:
                 self._end_stream(clean=True)
+
+    def _stream_multi(self, st: Stream, name: bytes) -> bool:
+        """A MULTI inside a RESP3 subscription: the server queues what follows, so no sync PING may
+        go in (it would join the transaction); an unsubscribe in it is looked at after EXEC.
+        True when the request needs nothing more now."""
+        if name == b"multi" and (self.proto == 3 or st.kind != "sub"):
+            st.multi = 1
+        elif st.multi and name in (b"exec", b"discard"):
+            unsubscribed, st.multi = st.multi == 2 and name == b"exec", 0
+            if unsubscribed and self._sync_stream(st) and st.counts == [0, 0]:
+                self._end_stream(clean=True)
+        elif st.multi and name in _UNSUBS:
+            st.multi = 2
+        return bool(st.multi) or name in (b"multi", b"exec", b"discard")
 
     def _sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
         """A PING right behind the requests comes back after every reply before it: wait for it.
@@ -623,15 +640,22 @@ class ClientSession:
             if st.kind == "monitor" and st.token in f:  # MONITOR showing that PING: ours, not the client's
                 continue
             if f[:4] in (b"*3\r\n", b">3\r\n") and b"subscribe" in f[:24]:
-                v = resp.decode(f)
-                kind = _SUB_KINDS.get(v[0]) if isinstance(v, list) and len(v) == 3 else None
-                if kind is not None and isinstance(v[2], int):
-                    if v[0] in _PATTERN_KINDS:  # the server's count is channels+patterns: the change is the patterns'
-                        st.patterns += v[2] - st.counts[kind]
-                    st.counts[kind] = v[2]
+                self._count_subscriptions(st, resp.decode(f))
+            elif f[:1] == b"*" and b"subscribe\r\n" in f:  # an EXEC reply holding (un)subscribe replies
+                for v in resp.decode(f):
+                    self._count_subscriptions(st, v)
             out.append(f)
         if out:
             self.write(b"".join(out))
+
+    @staticmethod
+    def _count_subscriptions(st: Stream, v) -> None:
+        """A (un)subscribe confirmation's count is the server's: keep it (others are ignored)."""
+        kind = _SUB_KINDS.get(v[0]) if isinstance(v, list) and len(v) == 3 else None
+        if kind is not None and isinstance(v[2], int):
+            if v[0] in _PATTERN_KINDS:  # the server's count is channels+patterns: the change is the patterns'
+                st.patterns += v[2] - st.counts[kind]
+            st.counts[kind] = v[2]
 
     def _end_stream(self, clean: bool = False) -> None:
         st, self.stream = self.stream, None
