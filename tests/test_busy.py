@@ -1,11 +1,12 @@
 """A backend busy with a runaway Lua script or function (busy-reply-threshold set low to keep the
 tests quick): SCRIPT KILL / FUNCTION KILL answer what the server answers at every moment (before
-the threshold too)."""
+the threshold too), and the script's caller gets the server's answer on the connection vproxy
+kept, however long past command_timeout."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import BACKENDS, RawClient, wait_for
+from conftest import BACKENDS, RawClient, proxy_stats, wait_for
 
 E = RawClient.encode
 LOOP = "local i = 0 while true do i = i + 1 end"
@@ -105,3 +106,27 @@ def test_kills_answer_what_the_server_answers(kind, start_server, start_proxy):
         with RawClient(s.port) as last:
             last.send(E("SHUTDOWN", "NOSAVE"))
             assert last.closed_by_peer(10)
+
+
+def test_busy_script_keeps_its_connection(server, start_proxy, threshold):
+    """Past command_timeout, vproxy first asks whether the server is busy: it is, so the script's
+    connection (and what waits behind it there) is kept, and the caller gets the server's own
+    error once the script is killed. The backend connection was never replaced."""
+    threshold(100)
+    server.client().set("k", "v")
+    p = start_proxy("--backend", server.addr, "--command-timeout", "0.5", "--pool-size", "1")
+    with RawClient(p.port, timeout=15) as runner, RawClient(p.port, timeout=15) as queued, \
+            RawClient(p.port) as c:
+        assert runner.call("GET", "k") == b"$1\r\nv\r\n"  # the one shared connection is open
+        connects = proxy_stats(p)["backend_connects"]
+        runner.send(E("EVAL", LOOP, "0"))
+        wait_for(lambda: _running(server), what="the script to be running")
+        queued.send(E("GET", "k"))  # behind the script, on the one shared connection
+        # three command_timeouts: no "did not answer within 0.5s (command_timeout)"
+        assert runner.nothing_pending(1.5) and queued.nothing_pending(0.1)
+        assert c.call("SCRIPT", "KILL") == b"+OK\r\n"
+        killed = runner.read()
+        assert killed.startswith(b"-ERR ") and b"Script killed by user" in killed, killed
+        assert queued.read() == b"$1\r\nv\r\n"
+        assert runner.call("PING") == b"+PONG\r\n"
+        assert proxy_stats(p)["backend_connects"] == connects

@@ -1,11 +1,21 @@
-"""A backend busy with a script: kill its script (SCRIPT KILL / FUNCTION KILL).
+"""A backend busy with a script: find out whether it is (for the janitor), and kill its script.
 
 A Lua script or function running past `busy-reply-threshold` makes the server answer `-BUSY` to
 every command but a few (AUTH, HELLO, SCRIPT KILL, FUNCTION KILL, SHUTDOWN NOSAVE; Redis 7 also
-refuses SELECT and CLIENT SETNAME); before the threshold it answers nothing at all. The kill
-therefore uses a connection of its own whose only handshake is AUTH, sent with the request:
+refuses SELECT and CLIENT SETNAME); before the threshold it answers nothing at all. Both jobs below
+therefore use a connection of their own whose only handshake is AUTH, sent with the request:
+
+    janitor -> NodePool.expire -> a channel past its deadline -> BusyProbe.spares(channel)?
+        a probe is out                       -> yes (wait for its verdict)
+        the last probe began after the deadline:
+            it was answered -BUSY            -> yes, and every request there gets command_timeout more
+            anything else (PONG, no answer)  -> no: the channel is timed out, as for a stuck server
+        else                                 -> start a probe (PING, in a greenlet of its own): yes
 
     SCRIPT KILL / FUNCTION KILL -> kill(): the reply lands in the client's batch when it comes
+
+Why keep a busy server's connection: replacing it frees nothing (the script keeps running), and
+the script's caller would lose the server's answer (its error once the script is killed).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import gevent
 from .. import resp
 from ..errors import BackendError, backend_unavailable
 from .backend import BackendConn, auth_steps
+
+PING = resp.encode_request([b"PING"])
 
 
 def ask(addr: tuple[str, int], cfg, request: bytes, seconds: float) -> bytes:
@@ -45,3 +57,37 @@ def kill(addr: tuple[str, int], cfg, raw: bytes, batch, idx: int) -> None:
     only then; a direct client would wait as long)."""
     batch.left += 1
     gevent.spawn(lambda: batch.put(idx, ask(addr, cfg, raw, cfg.command_timeout)))
+
+
+class BusyProbe:
+    """Whether one node is busy with a script, asked at most once at a time (see the module doc)."""
+
+    __slots__ = ("addr", "cfg", "probe", "asked", "busy")
+
+    def __init__(self, addr: tuple[str, int], cfg):
+        self.addr, self.cfg = addr, cfg
+        self.probe = None  # the greenlet asking now
+        self.asked = 0.0  # when the last probe began
+        self.busy = False  # what it found
+
+    def spares(self, ch, now: float) -> bool:
+        """ch's oldest request is past its deadline: True when the janitor must leave ch alone."""
+        if self.probe is not None:
+            return True
+        if self.asked > ch.waiters[0][2]:  # a verdict from after this deadline
+            if self.busy:
+                ch.extend(now + self.cfg.command_timeout)
+            return self.busy
+        self.asked = now
+        self.probe = gevent.spawn(self._probe)
+        return True
+
+    def _probe(self) -> None:
+        # a busy server answers -BUSY at once; waiting longer than command_timeout would only delay
+        # the timeout of a server that is stuck for another reason (paused, DEBUG SLEEP ...)
+        seconds = min(self.cfg.connect_timeout, self.cfg.command_timeout)
+        busy = False
+        try:
+            busy = ask(self.addr, self.cfg, PING, seconds).startswith(b"-BUSY")
+        finally:  # whatever happens, the next expired deadline may ask again
+            self.busy, self.probe = busy, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from time import monotonic
 
 from ..errors import BackendError, backend_unavailable
+from .busy import BusyProbe
 from .channel import Channel
 
 
@@ -30,6 +31,7 @@ class NodePool:
         self.last_error = ""
         self.connects = 0
         self.failures = 0
+        self.busy = BusyProbe(addr, cfg)
 
     @property
     def name(self) -> str:
@@ -98,9 +100,10 @@ class NodePool:
         self.down_until = monotonic() + self.backoff
 
     def expire(self, now: float) -> None:
-        """Replace connections whose oldest request is past its deadline (called by the janitor)."""
+        """Replace connections whose oldest request is past its deadline (called by the janitor),
+        unless the server is busy with a script (busy.py): replacing them would not free it."""
         for ch in [c for chans in self.shared.values() for c in chans] + list(self.leased):
-            if ch.expired(now):
+            if ch.expired(now) and not self.busy.spares(ch, now):
                 ch.timeout()
 
     def quiet(self) -> bool:
