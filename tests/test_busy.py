@@ -1,7 +1,7 @@
 """A backend busy with a runaway Lua script or function (busy-reply-threshold set low to keep the
-tests quick): SCRIPT KILL / FUNCTION KILL answer what the server answers at every moment (before
-the threshold too), and the script's caller gets the server's answer on the connection vproxy
-kept, however long past command_timeout."""
+tests quick): PING and ECHO say what the server says, SCRIPT KILL / FUNCTION KILL answer what the
+server answers at every moment (before the threshold too), and the script's caller gets the
+server's answer on the connection vproxy kept, however long past command_timeout."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ def threshold(server):
     wait_for(lambda: _ended(server), what="no script left running")  # a failed test must not leave one
     d.config_set("busy-reply-threshold", old)
     d.close()
+
+
+def test_ping_and_echo_answer_what_the_server_answers(server, proxy, threshold):
+    """A health check through vproxy sees the busy server, and a client waiting for -BUSY before it
+    sends SCRIPT KILL sees it; PING's arity error is still vproxy's own."""
+    threshold(100)
+    with RawClient(proxy.port, timeout=15) as runner, RawClient(proxy.port) as c:
+        assert c.call("PING") == b"+PONG\r\n"
+        assert c.call("ECHO", "hi") == b"$2\r\nhi\r\n"
+        runner.send(E("EVAL", LOOP, "0"))
+        wait_for(lambda: _running(server), what="the script to be running")
+        for args in (("PING",), ("PING", "hi"), ("ECHO", "hi")):
+            got = c.call(*args)
+            assert got.startswith(b"-BUSY ") and got == direct(server, *args), (args, got)
+        assert c.call("PING", "a", "b") == b"-ERR wrong number of arguments for 'ping' command\r\n"
+        assert c.call("SCRIPT", "KILL") == b"+OK\r\n"
+        assert b"Script killed by user" in runner.read()
+        assert c.call("PING") == b"+PONG\r\n"
 
 
 def test_script_kill_reaches_a_busy_script(server, start_proxy, threshold):
