@@ -62,7 +62,7 @@ def kill(addr: tuple[str, int], cfg, raw: bytes, batch, idx: int) -> None:
 class BusyProbe:
     """Whether one node is busy with a script, asked at most once at a time (see the module doc)."""
 
-    __slots__ = ("addr", "cfg", "probe", "asked", "busy")
+    __slots__ = ("addr", "asked", "busy", "cfg", "probe")
 
     def __init__(self, addr: tuple[str, int], cfg):
         self.addr, self.cfg = addr, cfg
