@@ -89,7 +89,10 @@ class Server:
 class Proxy:
     """A vproxy process started with `python -m vproxy`, stopped by its pid."""
 
-    ready_reply = b"+PONG"  # what a PING gets once the proxy is up
+    # vproxy answers PROXY VERSION itself (PING goes to the backend, which may be down or have no
+    # primary yet): its bulk reply means the proxy is up
+    ready_request = b"PROXY VERSION\r\n"
+    ready_reply = b"$"
 
     def __init__(self, *args: str, env: dict | None = None, wait_learned: bool = True, log_path=None):
         """log_path: a file that gets vproxy's stdout and stderr (its log; pass --log-level too)."""
@@ -108,7 +111,7 @@ class Proxy:
         if self.proc.poll() is not None:
             raise RuntimeError(f"vproxy exited with {self.proc.returncode}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
+            s.sendall(self.ready_request)
             return s.recv(16).startswith(self.ready_reply)
 
     def client(self, **kw) -> redis.Redis:
@@ -359,7 +362,7 @@ class PasswordProxy(Proxy):
         self.password = password
         super().__init__("--password", password, *args, **kw)
 
-    ready_reply = b"-NOAUTH"  # before AUTH, a PING is refused: that is the proxy being up
+    ready_reply = b"-NOAUTH"  # before AUTH, the request is refused: that is the proxy being up
 
     def client(self, **kw) -> redis.Redis:
         kw.setdefault("password", self.password)

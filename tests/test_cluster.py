@@ -153,6 +153,93 @@ def test_script_kill_reaches_the_busy_node(r, proxy, cluster):
             n.client().config_set("busy-reply-threshold", old)
 
 
+LOOP = "local i = 0 while true do i = i + 1 end"
+
+
+def _key_on(cluster, node) -> str:
+    return next(f"busy{n}" for n in range(1000) if cluster.owner(f"busy{n}") is node)
+
+
+def _direct(node, *args) -> bytes:
+    from conftest import RawClient
+    with RawClient(node.port, timeout=15) as c:
+        return c.call(*args)
+
+
+def _blocked(node) -> bool:
+    """True while the node answers nobody (a script runs, before busy-reply-threshold)."""
+    from conftest import RawClient
+    with RawClient(node.port) as probe:
+        probe.send(RawClient.encode("PING"))
+        return probe.nothing_pending(0.2)
+
+
+@pytest.fixture
+def thresholds(cluster):
+    """Set every primary's busy-reply-threshold (ms); afterwards no script runs anywhere."""
+    olds = [(n, n.client().config_get("busy-reply-threshold")["busy-reply-threshold"]) for n in cluster.primaries]
+    yield lambda ms: [n.client().config_set("busy-reply-threshold", ms) for n, _ in olds]
+    for n, old in olds:
+        wait_for(lambda n=n: _direct(n, "SCRIPT", "KILL").startswith(b"-NOTBUSY"), what="no script left running")
+        n.client().config_set("busy-reply-threshold", old)
+
+
+def _cluster_proxy(cluster, *args) -> Proxy:
+    p = Proxy("--mode", "cluster", *[a for s in cluster.seeds[:2] for a in ("--backend", s)], *args)
+    wait_for(lambda: p.client().ping(), what="the slot map (PING goes to a primary)")
+    return p
+
+
+def test_busy_nodes_answer_for_themselves(cluster, thresholds):
+    """A script loops on every primary: PING and ECHO (sent to a primary) say -BUSY, FUNCTION KILL
+    answers BUSY as the server does, the scripts' callers wait past command_timeout, SCRIPT KILL
+    kills them and each caller gets its server's error; then NOTBUSY."""
+    from conftest import RawClient
+    thresholds(100)
+    p = _cluster_proxy(cluster, "--command-timeout", "0.5")
+    runners = [RawClient(p.port, timeout=15) for _ in cluster.primaries]
+    c = RawClient(p.port, timeout=15)
+    try:
+        assert c.call("ECHO", "hi") == b"$2\r\nhi\r\n"
+        keys = [_key_on(cluster, node) for node in cluster.primaries]  # asked before the nodes are busy
+        for runner, key in zip(runners, keys):
+            runner.send(RawClient.encode("EVAL", LOOP, "1", key))
+        wait_for(lambda: all(_direct(n, "PING").startswith(b"-BUSY") for n in cluster.primaries),
+                 what="a script running on every primary")
+        for args in (("PING",), ("PING", "hi"), ("ECHO", "hi")):
+            assert c.call(*args).startswith(b"-BUSY "), args
+        refused = c.call("FUNCTION", "KILL")
+        assert refused.startswith(b"-BUSY ") and b"SCRIPT KILL" in refused, refused
+        assert runners[0].nothing_pending(1.5)  # three command_timeouts
+        assert all(r.nothing_pending(0.05) for r in runners)
+        assert c.call("SCRIPT", "KILL") == b"+OK\r\n"
+        for r in runners:
+            assert b"Script killed by user" in r.read()
+        assert c.call("PING") == b"+PONG\r\n"
+        assert c.call("SCRIPT", "KILL") == b"-NOTBUSY No scripts in execution right now.\r\n"
+    finally:
+        for r in (*runners, c):
+            r.close()
+        p.stop()
+
+
+def test_script_kill_before_the_busy_threshold(cluster, thresholds):
+    """Sent before the busy node's threshold, SCRIPT KILL is answered at it: +OK (the other nodes'
+    NOTBUSY do not count); its side connection used to time out in the handshake."""
+    from conftest import RawClient
+    thresholds(1000)
+    p = _cluster_proxy(cluster, "--connect-timeout", "0.3")
+    node = cluster.primaries[-1]
+    try:
+        with RawClient(p.port, timeout=15) as runner, RawClient(p.port, timeout=15) as other:
+            runner.send(RawClient.encode("EVAL", LOOP, "1", _key_on(cluster, node)))
+            wait_for(lambda: _blocked(node), what="the script to block its node")
+            assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
+            assert b"Script killed by user" in runner.read()
+    finally:
+        p.stop()
+
+
 def test_monitor_shows_every_primary(proxy, cluster):
     """MONITOR through vproxy shows the commands every primary runs (one MONITOR per node, merged),
     with one +OK; when the client leaves, every node's MONITOR connection is closed."""

@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from conftest import wait_for
+from conftest import RawClient, wait_for
 from ha_kit import ReplSet, failover_under_load, repl_info, role, topology
 
 FAST = ["--mode", "replication", "--failover-timeout", "1", "--topology-refresh", "0.2",
@@ -121,9 +121,11 @@ def test_no_promotion_while_replicas_still_hear_the_primary(rset, start_proxy):
         r.client().config_set("masterauth", "pw")
     rset.primary.client().config_set("requirepass", "pw")  # the replicas' links stay up
     p = start_proxy("--backend", rset.replicas[0].addr, "--mode", "replication", "--failover-timeout", "2",
-                    "--topology-refresh", "0.2", wait_learned=False)
+                    "--topology-refresh", "0.2", "--primary-wait", "0.5", wait_learned=False)
     wait_for(lambda: topology(p)["version"] > 40, timeout=30, what="40 looks without a primary (> 4 s)")
     assert topology(p)["primary"] is None
+    with RawClient(p.port) as c:  # a health check through vproxy is told, after primary_wait
+        assert c.call("PING").startswith(b"-ERR vproxy: no primary")
     assert [role(r.port)[0] for r in rset.replicas] == [b"slave", b"slave"]
     assert all(repl_info(r.port)["master_link_status"] == "up" for r in rset.replicas)
 
@@ -148,3 +150,54 @@ def test_blocked_and_subscribed_clients_get_a_retryable_error(rset, start_proxy)
     assert sub.read() == b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
     c.rpush("q", "x")  # before or after BLPOP parks: it gets x either way
     assert blocked.read() == b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
+
+
+LOOP = "local i = 0 while true do i = i + 1 end"
+
+
+def _primary_busy(rset) -> bool:
+    with RawClient(rset.primary.port) as direct:
+        return direct.call("GET", "x").startswith(b"-BUSY")
+
+
+def _primary_blocked(rset) -> bool:
+    """True while the primary answers nobody (a script runs, before busy-reply-threshold)."""
+    with RawClient(rset.primary.port) as probe:
+        probe.send(RawClient.encode("PING"))
+        return probe.nothing_pending(0.2)
+
+
+def test_busy_primary_stays_the_primary(start_proxy):
+    """A script loops on the primary: ROLE and INFO get -BUSY, but it is alive and still the primary
+    (HELLO says so). PING through vproxy says -BUSY, the script's caller waits past command_timeout,
+    and SCRIPT KILL reaches the primary, also when sent before the busy threshold."""
+    rset = ReplSet(1)
+    args = [*rset.args(), "--mode", "replication", "--topology-refresh", "0.2", "--failover-timeout", "30",
+            "--connect-timeout", "0.3"]
+    try:
+        p = start_proxy(*args, "--command-timeout", "0.5")
+        d = rset.primary.client()
+        d.config_set("busy-reply-threshold", 100)
+        with RawClient(p.port, timeout=15) as runner, RawClient(p.port, timeout=15) as c:
+            runner.send(RawClient.encode("EVAL", LOOP, "0"))
+            wait_for(lambda: _primary_busy(rset), what="the script to be running")
+            looks = topology(p)["version"]
+            wait_for(lambda: topology(p)["version"] > looks + 3, what="the monitor to look at the busy primary")
+            assert topology(p)["primary"] == rset.primary.addr
+            assert c.call("PING").startswith(b"-BUSY ")
+            assert runner.nothing_pending(1.5)  # three command_timeouts
+            assert c.call("SCRIPT", "KILL") == b"+OK\r\n"
+            assert b"Script killed by user" in runner.read()
+        # before the threshold the primary answers nobody, the monitor's probes included; the kill
+        # waits up to command_timeout (default 5 s) for it, as a direct client would wait
+        q = start_proxy(*args)
+        d.config_set("busy-reply-threshold", 1500)
+        with RawClient(q.port, timeout=15) as runner, RawClient(q.port, timeout=15) as c:
+            runner.send(RawClient.encode("EVAL", LOOP, "0"))
+            wait_for(lambda: _primary_blocked(rset), what="the script to block the primary")
+            assert c.call("SCRIPT", "KILL") == b"+OK\r\n"
+            assert b"Script killed by user" in runner.read()
+        assert topology(q)["primary"] == rset.primary.addr
+        assert rset.masters() == [rset.primary.port]
+    finally:
+        rset.stop()

@@ -52,7 +52,9 @@ def test_commands_wait_for_a_primary_then_get_a_clear_error(rset, start_proxy):
     with pytest.raises(redis.ResponseError, match="primary_wait"):
         c.set("k", "w")
     assert 0.9 < time.monotonic() - t0 < 5
-    assert c.ping() is True  # the connection stays open
+    # the connection stays open, and PING (a health check through vproxy) gets the same clear error
+    with pytest.raises(redis.ResponseError, match="primary_wait"):
+        c.ping()
 
 
 def test_standalone_rejects_read_splitting():

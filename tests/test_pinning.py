@@ -530,67 +530,6 @@ def test_pipeline_order_across_pinned_state_matches_server(proxy, server, case):
     wait_unpinned(proxy)
 
 
-@pytest.fixture
-def quick_busy(server):
-    """The server answers -BUSY after 100 ms of script (default 5 s) instead of blocking everyone."""
-    d = server.client(protocol=2)
-    old = d.config_get("busy-reply-threshold")["busy-reply-threshold"]
-    d.config_set("busy-reply-threshold", 100)
-    yield
-    d.config_set("busy-reply-threshold", old)
-    d.close()
-
-
-def _server_blocked(server) -> bool:
-    """True while the server answers nobody (a script runs, before busy-reply-threshold)."""
-    with RawClient(server.port) as probe:
-        probe.send(E("PING"))
-        return probe.nothing_pending(0.2)
-
-
-def test_script_kill_reaches_a_busy_script(server, start_proxy, quick_busy):
-    """SCRIPT KILL runs on a side connection: the one the script runs on is busy by definition.
-
-    A fresh proxy: the side connection (and the other client's shared one) are opened while the
-    server is busy, so their handshake must survive -BUSY (Redis 7 refuses CLIENT SETNAME then)."""
-    proxy = start_proxy("--backend", server.addr)
-    with RawClient(proxy.port, timeout=15) as runner, RawClient(proxy.port) as other:
-        runner.send(E("EVAL", "local i = 0 while true do i = i + 1 end", "0"))
-        # the server's own answer reaches clients, not a proxy error about the backend
-        wait_for(lambda: other.call("GET", "x").startswith(b"-BUSY"), what="the script to be running")
-        assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
-        assert runner.read().startswith(b"-ERR Script killed by user with SCRIPT KILL")
-        assert runner.call("PING") == b"+PONG\r\n"
-        assert other.call("GET", "x") == b"$-1\r\n"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SCRIPT KILL sent before the server's busy-reply-threshold needs a new side connection whose "
-        "handshake (HELLO/CLIENT SETNAME) the busy server does not answer until the threshold; when that "
-        "is longer than connect_timeout the handshake times out, NodePool.connect_failed marks the backend "
-        "down and SCRIPT KILL gets 'backend unavailable' (a direct client gets +OK at the threshold)"
-    ),
-)
-def test_script_kill_before_busy_threshold(server, start_proxy):
-    p = start_proxy("--backend", server.addr, "--connect-timeout", "0.3")
-    d = server.client(protocol=2)
-    old = d.config_get("busy-reply-threshold")["busy-reply-threshold"]
-    d.config_set("busy-reply-threshold", 1000)
-    runner = RawClient(p.port, timeout=15)
-    try:
-        runner.send(E("EVAL", "local i = 0 while true do i = i + 1 end", "0"))
-        wait_for(lambda: _server_blocked(server), what="the script to block the server")
-        with RawClient(p.port, timeout=15) as other:
-            assert other.call("SCRIPT", "KILL") == b"+OK\r\n"
-    finally:
-        with RawClient(server.port, timeout=15) as direct:  # end the script whatever happened above
-            direct.call("SCRIPT", "KILL")
-        runner.close()
-        d.config_set("busy-reply-threshold", old)
-
-
 def test_client_unblock_and_kill(proxy, raw):
     b, admin = raw(), raw()
     my_id = int(b.call("CLIENT", "ID")[1:-2])

@@ -48,9 +48,12 @@ def test_backend_killed_then_restarted(kind, start_server, start_proxy):
         assert s.addr in msg and "vproxy" in msg, msg
     reply = raw.call("GET", "k")
     assert reply.startswith(b"-ERR") and s.addr.encode() in reply
-    # every client is still connected: answered locally, and again with an error, not a hang-up
-    assert raw.call("PING") == b"+PONG\r\n"
-    assert c.ping() is True
+    # every client is still connected: answered again with an error, not a hang-up; PING says the
+    # backend is down (a health check through vproxy must not report all is well)
+    ping = raw.call("PING")
+    assert ping.startswith(b"-ERR vproxy: backend " + s.addr.encode()) and b"unavailable" in ping, ping
+    assert s.addr in err_of(c.ping)
+    assert raw.call("PROXY", "VERSION").startswith(b"$")
     t0 = time.monotonic()
     again = raw.call("SET", "k", "x")
     assert again.startswith(b"-ERR") and time.monotonic() - t0 < 5  # fails fast while down
@@ -106,7 +109,8 @@ def test_subscriber_told_to_resubscribe(start_server, start_proxy):
         reply = sub.read(timeout=10)
         assert reply.startswith(b"-ERR vproxy: backend " + s.addr.encode())
         assert b"subscribe again" in reply
-        assert sub.call("PING").startswith(b"+PONG")  # no longer in subscribed mode
+        # no longer in subscribed mode: PING goes to the (dead) backend, not to the lost stream
+        assert sub.call("PING").startswith(b"-ERR vproxy: backend " + s.addr.encode())
 
 
 def test_backend_down_at_start_then_comes_up(start_server, start_proxy):
@@ -115,7 +119,8 @@ def test_backend_down_at_start_then_comes_up(start_server, start_proxy):
     with RawClient(p.port) as c:
         reply = c.call("GET", "k")
         assert reply.startswith(b"-ERR") and f"127.0.0.1:{port}".encode() in reply
-        assert c.call("PING") == b"+PONG\r\n"
+        assert c.call("PING").startswith(b"-ERR vproxy: backend 127.0.0.1:%d unavailable" % port)
+        assert c.call("PING", "a", "b") == b"-ERR wrong number of arguments for 'ping' command\r\n"
         s = start_server("valkey", port=port)
         s.client().set("k", "up")
         wait_for(lambda: c.call("GET", "k") == b"$2\r\nup\r\n", timeout=20, what="the backend to be used")
@@ -139,13 +144,13 @@ def test_stuck_backend_times_out_then_recovers(kind, start_server, start_proxy):
         took = time.monotonic() - t0
         assert "0.5s" in msg and "command_timeout" in msg and s.addr in msg, msg
         assert took < 4, f"the timeout error took {took:.1f}s"
-        # still connected, and every later request gets an error (not a hang) while stuck
-        assert c.ping() is True
+        # still connected, and every later request (PING too) gets an error (not a hang) while stuck
+        assert s.addr in err_of(c.ping)
         t0 = time.monotonic()
         reply = raw.call("GET", "k")
         assert reply.startswith(b"-ERR") and s.addr.encode() in reply
         assert time.monotonic() - t0 < 5
-        assert raw.call("PING") == b"+PONG\r\n"
+        assert raw.call("PING").startswith(b"-ERR vproxy: backend " + s.addr.encode())
     finally:
         s.resume()
     wait_for(lambda: c.get("k") == b"v", timeout=20, what="the proxy to use the resumed backend")

@@ -27,6 +27,7 @@ from . import errors as E
 from . import resp
 from .errors import BackendError, ProtocolError
 from .local import LOCAL
+from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
@@ -545,15 +546,14 @@ class ClientSession:
         self.submit(self.oneshot.channel, i, raw, batch, timeout=False)
 
     def side(self, i: int, raw: bytes, batch: Batch) -> None:
-        """Run on a connection of its own right now, without waiting for the client's other replies."""
+        """SCRIPT/FUNCTION KILL: to the primary right now, on a connection a busy server answers
+        (busy.kill), without waiting for the client's other replies."""
         try:
-            lease = Lease(self.app.router.primary(), self.key())
+            addr = self.app.router.primary().addr
         except BackendError as e:
             batch.replies[i] = resp.error(str(e))
             return
-        lease.dirty = True
-        lease.channel.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
-        self.sides.append(lease)
+        busy.kill(addr, self.app.cfg, raw, batch, i)
 
     # ---- streams: pub/sub, MONITOR, CLIENT TRACKING, CLIENT REPLY OFF|SKIP ----
 

@@ -17,11 +17,11 @@ LOCAL = "local"  # answered by vproxy itself (session state it tracks)
 BLOCK = "block"  # a connection leased to this client for this one command
 PIN = "pin"  # starts state that needs a leased connection until it ends (MULTI, WATCH)
 STREAM = "stream"  # leased connection whose replies are streamed (pub/sub, MONITOR, ...)
-SIDE = "side"  # a fresh side connection, out of the client's order (SCRIPT KILL while a script runs)
+SIDE = "side"  # a connection of its own, out of the client's order (SCRIPT KILL while a script runs: mux/busy.py)
 REFUSE = "refuse"  # would break the proxy: answered with -ERR
 
 POLICY: dict[bytes, str] = {
-    **dict.fromkeys([b"ping", b"echo", b"quit", b"reset", b"hello", b"auth", b"select", b"client",
+    **dict.fromkeys([b"ping", b"quit", b"reset", b"hello", b"auth", b"select", b"client",
                      b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
                      b"exec", b"discard", b"unwatch"], LOCAL),
     **dict.fromkeys([b"multi", b"watch"], PIN),

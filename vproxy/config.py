@@ -106,7 +106,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_clients", int, 10000, "Most client connections; more are answered with an error.",
             check=_positive),
     Setting("command_timeout", float, 5.0, "Seconds a backend may take to answer a non-blocking "
-            "command before the client gets an error and the connection is replaced (0: never).",
+            "command before the client gets an error and the connection is replaced (0: never); "
+            "not while the backend answers -BUSY (a script runs: see docs/operations.md).",
             check=_non_negative, reloadable=True),
     Setting("startup_wait", float, 3.0, "At start, seconds client requests wait for vproxy to read the "
             "backend's COMMAND table (so that nothing is routed with the built-in fallback table); past "

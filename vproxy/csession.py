@@ -25,6 +25,7 @@ from . import errors as E
 from .client import ClientSession
 from .errors import BackendError
 from .keyspec import CONTAINER_KEY, key_positions
+from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .slots import key_slot
@@ -251,23 +252,17 @@ class ClusterSession(ClientSession):
         return out
 
     def sides_everywhere(self, batch: Batch, i: int, raw: bytes, merge) -> None:
-        """raw on a side connection (a fresh one, closed afterwards) to every slot-owning primary,
-        right now; at settle, batch.replies[i] = merge(their replies, errors included). For SCRIPT
-        KILL and FUNCTION KILL: the busy node answers nothing on the connections it already has."""
+        """SCRIPT KILL / FUNCTION KILL on every slot-owning primary right now (busy.kill: the node
+        that runs the script answers nothing on the connections it already has); at settle,
+        batch.replies[i] = merge(their replies, errors included). vproxy does not know which node
+        runs a script (it may not have answered anyone yet), so every node is asked."""
         subs = []
         for addr in self.app.router.topology.primaries:
             sb = self.sb
             sub = Sub(sb, len(sb.replies), raw, -1, b"kill")
             sb.replies.append(None)
             subs.append(sub)
-            try:
-                lease = Lease(self.app.router.pool(addr), self.key())
-            except BackendError as e:
-                sb.replies[sub.idx] = resp.error(str(e))
-                continue
-            lease.dirty = True
-            lease.channel.submit(raw, sb, sub.idx, deadline_after(self.app.cfg.command_timeout))
-            self.sides.append(lease)
+            busy.kill(addr, self.app.cfg, raw, sb, sub.idx)
         if not subs:
             batch.replies[i] = fanout.NO_MAP
             return

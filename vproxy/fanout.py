@@ -50,10 +50,14 @@ def first(frames):
 
 
 def killed(frames):
-    """SCRIPT/FUNCTION KILL on every primary: +OK if one killed something, else the first error that
-    is not NOTBUSY (a node that could not be asked), else NOTBUSY."""
-    if resp.OK in frames:
-        return resp.OK
+    """SCRIPT/FUNCTION KILL on every primary, answered as the one server running the script would:
+    +OK if a node killed it; else that node's refusal (UNKILLABLE, or BUSY: it runs the other kind,
+    a function for SCRIPT KILL or a script for FUNCTION KILL); else the error of a node vproxy
+    could not ask (it may be the busy one); else NOTBUSY (nothing runs anywhere)."""
+    for answer in (resp.OK, b"-UNKILLABLE", b"-BUSY"):
+        found = next((f for f in frames if f.startswith(answer)), None)
+        if found is not None:
+            return found
     return next((f for f in frames if not f.startswith(b"-NOTBUSY")), frames[0])
 
 

@@ -27,13 +27,16 @@ class BackendConn:
         host, port = self.addr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def connect(self, timeout: float, username: str = "", password: str = "") -> None:
-        """Open the socket and run the handshake; raises BackendError naming the backend."""
+    def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True) -> None:
+        """Open the socket and run the handshake; raises BackendError naming the backend.
+
+        handshake=False: the socket only (busy.py sends AUTH itself, behind its one request)."""
         try:
             with gevent.Timeout(timeout, BackendError(f"connect timed out after {timeout:g}s")):
                 self.sock = socket.create_connection(self.addr)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._handshake(username, password)
+                if handshake:
+                    self._handshake(username, password)
         except OSError as e:
             self.close()
             raise BackendError(e.strerror or str(e)) from None
@@ -42,25 +45,13 @@ class BackendConn:
             raise
 
     def _handshake(self, username: str, password: str) -> None:
-        steps = []
-        if self.proto == 3:
-            hello = [b"HELLO", b"3"]
-            if password:
-                hello += [b"AUTH", (username or "default").encode(), password.encode()]
-            steps.append(hello)
-        elif password:
-            steps.append([b"AUTH", username.encode(), password.encode()] if username else [b"AUTH", password.encode()])
+        steps = auth_steps(self.proto, username, password)
         if self.db:
             steps.append([b"SELECT", str(self.db).encode()])
         steps.append([b"CLIENT", b"SETNAME", b"vproxy"])
         steps.append([b"CLIENT", b"ID"])  # CLIENT TRACKING ... REDIRECT names connections by it
         self.send(b"".join(resp.encode_request(s) for s in steps))
-        frames: list[bytes] = []
-        while len(frames) < len(steps):
-            more = self.read_frames()
-            if not more:
-                raise BackendError("connection closed by backend during handshake")
-            frames += more
+        frames = self.read_n(len(steps), "connection closed by backend during handshake")
         if frames[-1][:1] == b":":
             self.backend_id = int(frames[-1][1:-2])
         for step, frame in zip(steps, frames):
@@ -82,6 +73,16 @@ class BackendConn:
             if frames:
                 return frames
 
+    def read_n(self, n: int, closed: str = "connection closed by backend") -> list[bytes]:
+        """At least the next n replies (request/response use: no more are due); BackendError(closed) on EOF."""
+        frames: list[bytes] = []
+        while len(frames) < n:
+            more = self.read_frames()
+            if not more:
+                raise BackendError(closed)
+            frames += more
+        return frames
+
     def read_frame(self) -> bytes:
         """Exactly one reply (for request/response use with nothing else in flight)."""
         frames = self.read_frames()
@@ -97,3 +98,16 @@ class BackendConn:
     def close(self) -> None:
         sock, self.sock = self.sock, None
         close_quietly(sock)
+
+
+def auth_steps(proto: int, username: str, password: str) -> list[list[bytes]]:
+    """The requests that authenticate a new connection and set its protocol (none for RESP2 without
+    a password). AUTH and HELLO are among the few commands a server busy with a script still runs."""
+    if proto == 3:
+        hello = [b"HELLO", b"3"]
+        if password:
+            hello += [b"AUTH", (username or "default").encode(), password.encode()]
+        return [hello]
+    if password:
+        return [[b"AUTH", username.encode(), password.encode()] if username else [b"AUTH", password.encode()]]
+    return []

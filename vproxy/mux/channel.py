@@ -275,6 +275,13 @@ class Channel:
         """True when the oldest request has waited past its deadline."""
         return bool(self.waiters) and 0 < self.waiters[0][2] < now
 
+    def extend(self, deadline: float) -> None:
+        """Give every request with a deadline until at least `deadline` (its server is busy, not lost)."""
+        waiters = self.waiters  # rotated in place: the reader holds this deque
+        for _ in range(len(waiters)):
+            batch, idx, d = waiters.popleft()
+            waiters.append((batch, idx, max(d, deadline) if d else 0.0))
+
     def timeout(self) -> None:
         self.abort(backend_timeout(self.conn.name, self.pool.cfg.command_timeout))
 

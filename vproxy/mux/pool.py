@@ -17,6 +17,7 @@ from loguru import logger
 
 from ..errors import BackendError, backend_unavailable
 from ..ratelog import RateLog
+from .busy import BusyProbe
 from .channel import Channel
 
 
@@ -41,6 +42,7 @@ class NodePool:
         self.trouble_since = 0.0  # when the node last failed us (0: fine since the last connect)
         self.failed_connects = 0  # connect attempts failed since then
         self.closing = False  # the pool itself is closing connections: their loss is no news
+        self.busy = BusyProbe(addr, cfg)
 
     @property
     def name(self) -> str:
@@ -125,9 +127,10 @@ class NodePool:
         self.events.log(kind, "WARNING", text)
 
     def expire(self, now: float) -> None:
-        """Replace connections whose oldest request is past its deadline (called by the janitor)."""
+        """Replace connections whose oldest request is past its deadline (called by the janitor),
+        unless the server is busy with a script (busy.py): replacing them would not free it."""
         for ch in [c for chans in self.shared.values() for c in chans] + list(self.leased):
-            if ch.expired(now):
+            if ch.expired(now) and not self.busy.spares(ch, now):
                 self._trouble("timeout", f"backend {self.name}: no reply within {self.cfg.command_timeout:g}s "
                               f"(command_timeout); connection replaced; {_failed(ch)}")
                 self._close_own(ch.timeout)

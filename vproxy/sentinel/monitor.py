@@ -16,7 +16,7 @@ from time import monotonic, time
 import gevent
 from loguru import logger
 
-from .node import NodeError, NodeInfo, NodeLink, fmt_addr, probe
+from .node import NodeBusy, NodeError, NodeInfo, NodeLink, busy_role, fmt_addr, probe
 from .topology import HAStatus, ReplicaState, Topology
 
 FAST_POLL = 0.1  # seconds between looks while the set has no primary
@@ -90,7 +90,7 @@ class HAMonitor:
 
     def _probe_one(self, addr) -> NodeInfo | None:
         try:
-            info = probe(self.link(addr))
+            info = self._look(addr)
         except NodeError as e:
             self.infos.pop(addr, None)
             if addr not in self.errors:
@@ -101,6 +101,17 @@ class HAMonitor:
             logger.info("node {} reachable again ({})", fmt_addr(addr), info.role)
         self.infos[addr] = info
         return info
+
+    def _look(self, addr) -> NodeInfo:
+        link = self.link(addr)
+        try:
+            return probe(link)
+        except NodeBusy:
+            # a script runs past busy-reply-threshold: the node is alive and still what HELLO says.
+            # Dropping it would publish "no primary": every command, SCRIPT KILL too, would wait.
+            role = busy_role(link)
+            last = self.infos.get(addr)
+            return last if last is not None and last.role == role else NodeInfo(addr, role)
 
     def command(self, addr, *args) -> bool:
         """An administrative command (REPLICAOF ...) to one node; False (logged) if it failed."""

@@ -20,6 +20,10 @@ class NodeError(Exception):
     """A control query failed: unreachable, timed out, closed, or the node answered an error."""
 
 
+class NodeBusy(NodeError):
+    """The node answered -BUSY: a script or function runs past busy-reply-threshold. It is alive."""
+
+
 def fmt_addr(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -64,7 +68,7 @@ class NodeLink:
         out = [resp.decode(f) for f in frames]
         for v in out:
             if isinstance(v, hiredis.ReplyError):
-                raise NodeError(f"{fmt_addr(self.addr)}: {v}")
+                raise (NodeBusy if str(v).startswith("BUSY") else NodeError)(f"{fmt_addr(self.addr)}: {v}")
         return out
 
     def _connect(self) -> None:
@@ -148,6 +152,14 @@ def probe(link: NodeLink) -> NodeInfo:
         io = fields.get("master_last_io_seconds_ago", "-1")
         ni.last_io = float(io) if io.lstrip("-").isdigit() and int(io) >= 0 else None
     return ni
+
+
+def busy_role(link: NodeLink) -> str:
+    """The role ('master' or 'slave', as ROLE says) of a node busy with a script: HELLO is among the
+    few commands such a node still answers (ROLE and INFO get -BUSY)."""
+    hello = link.call("HELLO")
+    fields = dict(zip(hello[::2], hello[1::2])) if isinstance(hello, list) else {}
+    return "master" if fields.get(b"role") == b"master" else "slave"
 
 
 def _text(v) -> str:
