@@ -267,3 +267,32 @@ def test_ask_to_a_silent_node_ends_in_an_error_not_a_hang(cluster):
     finally:
         c.close()
         p.stop()
+
+
+@pytest.mark.parametrize("command", [("GET", "{stopped}k"), ("DBSIZE",)])
+def test_stopped_node_answers_within_the_settings_and_says_why(cluster, command):
+    """A primary with no replica stops answering (SIGSTOP): a request that needs it gets an error
+    within command_timeout + primary_wait (the longest the settings allow), naming the timeout,
+    not a connect timeout of a retry; the other nodes' keys are served meanwhile."""
+    cluster.flushall()
+    node = cluster.owner("{stopped}k")
+    other = next(f"o{n}" for n in range(1000) if cluster.owner(f"o{n}") is not node)
+    p = _proxy(cluster, "--command-timeout", "1", "--primary-wait", "2")
+    c = p.client(socket_timeout=30)
+    try:
+        assert c.set("{stopped}k", "v") and c.set(other, "w")
+        node.pause()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(redis.ResponseError) as err:
+                c.execute_command(*command)
+            took = time.monotonic() - t0
+            assert "did not answer within 1s (command_timeout)" in str(err.value), err.value
+            assert took < 1 + 2 + 1.5, f"{command[0]} waited {took:.1f}s"
+            assert p.client(socket_timeout=10).get(other) == b"w"
+        finally:
+            node.resume()
+        wait_for(lambda: c.get("{stopped}k") == b"v", what="the node to serve again")
+    finally:
+        c.close()
+        p.stop()

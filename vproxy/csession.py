@@ -26,7 +26,7 @@ from .client import ClientSession
 from .errors import BackendError
 from .keyspec import CONTAINER_KEY, key_positions
 from .mux import busy
-from .mux.channel import Batch, deadline_after
+from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
 from .slots import key_slot
 
@@ -39,10 +39,11 @@ _IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire
 class Sub:
     """One request vproxy sends to a node: its reply lands in batch.replies[idx]."""
 
-    __slots__ = ("batch", "block", "idx", "name", "raw", "slot")
+    __slots__ = ("addr", "batch", "block", "idx", "name", "raw", "slot")
 
     def __init__(self, batch, idx, raw, slot, name, block=False):
         self.batch, self.idx, self.raw, self.slot, self.name, self.block = batch, idx, raw, slot, name, block
+        self.addr = None  # the node it was last sent to
 
 
 class ClusterSession(ClientSession):
@@ -90,7 +91,9 @@ class ClusterSession(ClientSession):
                 ch = self.chans.get(addr)
                 if ch is not None and not ch.closed and ch.key == self.key():
                     self.last_cmd = name
-                    self.inflight.append(Sub(batch, i, raw, slot, name))
+                    sub = Sub(batch, i, raw, slot, name)
+                    sub.addr = addr
+                    self.inflight.append(sub)
                     ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
                     return
         if self.ns is not None:
@@ -178,6 +181,7 @@ class ClusterSession(ClientSession):
                 ch = self.node_lease(addr) if sub.block else self.channel_to(addr, fresh)
             except BackendError as e:
                 err = str(e)
+        sub.addr = addr
         if fresh:
             if sub.batch is None:
                 sb = self.sb
@@ -302,7 +306,8 @@ class ClusterSession(ClientSession):
                 gevent.sleep(delay)
                 delay = min(delay * 2, 0.5)
             for s, f in redo:
-                self.resend(s, f)
+                if not self.stuck_here(s):
+                    self.resend(s, f)
         self.inflight = []
         if self.ops or self.sb.replies:
             self.merge_ops()
@@ -318,7 +323,7 @@ class ClusterSession(ClientSession):
         """May this failed sub run again? Decided from facts: a redirection, or what its batch
         recorded when the connection failed (never sent: yes; sent: only if it may run twice)."""
         lost = sub.batch.lost
-        sent = lost.pop(sub.idx, None) if lost else None  # consumed: a resend records a new fact
+        sent = lost.get(sub.idx) if lost else None
         if frame.startswith((b"-MOVED ", b"-ASK ")) or frame.startswith(_WAIT):
             return True
         if frame.startswith(b"-NOSCRIPT"):  # a node that never saw SCRIPT LOAD (new, promoted, flushed)
@@ -330,7 +335,20 @@ class ClusterSession(ClientSession):
         cmd = self.app.commands.get(sub.name)  # sent, then lost: resend only what may run twice
         return cmd is not None and ("readonly" in cmd.flags or sub.name in _IDEMPOTENT)
 
+    def stuck_here(self, sub: Sub) -> bool:
+        """The sub timed out on a node that still owns its slot: that node is stuck, and sending it
+        there again would only wait once more. It waits (until the deadline) for a new owner, and
+        if none comes the client gets the timeout, which says what happened."""
+        lost = sub.batch.lost
+        if not lost or lost.get(sub.idx) != TIMED_OUT:
+            return False
+        topo = self.app.router.topology
+        return (topo.owner(sub.slot) if sub.slot >= 0 else topo.primary) == sub.addr
+
     def resend(self, sub: Sub, frame: bytes) -> None:
+        lost = sub.batch.lost
+        if lost:
+            lost.pop(sub.idx, None)  # the new attempt records its own fact
         if frame.startswith((b"-MOVED ", b"-ASK ")):
             parts = frame[1:].split()
             slot, addr = int(parts[1]), _addr(parts[2])

@@ -24,13 +24,20 @@ from ..errors import BackendError, backend_timeout, backend_unavailable
 from .backend import BackendConn
 
 
+# What Batch.lost says of a request whose connection failed: False, never sent (safe to send again);
+# True, sent and the connection lost (the server may have run it); TIMED_OUT, sent and no reply
+# within command_timeout (the server may have run it, and that node is stuck).
+TIMED_OUT = 2
+
+
 class Batch:
     """One client's replies in flight, in the client's order; filled by channels, awaited by the client.
 
     wait() parks the client greenlet on a gevent Waiter, switched to directly by a reader running in
     the loop, or by one loop callback otherwise. `event` (created on first use) serves waits with a
     timeout. `lost` maps the index of each request whose connection failed to whether it had been
-    sent (True: the server may have run it) or never left vproxy (False: safe to send again)."""
+    sent (True, or TIMED_OUT: the server may have run it) or never left vproxy (False: safe to
+    send again)."""
 
     __slots__ = ("replies", "left", "lost", "_event", "_waiter")
 
@@ -283,11 +290,11 @@ class Channel:
             waiters.append((batch, idx, max(d, deadline) if d else 0.0))
 
     def timeout(self) -> None:
-        self.abort(backend_timeout(self.conn.name, self.pool.cfg.command_timeout))
+        self.abort(backend_timeout(self.conn.name, self.pool.cfg.command_timeout), TIMED_OUT)
 
-    def abort(self, msg: str) -> None:
+    def abort(self, msg: str, sent_fact=True) -> None:
         """Close the connection and answer every waiter with an error (idempotent), recording for
-        each request whether it was ever sent (see Batch.lost)."""
+        each request whether it was ever sent (see Batch.lost): `sent_fact` for those that were."""
         if self.closed and not self.waiters:
             return
         self.closed = True
@@ -304,7 +311,7 @@ class Channel:
         while waiters:  # emptied, not just read: a reader still holding this deque finds nobody to answer
             batch, idx, _ = waiters.popleft()
             if batch is not None:
-                batch.fail(idx, err, n < sent_count)
+                batch.fail(idx, err, sent_fact if n < sent_count else False)
             n += 1
         self.outbuf.clear()
         sink, self.sink = self.sink, None
