@@ -63,12 +63,12 @@ class ClientSession:
         self.id = next(_ids)
         self.db, self.proto = 0, 2
         self.name = self.lib_name = self.lib_ver = b""
-        self.authed = not cfg.password
         self.created = time()
         self.last_active = monotonic()
         self.last_cmd = b"NULL"
         self.no_evict = self.no_touch = False
         self.parser = resp.RequestParser(cfg.proto_max_bulk_len, max_buffer=cfg.client_query_buffer_limit)
+        self.authed = not cfg.password
         self.cur = None  # channel holding this client's requests in flight
         self.lease: Lease | None = None  # MULTI / WATCH
         self.oneshot: Lease | None = None  # one blocking command
@@ -82,6 +82,15 @@ class ClientSession:
         self.wlock = Semaphore()
         self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
         self.batch: Batch | None = None
+
+    @property
+    def authed(self) -> bool:
+        return not self.parser.auth_required
+
+    @authed.setter
+    def authed(self, value: bool) -> None:
+        # the parser holds it: before AUTH it caps headers as the server does
+        self.parser.auth_required = not value
 
     # ---- the loop ----
 
