@@ -246,3 +246,17 @@ def test_framer_cuts_replies_at_any_split(cls):
     f = cls()
     assert [fr for i in range(len(stream)) for fr in f.feed(stream[i:i + 1])] == REPLIES
     assert not f.buf
+
+
+@pytest.mark.parametrize("cls", FRAMERS)
+@pytest.mark.parametrize("data, message", [
+    (b"$abc\r\n", "bad reply header from backend: b'$abc'"),
+    (b"$ 300\r\n", "bad reply header from backend: b'$ 300'"),
+    (b"*x\r\n", "bad reply header from backend: b'*x'"),
+    (b"?1\r\n", "unknown reply type byte '?' from backend"),
+])
+def test_framer_refuses_a_broken_backend_stream(cls, data, message):
+    """Never from a real server; a clear error rather than a crash or a wrong cut."""
+    with pytest.raises(ProtocolError) as e:
+        cls().feed(b"+OK\r\n" + data)
+    assert str(e.value) == message

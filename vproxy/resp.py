@@ -369,7 +369,7 @@ class ReplyFramer:
                     nl = find(CRLF, pos)
                     if nl < 0:
                         break
-                    n = int(data[pos + 1:nl])
+                    n = _header_number(data, pos, nl)
                     end = nl + 2 if n < 0 else nl + 4 + n
                 if end > size:
                     need = end + base
@@ -399,19 +399,24 @@ class ReplyFramer:
         self.need = need - consumed if need else 0
 
 
-def _aggregate_len(t: int, buf: bytearray, pos: int, nl: int) -> int:
+def _header_number(data: bytes, pos: int, nl: int) -> int:
+    """The length or count in the backend's header line at pos (the server writes canonical numbers)."""
+    n = string2ll(data[pos + 1:nl])
+    if n is None:
+        raise ProtocolError(f"bad reply header from backend: {bytes(data[pos:nl])[:40]!r}")
+    return n
+
+
+def _aggregate_len(t: int, data: bytes, pos: int, nl: int) -> int:
     """Elements an aggregate header announces (pairs count twice; an attribute adds its reply)."""
-    try:
-        n = int(buf[pos + 1:nl])
-    except ValueError:
-        raise ProtocolError(f"bad aggregate header from backend: {bytes(buf[pos:nl])[:40]!r}") from None
+    if t not in _AGG_TYPES and t not in _PAIR_TYPES and t != _ATTR:
+        raise ProtocolError(f"unknown reply type byte {chr(t)!r} from backend")
+    n = _header_number(data, pos, nl)
     if t in _AGG_TYPES:
         return n
     if t in _PAIR_TYPES:
         return 2 * n
-    if t == _ATTR:
-        return 2 * n + 1
-    raise ProtocolError(f"unknown reply type byte {chr(t)!r} from backend")
+    return 2 * n + 1  # an attribute: its pairs, then the reply it describes
 
 
 def decode(frame: bytes):
