@@ -1,5 +1,9 @@
 """Unit tests of vproxy.resp, no server: numbers read as the server's string2ll() reads them, the
-request parser's answers to good and bad bytes (however the bytes are split), the reply framer."""
+request parser's answers to good and bad bytes (however the bytes are split), the reply framer.
+
+Each parser and framer test runs against both implementations: the pure-Python reference and
+the compiled twin (vproxy/_resp.pyx, skipped when not built); a differential test feeds both the
+same random streams."""
 
 from __future__ import annotations
 
@@ -8,8 +12,15 @@ import pytest
 from vproxy import resp
 from vproxy.errors import ProtocolError
 
-PARSERS = [pytest.param(resp.RequestParser, id="pure")]
-FRAMERS = [pytest.param(resp.ReplyFramer, id="pure")]
+try:
+    from vproxy import _resp as compiled
+except ImportError:  # not built: `python setup.py build_ext --inplace` or `pip install -e .`
+    compiled = None
+NOT_BUILT = pytest.mark.skipif(compiled is None, reason="the compiled twin vproxy/_resp.pyx is not built")
+PARSERS = [pytest.param(resp.PureRequestParser, id="pure"),
+           pytest.param(getattr(compiled, "RequestParser", None), id="compiled", marks=NOT_BUILT)]
+FRAMERS = [pytest.param(resp.PureReplyFramer, id="pure"),
+           pytest.param(getattr(compiled, "ReplyFramer", None), id="compiled", marks=NOT_BUILT)]
 
 
 def E(*args) -> bytes:
@@ -141,13 +152,15 @@ def test_bad_requests(cls, data, message):
     assert [a for a, _ in got] == [[b"PING"]]  # the request before still runs, none after
 
 
-def test_error_keeps_raw_bytes():
+@pytest.mark.parametrize("cls", PARSERS)
+def test_error_keeps_raw_bytes(cls):
     """The server's "%c" puts the byte itself in the reply, a NUL or a non-ASCII one alike."""
     for byte in (b"\x8f", b"\x00", b"x"):
         try:
-            resp.RequestParser().feed(b"*1\r\n" + byte + b"\r\n")
+            cls().feed(b"*1\r\n" + byte + b"\r\n")
         except ProtocolError as e:
-            assert resp.error(f"ERR Protocol error: {e}") == b"-ERR Protocol error: expected '$', got '" + byte + b"'\r\n"
+            want = b"-ERR Protocol error: expected '$', got '" + byte + b"'\r\n"
+            assert resp.error(f"ERR Protocol error: {e}") == want
         else:
             pytest.fail("no protocol error")
 
@@ -260,3 +273,123 @@ def test_framer_refuses_a_broken_backend_stream(cls, data, message):
     with pytest.raises(ProtocolError) as e:
         cls().feed(b"+OK\r\n" + data)
     assert str(e.value) == message
+
+
+# ---- differential: the compiled twin answers every random stream as the pure one does ----
+
+SPICE = [b"\r", b"\n", b"\x00", b"0", b"1", b"9", b"+", b"-", b" ", b"_", b"$", b"*", b'"', b"'", b"\\", b"\xff"]
+
+
+def _random_request(rnd) -> bytes:
+    kind = rnd.random()
+    if kind < 0.15:
+        words = [rnd.choice([b"GET", b"SET", b"AUTH", b"hello", b'"a b"', b"'x'", b"\\x41", b"k"])
+                 for _ in range(rnd.randint(0, 4))]
+        return b" ".join(words) + rnd.choice([b"\r\n", b"\n"])
+    if kind < 0.2:
+        return rnd.choice([b"*0\r\n", b"*-1\r\n", b"\r\n"])
+    args = [bytes(rnd.randrange(256) for _ in range(rnd.choice([0, 1, 2, 5, 12, 40, 120])))
+            for _ in range(rnd.randint(1, 13))]
+    if rnd.random() < 0.1:
+        args[0] = rnd.choice([b"AUTH", b"auth", b"HELLO"])
+    return resp.encode_request(args)
+
+
+def _mutate(rnd, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rnd.choice([0, 0, 1, 1, 2, 3])):
+        if not data:
+            break
+        i = rnd.randrange(len(data))
+        op = rnd.random()
+        if op < 0.6:
+            data[i:i + 1] = rnd.choice(SPICE)
+        elif op < 0.8:
+            data[i:i] = rnd.choice(SPICE)
+        else:
+            del data[i]
+    return bytes(data)
+
+
+def _splits(rnd, n: int) -> list[int]:
+    cuts = sorted(rnd.sample(range(1, n), min(n - 1, rnd.randint(0, 6)))) if n > 1 else []
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+def _run(obj, data: bytes, sizes: list[int]) -> list:
+    """What each feed answered (results or the error with its requests), and the state after."""
+    seen, pos = [], 0
+    for n in sizes:
+        try:
+            seen.append(("ok", obj.feed(data[pos:pos + n])))
+        except ProtocolError as e:
+            seen.append(("error", str(e), e.requests))
+            break
+        pos += n
+    seen.append((bytes(obj.buf), obj.need, getattr(obj, "nargs", None), getattr(obj, "args", None)))
+    return seen
+
+
+@NOT_BUILT
+def test_parsers_agree_on_random_streams():
+    import random
+
+    rnd = random.Random(20261127)
+    for case in range(4000):
+        data = _mutate(rnd, b"".join(_random_request(rnd) for _ in range(rnd.randint(1, 6))))
+        sizes = _splits(rnd, len(data)) if data else [0]
+        if rnd.random() < 0.3:  # cut short: a request left half-read
+            data = data[:rnd.randrange(len(data) + 1)]
+        auth, max_bulk = rnd.random() < 0.2, 100 if rnd.random() < 0.1 else 512 * 1024 * 1024
+        runs = []
+        for cls in (resp.PureRequestParser, compiled.RequestParser):
+            p = cls(max_bulk=max_bulk)
+            p.auth_required = auth
+            runs.append(_run(p, data, sizes))
+        assert runs[0] == runs[1], f"case {case}: {data!r} split {sizes}"
+
+
+def _random_reply(rnd, depth: int = 0) -> bytes:
+    t = rnd.choice(b"+-:$*%~>|_,#(=!" if depth < 3 else b"+-:$_,#(=!")
+    if t in b"+-:_,#(":
+        return bytes([t]) + bytes(rnd.choice(b"abc 0123") for _ in range(rnd.randint(0, 8))) + b"\r\n"
+    if t in b"$=!":
+        body = bytes(rnd.randrange(256) for _ in range(rnd.choice([0, 3, 9, 10, 99, 150])))
+        return b"$-1\r\n" if rnd.random() < 0.1 else bytes([t]) + b"%d\r\n" % len(body) + body + b"\r\n"
+    n = rnd.choice([-1, 0, 1, 2, 3, 11])
+    items = max(n, 0) * (2 if t in b"%|" else 1) + (1 if t == ord("|") else 0)
+    return bytes([t]) + b"%d\r\n" % n + b"".join(_random_reply(rnd, depth + 1) for _ in range(items))
+
+
+@NOT_BUILT
+def test_framers_agree_on_random_streams():
+    import random
+
+    rnd = random.Random(11272026)
+    for case in range(3000):
+        data = b"".join(_random_reply(rnd) for _ in range(rnd.randint(1, 5)))
+        if rnd.random() < 0.3:
+            data = _mutate(rnd, data)
+        sizes = _splits(rnd, len(data)) if data else [0]
+        runs = [_run(cls(), data, sizes) for cls in (resp.PureReplyFramer, compiled.ReplyFramer)]
+        assert runs[0] == runs[1], f"case {case}: {data!r} split {sizes}"
+        if runs[0][-2][0] == "ok":  # the frames and what is left over are the stream, byte for byte
+            assert b"".join(f for _, fs in runs[0][:-1] for f in fs) + runs[0][-1][0] == data
+
+
+@NOT_BUILT
+def test_corpus_streams_agree():
+    """tests/corpus/*.resp (what test_resp_corpus sends to servers) parsed alike, however split."""
+    import random
+    from pathlib import Path
+
+    rnd = random.Random(7)
+    for f in sorted((Path(__file__).parent / "corpus").glob("*.resp")):
+        data = f.read_bytes()
+        whole = _run(resp.PureRequestParser(), data, [len(data)])
+        assert whole[0][0] == "ok" and whole[0][1]
+        for _ in range(50):
+            sizes = _splits(rnd, len(data))
+            runs = [_run(cls(), data, sizes) for cls in (resp.PureRequestParser, compiled.RequestParser)]
+            assert runs[0] == runs[1], f.name
+            assert [r for step in runs[0][:-1] for r in step[1]] == whole[0][1]

@@ -369,6 +369,21 @@ def test_info_has_server_fields_and_proxy_section(proxy, protocol):
         assert b"# Proxy" in only and b"redis_version" not in only
 
 
+def test_info_and_version_say_which_parser_runs(proxy, server, start_proxy):
+    """The compiled twin of the RESP parser (vproxy/_resp.pyx) when it is built, unless VPROXY_PURE=1."""
+    import importlib.util
+    import os
+    import sys
+
+    built = "compiled" if importlib.util.find_spec("vproxy._resp") else "pure"
+    assert proxy.info()["proxy_impl"] == ("pure" if os.environ.get("VPROXY_PURE") == "1" else built)
+    assert start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()["proxy_impl"] == "pure"
+    for pure, impl in (("1", "pure"), ("", built)):
+        out = subprocess.run([sys.executable, "-m", "vproxy", "--version"], capture_output=True, text=True, check=False,
+                             env={**os.environ, "VPROXY_PURE": pure}, timeout=30)
+        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl})\n", out
+
+
 def test_info_proxy_counts_connected_clients(proxy):
     base = proxy.client(protocol=2)
     n0 = base.info("proxy")["connected_clients"]

@@ -24,6 +24,7 @@ def proxy_section(app) -> str:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fields = {
         "proxy_version": __version__,
+        "proxy_impl": resp.IMPL,  # the RESP parser and framer: "compiled" (vproxy/_resp.pyx) or "pure"
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),

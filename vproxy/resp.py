@@ -12,6 +12,7 @@ with the common shapes (`+`, `-`, `:`, `$`) handled in one or two `find` calls.
 
 from __future__ import annotations
 
+import os
 import re
 
 import hiredis
@@ -489,3 +490,17 @@ def value(v, proto: int) -> bytes:
     if isinstance(v, hiredis.ReplyError):
         return error(str(v))
     raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+# ---- the compiled twin (vproxy/_resp.pyx): chosen here, at import, unless VPROXY_PURE=1 ----
+# As redis-py picks hiredis when it is there: same interface, same answers (tests/test_resp.py
+# runs both), less CPU per request. The pure classes above stay the reference and the fallback.
+
+PureRequestParser, PureReplyFramer = RequestParser, ReplyFramer
+IMPL = "pure"
+if os.environ.get("VPROXY_PURE") != "1":
+    try:
+        from ._resp import ReplyFramer, RequestParser  # noqa: F811 - the point: replace the pure ones
+        IMPL = "compiled"
+    except ImportError:  # not built (no compiler or no Cython at install time): pure Python
+        pass
