@@ -8,6 +8,9 @@ Why not hiredis for the framing: hiredis gives values, not byte boundaries (`+OK
 decode alike, RESP3 attributes become separate replies), so forwarding its values would not be
 byte-exact. The framers below are resumable scanners (no rescan when a big reply arrives in pieces)
 with the common shapes (`+`, `-`, `:`, `$`) handled in one or two `find` calls.
+
+The parser and framer here are the reference; vproxy/_resp.pyx is their compiled twin, picked at
+the end of this module unless VPROXY_PURE=1 (IMPL says which runs).
 """
 
 from __future__ import annotations
