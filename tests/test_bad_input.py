@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, proxy_stats, raw_exchange, split_reply, wait_for
+from conftest import PasswordProxy, RawClient, Server, proxy_stats, raw_exchange, split_reply, wait_for
 
 E = RawClient.encode
 CORPUS = Path(__file__).parent / "corpus"
@@ -59,6 +59,181 @@ def test_bulk_not_followed_by_crlf_is_a_protocol_error(proxy, raw, data):
     via = closes_after(proxy.port, data)
     assert via.startswith(b"-ERR Protocol error")
     assert raw().call("PING") == b"+PONG\r\n"
+
+
+# ---- numbers read exactly as the server reads them (string2ll), nothing malformed forwarded ----
+
+ECHO_HI = b"$4\r\nECHO\r\n$2\r\nhi\r\n"
+# Each is a whole request for Python's int() (which vproxy once used) and a protocol error for the
+# server. Forwarded, it would make the server close the SHARED backend connection.
+BAD_NUMBERS = {
+    "count-leading-zero": b"*02\r\n" + ECHO_HI,
+    "count-plus": b"*+2\r\n" + ECHO_HI,
+    "count-space-before": b"* 2\r\n" + ECHO_HI,
+    "count-space-after": b"*2 \r\n" + ECHO_HI,
+    "count-underscore": b"*1_0\r\n" + b"$4\r\nECHO\r\n" * 10,
+    "count-minus-zero": b"*-0\r\n" + E("ECHO", "hi"),
+    "len-leading-zero": b"*2\r\n$4\r\nECHO\r\n$02\r\nhi\r\n",
+    "len-plus": b"*2\r\n$4\r\nECHO\r\n$+2\r\nhi\r\n",
+    "len-space-before": b"*2\r\n$4\r\nECHO\r\n$ 2\r\nhi\r\n",
+    "len-space-after": b"*2\r\n$4\r\nECHO\r\n$2 \r\nhi\r\n",
+    "len-underscore": b"*2\r\n$4\r\nECHO\r\n$1_0\r\n0123456789\r\n",
+    "len-minus-zero": b"*2\r\n$4\r\nECHO\r\n$-0\r\n\r\n",
+}
+# Keeps the server busy for a while, so that what comes behind it on the shared connection is in
+# flight together with it. (Valkey 9 scripts see one frozen TIME, so Valkey's os.clock() is used;
+# Redis 7 has no `os` in scripts but a live TIME.)
+BUSY = ("local ok, clock = pcall(function() return os.clock end) "
+        "local function now() if ok then return clock() end "
+        "local t = redis.call('TIME') return t[1] + t[2] / 1e6 end "
+        "local t0 = now() repeat until now() - t0 > 0.3 return 'busy'")
+
+
+def _commands_done(stats_conn: RawClient) -> int:
+    """The proxy's total_commands_processed, read on one raw connection (each read adds exactly 1)."""
+    info = stats_conn.call("INFO", "proxy").decode()
+    return int(info.split("total_commands_processed:")[1].split("\r\n")[0])
+
+
+@pytest.mark.parametrize("bad", list(BAD_NUMBERS.values()), ids=list(BAD_NUMBERS))
+def test_malformed_number_closes_only_that_client(proxy, server, raw, bad):
+    """The offender gets the server's protocol error and is closed; the request before it still
+    runs; a bystander whose requests sit on the same shared backend connection is not disturbed."""
+    data = E("EVAL", BUSY, "0") + bad
+    direct = closes_after(server.port, data)
+    assert direct == b"$4\r\nbusy\r\n-ERR Protocol error: " + direct.split(b"Protocol error: ")[1]
+    offender, bystander, stats = raw(), raw(), raw()
+    assert bystander.call("SET", "by", "0") == b"+OK\r\n"  # the shared (db 0, RESP2) channel exists
+    offender.send(data)
+    done = _commands_done(stats)
+    # the EVAL (and, were the bad request forwarded, that too) is queued on the shared channel
+    wait_for(lambda: _commands_done(stats) - done - 1 >= 1 or offender.closed_by_peer(0.01), what="the EVAL")
+    bystander.send(E("INCR", "by") + E("GET", "by") + E("ECHO", "after"))  # behind it, while it runs
+    assert bystander.read_n(3) == [b":1\r\n", b"$1\r\n1\r\n", b"$5\r\nafter\r\n"]
+    assert offender.closed_by_peer(5)
+    assert offender.buf == direct
+    assert bystander.call("GET", "by") == b"$1\r\n1\r\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"*1\r\n$4\r\x02INFOO\n",  # a header's CR not followed by LF
+        b"*1\rx$4\r\nPING\r\n",
+        b"*abc\rx",  # the CRLF is checked before the number
+        b"*1\r\n$x\rx",
+    ],
+    ids=["bulk-header", "count-header", "count-before-number", "len-before-number"],
+)
+def test_header_without_crlf_is_answered_like_valkey(proxy, server, raw, data):
+    """Valkey 9 answers 'invalid CRLF in request' and closes; Redis 7 skips the byte after the CR
+    (and so runs INFO for the first one). vproxy answers as Valkey does: what either server would
+    refuse must never reach a shared backend connection."""
+    want = b"-ERR Protocol error: invalid CRLF in request\r\n"
+    if server.kind == "valkey":
+        assert closes_after(server.port, data) == want
+    assert closes_after(proxy.port, data) == want
+    assert raw().call("PING") == b"+PONG\r\n"
+
+
+def test_nul_in_an_inline_request_waits_like_the_server(proxy, server, raw):
+    """The server finds the end of an inline request with strchr(), which stops at a NUL: a NUL
+    before the LF leaves the line unfinished until the 64KB inline limit, then a protocol error."""
+    data = b"PING\x00x\r\n" + E("PING") + b"x" * (64 * 1024)
+    direct = closes_after(server.port, data)
+    assert direct == b"-ERR Protocol error: too big inline request\r\n"
+    assert closes_after(proxy.port, data) == direct
+    c = raw()
+    c.send(b"PING\x00x\r\n")
+    assert c.nothing_pending(0.2)  # no PONG: the line has not ended for the server either
+
+
+def test_expected_dollar_names_the_byte_as_is(proxy, server):
+    """'expected '$', got '%c'': the raw byte, not its UTF-8 spelling (Redis 7 waits on a NUL)."""
+    for byte in (b"\x8f", b"\x00"):
+        data = b"*1\r\n" + byte + b"\r\n"
+        want = b"-ERR Protocol error: expected '$', got '" + byte + b"'\r\n"
+        if server.kind == "valkey" or byte != b"\x00":
+            assert closes_after(server.port, data) == want
+        assert closes_after(proxy.port, data) == want
+
+
+def test_expected_dollar_waits_for_the_whole_line(proxy, server, raw):
+    """The server looks at the byte after `*N` only once the line's CR and one more byte are in."""
+    c = raw()
+    c.send(b"*1\r\nx")
+    assert c.nothing_pending(0.2)
+    c.send(b"\r\n")
+    assert c.closed_by_peer(5)
+    assert c.buf == b"-ERR Protocol error: expected '$', got 'x'\r\n"
+
+
+def test_count_limit_is_int_max(proxy, server, raw):
+    """Up to INT_MAX arguments is a valid header for the server (it waits for them); past it, or
+    past a long long, the count or length is invalid."""
+    c = raw()
+    c.send(b"*2000000000\r\n$4\r\nPING\r\n")
+    assert c.nothing_pending(0.2)
+    for data in (b"*2147483648\r\n", b"*9223372036854775808\r\n", b"*1\r\n$99999999999999999999\r\n"):
+        direct = closes_after(server.port, data)
+        assert direct.startswith(b"-ERR Protocol error: invalid")
+        assert closes_after(proxy.port, data) == direct
+    assert raw().call("PING") == b"+PONG\r\n"
+
+
+# ---- before AUTH, headers are capped as the server caps them ----
+
+
+class LockedServer(Server):
+    """A server started with a password (its readiness probe authenticates)."""
+
+    def client(self, **kw):
+        kw.setdefault("password", "pw")
+        return super().client(**kw)
+
+
+@pytest.fixture(scope="module")
+def locked(server):
+    """A server with a password, and a proxy with the same password in front of the open server."""
+    s = LockedServer(server.kind, None, "--requirepass", "pw")
+    p = PasswordProxy("pw", "--backend", server.addr)
+    yield s, p
+    p.stop()
+    s.stop()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"*11\r\n", b"*1\r\n$16385\r\n", E("PING") + b"*11\r\n"],
+    ids=["count", "len", "after-a-request"],
+)
+def test_unauthenticated_caps(locked, data):
+    """(Not covered, a known difference: a failing AUTH and a big header in the SAME write. vproxy
+    reads the whole write before AUTH runs, so it lifts the caps for the rest of it, and the big
+    request gets NOAUTH where the server closes with a protocol error. Nothing is forwarded.)"""
+    s, p = locked
+    direct = closes_after(s.port, data)
+    assert b"Protocol error: unauthenticated" in direct
+    assert closes_after(p.port, data) == direct
+
+
+def test_caps_until_auth(locked):
+    """AUTH lifts the caps, even for the requests right behind it in the same write; a failed AUTH
+    leaves them; the limits are the server's (10 arguments, 16384 bytes), not lower."""
+    s, p = locked
+    data = E("AUTH", "pw") + E("DEL", *[f"k{i}" for i in range(11)]) + E("ECHO", "x" * 16385)
+    direct = raw_exchange(s.port, data, 3)
+    assert direct == [b"+OK\r\n", b":0\r\n", b"$16385\r\n" + b"x" * 16385 + b"\r\n"]
+    assert raw_exchange(p.port, data, 3) == direct
+    for port in (s.port, p.port):
+        with RawClient(port) as c:
+            c.send(b"*10\r\n$16384\r\n")
+            assert c.nothing_pending(0.1)
+        with RawClient(port) as c:
+            assert c.call("AUTH", "bad").startswith(b"-WRONGPASS")
+            c.send(b"*1\r\n$16385\r\n")
+            assert c.closed_by_peer(5)
+            assert c.buf == b"-ERR Protocol error: unauthenticated bulk length\r\n"
 
 
 def test_requests_before_a_protocol_error_still_run(proxy, server):

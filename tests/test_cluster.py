@@ -516,3 +516,39 @@ def test_transaction_semantics_match_the_server(r, proxy):
     assert raw([b"MULTI"], [b"MULTI"], [b"DISCARD"]) == b"+OK\r\n-ERR MULTI calls can not be nested\r\n+OK\r\n"
     assert raw([b"EXEC"]).startswith(b"-ERR EXEC without MULTI")
     assert raw([b"MULTI"], [b"PING"], [b"EXEC"]) == b"+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SINTERCARD", "+2", "a", "b"),  # keys in two slots: vproxy computes these itself
+        ("SINTERCARD", "2", "a", "b", "LIMIT", "x"),
+        ("SINTERCARD", "2", "a", "b", "LIMIT", " 1"),
+        ("SINTERCARD", "2", "a", "b", "LIMIT", "1", "LIMIT", "-1"),
+        ("ZUNION", "+2", "a", "b"),
+        ("WAIT", "+0", "0"),
+        ("WAIT", "0", "x"),
+        ("WAIT", "0", "-1"),
+        ("CLUSTER", "COUNTKEYSINSLOT", "16384"),
+    ],
+)
+def test_numbers_in_answered_commands_read_like_the_server(r, cluster, args):
+    """Commands vproxy answers across nodes read their numbers as the server's string2ll() does
+    (Python's int() took "+1", " 1", "01") and give the server's errors."""
+    from conftest import RawClient, raw_exchange
+
+    data = RawClient.encode(*args)
+    r.set("a", 1)  # keys of the wrong type for some: the argument errors come first
+    direct = raw_exchange(cluster.owner("a").port, data.replace(b"$1\r\nb\r\n", b"$4\r\n{a}b\r\n"), 1)
+    assert raw_exchange(r.connection_pool.connection_kwargs["port"], data, 1) == direct
+
+
+def test_scan_cursor_reads_like_valkey(r, cluster):
+    """A cursor is read by string2ull(): "-1" is invalid, " 0" and "+0" are 0."""
+    from conftest import RawClient, raw_exchange
+
+    port = r.connection_pool.connection_kwargs["port"]
+    assert raw_exchange(port, RawClient.encode("SCAN", "-1"), 1) == [b"-ERR invalid cursor\r\n"]
+    assert raw_exchange(port, RawClient.encode("SCAN", "0 "), 1) == [b"-ERR invalid cursor\r\n"]
+    for cursor in (" 0", "+0", "00"):
+        assert raw_exchange(port, RawClient.encode("SCAN", cursor), 1)[0].startswith(b"*2\r\n")

@@ -96,3 +96,18 @@ def test_reset_out_of_monitor_returns_to_db0(setup):
         assert c.call("GET", "rk") == b"$4\r\nzero\r\n"
         assert c.call("SET", "rk2", "x") == b"+OK\r\n"
     assert proxy.client(db=0).get("rk2") == b"x" and proxy.client(db=3).get("rk2") is None
+
+
+def test_select_reads_the_number_as_the_server_does(setup):
+    """SELECT 1_0 once moved the session to db 10 (Python's int()); the server refuses it."""
+    from conftest import RawClient
+
+    kind, cluster, proxy = setup
+    cluster.flushall()
+    with RawClient(proxy.port) as c:
+        for arg in ("1_0", " 1", "+1", "01", "-0"):
+            assert c.call("SELECT", arg) == b"-ERR value is not an integer or out of range\r\n"
+        assert c.call("SELECT", "4294967296").startswith(b"-ERR value is out of range, value must between")
+        assert c.call("SET", "where", "db0") == b"+OK\r\n"
+    assert proxy.client(db=0).get("where") == b"db0"
+    assert proxy.client(db=10).get("where") is None

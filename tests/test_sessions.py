@@ -112,10 +112,23 @@ def test_select_out_of_range_like_the_server(proxy, server, arg):
 
 
 def test_select_beyond_32_bits(proxy, server):
-    """The server's wording differs (int range); what matters is an -ERR saying out of range."""
-    for port in (server.port, proxy.port):
-        reply = raw_exchange(port, RawClient.encode("SELECT", "99999999999"), 1)[0]
-        assert reply.startswith(b"-ERR") and b"out of range" in reply
+    """A long long but no int: the server's own wording ("value must between ..." sic)."""
+    reply = compare(server, proxy, RawClient.encode("SELECT", "99999999999"))[0]
+    assert reply == b"-ERR value is out of range, value must between -2147483648 and 2147483647\r\n"
+
+
+@pytest.mark.parametrize("arg", ["1_0", " 1", "1 ", "+1", "01", "-0", "99999999999999999999"])
+def test_select_reads_the_number_as_the_server_does(proxy, server, raw, arg):
+    """Python's int() takes all of these; the server's string2ll() takes none, and the session
+    stays in its database (SELECT 1_0 once moved it to db 10)."""
+    E = RawClient.encode
+    assert compare(server, proxy, E("SELECT", arg) + E("ECHO", "next"), 2)[0] == \
+        b"-ERR value is not an integer or out of range\r\n"
+    c = raw()
+    assert c.call("SELECT", arg).startswith(b"-ERR")
+    assert c.call("SET", "where", "db0") == b"+OK\r\n"
+    assert server.client(db=0).get("where") == b"db0"
+    assert server.client(db=10).get("where") is None
 
 
 # ---- HELLO, AUTH ----
@@ -144,6 +157,16 @@ def test_hello_without_version_and_bad_versions(proxy, server, raw):
     assert c.call("HELLO", "x").startswith(b"-ERR Protocol version is not an integer")
     compare(server, proxy, RawClient.encode("HELLO", "4"))
     assert c.call("PING") == b"+PONG\r\n"
+
+
+@pytest.mark.parametrize("arg", [" 3", "3 ", "03", "+3"])
+def test_hello_reads_the_version_as_the_server_does(proxy, server, raw, arg):
+    E = RawClient.encode
+    assert compare(server, proxy, E("HELLO", arg) + E("ECHO", "next"), 2)[0] == \
+        b"-ERR Protocol version is not an integer or out of range\r\n"
+    c = raw()
+    assert c.call("HELLO", arg).startswith(b"-ERR")
+    assert c.call("GET", "missing") == b"$-1\r\n"  # still RESP2
 
 
 def test_hello_setname(raw):
@@ -192,6 +215,49 @@ def test_client_setname_getname_setinfo_errors(raw):
     assert b"lib-ver=1.0" in c.call("CLIENT", "INFO")
     assert c.call("CLIENT", "SETNAME", "") == b"+OK\r\n"  # clears the name, as on the server
     assert c.call("CLIENT", "GETNAME") == b"$-1\r\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("CLIENT", "ID", "x"),
+        ("CLIENT", "ID", "1"),
+        ("CLIENT", "GETNAME", "x"),
+        ("CLIENT", "GETREDIR", "x"),
+        ("CLIENT", "UNBLOCK"),
+        ("CLIENT", "UNBLOCK", "x"),
+        ("CLIENT", "UNBLOCK", "+987654321"),
+        ("CLIENT", "UNBLOCK", " 987654321"),
+        ("CLIENT", "UNBLOCK", "99999999999999999999"),
+        ("CLIENT", "UNBLOCK", "-1"),
+        ("CLIENT", "UNBLOCK", "987654321", "BAD"),
+        ("CLIENT", "UNBLOCK", "x", "BAD"),
+        ("CLIENT", "KILL", "ID", "0"),
+        ("CLIENT", "KILL", "ID", "-1"),
+        ("CLIENT", "KILL", "SKIPME", "maybe"),
+    ],
+)
+def test_client_subcommand_arguments_like_the_server(proxy, server, args):
+    """Numbers read as string2ll() reads them, and the checks made in the server's order."""
+    E = RawClient.encode
+    assert compare(server, proxy, E(*args) + E("ECHO", "next"), 2)[1] == b"$4\r\nnext\r\n"
+
+
+@pytest.mark.parametrize(
+    "args, want",
+    [
+        (("CLIENT", "KILL", "ID", "x"), b"-ERR syntax error\r\n"),
+        (("CLIENT", "KILL", "ID", "+1"), b"-ERR syntax error\r\n"),
+        (("CLIENT", "KILL", "ID", "01"), b"-ERR syntax error\r\n"),
+        (("CLIENT", "UNBLOCK", "987654321", "BAD", "x"), b":0\r\n"),  # the reason is read at argc 4 only
+    ],
+)
+def test_client_subcommand_arguments_like_valkey(proxy, server, args, want):
+    """Where Redis 7 answers otherwise ("client-id should be greater than 0", "unknown subcommand")."""
+    E = RawClient.encode
+    if server.kind == "valkey":
+        assert raw_exchange(server.port, E(*args), 1) == [want]
+    assert raw_exchange(proxy.port, E(*args), 1) == [want]
 
 
 def test_client_maint_notifications_costs_no_backend_connection(proxy, server):
@@ -301,6 +367,21 @@ def test_info_has_server_fields_and_proxy_section(proxy, protocol):
         assert b"# Proxy" not in rc.call("INFO", "server")
         only = rc.call("INFO", "proxy")
         assert b"# Proxy" in only and b"redis_version" not in only
+
+
+def test_info_and_version_say_which_parser_runs(proxy, server, start_proxy):
+    """The compiled twin of the RESP parser (vproxy/_resp.pyx) when it is built, unless VPROXY_PURE=1."""
+    import importlib.util
+    import os
+    import sys
+
+    built = "compiled" if importlib.util.find_spec("vproxy._resp") else "pure"
+    assert proxy.info()["proxy_impl"] == ("pure" if os.environ.get("VPROXY_PURE") == "1" else built)
+    assert start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()["proxy_impl"] == "pure"
+    for pure, impl in (("1", "pure"), ("", built)):
+        out = subprocess.run([sys.executable, "-m", "vproxy", "--version"], capture_output=True, text=True, check=False,
+                             env={**os.environ, "VPROXY_PURE": pure}, timeout=30)
+        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl})\n", out
 
 
 def test_info_proxy_counts_connected_clients(proxy):

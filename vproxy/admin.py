@@ -24,6 +24,7 @@ def proxy_section(app) -> str:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fields = {
         "proxy_version": __version__,
+        "proxy_impl": resp.IMPL,  # the RESP parser and framer: "compiled" (vproxy/_resp.pyx) or "pure"
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),
@@ -126,12 +127,19 @@ def client_kill(s, args: list) -> bytes:
         return resp.error(E.SYNTAX)
     for key, val in zip(opts[::2], opts[1::2]):
         key = key.lower()
-        if key == b"id" and val.isdigit():
-            victims = [c for c in victims if c.id == int(val)]
+        if key == b"id":
+            cid = resp.string2ll(val)
+            if cid is None:
+                return resp.error(E.SYNTAX)
+            if cid <= 0:
+                return resp.error("ERR client-id should be greater than 0")
+            victims = [c for c in victims if c.id == cid]
         elif key == b"addr":
             victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
         elif key == b"skipme":
-            skipme = val.lower() != b"no"
+            if val.lower() not in (b"yes", b"no"):
+                return resp.error(E.SYNTAX)
+            skipme = val.lower() == b"yes"
         else:
             return resp.error(f"ERR vproxy: CLIENT KILL {key.decode(errors='replace').upper()} is not "
                               "supported through the proxy (use ID or ADDR)")
@@ -151,14 +159,23 @@ def _kill(victims) -> None:
 
 
 def client_unblock(s, args: list) -> bytes:
-    """CLIENT UNBLOCK <proxy id>: cancel that client's blocking command by closing its connection."""
-    if len(args) not in (3, 4) or not args[2].isdigit():
-        return resp.error(E.SYNTAX)
-    target = s.app.clients.get(int(args[2]))
+    """CLIENT UNBLOCK <proxy id> [TIMEOUT|ERROR]: cancel that client's blocking command by closing its connection.
+
+    Checked as Valkey does: the reason first, then the id; with more arguments than that, the
+    reason is not read at all (a plain timeout)."""
+    if len(args) < 3:
+        return resp.error(E.wrong_arity("client|unblock"))
+    reason = args[3].lower() if len(args) == 4 else b"timeout"
+    if reason not in (b"timeout", b"error"):
+        return resp.error("ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR")
+    cid = resp.string2ll(args[2])
+    if cid is None:
+        return resp.error(E.NOT_INTEGER)
+    target = s.app.clients.get(cid)
     lease = target.oneshot if target is not None else None
     if lease is None or lease.channel is None or not lease.channel.waiters:
         return resp.integer(0)
-    error = len(args) == 4 and args[3].lower() == b"error"
+    error = reason == b"error"
     # as the server does: the blocked command answers as if it timed out (a null array; WAIT: 0 replicas)
     timed_out = b":0\r\n" if target.last_cmd == b"wait" else b"*-1\r\n" if target.proto == 2 else b"_\r\n"
     frame = resp.error("UNBLOCKED client unblocked via CLIENT UNBLOCK") if error else timed_out

@@ -82,20 +82,27 @@ def sets(s, i, args, batch):
     batch.replies[i] = _store(s, args[1], STORE_SET, members)
 
 
+def _sintercard_args(args: list) -> tuple[list, int]:
+    """(keys, limit) of SINTERCARD numkeys key... [LIMIT n], checked as the server does; raises Bad."""
+    n = resp.string2ll(args[1])
+    if n is None or n <= 0:
+        raise Bad("ERR numkeys should be greater than 0")
+    if n > len(args) - 2:
+        raise Bad("ERR Number of keys can't be greater than number of args")
+    limit, j = 0, 2 + n
+    while j < len(args):  # LIMIT may come more than once: the last one counts
+        if args[j].lower() != b"limit" or j + 1 >= len(args):
+            raise Bad("ERR syntax error")
+        limit = resp.string2ll(args[j + 1])
+        if limit is None or limit < 0:
+            raise Bad("ERR LIMIT can't be negative")
+        j += 2
+    return args[2:2 + n], limit
+
+
 def sintercard(s, i, args, batch):
     try:
-        n = int(args[1])
-        keys = args[2:2 + n]
-        limit = 0
-        rest = args[2 + n:]
-        if n <= 0 or len(keys) < n:
-            raise Bad("ERR numkeys should be greater than 0" if n <= 0 else "ERR Number of keys can't be greater than number of args")
-        if rest:
-            if len(rest) != 2 or rest[0].lower() != b"limit" or int(rest[1]) < 0:
-                raise Bad("ERR syntax error")
-            limit = int(rest[1])
-    except ValueError:
-        return _err(batch, i, "ERR numkeys should be greater than 0")
+        keys, limit = _sintercard_args(args)
     except Bad as e:
         return _err(batch, i, str(e))
 
@@ -130,10 +137,9 @@ def smove(s, i, args, batch):
 def _zparse(name: bytes, args: list, store: bool):
     """(dest, keys, weights, aggregate, withscores) of ZUNION/ZINTER/ZDIFF[STORE]; raises Bad."""
     base = 2 if store else 1
-    try:
-        n = int(args[base])
-    except ValueError:
-        raise Bad("ERR value is not an integer or out of range") from None
+    n = resp.string2ll(args[base])
+    if n is None:
+        raise Bad("ERR value is not an integer or out of range")
     if n <= 0:
         raise Bad(f"ERR at least 1 input key is needed for '{name.decode()}' command")
     keys = args[base + 1:base + 1 + n]

@@ -48,7 +48,17 @@ def _dump_greenlets() -> None:
                    "\n".join(format_run_info()), "\n".join(lines))
 
 
+def version_text() -> str:
+    """`vproxy --version`: the release, and which RESP parser runs (the compiled twin or pure Python)."""
+    from . import __version__, resp
+
+    return f"vproxy {__version__} (parser: {resp.IMPL})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if "--version" in (sys.argv[1:] if argv is None else argv):
+        print(version_text())
+        return 0
     try:
         cfg = load(argv)
     except ConfigError as e:

@@ -26,7 +26,7 @@ from . import commands as C
 from . import errors as E
 from . import resp
 from .errors import BackendError, ProtocolError
-from .local import LOCAL
+from .local import LOCAL, db_index
 from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
@@ -73,12 +73,12 @@ class ClientSession:
         self.id = next(_ids)
         self.db, self.proto = 0, 2
         self.name = self.lib_name = self.lib_ver = b""
-        self.authed = not cfg.password
         self.created = time()
         self.last_active = monotonic()
         self.last_cmd = b"NULL"
         self.no_evict = self.no_touch = False
         self.parser = resp.RequestParser(cfg.proto_max_bulk_len, max_buffer=cfg.client_query_buffer_limit)
+        self.authed = not cfg.password
         self.cur = None  # channel holding this client's requests in flight
         self.lease: Lease | None = None  # MULTI / WATCH
         self.oneshot: Lease | None = None  # one blocking command
@@ -99,6 +99,15 @@ class ClientSession:
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
         self.fast = not app.router.ha  # HA modes retry failed requests: they need the batch path
+
+    @property
+    def authed(self) -> bool:
+        return not self.parser.auth_required
+
+    @authed.setter
+    def authed(self, value: bool) -> None:
+        # the parser holds it: before AUTH it caps headers as the server does
+        self.parser.auth_required = not value
 
     # ---- the loop ----
 
@@ -513,16 +522,15 @@ class ClientSession:
         if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.multi_select = int(args[1])
+                self.multi_select = self._db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
         self.submit(self.lease.channel, i, raw, batch)
 
     def _db_arg(self, arg: bytes) -> int | None:
         """The database a forwarded SELECT switches to, None when the server will refuse it."""
-        if not arg.isdigit() or (arg[:1] == b"0" and arg != b"0") or int(arg) >= self.app.databases:
-            return None  # a failed SELECT changes nothing; a bad db in the session breaks its connects
-        return int(arg)
+        # a failed SELECT changes nothing; a bad db in the session would break its connects
+        return db_index(arg, self.app.databases)[0]
 
     def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:
         """A blocking command gets a connection of its own until it answers.
@@ -581,7 +589,7 @@ class ClientSession:
             if st.kind == "sub" and self.proto == 2:
                 pass  # RESP2 pub/sub: the server refuses SELECT and HELLO
             elif name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.db = int(args[1])
+                self.db = self._db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.proto = int(args[1])
         ch = st.lease.channel

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import random
 
-from . import errors as E
 from . import resp
 from .keyspec import key_positions
-from .local import LOCAL
+from .local import LOCAL, db_index
 from .slots import key_slot
 
 NS = b"__vdb"
@@ -43,16 +42,12 @@ def emulated(s) -> bool:
 
 
 def select(s, i, args, raw, batch):
-    try:
-        db = int(args[1])
-    except ValueError:
-        batch.replies[i] = resp.error(E.NOT_INTEGER)
-        return
     native = getattr(s.app.router.topology, "databases", 1)
-    if s.in_multi and native > 1:
+    if s.in_multi and native > 1:  # queued as the server queues it; EXEC answers its error
         return s.in_transaction(i, b"select", args, raw, batch)
-    if not 0 <= db < (s.app.databases if native <= 1 else native):
-        batch.replies[i] = resp.error(E.DB_RANGE)
+    db, err = db_index(args[1], s.app.databases if native <= 1 else native)
+    if err:
+        batch.replies[i] = resp.error(err)
         return
     if native > 1:
         return LOCAL[b"select"](s, i, args, raw, batch)

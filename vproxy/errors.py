@@ -33,6 +33,8 @@ NOPASS = (
     "Are you sure your configuration is correct?"
 )
 NOT_INTEGER = "ERR value is not an integer or out of range"
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+INT_RANGE = f"ERR value is out of range, value must between {INT_MIN} and {INT_MAX}"  # (sic, the server's words)
 DB_RANGE = "ERR DB index is out of range"
 SYNTAX = "ERR syntax error"
 

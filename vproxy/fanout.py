@@ -16,6 +16,7 @@ import random
 from binascii import hexlify
 
 from . import dbns, resp
+from . import errors as E
 from .client import ClientSession
 from .local import _append_proxy_section
 from .slots import key_slot
@@ -116,9 +117,8 @@ def randomkey(s, i, args, raw, batch):
 
 
 def scan(s, i, args, raw, batch):
-    try:
-        cursor = int(args[1])
-    except ValueError:
+    cursor = resp.string2ull(args[1])
+    if cursor is None:
         batch.replies[i] = resp.error("ERR invalid cursor")
         return
     nodes = s.app.router.topology.first_slots
@@ -189,10 +189,10 @@ def wait(s, i, args, raw, batch):
     """WAIT on every primary this session wrote to (its channels there); the smallest count wins.
 
     The timeout is capped below command_timeout, because the wait holds a shared connection."""
-    try:
-        n, timeout = int(args[1]), int(args[2])
-    except ValueError:
-        batch.replies[i] = resp.error("ERR value is not an integer or out of range")
+    n, timeout = resp.string2ll(args[1]), resp.string2ll(args[2])
+    if n is None or timeout is None or timeout < 0:  # the server's checks, in its order
+        batch.replies[i] = resp.error(E.NOT_INTEGER if n is None else "ERR timeout is negative" if timeout is not None
+                                      else "ERR timeout is not an integer or out of range")
         return
     cap = max(1, int(s.app.cfg.command_timeout * 800))
     timeout = cap if timeout <= 0 else min(timeout, cap)
@@ -318,16 +318,10 @@ def _cluster_keyslot(s, i, args, raw, batch):
 
 
 def _in_slot(s, i, args, raw, batch):
-    """COUNTKEYSINSLOT / GETKEYSINSLOT: asked of the slot's owner."""
-    try:
-        slot = int(args[2])
-    except (ValueError, IndexError):
-        batch.replies[i] = resp.error("ERR Invalid or out of range slot")
-        return
-    if not 0 <= slot < 16384:
-        batch.replies[i] = resp.error("ERR Invalid or out of range slot")
-        return
-    s.route(batch, i, raw, slot, b"cluster")
+    """COUNTKEYSINSLOT / GETKEYSINSLOT: asked of the slot's owner; a slot the server would refuse
+    goes to slot 0's owner, which answers with its own error."""
+    slot = resp.string2ll(args[2]) if len(args) > 2 else None
+    s.route(batch, i, raw, slot if slot is not None and 0 <= slot < 16384 else 0, b"cluster")
 
 
 CLUSTER = {

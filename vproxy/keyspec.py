@@ -8,12 +8,12 @@ positions (often none): the cluster session then asks a backend with COMMAND GET
 
 from __future__ import annotations
 
+from .resp import string2ll
+
 
 def _int(v: bytes, default: int = -1) -> int:
-    try:
-        return int(v)
-    except (ValueError, TypeError):
-        return default
+    n = string2ll(v)  # as the server reads numkeys: " 1" is no number, so no keys
+    return default if n is None else n
 
 
 def _numkeys_at(pos: int, before: tuple = ()):

@@ -75,9 +75,8 @@ def auth(s, i, args, raw, batch):
 def hello(s, i, args, raw, batch):
     proto = s.proto
     if len(args) > 1:
-        try:
-            proto = int(args[1])
-        except ValueError:
+        proto = resp.string2ll(args[1])
+        if proto is None:
             return _reply(batch, i, resp.error("ERR Protocol version is not an integer or out of range"))
         if proto not in (2, 3):
             return _reply(batch, i, resp.error("NOPROTO unsupported protocol version"))
@@ -115,13 +114,22 @@ def hello(s, i, args, raw, batch):
     }, proto))
 
 
+def db_index(arg: bytes, databases: int) -> tuple[int | None, str | None]:
+    """(db, None) for a SELECT the server accepts, else (None, its error): an int, then in range."""
+    db = resp.string2ll(arg)
+    if db is None:
+        return None, E.NOT_INTEGER
+    if not E.INT_MIN <= db <= E.INT_MAX:
+        return None, E.INT_RANGE
+    if not 0 <= db < databases:
+        return None, E.DB_RANGE
+    return db, None
+
+
 def select(s, i, args, raw, batch):
-    try:
-        db = int(args[1])
-    except ValueError:
-        return _reply(batch, i, resp.error(E.NOT_INTEGER))
-    if not 0 <= db < s.app.databases:
-        return _reply(batch, i, resp.error(E.DB_RANGE))
+    db, err = db_index(args[1], s.app.databases)
+    if err:
+        return _reply(batch, i, resp.error(err))
     if s.lease is not None and not s.lease.ending:  # WATCH is on: the lease's connection switches too
         s.lease.dirty = True
         s.db = db
@@ -209,6 +217,11 @@ def client(s, i, args, raw, batch):
     handler(s, i, args, raw, batch)
 
 
+def _arity(args: list, sub: str) -> bytes | None:
+    """The server's error for a CLIENT subcommand that takes no argument but got some, else None."""
+    return resp.error(E.wrong_arity(f"client|{sub}")) if len(args) != 2 else None
+
+
 def _client_setname(s, i, args, raw, batch):
     if len(args) != 3:
         return _reply(batch, i, resp.error(E.wrong_arity("client|setname")))
@@ -294,8 +307,9 @@ def _client_maint_notifications(s, i, args, raw, batch):
 
 
 CLIENT = {
-    b"id": lambda s, i, a, r, b: _reply(b, i, resp.integer(s.id)),
-    b"getname": lambda s, i, a, r, b: _reply(b, i, resp.bulk(s.name) if s.name else resp.null(s.proto)),
+    b"id": lambda s, i, a, r, b: _reply(b, i, _arity(a, "id") or resp.integer(s.id)),
+    b"getname": lambda s, i, a, r, b: _reply(b, i, _arity(a, "getname") or (
+        resp.bulk(s.name) if s.name else resp.null(s.proto))),
     b"setname": _client_setname,
     b"setinfo": _client_setinfo,
     b"info": lambda s, i, a, r, b: _reply(b, i, resp.verbatim(admin.client_line(s) + "\n", s.proto)),
@@ -306,7 +320,7 @@ CLIENT = {
     b"tracking": _client_stream,
     b"reply": _client_stream,
     b"maint_notifications": _client_maint_notifications,
-    b"getredir": lambda s, i, a, r, b: _reply(b, i, resp.integer(-1)),
+    b"getredir": lambda s, i, a, r, b: _reply(b, i, _arity(a, "getredir") or resp.integer(-1)),
     b"unblock": lambda s, i, a, r, b: _reply(b, i, admin.client_unblock(s, a)),
     b"pause": lambda s, i, a, r, b: s.forward(i, r, b),
     b"unpause": lambda s, i, a, r, b: s.forward(i, r, b),

@@ -8,9 +8,15 @@ Why not hiredis for the framing: hiredis gives values, not byte boundaries (`+OK
 decode alike, RESP3 attributes become separate replies), so forwarding its values would not be
 byte-exact. The framers below are resumable scanners (no rescan when a big reply arrives in pieces)
 with the common shapes (`+`, `-`, `:`, `$`) handled in one or two `find` calls.
+
+The parser and framer here are the reference; vproxy/_resp.pyx is their compiled twin, picked at
+the end of this module unless VPROXY_PURE=1 (IMPL says which runs).
 """
 
 from __future__ import annotations
+
+import os
+import re
 
 import hiredis
 
@@ -25,14 +31,56 @@ _AGG_TYPES = frozenset(b"*~>")  # n elements
 _PAIR_TYPES = frozenset(b"%")  # n key/value pairs
 _ATTR = ord("|")  # n pairs of attributes, then the reply they describe
 MAX_LINE = 64 * 1024  # inline request or header line without CRLF (Redis: PROTO_INLINE_MAX_SIZE)
+INT_MAX = 2**31 - 1  # most arguments a `*` header may announce (the server: INT_MAX)
+LLONG_MIN, LLONG_MAX, ULLONG_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+_STRTOULL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)")  # what strtoull(s, &end, 10) reads whole
+# Before AUTH the server refuses bigger headers (its defence against unauthenticated memory use).
+UNAUTH_MAX_ARGS, UNAUTH_MAX_BULK = 10, 16384
+
+
+def string2ll(s: bytes) -> int | None:
+    """The integer s spells exactly as the server's string2ll() reads it, else None.
+
+    Optional '-', then digits with no leading zero ("0" alone is fine, "-0" is not), fitting a
+    long long: no '+', no spaces, no '_' (all of which Python's int() accepts). Every number vproxy
+    reads from a client goes through here, so it refuses exactly what the server refuses."""
+    digits = s[1:] if s[:1] == b"-" else s
+    if not digits.isdigit() or len(digits) > 19 or (digits[0] == 48 and (len(digits) > 1 or digits is not s)):
+        return None
+    n = int(digits)
+    if digits is not s:
+        n = -n
+    return n if LLONG_MIN <= n <= LLONG_MAX else None
+
+
+def string2ull(s: bytes) -> int | None:
+    """An unsigned 64-bit number as Valkey's string2ull() reads it (SCAN cursors), else None.
+
+    string2ll first, negatives refused; failing that, strtoull(): leading blanks, a sign, zeros
+    are fine, and "-N" wraps around 2**64 as C does."""
+    n = string2ll(s)
+    if n is not None:
+        return n if n >= 0 else None
+    m = _STRTOULL.fullmatch(s)
+    if m is None:
+        return None
+    n = int(m.group(2))
+    if n > ULLONG_MAX:
+        return None
+    return (-n) % (ULLONG_MAX + 1) if m.group(1) == b"-" else n
 
 
 class RequestParser:
-    """Splits a client byte stream into requests: multibulk (`*`) or inline (telnet style)."""
+    """Splits a client byte stream into requests: multibulk (`*`) or inline (telnet style).
 
-    __slots__ = ("buf", "pos", "nargs", "args", "need", "max_bulk", "max_args", "max_buffer")
+    It refuses what Valkey 9 refuses, with the same message (Redis 7 is laxer about CRLF; nothing
+    either server refuses may reach a shared backend connection, where it would close the
+    connection under other clients' requests). `auth_required`: the session is not authenticated,
+    so headers are capped as the server caps them."""
 
-    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_args: int = 1024 * 1024 * 1024,
+    __slots__ = ("buf", "pos", "nargs", "args", "need", "max_bulk", "max_args", "max_buffer", "auth_required")
+
+    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_args: int = INT_MAX,
                  max_buffer: int = 1024 * 1024 * 1024):
         self.buf = bytearray()
         self.pos = 0  # scan position inside the request being parsed
@@ -40,6 +88,7 @@ class RequestParser:
         self.args: list[bytes] = []
         self.need = 0  # bytes needed before a rescan can make progress
         self.max_bulk, self.max_args, self.max_buffer = max_bulk, max_args, max_buffer
+        self.auth_required = False
 
     def feed(self, data: bytes) -> list[tuple[list[bytes], bytes]]:
         """Add bytes; return the requests now complete. Raises ProtocolError(msg, done) on bad input."""
@@ -72,11 +121,14 @@ class RequestParser:
         """Scan data (bytes from buf offset `base`, or the received bytes when buf was empty).
 
         Positions below are offsets in data; `start` is where the unconsumed bytes begin: the
-        request being parsed, which may lie before data (-base: it began in an earlier feed)."""
+        request being parsed, which may lie before data (-base: it began in an earlier feed).
+        A header line is read as the server reads it: up to the first CR, which must be followed
+        by LF; the line is complete only once the byte after the CR is in."""
         buf, nargs, args = self.buf, self.nargs, self.args
         size = len(data)
         find = data.find
         max_bulk = self.max_bulk
+        auth = self.auth_required
         need = 0
         if nargs >= 0:
             start, pos = -base, 0
@@ -88,66 +140,55 @@ class RequestParser:
                 if pos >= size:
                     break
                 if data[pos] != _STAR:  # (base is 0 here: data holds every unconsumed byte)
+                    done = len(out)
                     end = self._inline(data, pos, out)
                     need = self.need
                     if end < 0:
                         break
                     pos = end
+                    if auth and len(out) > done and _is_auth(out):
+                        auth = False  # (see _is_auth)
                     continue
                 if pos + 3 < size and data[pos + 2] == 13 and data[pos + 3] == 10 \
                         and 0 <= (n := data[pos + 1] - 48) <= 9:
                     pos += 4  # `*N\r\n` with one digit, the common case: no find, no int()
                 else:
-                    nl = find(CRLF, pos)
-                    if nl < 0:
-                        if size - pos > MAX_LINE:
+                    cr = find(b"\r", pos)
+                    if cr < 0 or cr + 1 >= size:
+                        if cr < 0 and size - pos > MAX_LINE:
                             raise ProtocolError("too big mbulk count string")
+                        need = size + base + 1
                         break
-                    try:
-                        n = int(data[pos + 1:nl])
-                    except ValueError:
-                        raise ProtocolError("invalid multibulk length") from None
-                    pos = nl + 2
-                if n > self.max_args:
-                    raise ProtocolError("invalid multibulk length")
+                    n = _count(data, pos, cr, self.max_args, auth)
+                    pos = cr + 2
                 if n <= 0:  # `*0` and `*-1` are ignored, as Redis does
                     continue
                 nargs, args = n, []
             left = nargs - len(args)
             while left:
-                if pos >= size:
-                    need = max(need, pos + base + 1)
-                    break
-                if data[pos] != _DOLLAR:
-                    raise ProtocolError(f"expected '$', got '{chr(data[pos])}'")
                 # `$N\r\n` with one or two digits, the common case: no find, no int()
-                if pos + 3 < size and data[pos + 2] == 13 and data[pos + 3] == 10 \
+                if pos + 3 < size and data[pos] == _DOLLAR and data[pos + 2] == 13 and data[pos + 3] == 10 \
                         and 0 <= (n := data[pos + 1] - 48) <= 9:
                     nl = pos + 4
-                elif (pos + 4 < size and data[pos + 3] == 13 and data[pos + 4] == 10
-                      and 0 <= (n := data[pos + 1] - 48) <= 9 and 0 <= (d := data[pos + 2] - 48) <= 9):
+                elif (pos + 4 < size and data[pos] == _DOLLAR and data[pos + 3] == 13 and data[pos + 4] == 10
+                      and 1 <= (n := data[pos + 1] - 48) <= 9 and 0 <= (d := data[pos + 2] - 48) <= 9):
                     n = n * 10 + d
                     nl = pos + 5
                 else:
-                    nl = find(CRLF, pos)
-                    if nl < 0:
-                        if size - pos > MAX_LINE:
+                    cr = find(b"\r", pos)
+                    if cr < 0 or cr + 1 >= size:
+                        if cr < 0 and size - pos > MAX_LINE:
                             raise ProtocolError("too big bulk count string")
-                        need = max(need, pos + base + 1)
+                        need = max(need, size + base + 1)
                         break
-                    try:
-                        n = int(data[pos + 1:nl])
-                    except ValueError:
-                        raise ProtocolError("invalid bulk length") from None
-                    nl += 2
-                if n < 0 or n > max_bulk:
-                    raise ProtocolError("invalid bulk length")
+                    n = _bulk_len(data, pos, cr, max_bulk, auth)
+                    nl = cr + 2
                 end = nl + n
                 if end + 2 > size:
                     need = end + 2 + base
                     break
                 if data[end] != 13 or data[end + 1] != 10:
-                    raise ProtocolError("bulk argument not terminated by CRLF")
+                    raise ProtocolError("invalid CRLF in request")
                 args.append(data[nl:end])
                 pos = end + 2
                 left -= 1
@@ -155,24 +196,69 @@ class RequestParser:
                 break
             out.append((args, data[start:pos] if start >= 0 else bytes(buf[:pos + base])))
             nargs, args, need = -1, [], 0
+            if auth and _is_auth(out):
+                auth = False
         consumed = _keep_tail(buf, data, start + base, size)  # the request in progress stays
         self.nargs, self.args = nargs, args
         self.pos = pos + base - consumed if nargs >= 0 else 0
         self.need = max(0, need - consumed)
 
     def _inline(self, data: bytes, start: int, out: list) -> int:
-        """One inline (telnet style) request at start; its end offset, or -1 if incomplete."""
+        """One inline (telnet style) request at start; its end offset, or -1 if incomplete.
+
+        The server looks for the LF with strchr(), which stops at a NUL byte: a NUL before the LF
+        leaves the line incomplete (until the 64KB limit), so it does here too."""
         nl = data.find(b"\n", start)
-        if nl < 0:
+        if nl < 0 or data.find(b"\0", start, nl) >= 0:
             if len(data) - start > MAX_LINE:
                 raise ProtocolError("too big inline request")
             self.need = len(data) + 1
             return -1
         self.need = 0
-        args = split_inline(data[start:nl].rstrip(b"\r"))
+        end = nl - 1 if nl > start and data[nl - 1] == 13 else nl
+        args = split_inline(data[start:end])
         if args:
             out.append((args, encode_request(args)))
         return nl + 1
+
+
+def _count(data: bytes, pos: int, cr: int, max_args: int, auth: bool) -> int:
+    """The argument count of the `*` header at pos whose line ends at cr (the server's checks, in order)."""
+    if data[cr + 1] != 10:
+        raise ProtocolError("invalid CRLF in request")
+    n = string2ll(data[pos + 1:cr])
+    if n is None or n > max_args:
+        raise ProtocolError("invalid multibulk length")
+    if n > UNAUTH_MAX_ARGS and auth:
+        raise ProtocolError("unauthenticated multibulk length")
+    return n
+
+
+def _bulk_len(data: bytes, pos: int, cr: int, max_bulk: int, auth: bool) -> int:
+    """The length of the `$` header at pos whose line ends at cr (the server's checks, in order)."""
+    if data[pos] != _DOLLAR:
+        # the byte as is, even a NUL or a non-ASCII one (error() keeps it: surrogateescape)
+        got = bytes(data[pos:pos + 1]).decode("utf-8", "surrogateescape")
+        raise ProtocolError(f"expected '$', got '{got}'")
+    if data[cr + 1] != 10:
+        raise ProtocolError("invalid CRLF in request")
+    n = string2ll(data[pos + 1:cr])
+    if n is None or n < 0 or n > max_bulk:
+        raise ProtocolError("invalid bulk length")
+    if n > UNAUTH_MAX_BULK and auth:
+        raise ProtocolError("unauthenticated bulk length")
+    return n
+
+
+def _is_auth(out: list) -> bool:
+    """The request just parsed may authenticate (AUTH, HELLO ... AUTH).
+
+    The server checks the caps before each request, knowing whether the previous AUTH worked;
+    this parser reads a whole pipeline before any of it runs, so it assumes the AUTH will work
+    and lifts the caps for the rest of the bytes at hand (the session sets auth_required again
+    when it did not: later requests are then refused with NOAUTH, not with a protocol error)."""
+    name = out[-1][0][0].lower()
+    return name == b"auth" or name == b"hello"
 
 
 _ESCAPES = {110: 10, 114: 13, 116: 9, 98: 8, 97: 7}  # \n \r \t \b \a, as sdssplitargs
@@ -287,7 +373,7 @@ class ReplyFramer:
                     nl = find(CRLF, pos)
                     if nl < 0:
                         break
-                    n = int(data[pos + 1:nl])
+                    n = _header_number(data, pos, nl)
                     end = nl + 2 if n < 0 else nl + 4 + n
                 if end > size:
                     need = end + base
@@ -317,19 +403,24 @@ class ReplyFramer:
         self.need = need - consumed if need else 0
 
 
-def _aggregate_len(t: int, buf: bytearray, pos: int, nl: int) -> int:
+def _header_number(data: bytes, pos: int, nl: int) -> int:
+    """The length or count in the backend's header line at pos (the server writes canonical numbers)."""
+    n = string2ll(data[pos + 1:nl])
+    if n is None:
+        raise ProtocolError(f"bad reply header from backend: {bytes(data[pos:nl])[:40]!r}")
+    return n
+
+
+def _aggregate_len(t: int, data: bytes, pos: int, nl: int) -> int:
     """Elements an aggregate header announces (pairs count twice; an attribute adds its reply)."""
-    try:
-        n = int(buf[pos + 1:nl])
-    except ValueError:
-        raise ProtocolError(f"bad aggregate header from backend: {bytes(buf[pos:nl])[:40]!r}") from None
+    if t not in _AGG_TYPES and t not in _PAIR_TYPES and t != _ATTR:
+        raise ProtocolError(f"unknown reply type byte {chr(t)!r} from backend")
+    n = _header_number(data, pos, nl)
     if t in _AGG_TYPES:
         return n
     if t in _PAIR_TYPES:
         return 2 * n
-    if t == _ATTR:
-        return 2 * n + 1
-    raise ProtocolError(f"unknown reply type byte {chr(t)!r} from backend")
+    return 2 * n + 1  # an attribute: its pairs, then the reply it describes
 
 
 def decode(frame: bytes):
@@ -351,7 +442,8 @@ def encode_request(args) -> bytes:
 
 
 def error(msg: str) -> bytes:
-    return b"-" + msg.replace("\r", " ").replace("\n", " ").encode() + CRLF
+    # surrogateescape: a message may carry a client's raw byte (ProtocolError "expected '$', got ...")
+    return b"-" + msg.replace("\r", " ").replace("\n", " ").encode("utf-8", "surrogateescape") + CRLF
 
 
 def simple(s: str) -> bytes:
@@ -401,3 +493,17 @@ def value(v, proto: int) -> bytes:
     if isinstance(v, hiredis.ReplyError):
         return error(str(v))
     raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+# ---- the compiled twin (vproxy/_resp.pyx): chosen here, at import, unless VPROXY_PURE=1 ----
+# As redis-py picks hiredis when it is there: same interface, same answers (tests/test_resp.py
+# runs both), less CPU per request. The pure classes above stay the reference and the fallback.
+
+PureRequestParser, PureReplyFramer = RequestParser, ReplyFramer
+IMPL = "pure"
+if os.environ.get("VPROXY_PURE") != "1":
+    try:
+        from ._resp import ReplyFramer, RequestParser  # noqa: F811 - the point: replace the pure ones
+        IMPL = "compiled"
+    except ImportError:  # not built (no compiler or no Cython at install time): pure Python
+        pass

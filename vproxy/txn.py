@@ -96,8 +96,8 @@ def queue(s, i, name, args, raw, batch):
         return
     if slots and s.pin_slot is None:
         s.pin_slot = next(iter(slots))
-    if name == b"select" and len(args) == 2 and args[1].isdigit():
-        s.multi_select = int(args[1])
+    if name == b"select" and len(args) == 2 and s._db_arg(args[1]) is not None:
+        s.multi_select = s._db_arg(args[1])
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 

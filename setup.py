@@ -1,0 +1,54 @@
+"""Build the optional compiled twin of the RESP parser and framer (vproxy/_resp.pyx).
+
+Everything else lives in pyproject.toml. Where Cython or a C compiler is missing, or the compile
+fails, the build warns and goes on without it: vproxy then runs its pure-Python parser and framer
+(`vproxy.resp.IMPL`, `vproxy --version` and INFO proxy say which).
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+GENERATED = "vproxy/_resp.c"  # what Cython makes of vproxy/_resp.pyx (ignored by git, shipped in sdists)
+
+
+def _warn(why) -> None:
+    print(f"WARNING: vproxy's compiled parser is not built ({why}); the pure-Python one will run",
+          file=sys.stderr)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that turns a failed compile into a warning (the extension is an accelerator only)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - no compiler at all (DistutilsPlatformError and the like)
+            _warn(e)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001 - CompileError, LinkError: this extension only
+            _warn(e)
+
+
+def extensions() -> list:
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        if os.path.exists(GENERATED):  # an sdist ships the generated C: no Cython needed
+            return [Extension("vproxy._resp", [GENERATED])]
+        _warn("Cython is not installed")
+        return []
+    try:
+        return cythonize([Extension("vproxy._resp", ["vproxy/_resp.pyx"])], quiet=True,
+                         compiler_directives={"language_level": 3})
+    except Exception as e:  # noqa: BLE001 - a Cython error: still install, without the extension
+        _warn(e)
+        return []
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
