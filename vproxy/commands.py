@@ -21,7 +21,7 @@ SIDE = "side"  # a connection of its own, out of the client's order (SCRIPT KILL
 REFUSE = "refuse"  # would break the proxy: answered with -ERR
 
 POLICY: dict[bytes, str] = {
-    **dict.fromkeys([b"ping", b"quit", b"reset", b"hello", b"auth", b"select", b"client",
+    **dict.fromkeys([b"quit", b"reset", b"hello", b"auth", b"select", b"client",
                      b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
                      b"exec", b"discard", b"unwatch"], LOCAL),
     **dict.fromkeys([b"multi", b"watch"], PIN),

@@ -21,15 +21,6 @@ def _reply(batch, i, frame: bytes) -> None:
     batch.replies[i] = frame
 
 
-def ping(s, i, args, raw, batch):
-    """Forwarded: a health check through vproxy must see what the server answers (-BUSY while a
-    script runs, vproxy's error while the backend is down). The arity error is answered here: the
-    learned table says -1 (any count)."""
-    if len(args) > 2:
-        return _reply(batch, i, resp.error(E.wrong_arity("ping")))
-    s.forward(i, raw, batch, args[0].lower(), args)
-
-
 def quit_(s, i, args, raw, batch):
     s.settle()
     _reply(batch, i, resp.OK)
@@ -335,7 +326,7 @@ def proxy(s, i, args, raw, batch):
 
 
 LOCAL = {
-    b"ping": ping, b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
+    b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
     b"select": select, b"info": info, b"exec": exec_, b"discard": exec_, b"unwatch": unwatch,
     b"unsubscribe": unsubscribe, b"punsubscribe": unsubscribe, b"sunsubscribe": unsubscribe,
     b"client": client, b"proxy": proxy,
