@@ -87,7 +87,6 @@ class ClientSession:
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
-        self.sides: list[Lease] = []  # side connections, closed once their reply is in
         self.closing = False
         self.wlock = Semaphore()
         self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
@@ -337,9 +336,6 @@ class ClientSession:
         batch = self.batch
         if self.ha_sent:
             self._ha_recover(batch)
-        for lease in self.sides:
-            lease.release(clean=False)
-        self.sides.clear()
         if self.oneshot is not None:
             self.oneshot.release(clean=True)
             self.oneshot = None
