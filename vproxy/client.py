@@ -42,6 +42,7 @@ _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
+STUCK = object()  # handed to a parked client greenlet: its outbox holds replies it must sort out
 # Requests of one client in flight at once: bounds the replies vproxy holds for one client (a client
 # pipelining thousands of GETs of big values) and what it queues ahead of others on a shared connection.
 PIPELINE_WINDOW = 64
@@ -119,9 +120,12 @@ class ClientSession:
                     got = self._intake()  # the loop reads and sends plain requests itself
                     if got is None:
                         break
-                    if isinstance(got, BaseException):
+                    if got is STUCK:
+                        self.drain()
+                    elif isinstance(got, BaseException):
                         raise got
-                    self.process(got)
+                    else:
+                        self.process(got)
                     continue
                 else:
                     data = recv_ready(self.sock, 65536)
@@ -132,11 +136,11 @@ class ClientSession:
                 if reqs:
                     self.app.stats.commands += len(reqs)
                     self.process(reqs)
-            self.outbox.wait_idle()  # a client that half-closed still gets the replies in flight
+            self.drain()  # a client that half-closed still gets the replies in flight
         except ProtocolError as e:
             if e.requests:
                 self.process(e.requests)
-            self.outbox.wait_idle()  # their replies first
+            self.drain()  # their replies first
             self.write(resp.error(f"ERR Protocol error: {e}"))
         except OSError:
             pass  # the client's socket failed: nothing to tell it
@@ -187,6 +191,10 @@ class ClientSession:
         if done < len(reqs):
             self._hand(reqs[done:] if done else reqs)
 
+    def drain(self) -> None:
+        """Wait until every plain request's reply is in and written (see outbox.py)."""
+        self.outbox.wait_idle()
+
     def _hand(self, value) -> None:
         """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
         self.reader.stop()
@@ -204,8 +212,8 @@ class ClientSession:
             if done == len(reqs):
                 return
             reqs = reqs[done:]
-        if not self.outbox.idle():
-            self.outbox.wait_idle()  # the plain requests' replies go out first
+        if not self.outbox.idle() or self.outbox.stuck:
+            self.drain()  # the plain requests' replies go out first
         start, n = 0, len(reqs)
         while start < n:
             size = self.window
@@ -246,7 +254,7 @@ class ClientSession:
             if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
                 if not wait:
                     return k
-                box.wait_idle()
+                self.drain()
                 if ch.closed or self.closing or box.closed:
                     return k
             self.last_cmd = name
@@ -264,7 +272,7 @@ class ClientSession:
                 if not self.outbox.idle():
                     if not wait:
                         return None
-                    self.outbox.wait_idle()  # the old channel's replies first: FIFO holds per channel only
+                    self.drain()  # the old channel's replies first: FIFO holds per channel only
                 ch = self.cur = pool.channel(key)
         except BackendError:
             return None

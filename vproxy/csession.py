@@ -22,17 +22,19 @@ import gevent
 from . import commands as C
 from . import dbns, fanout, resp, split, txn
 from . import errors as E
-from .client import ClientSession
+from .client import STUCK, ClientSession
 from .errors import BackendError
 from .keyspec import CONTAINER_KEY, key_positions
 from .mux import busy
 from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
+from .outbox import Outbox
 from .slots import key_slot
 
 ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
 _WAIT = (b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
+_HOLD = (b"-MOVED ", b"-ASK ", b"-NOSCRIPT", *_WAIT)  # replies the outbox holds for finish() to sort out
 _IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire", b"persist", b"mset"])
 
 
@@ -51,7 +53,11 @@ class ClusterSession(ClientSession):
 
     def __init__(self, app, sock, addr):
         super().__init__(app, sock, addr)
-        self.fast = False  # every request is routed by its keys
+        # plain one-key requests go out from the loop too (forward_plain); a reply that must not
+        # go out as it is (a redirection, a lost connection) holds the outbox until drain()
+        self.outbox = Outbox(sock, hold=_HOLD)
+        self.outbox.on_stuck = self._outbox_stuck
+        self.plain_ch = None  # the channel the outbox's requests in flight are on
         self.inflight: list[Sub] = []
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests
@@ -110,6 +116,79 @@ class ClusterSession(ClientSession):
                 return
             return h(self, i, args, raw, batch)
         super().dispatch(i, args, raw, batch)
+
+    # ---- plain requests from the loop (see ClientSession._intake and outbox.py) ----
+
+    def forward_plain(self, reqs: list, wait: bool = True) -> int:
+        """The leading run of plain one-key requests for nodes this session has a channel to, sent
+        with the outbox as their target (one node at a time: replies of two connections could
+        overtake each other). Returns how many were sent; the rest take the batch path."""
+        if self.ns is not None or self.reads:
+            return 0
+        box = self.outbox
+        table, key = self.app.commands, self.key()
+        owner = self.app.router.topology.owner
+        deadline = None
+        for k, (args, raw) in enumerate(reqs):
+            name = args[0].lower()
+            pos = _fast_key(table, name, len(args))
+            if not pos or box.stuck:
+                return k
+            slot = key_slot(args[pos])
+            addr = owner(slot)
+            ch = self.chans.get(addr)
+            if ch is None or ch.closed or ch.key != key:
+                return k  # the batch path opens it
+            if (box.left and ch is not self.plain_ch) or box.left >= self.window or box.out:
+                if not wait:
+                    return k
+                self.drain()  # another node's replies first, or backpressure
+                if ch.closed or self.closing or box.closed or box.stuck:
+                    return k
+            if deadline is None:
+                deadline = deadline_after(self.app.cfg.command_timeout)
+            self.plain_ch = ch
+            self.last_cmd = name
+            box.meta.append((raw, slot, name, addr))
+            ch.submit(raw, box, -1, deadline)
+        return len(reqs)
+
+    def _outbox_stuck(self) -> None:
+        """The outbox holds a reply: wake the greenlet if it is parked in _intake (else it finds
+        out in drain(), where it waits anyway before it does anything else)."""
+        if self.intake is None:
+            return
+        hub = self.outbox.hub
+        if gevent.getcurrent() is hub:
+            self._hand(STUCK)
+        else:
+            hub.loop.run_callback(lambda: self.intake is not None and self._hand(STUCK))
+
+    def drain(self) -> None:
+        """Wait until every plain request's reply is in; held ones go through finish() (the batch
+        path's redirections and retries) and out in their order."""
+        box = self.outbox
+        while True:
+            box.wait_idle()
+            if not box.stuck or box.closed:
+                return
+            self._unstick()
+
+    def _unstick(self) -> None:
+        box = self.outbox
+        held, box.held = box.held, []
+        batch = self.batch = Batch(len(held))
+        for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
+            batch.replies[j] = frame
+            if fact is not None:
+                batch.lost = batch.lost or {}
+                batch.lost[j] = fact
+            sub = Sub(batch, j, raw, slot, name)
+            sub.addr = addr
+            self.inflight.append(sub)
+        self.settle()
+        box.stuck = False
+        self.flush(batch, len(held))
 
     def slots_of(self, name: bytes, args: list) -> set | None:
         """The slots of a request's keys (empty: keyless); None when its keys cannot be known."""

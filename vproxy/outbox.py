@@ -13,16 +13,29 @@ overtake each other; and the client greenlet stops reading while too much is unw
 
 from __future__ import annotations
 
+from collections import deque
+
 from gevent.hub import Waiter, get_hub, getcurrent
 
 
 class Outbox:
-    """The replies of one client's plain requests in flight (the `batch` a channel delivers to)."""
+    """The replies of one client's plain requests in flight (the `batch` a channel delivers to).
 
-    __slots__ = ("raw", "left", "pending", "out", "watcher", "waiter", "closed", "hub", "touched")
+    hold (cluster mode): error prefixes of replies that may not go out as they are (MOVED, ASK,
+    TRYAGAIN ...). Such a reply, or a failed connection, stops the writing: it and every reply
+    after it are `held`, with what the session told about each request (`meta`, in send order),
+    until the session has sorted them out (`stuck`; on_stuck() tells it)."""
 
-    def __init__(self, sock):
+    __slots__ = ("raw", "left", "pending", "out", "watcher", "waiter", "closed", "hub", "touched",
+                 "hold", "meta", "held", "stuck", "on_stuck")
+
+    def __init__(self, sock, hold: tuple | None = None):
         self.raw = sock._sock  # the plain socket under gevent's: never blocks, never parks
+        self.hold = hold
+        self.meta: deque | None = deque() if hold else None  # per request in flight, in send order
+        self.held: list = []  # (frame, sent fact or None, meta) from the first one held on
+        self.stuck = False
+        self.on_stuck = None
         self.left = 0  # requests sent whose reply has not come back (channels count it up)
         self.pending: list[bytes] = []  # replies in, not yet handed to the socket
         self.out = b""  # bytes the socket did not take yet
@@ -40,14 +53,17 @@ class Outbox:
         self.pending.append(frame)
         self.left -= 1
 
-    def fail(self, idx: int, frame: bytes, sent: bool) -> None:
-        """The request's connection failed: the error is its reply (as for a batch)."""
-        self.take(frame)
+    def fail(self, idx: int, frame: bytes, sent) -> None:
+        """The request's connection failed: the error is its reply (as for a batch); with `hold`,
+        whether it was sent goes with it (a failed connection always holds the line)."""
+        self.take((frame, sent) if self.hold else frame)
         self.push()
 
     def push(self) -> None:
         """Write what came in: one send; what the socket does not take waits for the write watcher."""
         self.touched = False
+        if self.hold:
+            self._sort()
         pending = self.pending
         if pending:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
@@ -58,6 +74,26 @@ class Outbox:
                 self._send(data)
         if self.waiter is not None and self.idle():
             self._wake()
+
+    def _sort(self) -> None:
+        """With `hold`: keep in `pending` only what may go out now; the rest joins `held`."""
+        pending, meta, held, hold = self.pending, self.meta, self.held, self.hold
+        ok = []
+        newly = False
+        for f in pending:
+            fact = None
+            if type(f) is tuple:
+                f, fact = f
+            m = meta.popleft()
+            if self.stuck or fact is not None or (f[:1] == b"-" and f.startswith(hold)):
+                newly |= not self.stuck
+                self.stuck = True
+                held.append((f, fact, m))
+            else:
+                ok.append(f)
+        self.pending = ok
+        if newly and self.on_stuck is not None:
+            self.on_stuck()
 
     def _send(self, data: bytes) -> None:
         try:
@@ -102,6 +138,7 @@ class Outbox:
         """The client left: replies still to come are dropped."""
         self.closed = True
         self.pending.clear()
+        self.held.clear()
         self.out = b""
         if self.watcher is not None:
             self.watcher.stop()
