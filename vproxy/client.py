@@ -31,6 +31,7 @@ from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
+from .plain import PlainPath
 from .sockio import recv_ready, send_all
 
 _ids = count(1)
@@ -55,7 +56,7 @@ _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth",
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("lease", "kind", "counts", "patterns", "synced", "token", "multi")
+    __slots__ = ("counts", "kind", "lease", "multi", "patterns", "synced", "token")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
@@ -65,7 +66,7 @@ class Stream:
         self.synced = Event()
 
 
-class ClientSession:
+class ClientSession(PlainPath):
     """One client connection (runs in its own greenlet)."""
 
     def __init__(self, app, sock: socket.socket, addr):
@@ -149,59 +150,6 @@ class ClientSession:
         finally:
             self.cleanup()
 
-    # ---- plain requests from the loop ----
-    #
-    # While the session is plain (see plain()), its greenlet parks in _intake and the loop reads the
-    # client's socket itself (_on_readable): plain requests are sent from there and their replies
-    # go out through the outbox, so the greenlet is not woken at all. Requests that need it (local
-    # ones, pinned state, a channel change, backpressure) are handed to it, with EOF and errors.
-
-    def _intake(self):
-        """Park until the loop hands over requests (a list), a ProtocolError, or None at EOF."""
-        w = self.intake = Waiter()
-        reader = self.reader
-        if reader is None:
-            reader = self.reader = get_hub().loop.io(self.sock.fileno(), 1)
-        reader.start(self._on_readable)
-        try:
-            return w.get()
-        finally:
-            reader.stop()
-            self.intake = None
-
-    def _on_readable(self) -> None:
-        """In the loop: read, parse, send the plain requests; hand the rest to the greenlet."""
-        try:
-            data = self.sock._sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            return self._hand(None)
-        self.last_active = monotonic()
-        try:
-            reqs = self.parser.feed(data)
-            if not reqs:
-                return
-            self.app.stats.commands += len(reqs)
-            done = self.forward_plain(reqs, wait=False)
-        except Exception as e:  # ProtocolError, or a bug: the greenlet says it or logs it
-            return self._hand(e)
-        if done < len(reqs):
-            self._hand(reqs[done:] if done else reqs)
-
-    def drain(self) -> None:
-        """Wait until every plain request's reply is in and written (see outbox.py)."""
-        self.outbox.wait_idle()
-
-    def _hand(self, value) -> None:
-        """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
-        self.reader.stop()
-        w, self.intake = self.intake, None
-        if w is not None:
-            w.switch(value)
-
     def process(self, reqs: list) -> None:
         """Run requests in windows: each window's replies are written before the next one is sent,
         so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
@@ -228,55 +176,6 @@ class ClientSession:
             self.flush(batch, len(part))
             if self.closing:
                 break
-
-    def plain(self) -> bool:
-        """No state that a request must pass through: plain requests may take the fast path."""
-        return self.authed and self.lease is None and self.oneshot is None and self.stream is None \
-            and not self.in_multi and not self.closing
-
-    def forward_plain(self, reqs: list, wait: bool = True) -> int:
-        """Send the leading run of plain forwarded requests on the client's shared channel; their
-        replies go out through the outbox, from the loop. Returns how many requests were sent.
-        wait False (in the loop, which must never block): stop where the greenlet would wait."""
-        box = self.outbox
-        lookup = self.app.commands.lookup
-        ch = deadline = None
-        for k, (args, raw) in enumerate(reqs):
-            name = args[0].lower()
-            arity, policy = lookup(name)
-            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
-                return k
-            if ch is None:  # the first plain request: its channel (none is opened for other requests)
-                ch = self._plain_channel(wait)
-                if ch is None:
-                    return k
-                deadline = deadline_after(self.app.cfg.command_timeout)
-            if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
-                if not wait:
-                    return k
-                self.drain()
-                if ch.closed or self.closing or box.closed:
-                    return k
-            self.last_cmd = name
-            ch.submit(raw, box, -1, deadline)
-        return len(reqs)
-
-    def _plain_channel(self, wait: bool):
-        """The shared channel plain requests go to (None: the general path answers the error, or
-        must wait first)."""
-        key = (self.db, self.proto)
-        ch = self.cur
-        try:
-            pool = self.app.router.primary()
-            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
-                if not self.outbox.idle():
-                    if not wait:
-                        return None
-                    self.drain()  # the old channel's replies first: FIFO holds per channel only
-                ch = self.cur = pool.channel(key)
-        except BackendError:
-            return None
-        return ch
 
     def flush(self, batch: Batch, upto: int) -> None:
         """Write the replies before index upto (all in: settled), post-processed, and forget them."""

@@ -26,8 +26,22 @@ class Outbox:
     after it are `held`, with what the session told about each request (`meta`, in send order),
     until the session has sorted them out (`stuck`; on_stuck() tells it)."""
 
-    __slots__ = ("raw", "left", "pending", "out", "watcher", "waiter", "closed", "hub", "touched",
-                 "hold", "meta", "held", "stuck", "on_stuck")
+    __slots__ = (
+        "closed",
+        "held",
+        "hold",
+        "hub",
+        "left",
+        "meta",
+        "on_stuck",
+        "out",
+        "pending",
+        "raw",
+        "stuck",
+        "touched",
+        "waiter",
+        "watcher",
+    )
 
     def __init__(self, sock, hold: tuple | None = None):
         self.raw = sock._sock  # the plain socket under gevent's: never blocks, never parks

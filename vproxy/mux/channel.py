@@ -23,7 +23,6 @@ from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
 from .backend import BackendConn
 
-
 # What Batch.lost says of a request whose connection failed: False, never sent (safe to send again);
 # True, sent and the connection lost (the server may have run it); TIMED_OUT, sent and no reply
 # within command_timeout (the server may have run it, and that node is stuck).
@@ -39,7 +38,7 @@ class Batch:
     sent (True, or TIMED_OUT: the server may have run it) or never left vproxy (False: safe to
     send again)."""
 
-    __slots__ = ("replies", "left", "lost", "_event", "_waiter")
+    __slots__ = ("_event", "_waiter", "left", "lost", "replies")
 
     def __init__(self, n: int):
         self.replies: list = [None] * n

@@ -1,0 +1,124 @@
+"""The plain path: a client's plain requests read, sent and answered from the event loop.
+
+While a session holds no state a request must pass through (plain()), its greenlet parks in
+_intake and the loop reads the client's socket itself (_on_readable): plain requests (forwarded
+commands on the session's shared channel) are sent from there and their replies go out through
+the outbox (outbox.py), so the greenlet is not woken at all. Requests that need it (local ones,
+pinned state, a channel change, backpressure) are handed to it, with EOF and errors.
+
+    client socket readable -> _on_readable (loop) -> parser -> forward_plain -> Channel.submit
+    anything else -> _hand(...) -> the greenlet's run loop -> ClientSession.process (batch path)
+
+ClusterSession overrides forward_plain (one-key requests, one node at a time) and drain (held
+replies: redirections and failed connections).
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+
+from gevent.hub import Waiter, get_hub
+
+from . import commands as C
+from .errors import BackendError
+from .mux.channel import deadline_after
+
+
+class PlainPath:
+    """Mixin of ClientSession: the plain path (see the module docstring)."""
+
+    def _intake(self):
+        """Park until the loop hands over requests (a list), a ProtocolError, or None at EOF."""
+        w = self.intake = Waiter()
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = get_hub().loop.io(self.sock.fileno(), 1)
+        reader.start(self._on_readable)
+        try:
+            return w.get()
+        finally:
+            reader.stop()
+            self.intake = None
+
+    def _on_readable(self) -> None:
+        """In the loop: read, parse, send the plain requests; hand the rest to the greenlet."""
+        try:
+            data = self.sock._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._hand(None)
+        self.last_active = monotonic()
+        try:
+            reqs = self.parser.feed(data)
+            if not reqs:
+                return
+            self.app.stats.commands += len(reqs)
+            done = self.forward_plain(reqs, wait=False)
+        except Exception as e:  # noqa: BLE001 - ProtocolError, or a bug: the greenlet says it or logs it
+            return self._hand(e)
+        if done < len(reqs):
+            self._hand(reqs[done:] if done else reqs)
+
+    def drain(self) -> None:
+        """Wait until every plain request's reply is in and written (see outbox.py)."""
+        self.outbox.wait_idle()
+
+    def _hand(self, value) -> None:
+        """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
+        self.reader.stop()
+        w, self.intake = self.intake, None
+        if w is not None:
+            w.switch(value)
+
+    def plain(self) -> bool:
+        """No state that a request must pass through: plain requests may take the fast path."""
+        return self.authed and self.lease is None and self.oneshot is None and self.stream is None \
+            and not self.in_multi and not self.closing
+
+    def forward_plain(self, reqs: list, wait: bool = True) -> int:
+        """Send the leading run of plain forwarded requests on the client's shared channel; their
+        replies go out through the outbox, from the loop. Returns how many requests were sent.
+        wait False (in the loop, which must never block): stop where the greenlet would wait."""
+        box = self.outbox
+        lookup = self.app.commands.lookup
+        ch = deadline = None
+        for k, (args, raw) in enumerate(reqs):
+            name = args[0].lower()
+            arity, policy = lookup(name)
+            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
+                return k
+            if ch is None:  # the first plain request: its channel (none is opened for other requests)
+                ch = self._plain_channel(wait)
+                if ch is None:
+                    return k
+                deadline = deadline_after(self.app.cfg.command_timeout)
+            if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
+                if not wait:
+                    return k
+                self.drain()
+                if ch.closed or self.closing or box.closed:
+                    return k
+            self.last_cmd = name
+            ch.submit(raw, box, -1, deadline)
+        return len(reqs)
+
+    def _plain_channel(self, wait: bool):
+        """The shared channel plain requests go to (None: the general path answers the error, or
+        must wait first)."""
+        key = (self.db, self.proto)
+        ch = self.cur
+        try:
+            pool = self.app.router.primary()
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
+                if not self.outbox.idle():
+                    if not wait:
+                        return None
+                    self.drain()  # the old channel's replies first: FIFO holds per channel only
+                ch = self.cur = pool.channel(key)
+        except BackendError:
+            return None
+        return ch
+
