@@ -321,3 +321,34 @@ def test_pipelined_plain_requests_across_a_moved_slot_keep_their_order(cluster):
         c.close()
         p.stop()
         migrate_slot(cluster, moving, dst, src)  # back, for later tests
+
+
+def test_pipeline_across_nodes_with_a_moved_slot_keeps_its_order(cluster):
+    """A pipeline whose keys live on every node, sent from the loop to all of them at once, one
+    key's slot moved behind vproxy's back: replies come back whole and in request order."""
+    cluster.flushall()
+    src, dst = cluster.primaries[0], cluster.primaries[1]
+    keys = [f"px{n}" for n in range(120)]
+    moving = next(key_slot(k.encode()) for k in keys[40:] if cluster.owner(k) is src)
+    for k in keys:
+        assert cluster.owner(k).client().set(k, k * 3)
+    p = _proxy(cluster, "--topology-refresh", "60")  # vproxy learns of the move from MOVED only
+    c = RawClient(p.port, timeout=20)
+    try:
+        for k in keys:  # a channel to every node, and the map is fresh
+            assert c.call("GET", k) == b"$%d\r\n%s\r\n" % (3 * len(k), k.encode() * 3)
+        migrate_slot(cluster, moving, src, dst)
+        want = []
+        data = b""
+        for n, k in enumerate(keys):
+            data += RawClient.encode("GET", k)
+            want.append(b"$%d\r\n%s\r\n" % (3 * len(k), k.encode() * 3))
+            if n % 9 == 0:
+                data += RawClient.encode("INCR", f"{{{k}}}:n")
+                want.append(b":1\r\n")
+        c.send(data)
+        assert c.read_n(len(want)) == want
+    finally:
+        c.close()
+        p.stop()
+        migrate_slot(cluster, moving, dst, src)  # back, for later tests

@@ -57,7 +57,6 @@ class ClusterSession(ClientSession):
         # go out as it is (a redirection, a lost connection) holds the outbox until drain()
         self.outbox = Outbox(sock, hold=_HOLD)
         self.outbox.on_stuck = self._outbox_stuck
-        self.plain_ch = None  # the channel the outbox's requests in flight are on
         self.inflight: list[Sub] = []
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests
@@ -120,59 +119,40 @@ class ClusterSession(ClientSession):
     # ---- plain requests from the loop (see ClientSession._intake and outbox.py) ----
 
     def forward_plain(self, reqs: list, wait: bool = True) -> int:
-        """The leading run of plain one-key requests for one node this session has a channel to,
-        sent with the outbox as their target (one node at a time: replies of two connections could
-        overtake each other). Returns how many were sent; the rest take the batch path. A pipeline
-        that spans nodes goes to the batch path whole: it sends to every node at once."""
-        if self.ns is not None or self.reads or self.outbox.stuck:
-            return 0
-        run = self._plain_run(reqs)
-        if not run or run[-1][1] is None:
-            return 0  # nothing plain, or a pipeline spanning nodes
+        """The leading run of plain one-key requests for nodes this session has a channel to, sent
+        with the outbox as their target and a sequence number (outbox.py): a pipeline goes to every
+        node at once and its replies are written in order. Returns how many were sent; the rest
+        take the batch path."""
         box = self.outbox
-        ch = run[0][0]
-        if box.left and ch is not self.plain_ch:
-            if not wait:
-                return 0
-            self.drain()  # another node's replies first
-        deadline = deadline_after(self.app.cfg.command_timeout)
-        for k, (ch, meta) in enumerate(run):
-            if box.left >= self.window or box.out or ch.closed or box.stuck:  # backpressure
+        if self.ns is not None or self.reads or box.stuck:
+            return 0
+        table, key = self.app.commands, self.key()
+        owner = self.app.router.topology.owner
+        deadline = None
+        for k, (args, raw) in enumerate(reqs):
+            name = args[0].lower()
+            pos = _fast_key(table, name, len(args))
+            if not pos:
+                return k
+            slot = key_slot(args[pos])
+            addr = owner(slot)
+            ch = self.chans.get(addr)
+            if ch is None or ch.closed or ch.key != key:
+                return k  # the batch path opens it
+            if box.left >= self.window or box.out:  # backpressure
                 if not wait:
                     return k
                 self.drain()
                 if ch.closed or self.closing or box.closed or box.stuck:
                     return k
-            self.plain_ch = ch
-            self.last_cmd = meta[2]
-            box.meta.append(meta)
-            ch.submit(meta[0], box, -1, deadline)
-        return len(run)
-
-    def _plain_run(self, reqs: list) -> list:
-        """[(channel, (raw, slot, name, node))] for the leading plain one-key requests on one node;
-        a last entry (channel, None) says the next request is plain but for another node."""
-        table, key = self.app.commands, self.key()
-        owner = self.app.router.topology.owner
-        run = []
-        first = None
-        for args, raw in reqs:
-            name = args[0].lower()
-            pos = _fast_key(table, name, len(args))
-            if not pos:
-                break
-            slot = key_slot(args[pos])
-            addr = owner(slot)
-            ch = self.chans.get(addr)
-            if ch is None or ch.closed or ch.key != key:
-                break  # the batch path opens it
-            if first is None:
-                first = ch
-            elif ch is not first:
-                run.append((ch, None))
-                break
-            run.append((ch, (raw, slot, name, addr)))
-        return run
+            if deadline is None:
+                deadline = deadline_after(self.app.cfg.command_timeout)
+            self.last_cmd = name
+            seq = box.next_seq
+            box.next_seq = seq + 1
+            box.meta[seq] = (raw, slot, name, addr)
+            ch.submit(raw, box, -2 - seq, deadline)
+        return len(reqs)
 
     def _outbox_stuck(self) -> None:
         """The outbox holds a reply: wake the greenlet if it is parked in _intake (else it finds
@@ -197,7 +177,7 @@ class ClusterSession(ClientSession):
 
     def _unstick(self) -> None:
         box = self.outbox
-        held, box.held = box.held, []
+        held = box.held_all()
         batch = self.batch = Batch(len(held))
         for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
             batch.replies[j] = frame
@@ -208,7 +188,6 @@ class ClusterSession(ClientSession):
             sub.addr = addr
             self.inflight.append(sub)
         self.settle()
-        box.stuck = False
         self.flush(batch, len(held))
 
     def slots_of(self, name: bytes, args: list) -> set | None:

@@ -13,18 +13,19 @@ overtake each other; and the client greenlet stops reading while too much is unw
 
 from __future__ import annotations
 
-from collections import deque
-
 from gevent.hub import Waiter, get_hub, getcurrent
 
 
 class Outbox:
     """The replies of one client's plain requests in flight (the `batch` a channel delivers to).
 
-    hold (cluster mode): error prefixes of replies that may not go out as they are (MOVED, ASK,
-    TRYAGAIN ...). Such a reply, or a failed connection, stops the writing: it and every reply
-    after it are `held`, with what the session told about each request (`meta`, in send order),
-    until the session has sorted them out (`stuck`; on_stuck() tells it)."""
+    Standalone, the requests in flight are on one channel (FIFO): replies come in order (idx -1).
+    hold (cluster mode): requests go to several nodes at once, each with a sequence number (idx
+    -2 - seq); replies are written in sequence order as the gaps fill. `hold` lists the error
+    prefixes of replies that may not go out as they are (MOVED, ASK, TRYAGAIN ...): such a reply,
+    or a failed connection, stops the writing. It and every reply after it are held, with what the
+    session said of each request (`meta`), until the session has sorted them out (`stuck`;
+    on_stuck() tells it; held_all() hands them over once every reply is in)."""
 
     __slots__ = (
         "closed",
@@ -33,20 +34,25 @@ class Outbox:
         "hub",
         "left",
         "meta",
+        "next_seq",
         "on_stuck",
         "out",
         "pending",
         "raw",
+        "slots",
         "stuck",
         "touched",
         "waiter",
         "watcher",
+        "write_seq",
     )
 
     def __init__(self, sock, hold: tuple | None = None):
         self.raw = sock._sock  # the plain socket under gevent's: never blocks, never parks
         self.hold = hold
-        self.meta: deque | None = deque() if hold else None  # per request in flight, in send order
+        self.slots: dict = {}  # hold: seq -> reply (or (error, sent fact)) not written yet
+        self.meta: dict = {}  # hold: seq -> what the session said of the request
+        self.next_seq = self.write_seq = 0  # hold: the next request's seq; the next one to write
         self.held: list = []  # (frame, sent fact or None, meta) from the first one held on
         self.stuck = False
         self.on_stuck = None
@@ -70,7 +76,11 @@ class Outbox:
     def fail(self, idx: int, frame: bytes, sent) -> None:
         """The request's connection failed: the error is its reply (as for a batch); with `hold`,
         whether it was sent goes with it (a failed connection always holds the line)."""
-        self.take((frame, sent) if self.hold else frame)
+        if idx == -1:
+            self.take(frame)
+        else:
+            self.slots[-2 - idx] = (frame, sent)
+            self.left -= 1
         self.push()
 
     def push(self) -> None:
@@ -90,24 +100,35 @@ class Outbox:
             self._wake()
 
     def _sort(self) -> None:
-        """With `hold`: keep in `pending` only what may go out now; the rest joins `held`."""
-        pending, meta, held, hold = self.pending, self.meta, self.held, self.hold
-        ok = []
+        """With `hold`: the replies whose turn has come go to `pending`, up to one that is held."""
+        slots, meta, hold = self.slots, self.meta, self.hold
+        seq = self.write_seq
         newly = False
-        for f in pending:
+        while not self.stuck and seq in slots:
+            f, m = slots.pop(seq), meta.pop(seq)
+            seq += 1
             fact = None
             if type(f) is tuple:
                 f, fact = f
-            m = meta.popleft()
-            if self.stuck or fact is not None or (f[:1] == b"-" and f.startswith(hold)):
-                newly |= not self.stuck
-                self.stuck = True
-                held.append((f, fact, m))
+            if fact is not None or (f[:1] == b"-" and f.startswith(hold)):
+                self.stuck = newly = True
+                self.held.append((f, fact, m))
             else:
-                ok.append(f)
-        self.pending = ok
+                self.pending.append(f)
+        self.write_seq = seq
         if newly and self.on_stuck is not None:
             self.on_stuck()
+
+    def held_all(self) -> list:
+        """Once every reply is in (left == 0): the held one and all after it, in order; the outbox
+        is then empty and no longer stuck."""
+        held, self.held = self.held, []
+        for seq in range(self.write_seq, self.next_seq):
+            f, m = self.slots.pop(seq), self.meta.pop(seq)
+            held.append((*f, m) if type(f) is tuple else (f, None, m))
+        self.write_seq = self.next_seq
+        self.stuck = False
+        return held
 
     def _send(self, data: bytes) -> None:
         try:
@@ -153,6 +174,8 @@ class Outbox:
         self.closed = True
         self.pending.clear()
         self.held.clear()
+        self.slots.clear()
+        self.meta.clear()
         self.out = b""
         if self.watcher is not None:
             self.watcher.stop()

@@ -260,8 +260,11 @@ class Channel:
                 if not waiters:
                     raise BackendError("reply with no request waiting for it")
                 batch, idx, _ = waiters.popleft()
-                if idx < 0:  # outbox.take(frame), inlined
-                    batch.pending.append(frame)
+                if idx < 0:  # an outbox: in order (-1), or its reply number -2 - idx (outbox.py)
+                    if idx == -1:
+                        batch.pending.append(frame)
+                    else:
+                        batch.slots[-2 - idx] = frame
                     batch.left -= 1
                     if not batch.touched:
                         batch.touched = True
