@@ -199,3 +199,29 @@ def test_unsubscribe_inside_multi_then_publish_to_self(proxy, server):
                          b">3\r\n$11\r\nunsubscribe\r\n$3\r\nbaz\r\n:1\r\n$3\r\ndef\r\n")
     assert _unsubscribe_in_multi(proxy.port) == direct
     wait_for(lambda: int(proxy_stats(proxy)["backend_connections_pinned"]) == 0, what="the pin to go")
+
+
+# ---- shutdown with clients parked on the plain path ----
+
+def test_sigterm_with_idle_and_busy_clients_exits_cleanly(server, start_proxy):
+    """SIGTERM: clients whose greenlets are parked (the loop reads for them) see the connection end,
+    a reply in flight still arrives, and vproxy exits 0 on its own."""
+    import signal
+
+    server.client().flushall()
+    p = start_proxy("--backend", server.addr)
+    idle = [RawClient(p.port) for _ in range(20)]
+    busy = RawClient(p.port)
+    try:
+        for c in idle:
+            assert c.call("PING") == b"+PONG\r\n"
+        busy.send(E("SET", "k", "v") + E("GET", "k"))
+        p.proc.send_signal(signal.SIGTERM)
+        assert busy.read_n(2) == [b"+OK\r\n", b"$1\r\nv\r\n"]
+        assert p.proc.wait(timeout=15) == 0
+        for c in idle:
+            c.sock.settimeout(5)
+            assert c.sock.recv(16) == b""  # closed by vproxy, not left hanging
+    finally:
+        for c in idle + [busy]:
+            c.close()

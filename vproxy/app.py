@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from time import monotonic
 
 import gevent
@@ -137,13 +138,13 @@ class App:
         self.listener.stop()
         deadline = monotonic() + drain
         while self.clients and monotonic() < deadline:
-            if all(s.batch is None or not s.batch.left for s in self.clients.values()):
+            if all((s.batch is None or not s.batch.left) and s.outbox.idle() for s in self.clients.values()):
                 break
             gevent.sleep(0.05)
         for s in list(self.clients.values()):
             s.closing = True
-            try:
-                s.sock.close()
+            try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
+                s.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         if self.monitor is not None:
