@@ -31,7 +31,7 @@ from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
-from .plain import PlainPath
+from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
 
 _ids = count(1)
@@ -43,7 +43,6 @@ _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
-STUCK = object()  # handed to a parked client greenlet: its outbox holds replies it must sort out
 # Requests of one client in flight at once: bounds the replies vproxy holds for one client (a client
 # pipelining thousands of GETs of big values) and what it queues ahead of others on a shared connection.
 PIPELINE_WINDOW = 64
@@ -96,10 +95,16 @@ class ClientSession(PlainPath):
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
-        self.outbox = Outbox(sock)
+        # HA: requests go to the pool the router picks, and a failed connection holds the outbox
+        # for _unstick (plain.py); standalone: one channel, replies in order
+        self.outbox = Outbox(sock, hold=() if app.router.ha else None)
+        self.outbox.on_stuck = self._outbox_stuck
+        if app.router.ha:
+            self.forward_plain = self.forward_plain_ha
+            self.plain_chans: dict = {}  # pool -> this session's shared channel there (plain path)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
-        self.fast = not app.router.ha  # HA modes retry failed requests: they need the batch path
+        self.fast = True  # plain requests take the loop path (plain.py)
 
     @property
     def authed(self) -> bool:

@@ -22,7 +22,7 @@ import gevent
 from . import commands as C
 from . import dbns, fanout, resp, split, txn
 from . import errors as E
-from .client import STUCK, ClientSession
+from .client import ClientSession
 from .errors import BackendError
 from .keyspec import CONTAINER_KEY, key_positions
 from .mux import busy
@@ -153,27 +153,6 @@ class ClusterSession(ClientSession):
             box.meta[seq] = (raw, slot, name, addr)
             ch.submit(raw, box, -2 - seq, deadline)
         return len(reqs)
-
-    def _outbox_stuck(self) -> None:
-        """The outbox holds a reply: wake the greenlet if it is parked in _intake (else it finds
-        out in drain(), where it waits anyway before it does anything else)."""
-        if self.intake is None:
-            return
-        hub = self.outbox.hub
-        if gevent.getcurrent() is hub:
-            self._hand(STUCK)
-        else:
-            hub.loop.run_callback(lambda: self.intake is not None and self._hand(STUCK))
-
-    def drain(self) -> None:
-        """Wait until every plain request's reply is in; held ones go through finish() (the batch
-        path's redirections and retries) and out in their order."""
-        box = self.outbox
-        while True:
-            box.wait_idle()
-            if not box.stuck or box.closed:
-                return
-            self._unstick()
 
     def _unstick(self) -> None:
         box = self.outbox

@@ -86,7 +86,7 @@ class Outbox:
     def push(self) -> None:
         """Write what came in: one send; what the socket does not take waits for the write watcher."""
         self.touched = False
-        if self.hold:
+        if self.hold is not None:
             self._sort()
         pending = self.pending
         if pending:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from time import monotonic
 
-from gevent.hub import Waiter, get_hub
+from gevent.hub import Waiter, get_hub, getcurrent
 
 from . import commands as C
 from .errors import BackendError
-from .mux.channel import deadline_after
+from .mux.channel import Batch, deadline_after
+
+
+STUCK = object()  # handed to a parked client greenlet: its outbox holds replies it must sort out
 
 
 class PlainPath:
@@ -62,9 +65,82 @@ class PlainPath:
         if done < len(reqs):
             self._hand(reqs[done:] if done else reqs)
 
+    def _outbox_stuck(self) -> None:
+        """The outbox holds a reply: wake the greenlet if it is parked in _intake (else it finds
+        out in drain(), where it waits anyway before it does anything else)."""
+        if self.intake is None:
+            return
+        hub = self.outbox.hub
+        if getcurrent() is hub:
+            self._hand(STUCK)
+        else:
+            hub.loop.run_callback(lambda: self.intake is not None and self._hand(STUCK))
+
     def drain(self) -> None:
-        """Wait until every plain request's reply is in and written (see outbox.py)."""
-        self.outbox.wait_idle()
+        """Wait until every plain request's reply is in and written (see outbox.py); held replies
+        (hold mode: HA and cluster sessions) go through the batch path's recovery, then out in
+        their order."""
+        box = self.outbox
+        while True:
+            box.wait_idle()
+            if not box.stuck or box.closed:
+                return
+            self._unstick()
+
+    def _unstick(self) -> None:
+        """HA: the held replies (a connection failed) become a batch whose failed requests the
+        router sends again where it says (after a failover), as for any batch (_ha_recover)."""
+        held = self.outbox.held_all()
+        batch = self.batch = Batch(len(held))
+        self.ha_sent = []
+        for j, (frame, fact, (raw, name, key, pool)) in enumerate(held):
+            batch.replies[j] = frame
+            if fact is not None:
+                batch.lost = batch.lost or {}
+                batch.lost[j] = fact
+            self.ha_sent.append((j, raw, name, None, key, pool))
+        self.settle()
+        self.flush(batch, len(held))
+
+    def forward_plain_ha(self, reqs: list, wait: bool = True) -> int:
+        """forward_plain of the HA modes: each request on the pool the router picks (the primary, or
+        a replica for a read), with a sequence number, so that a connection lost in a failover
+        holds the line (outbox.py) and its requests are recovered as a batch's are."""
+        box, router = self.outbox, self.app.router
+        if box.stuck:
+            return 0
+        lookup = self.app.commands.lookup
+        key = (self.db, self.proto)
+        chans = self.plain_chans
+        deadline = None
+        for k, (args, raw) in enumerate(reqs):
+            name = args[0].lower()
+            arity, policy = lookup(name)
+            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
+                return k
+            if router.topology.primary is None:
+                return k  # a failover: the batch path waits for the new primary
+            if box.left >= self.window or box.out:  # backpressure
+                if not wait:
+                    return k
+                self.drain()
+                if self.closing or box.closed or box.stuck:
+                    return k
+            try:
+                pool = router.pool_for(name, args, self)
+                ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
+                if ch is None or ch.closed or ch.key != key:
+                    ch = chans[pool] = pool.channel(key)
+            except BackendError:
+                return k
+            if deadline is None:
+                deadline = deadline_after(self.app.cfg.command_timeout)
+            self.last_cmd = name
+            seq = box.next_seq
+            box.next_seq = seq + 1
+            box.meta[seq] = (raw, name, key, pool)
+            ch.submit(raw, box, -2 - seq, deadline)
+        return len(reqs)
 
     def _hand(self, value) -> None:
         """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
