@@ -139,19 +139,12 @@ class ClusterSession(ClientSession):
             ch = self.chans.get(addr)
             if ch is None or ch.closed or ch.key != key:
                 return k  # the batch path opens it
-            if box.left >= self.window or box.out:  # backpressure
-                if not wait:
-                    return k
-                self.drain()
-                if ch.closed or self.closing or box.closed or box.stuck:
-                    return k
+            if not self._room(wait) or ch.closed:
+                return k
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
-            seq = box.next_seq
-            box.next_seq = seq + 1
-            box.meta[seq] = (raw, slot, name, addr)
-            ch.submit(raw, box, -2 - seq, deadline)
+            box.send(ch, raw, (raw, slot, name, addr), deadline)
         return len(reqs)
 
     def _unstick(self) -> None:

@@ -120,12 +120,8 @@ class PlainPath:
                 return k
             if router.topology.primary is None:
                 return k  # a failover: the batch path waits for the new primary
-            if box.left >= self.window or box.out:  # backpressure
-                if not wait:
-                    return k
-                self.drain()
-                if self.closing or box.closed or box.stuck:
-                    return k
+            if not self._room(wait):
+                return k
             try:
                 pool = router.pool_for(name, args, self)
                 ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
@@ -136,11 +132,19 @@ class PlainPath:
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
-            seq = box.next_seq
-            box.next_seq = seq + 1
-            box.meta[seq] = (raw, name, key, pool)
-            ch.submit(raw, box, -2 - seq, deadline)
+            box.send(ch, raw, (raw, name, key, pool), deadline)
         return len(reqs)
+
+    def _room(self, wait: bool) -> bool:
+        """Backpressure: may one more plain request go out now? (At most a window in flight, and
+        nothing the client has left unread.) With wait, the greenlet waits for the room."""
+        box = self.outbox
+        if box.left < self.window and not box.out:
+            return True
+        if not wait:
+            return False
+        self.drain()
+        return not (self.closing or box.closed or box.stuck)
 
     def _hand(self, value) -> None:
         """Wake the greenlet parked in _intake with value (runs in the loop: switches directly)."""
@@ -171,12 +175,8 @@ class PlainPath:
                 if ch is None:
                     return k
                 deadline = deadline_after(self.app.cfg.command_timeout)
-            if box.left >= self.window or box.out:  # backpressure: wait for the client to catch up
-                if not wait:
-                    return k
-                self.drain()
-                if ch.closed or self.closing or box.closed:
-                    return k
+            if not self._room(wait) or ch.closed:
+                return k
             self.last_cmd = name
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
