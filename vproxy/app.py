@@ -48,6 +48,9 @@ class App:
         if cfg.mode == "cluster":
             from .csession import ClusterSession
             self.listener.session_class = ClusterSession
+        elif self.router.ha:
+            from .client import HASession
+            self.listener.session_class = HASession
 
     def _backends(self) -> list[tuple[str, int]]:
         """The configured backends, or the embedded server started here (stopped again if it fails)."""

@@ -95,16 +95,9 @@ class ClientSession(PlainPath):
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
-        # HA: requests go to the pool the router picks, and a failed connection holds the outbox
-        # for _unstick (plain.py); standalone: one channel, replies in order
-        self.outbox = Outbox(sock, hold=() if app.router.ha else None)
-        self.outbox.on_stuck = self._outbox_stuck
-        if app.router.ha:
-            self.forward_plain = self.forward_plain_ha
-            self.plain_chans: dict = {}  # pool -> this session's shared channel there (plain path)
+        self.outbox = Outbox(sock)  # one channel: replies in order (HASession, ClusterSession: numbered)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
-        self.fast = True  # plain requests take the loop path (plain.py)
 
     @property
     def authed(self) -> bool:
@@ -122,7 +115,7 @@ class ClientSession(PlainPath):
             while not self.closing:
                 if self.early:  # bytes read while a pinned request waited (see _watch_client)
                     data, self.early, self.early_bytes = b"".join(self.early), [], 0
-                elif self.fast and self.plain():
+                elif self.plain():
                     got = self._intake()  # the loop reads and sends plain requests itself
                     if got is None:
                         break
@@ -160,7 +153,7 @@ class ClientSession(PlainPath):
         so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
         and a client that does not read its replies stops being read (its greenlet waits in send).
         Plain requests first take the fast path (see outbox.py) while they can."""
-        if self.fast and self.plain():
+        if self.plain():
             done = self.forward_plain(reqs)
             if done == len(reqs):
                 return
@@ -323,7 +316,7 @@ class ClientSession(PlainPath):
             return self.in_transaction(i, name, args, raw, batch)
         table = self.app.commands
         arity, policy = table.lookup(name)
-        if arity and (len(args) != arity if arity > 0 else len(args) < -arity):
+        if not C.arity_fits(arity, len(args)):
             batch.replies[i] = resp.error(E.wrong_arity(name.decode(errors="replace")))
             return
         if policy is C.BY_ARGS:
@@ -582,3 +575,16 @@ class ClientSession(PlainPath):
             st.lease.release(clean=clean)
 
 
+class HASession(ClientSession):
+    """A client in the HA modes (sentinel, replication): its plain requests go to the pool the router
+    picks (the primary, or a replica for a read), numbered, so that a connection lost in a failover
+    holds the outbox and the held requests are recovered as a batch's are (plain.py)."""
+
+    forward_plain = PlainPath.forward_plain_ha
+    _unstick = PlainPath.unstick_ha
+
+    def __init__(self, app, sock: socket.socket, addr):
+        super().__init__(app, sock, addr)
+        self.outbox = Outbox(sock, hold=())  # held only when a connection fails (its sent fact)
+        self.outbox.on_stuck = self._outbox_stuck
+        self.plain_chans: dict = {}  # pool -> this session's shared channel there

@@ -54,8 +54,12 @@ class Command:
     step: int = 0
 
     def arity_ok(self, nargs: int) -> bool:
-        a = self.arity
-        return nargs == a if a > 0 else nargs >= -a
+        return arity_fits(self.arity, nargs)
+
+
+def arity_fits(arity: int, nargs: int) -> bool:
+    """nargs (the name included) fits arity: >0 exactly, <0 at least -arity, 0 (unknown) any."""
+    return not arity or (nargs == arity if arity > 0 else nargs >= -arity)
 
 
 class CommandTable:
@@ -94,6 +98,13 @@ class CommandTable:
             cmd = self.commands.get(name)
             spec = self._specs[name] = (cmd.arity if cmd is not None else 0, self._policy_of(name))
         return spec
+
+    def forwards(self, name: bytes, nargs: int) -> bool:
+        """A plain forward (policy FORWARD) with an arity the server accepts: what the plain path
+        may send (per request: lookup and arity_fits inlined)."""
+        spec = self._specs.get(name) or self.lookup(name)
+        arity = spec[0]
+        return spec[1] is FORWARD and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""

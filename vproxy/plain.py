@@ -19,7 +19,6 @@ from time import monotonic
 
 from gevent.hub import Waiter, get_hub, getcurrent
 
-from . import commands as C
 from .errors import BackendError
 from .mux.channel import Batch, deadline_after
 
@@ -85,9 +84,9 @@ class PlainPath:
             box.wait_idle()
             if not box.stuck or box.closed:
                 return
-            self._unstick()
+            self._unstick()  # HASession: unstick_ha; ClusterSession: its own
 
-    def _unstick(self) -> None:
+    def unstick_ha(self) -> None:
         """HA: the held replies (a connection failed) become a batch whose failed requests the
         router sends again where it says (after a failover), as for any batch (_ha_recover)."""
         held = self.outbox.held_all()
@@ -109,14 +108,13 @@ class PlainPath:
         box, router = self.outbox, self.app.router
         if box.stuck:
             return 0
-        lookup = self.app.commands.lookup
+        forwards = self.app.commands.forwards
         key = (self.db, self.proto)
         chans = self.plain_chans
         deadline = None
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
-            arity, policy = lookup(name)
-            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
+            if not forwards(name, len(args)):
                 return k
             if router.topology.primary is None:
                 return k  # a failover: the batch path waits for the new primary
@@ -163,12 +161,11 @@ class PlainPath:
         replies go out through the outbox, from the loop. Returns how many requests were sent.
         wait False (in the loop, which must never block): stop where the greenlet would wait."""
         box = self.outbox
-        lookup = self.app.commands.lookup
+        forwards = self.app.commands.forwards
         ch = deadline = None
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
-            arity, policy = lookup(name)
-            if policy is not C.FORWARD or (arity and (len(args) != arity if arity > 0 else len(args) < -arity)):
+            if not forwards(name, len(args)):
                 return k
             if ch is None:  # the first plain request: its channel (none is opened for other requests)
                 ch = self._plain_channel(wait)

@@ -23,7 +23,7 @@ class Listener:
         self.app = app
         sock = _bound(*parse_addr(app.cfg.listen))
         self.server = StreamServer(sock, self.handle)
-        self.session_class = ClientSession  # cluster mode: csession.ClusterSession
+        self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
         self.address = sock.getsockname()[:2]
 
     def start(self) -> None:
