@@ -9,6 +9,7 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
+from .audit import Audit
 from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
@@ -44,6 +45,9 @@ class App:
             self.listener.close()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
+        self.audit = Audit(cfg, self.commands, cfg.audit_node)
+        if cfg.audit_dir:
+            self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
             from .csession import ClusterSession
@@ -153,6 +157,7 @@ class App:
         if self.monitor is not None:
             self.monitor.stop()
         gevent.killall(self.greenlets)
+        self.audit.close()
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()

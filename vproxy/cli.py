@@ -56,7 +56,12 @@ def version_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--version" in (sys.argv[1:] if argv is None else argv):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:  # `vproxy audit ...`: query the audit log (docs/audit.md)
+        from .auditquery import main as audit_main
+
+        return audit_main(argv[1:])
+    if "--version" in argv:
         print(version_text())
         return 0
     try:

@@ -31,6 +31,7 @@ from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
+from .audit import Audited
 from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
 
@@ -65,7 +66,7 @@ class Stream:
         self.synced = Event()
 
 
-class ClientSession(PlainPath):
+class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
     def __init__(self, app, sock: socket.socket, addr):
@@ -88,6 +89,7 @@ class ClientSession(PlainPath):
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
+        self.audits: list = []  # audit.Entry of the recorded requests whose replies are not written yet
         self.closing = False
         self.wlock = Semaphore()
         self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
@@ -166,10 +168,13 @@ class ClientSession(PlainPath):
             part = reqs if not start and n <= size else reqs[start:start + size]
             start += len(part)
             batch = self.batch = Batch(len(part))
-            for i, (args, raw) in enumerate(part):
-                self.dispatch(i, args, raw, batch)
-                if self.closing:
-                    break
+            if self.app.audit.on:
+                self._dispatch_audited(part, batch)
+            else:
+                for i, (args, raw) in enumerate(part):
+                    self.dispatch(i, args, raw, batch)
+                    if self.closing:
+                        break
             self.settle()
             self.flush(batch, len(part))
             if self.closing:
@@ -186,6 +191,8 @@ class ClientSession(PlainPath):
                 else:
                     keep.append((idx, fn))
             self.post[:] = keep
+        if self.audits:
+            self._audit_replies(batch, upto)
         if upto == len(replies):
             out = [r for r in replies if r is not None]
         else:  # an early flush (a blocking command or a stream is next): these are written now
