@@ -201,8 +201,9 @@ class Audit:
             outcome, err = "ok", None
         args, name = e.args, e.name
         sub = self.table.subcommand(name, args)
-        keys = _keys(self.table, name, args)
-        values = _values(name, args) if self.values else None
+        pos = key_positions(self.table.get(name), name, args) or ()
+        keys = [args[p] for p in pos if p < len(args)]
+        values = _values(name, args, pos, self.secret) if self.values else None
         self.put((e.start, s.id, s.addr, s.name, s.lib_name, s.lib_ver, "default", e.db, name, sub, keys,
                   len(args), e.size, target, us, outcome, err, values))
 
@@ -391,13 +392,9 @@ def _error_code(reply: bytes) -> str:
     return reply.split(b" ", 1)[0].split(b"\r", 1)[0].decode(errors="replace")
 
 
-def _keys(table, name: bytes, args: list) -> list:
-    pos = key_positions(table.get(name), name, args)
-    return [args[p] for p in pos if p < len(args)] if pos else []
-
-
-def _values(name: bytes, args: list) -> list:
-    """The arguments after the name, each cut to VALUE_MAX bytes; secrets (AUTH ...) redacted."""
+def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
+    """The arguments after the name, each cut to VALUE_MAX bytes; secrets (AUTH ...) redacted; keys
+    hashed when keys are (audit_hash_keys)."""
     cut = _REDACT.get(name, len(args))
     if name == b"hello":
         low = [a.lower() for a in args]
@@ -406,6 +403,8 @@ def _values(name: bytes, args: list) -> list:
     for j, a in enumerate(args[1:], 1):
         if j >= cut:
             out.append(b"(redacted)")
+        elif secret is not None and j in keys:
+            out.append(key_hash(secret, a).encode())
         elif len(a) > VALUE_MAX:
             out.append(a[:VALUE_MAX] + b"...(+%d bytes)" % (len(a) - VALUE_MAX))
         else:

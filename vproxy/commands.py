@@ -116,6 +116,27 @@ class CommandTable:
         arity = spec[0]
         return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
 
+    def policy(self, name: bytes, args: list[bytes]) -> str:
+        """How vproxy must run this request (see the constants above)."""
+        p = self._policies.get(name)
+        if p is None:
+            p = self._policies[name] = self._policy_of(name)
+        if p is _BY_ARGS:
+            option = BLOCK_OPTION.get(name)
+            if option is not None:
+                return BLOCK if any(a.lower() == option for a in args[1:]) else FORWARD
+            return SIDE if len(args) > 1 and (name, args[1].lower()) in SIDE_SUBCOMMANDS else FORWARD
+        return p
+
+    def _policy_of(self, name: bytes) -> str:
+        p = POLICY.get(name)
+        if p is not None:
+            return p
+        if name in BLOCK_OPTION or name in _SIDE_CONTAINERS:
+            return _BY_ARGS
+        cmd = self.commands.get(name)
+        return BLOCK if cmd is not None and "blocking" in cmd.flags else FORWARD
+
     # ---- audit: which requests are recorded (audit.py); recorded ones never take the plain path ----
 
     def classes_of(self, name: bytes, sub: bytes | None = None) -> frozenset:
