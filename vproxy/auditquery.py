@@ -393,8 +393,19 @@ def _settings(a) -> tuple[list[str], bytes | None]:
     return paths, secret.encode() if secret else None
 
 
+def _relative_times(argv: list[str]) -> list[str]:
+    """`--since -15m` as `--since=-15m` (argparse would take -15m for an option)."""
+    out, it = [], iter(argv)
+    for arg in it:
+        if arg in ("--since", "--until"):
+            out.append(f"{arg}={next(it, '')}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_args(_relative_times(argv))
     paths, secret = _settings(a)
     chains = _files_of(paths)
     total = sum(os.path.getsize(p) for c in chains for p in c)
