@@ -30,11 +30,12 @@ from gevent import monkey
 from loguru import logger
 
 from .config import check_classes, parse_amounts
-from .keyspec import key_positions
+from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
 from .ratelog import RateLog
 
 ACTIVE = "audit.jsonl"
 ROTATED = re.compile(r"^audit-(\d{8}T\d{6}\.\d{6}Z)\.jsonl(\.gz)?$")
+_OWN_CONTAINERS = (b"proxy",)  # vproxy's own commands with subcommands (CommandTable.subcommand)
 SMALL = 512  # a request up to this size is queued as it is (its keys picked out by the writer)
 VALUE_MAX = 256  # audit_values: bytes kept of each argument (the rest is counted, not written)
 # arguments from this position on may hold secrets (passwords): written as "(redacted)"
@@ -145,6 +146,9 @@ class Audit:
         self._opened = 0.0
         self._day = (0, "")
         self._who: dict = {}  # the writer's cache: a client's part of a line
+        self._specs: dict = {}  # command -> its fixed key range (first, last, step), None: ask keyspec
+        self._names: dict = {}  # command -> its JSON text
+        self._addrs: dict = {}  # backend address -> its JSON text
 
     # ---- control (PROXY AUDIT, start-up) ----
 
@@ -218,6 +222,13 @@ class Audit:
 
     def _picked(self, name: bytes, args: list):
         """(subcommand, keys, values): what a record needs of the arguments."""
+        cmd = self.table.get(name)
+        spec = self._specs.get(name)
+        if spec is None or spec[0] is not cmd:  # (the table learned since: a new Command)
+            spec = self._specs[name] = (cmd, _simple_keys(cmd, name))
+        if spec[1] is not None and not self.values:  # a fixed key range: a slice (most commands)
+            first, last, step = spec[1]
+            return _Picked(None, args[first:len(args) + last + 1 if last < 0 else last + 1:step], None, len(args))
         sub = self.table.subcommand(name, args)
         pos = key_positions(self.table.get(name), name, args) or ()
         keys = [args[p] for p in pos if p < len(args)]
@@ -267,6 +278,8 @@ class Audit:
             except OSError as e:
                 self._failed(e, n)
                 _sleep(0.1)
+            if len(q) < 4096 and not self.stopping:
+                _sleep(0.01)  # let records gather: fewer, bigger writes, fewer GIL hand-overs
         self._close_file()
         self.stopped = True
 
@@ -388,9 +401,18 @@ class Audit:
         else:
             ks = ",".join(_js(_text(k)) for k in picked.keys)
         sub = picked.sub
+        cmd = self._names.get(name)
+        if cmd is None:
+            cmd = self._names[name] = _js(_text(name))
+        backend = self._addrs.get(target)
+        if backend is None:
+            backend = self._addrs[target] = _js(_fmt_addr(target))
+            if len(self._addrs) > 10000 or len(self._names) > 10000:  # names are the clients': bound them
+                self._addrs.clear()
+                self._names.clear()
         line = (f'{{"ts":"{day[1]}.{int((start - sec) * 1e6):06d}Z",{who},'
-                f'"command":{_js(_text(name))},"subcommand":{_js(_text(sub)) if sub else "null"},'
-                f'"keys":[{ks}],"argc":{picked.argc},"bytes":{size},"backend":{_js(_fmt_addr(target))},'
+                f'"command":{cmd},"subcommand":{_js(_text(sub)) if sub else "null"},'
+                f'"keys":[{ks}],"argc":{picked.argc},"bytes":{size},"backend":{backend},'
                 f'"latency_us":{us},"outcome":"{outcome}","error":{_js(err) if err else "null"}')
         if secret is not None:
             line += ',"keys_hashed":true'
@@ -415,6 +437,17 @@ def _error_code(reply: bytes) -> str:
     else:
         reply = reply[1:]
     return reply.split(b" ", 1)[0].split(b"\r", 1)[0].decode(errors="replace")
+
+
+def _simple_keys(cmd, name: bytes):
+    """(first, last, step) when a command's keys are a fixed range (no movable keys, no container,
+    no subcommands), else None (keyspec.key_positions decides per request)."""
+    if cmd is None or cmd.subs or "movablekeys" in cmd.flags or name in CONTAINER_KEY or name in MOVABLE \
+            or name in _OWN_CONTAINERS:
+        return None
+    if cmd.first_key <= 0:
+        return (1, 0, 1)  # no keys: an empty slice
+    return (cmd.first_key, cmd.last_key, cmd.step or 1)
 
 
 def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
