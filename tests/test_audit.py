@@ -231,7 +231,12 @@ def test_slow_disk_drops_records_and_never_blocks_clients(audited, valkey, tmp_p
     wait_for(lambda: "records dropped" in log.read_text(), what="the dropped-records log line")
 
     lines = []
-    reader = threading.Thread(target=lambda: lines.extend(open(fifo, "rb")), daemon=True)
+
+    def read_fifo():
+        with open(fifo, "rb") as f:
+            lines.extend(f)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
     reader.start()  # the disk is back: the queued records are written
     wait_for(lambda: p.info()["audit_records"] >= 500, what="the queued records written")
     r.close()
@@ -336,3 +341,34 @@ def test_refused_before_auth_and_passwords_redacted(audited, valkey):
         ("auth", "ok", None, ["(redacted)"]),
         ("set", "ok", None, ["x", "1"]),
     ]
+
+
+def test_cluster_records_name_the_node_that_answered(tmp_path):
+    from clusterkit import Cluster
+
+    cluster = Cluster("valkey", 3)
+    d = tmp_path / "cluster"
+    p = None
+    try:
+        p = Proxy("--mode", "cluster", "--backend", cluster.seeds[0], "--audit-dir", str(d))
+        r = p.client(client_name="sharded")
+        keys = [f"ck:{n}" for n in range(30)]
+        pipe = r.pipeline(transaction=False)
+        for k in keys:  # one-key writes on every node, pipelined: the cluster plain path would take them
+            pipe.set(k, "v")
+        pipe.get(keys[0])
+        assert pipe.execute() == [True] * 30 + [b"v"]
+        r.mset({"ck:a": "1", "ck:b": "2", "ck:c": "3"})  # split over nodes by vproxy
+        wait_for(lambda: records_written(p) >= 31, what="the cluster records")
+        got = [x for x in query(d) if x["client_name"] == "sharded"]
+        assert [(x["command"], x["keys"]) for x in got] == [("set", [k]) for k in keys] + \
+            [("mset", ["ck:a", "ck:b", "ck:c"])]
+        for x, k in zip(got, keys):
+            assert x["backend"] == cluster.owner(k).addr and x["outcome"] == "ok"
+        owners = {cluster.owner(k).addr for k in ("ck:a", "ck:b", "ck:c")}
+        assert got[-1]["backend"] == ("*" if len(owners) > 1 else owners.pop())
+        r.close()
+    finally:
+        if p is not None:
+            p.stop()
+        cluster.stop()
