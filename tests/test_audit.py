@@ -324,6 +324,8 @@ def test_hashed_keys_and_values(audited, valkey):
     assert rec["args"] == [want, "secret-value"]  # the key hashed among the values too
     assert [x["keys"] for x in query(p.dir, "--key", "customer:42", "--hash-secret", "s3cret")] == [[want]]
     assert query(p.dir, "--key", "customer:43", "--hash-secret", "s3cret") == []
+    shown = p.client().execute_command("PROXY", "CONFIG", "GET", "*")
+    assert b"s3cret" not in (b" ".join(shown) if isinstance(shown, list) else repr(shown).encode())
     r.close()
 
 
