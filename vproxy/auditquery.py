@@ -21,6 +21,7 @@ import sys
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from fnmatch import fnmatchcase
+from json.encoder import encode_basestring as _js
 from time import monotonic
 
 from .audit import ACTIVE, ROTATED, key_hash
@@ -160,6 +161,9 @@ class Filter:
         self.key_hashed = key_hash(secret, a.key.encode()) if a.key and secret else None
         self.needles = [f'"command":"{c.split("|")[0]}"'.encode() for c in self.commands] if self.commands else None
         self.key_match = re.compile(fnmatch.translate(a.key)).match if a.key else None
+        self.must = [m for m in (_field(b"user", a.user), _field(b"outcome", a.outcome), _field(b"node", a.node),
+                                 b'"db":%d,' % a.db if a.db is not None else None,
+                                 _literal(a.client), None if secret else _literal(a.key)) if m]
         self.needs_parse = any(v is not None for v in (self.commands, self.user, self.client, self.db,
                                                        self.outcome, self.node, self.key))
 
@@ -169,7 +173,9 @@ class Filter:
             ts = line[7:34].decode()
             if (self.since and ts < self.since) or (self.until and ts > self.until):
                 return False
-        return not (self.needles and not any(n in line for n in self.needles))
+        if self.needles and not any(n in line for n in self.needles):
+            return False
+        return all(m in line for m in self.must)
 
     def ok(self, r: dict) -> bool:
         if self.commands is not None:
@@ -197,6 +203,21 @@ class Filter:
             elif not any(map(self.key_match, keys)):
                 return False
         return True
+
+
+def _field(name: bytes, value: str | None) -> bytes | None:
+    """The bytes a record holding this exact string field must contain."""
+    return None if value is None else b'"%s":%s' % (name, _js(value).encode())
+
+
+def _literal(pattern: str | None) -> bytes | None:
+    """The longest run of a glob's plain characters, as it appears inside a JSON string (a record
+    matching the glob must contain it)."""
+    if not pattern:
+        return None
+    runs = re.split(r"[*?\[\]]", pattern)
+    best = max(runs, key=len)
+    return _js(best)[1:-1].encode() if best else None
 
 
 def records(chains: list[list[str]], flt: Filter, progress: Progress, warn, parse: bool = True):
