@@ -164,6 +164,7 @@ class Filter:
         self.must = [m for m in (_field(b"user", a.user), _field(b"outcome", a.outcome), _field(b"node", a.node),
                                  b'"db":%d,' % a.db if a.db is not None else None,
                                  _literal(a.client), None if secret else _literal(a.key)) if m]
+        self.checks_lines = bool(self.since or self.until or self.needles or self.must)
         self.needs_parse = any(v is not None for v in (self.commands, self.user, self.client, self.db,
                                                        self.outcome, self.node, self.key))
 
@@ -235,13 +236,14 @@ def records(chains: list[list[str]], flt: Filter, progress: Progress, warn, pars
 
 
 def _parsed(lines, flt: Filter, warn, parse: bool, chunk: int = 256):
-    line_ok, ok = flt.line_ok, flt.ok
+    line_ok = flt.line_ok if flt.checks_lines else None
+    ok = flt.ok if flt.needs_parse else None
     batch = []
     for line in lines:
         if not line.startswith(b'{"ts":"') or not line.endswith(b"}\n"):
             warn(f"skipped a line that is not a whole record: {line[:80]!r}")
             continue
-        if not line_ok(line):
+        if line_ok is not None and not line_ok(line):
             continue
         if not parse:
             yield line, None
@@ -267,7 +269,7 @@ def _decoded(lines: list, ok, warn):
                 warn(f"skipped a line that is not a whole record: {line[:80]!r}")
                 recs.append(None)
     for line, r in zip(lines, recs):
-        if r is not None and ok(r):
+        if r is not None and (ok is None or ok(r)):
             yield line, r
 
 
@@ -346,8 +348,8 @@ def summarize(rows) -> dict:
         cmds[what] += 1
         clients[client] += 1
         users[user] += 1
-        if k:
-            keys.update(k)
+        for x in k:
+            keys[x] += 1
         outcomes[outcome] += 1
         if err:
             errors[err] += 1
