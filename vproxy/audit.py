@@ -278,6 +278,8 @@ class Audit:
             except OSError as e:
                 self._failed(e, n)
                 _sleep(0.1)
+            except Exception as e:  # noqa: BLE001 - a bug must cost these records, not the writer thread
+                self._failed(OSError(f"cannot format records: {e!r}"), n)
             if len(q) < 4096 and not self.stopping:
                 _sleep(0.01)  # let records gather: fewer, bigger writes, fewer GIL hand-overs
         self._close_file()
