@@ -278,10 +278,11 @@ def _loads(data: bytes):
 
 
 _decode = json.JSONDecoder().raw_decode
-try:  # orjson parses ~4x faster when it is installed (optional, as hiredis is for redis-py)
-    from orjson import loads as _loads
-except ImportError:
-    pass
+if os.environ.get("VPROXY_PURE") != "1":  # VPROXY_PURE=1: the json module (as for resp.py's parser)
+    try:  # orjson parses ~4x faster when it is installed (optional, as hiredis is for redis-py)
+        from orjson import loads as _loads
+    except ImportError:
+        pass
 
 
 # ---- output ----
