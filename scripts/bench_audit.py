@@ -86,7 +86,8 @@ def main() -> int:
     d = tempfile.mkdtemp(prefix="vproxy-bench-audit-")
     try:
         size = generate(d, a.records, a.files)
-        print(f"{a.records:,} records in {a.files} files ({a.files - 1} gzipped), {size / 1e6:.1f} MB on disk")
+        print(f"{a.records:,} records in {a.files} files ({a.files - 1} gzipped), {size / 1e6:.1f} MB on disk; "
+              f"parser: {auditquery.PARSER} (VPROXY_PURE=1: json)")
         print(f"{'query':<44} {'seconds':>8} {'records/s':>12}")
         for title, args in [
             ("every record, --format json", [d, "--format", "json"]),

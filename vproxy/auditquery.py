@@ -278,9 +278,12 @@ def _loads(data: bytes):
 
 
 _decode = json.JSONDecoder().raw_decode
+PARSER = "json"
 if os.environ.get("VPROXY_PURE") != "1":  # VPROXY_PURE=1: the json module (as for resp.py's parser)
     try:  # orjson parses ~4x faster when it is installed (optional, as hiredis is for redis-py)
         from orjson import loads as _loads
+
+        PARSER = "orjson"
     except ImportError:
         pass
 
