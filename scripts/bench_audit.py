@@ -26,14 +26,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vproxy import auditquery  # noqa: E402
-from vproxy.audit import Audit  # noqa: E402
-from vproxy.commands import CommandTable  # noqa: E402
-from vproxy.config import load  # noqa: E402
+from vproxy import auditquery
+from vproxy.audit import Audit
+from vproxy.commands import CommandTable
+from vproxy.config import load
 
 COMMANDS = [(b"set", 3), (b"del", 2), (b"hset", 4), (b"lpush", 3), (b"expire", 3), (b"incr", 2),
             (b"get", 2), (b"flushdb", 1)]
-CLIENTS = [(i, ("10.0.%d.%d" % (i % 7, i), 40000 + i), b"app-%d" % (i % 5)) for i in range(1, 40)]
+CLIENTS = [(i, (f"10.0.{i % 7}.{i}", 40000 + i), b"app-%d" % (i % 5)) for i in range(1, 40)]
 
 
 def generate(d: str, n: int, files: int) -> int:
