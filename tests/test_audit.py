@@ -162,7 +162,9 @@ def test_scripted_session_and_every_filter(audited, valkey):
     assert [(r["command"], r["keys"], r["outcome"]) for r in rows] == \
         [(e["command"], " ".join(e["keys"]), e["outcome"]) for e in expected]
 
-    summary = audit_cli(p.dir, "--since", t0, "--summary").stdout
+    res = audit_cli(p.dir, "--since", t0, "--summary", "--progress", "always")
+    assert "100.0%" in res.stderr and " records" in res.stderr and "[###" in res.stderr  # the bar, on stderr only
+    summary = res.stdout
     assert "records: 8" in summary
     assert "error rate 37.50%" in summary  # 1 error + 2 refused of 8
     top = summary.split("top commands:")[1].split("top clients:")[0].split()
@@ -378,3 +380,28 @@ def test_cluster_records_name_the_node_that_answered(tmp_path):
         if p is not None:
             p.stop()
         cluster.stop()
+
+
+def test_replication_mode_records_where_reads_and_writes_went(tmp_path, start_proxy):
+    """HA session (read_from replica): writes recorded on the primary, reads on a replica."""
+    from ha_kit import ReplSet
+
+    rset = ReplSet(1)
+    try:
+        d = tmp_path / "ha"
+        p = start_proxy("--mode", "replication", *rset.args(), "--read-from", "replica", "--audit-dir", str(d),
+                        "--audit-commands", "write,read")
+        r = p.client(client_name="ha")
+        r.set("h1", "v")
+        wait_for(lambda: rset.replicas[0].client().get("h1") == b"v", what="h1 replicated")
+        pipe = r.pipeline(transaction=False)
+        pipe.get("h1").set("h2", "w").get("h2")
+        pipe.execute()
+        wait_for(lambda: len([x for x in query(d) if x["client_name"] == "ha"]) == 4, what="the HA records")
+        got = [(x["command"], x["keys"], x["backend"]) for x in query(d) if x["client_name"] == "ha"]
+        primary, replica = rset.primary.addr, rset.replicas[0].addr
+        assert got[:3] == [("set", ["h1"], primary), ("get", ["h1"], replica), ("set", ["h2"], primary)]
+        assert got[3][:2] == ("get", ["h2"]) and got[3][2] in (primary, replica)
+        r.close()
+    finally:
+        rset.stop()

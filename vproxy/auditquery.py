@@ -104,9 +104,9 @@ class Progress:
         self.total, self.on, self.done, self.last = max(total, 1), on, 0, 0.0
         self.records = 0
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, force: bool = False) -> None:
         now = monotonic()
-        if not self.on or now - self.last < 0.2:
+        if not self.on or (now - self.last < 0.2 and not force):
             return
         self.last = now
         frac = min(1.0, done / self.total)
@@ -115,9 +115,12 @@ class Progress:
         sys.stderr.flush()
 
     def end(self) -> None:
+        """The final state stays on its line (records read in all)."""
         if self.on:
-            sys.stderr.write("\r" + " " * 70 + "\r")
+            self.update(self.total, force=True)
+            sys.stderr.write("\n")
             sys.stderr.flush()
+            self.on = False
 
 
 def read_lines(chain: list[str], progress: Progress, base: int, warn) -> iter:
@@ -143,6 +146,7 @@ def read_lines(chain: list[str], progress: Progress, base: int, warn) -> iter:
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             warn(f"{path}: stopped reading after line {n}: {e}")
         finally:
+            progress.records += n % 4096
             offset += os.fstat(raw.fileno()).st_size
             raw.close()
 
@@ -482,8 +486,7 @@ def main(argv: list[str]) -> int:
 
     def warn(text: str) -> None:
         warned.append(text)
-        if progress.on:
-            progress.end()
+        sys.stderr.write("\n" if progress.on else "")
         sys.stderr.write(f"vproxy audit: warning: {text}\n")
 
     flt = Filter(a, secret)

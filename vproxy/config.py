@@ -89,7 +89,7 @@ def check_retention(v: str) -> str:
 
 def check_classes(v: list) -> list:
     """Audit classes and command names ('config|set'): lower-case, each a plausible name."""
-    v = [x.strip().lower() for x in v if x.strip()]
+    v = [x.strip().lower() for item in v for x in str(item).split(",") if x.strip()]  # --flag a,b too
     if not v:
         raise ValueError("name at least one class or command")
     bad = [x for x in v if not re.fullmatch(r"[a-z0-9_.|-]+", x)]
