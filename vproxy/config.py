@@ -225,7 +225,8 @@ def _coerce(s: Setting, raw, source: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vproxy", description="A Redis/Valkey proxy.")
+    p = argparse.ArgumentParser(prog="vproxy", description="A Redis/Valkey proxy.",
+                                epilog="Query the audit log: vproxy audit [PATH ...] (vproxy audit --help, docs/audit.md).")
     p.add_argument("-c", "--config", help="TOML configuration file")
     for s in SETTINGS:
         flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
