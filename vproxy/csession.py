@@ -127,7 +127,7 @@ class ClusterSession(ClientSession):
         if self.ns is not None or self.reads or box.stuck:
             return 0
         table, key = self.app.commands, self.key()
-        owner = self.app.router.topology.owner
+        owners = self.app.router.topology.slot_owners
         deadline = None
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
@@ -135,7 +135,7 @@ class ClusterSession(ClientSession):
             if not pos:
                 return k
             slot = key_slot(args[pos])
-            addr = owner(slot)
+            addr = owners[slot]
             ch = self.chans.get(addr)
             if ch is None or ch.closed or ch.key != key:
                 return k  # the batch path opens it

@@ -63,10 +63,10 @@ class Outbox:
         self.waiter: Waiter | None = None  # the client greenlet waiting for idle()
         self.closed = False
         self.hub = get_hub()
-        self.touched = False  # replies handed out by the read in progress: push() follows
+        self.touched = False  # replies handed out by a read: push() follows (in hold mode, after the loop iteration)
 
     def idle(self) -> bool:
-        return not self.left and not self.out and not self.pending
+        return not self.left and not self.out and not self.pending and not self.touched
 
     def take(self, frame: bytes) -> None:
         """A reply came (the channel calls push() once its read is handed out)."""
