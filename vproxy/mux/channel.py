@@ -39,12 +39,18 @@ class Batch:
     sent (True, or TIMED_OUT: the server may have run it) or never left vproxy (False: safe to
     send again)."""
 
-    __slots__ = ("_event", "_waiter", "left", "lost", "replies")
+    __slots__ = ("_event", "_waiter", "left", "lost", "rec_from", "rejected", "replies", "reqs", "t0")
 
     def __init__(self, n: int):
         self.replies: list = [None] * n
         self.left = 0
         self.lost: dict[int, bool] | None = None
+        # statistics (the session's, cmdstats.py): the requests as read, when, which vproxy refused,
+        # and how many replies are recorded already (an early flush records the first ones)
+        self.reqs: list | None = None
+        self.t0 = 0.0
+        self.rejected: set | None = None
+        self.rec_from = 0
         self._event: Event | None = None
         self._waiter: Waiter | None = None
 
