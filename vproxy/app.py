@@ -9,6 +9,7 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
+from . import client
 from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
@@ -21,6 +22,7 @@ from .server import Listener, janitor
 from .stats import Stats
 
 LEARN_RETRY = 0.5
+WORKER_IDS = 1_000_000_000  # worker i numbers its clients from 1 + i * WORKER_IDS
 
 
 class App:
@@ -28,6 +30,8 @@ class App:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.worker_index > 0:  # client ids unique across the workers of one supervisor
+            client.first_id(1 + cfg.worker_index * WORKER_IDS)
         self.embedded: EmbeddedValkey | None = None
         self.clients: dict = {}
         self.stats = Stats()

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger.remove()
     logger.add(sys.stderr, level=cfg.log_level, serialize=cfg.log_format == "json")
+    if cfg.worker_index < 0 and cfg.workers != "1":
+        from .workers import count, supervise
+        if count(cfg.workers) > 1:
+            return supervise(cfg, list(args))
     from .app import App  # after monkey patching (see __main__)
 
     try:

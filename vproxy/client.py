@@ -36,6 +36,13 @@ from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
 
 _ids = count(1)
+
+
+def first_id(n: int) -> None:
+    """Number the clients from n on (workers: ids unique across the processes of one supervisor)."""
+    global _ids
+    _ids = count(n)
+
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")

@@ -59,6 +59,12 @@ class Setting:
     reloadable: bool = False
 
 
+def _workers(v: str) -> str:
+    if v != "auto" and (not v.isdigit() or int(v) < 1):
+        raise ValueError(f"workers must be a positive number or auto, not {v!r}")
+    return v
+
+
 def _percentiles(v: str) -> str:
     values = [float(x) for x in v.split()]
     if not values or any(not 0 < x <= 100 for x in values):
@@ -146,6 +152,12 @@ SETTINGS: tuple[Setting, ...] = (
             check=_non_negative),
     Setting("hotkeys_sample", int, 64, "PROXY HOTKEYS counts the first key of one request in this many "
             "(0: no hot-key counting).", check=_non_negative),
+    Setting("workers", str, "1", "Processes serving clients: N, or auto (one per core). Above 1, a "
+            "supervisor starts N workers that share the listen port (SO_REUSEPORT) and restarts any that "
+            "dies; each has its own backend pool and, with admin_listen, its admin port + its index.",
+            check=_workers),
+    Setting("worker_index", int, -1, "Set by the supervisor for each worker (0 .. workers-1); -1: not a "
+            "worker. Not for hand use."),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
             "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
 )
@@ -181,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
         if s.type is bool:
             p.add_argument(*flags, dest=s.name, action="store_const", const=True, default=None, help=s.doc)
-            if s.default:  # on by default: --no-NAME turns it off
-                p.add_argument(f"--no-{s.name.replace('_', '-')}", dest=s.name, action="store_const", const=False,
-                               default=None, help=f"Turn '{s.name}' off.")
+            # --no-NAME turns it off (over a config file's or the environment's true, too)
+            p.add_argument(f"--no-{s.name.replace('_', '-')}", dest=s.name, action="store_const", const=False,
+                           default=None, help=f"Turn '{s.name}' off.")
         elif s.type is list:
             p.add_argument(*flags, dest=s.name, action="append", default=None, help=s.doc)
         else:
