@@ -138,3 +138,28 @@ def test_worker_command_line():
                                           "1", "--worker-index", "2"]
     assert worker_args(["--workers=auto", "--embedded"], 0, "127.0.0.1:5") == [
         "--workers", "1", "--worker-index", "0", "--no-embedded", "--backend", "127.0.0.1:5"]
+
+
+def test_sighup_reaches_every_worker(server, tmp_path):
+    conf = tmp_path / "vproxy.toml"
+    conf.write_text(f'backend = ["{server.addr}"]\ncommand_timeout = 5.0\n')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vproxy", "-c", str(conf), "--listen", f"127.0.0.1:{port}",
+                             "--workers", "2", "--log-level", "WARNING"])
+
+    def timeouts() -> dict:
+        out = {}
+        for _ in range(30):
+            c = redis.Redis(port=port, socket_timeout=5)
+            reply = c.execute_command("PROXY", "CONFIG", "GET", "command_timeout")
+            out[c.info("proxy")["proxy_pid"]] = reply[1] if isinstance(reply, list) else reply[b"command_timeout"]
+            c.close()
+        return out
+    try:
+        wait_for(lambda: len(timeouts()) == 2, timeout=30, what="both workers")
+        conf.write_text(f'backend = ["{server.addr}"]\ncommand_timeout = 1.5\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: (lambda t: len(t) == 2 and set(t.values()) == {b"1.5"})(timeouts()), timeout=20,
+                 what="both workers to reload")
+    finally:
+        stop_process(proc, 15)

@@ -30,6 +30,7 @@ class App:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.argv: list[str] | None = None  # the command line, read again on reload (None: sys.argv)
         if cfg.worker_index > 0:  # client ids unique across the workers of one supervisor
             client.first_id(1 + cfg.worker_index * WORKER_IDS)
         self.embedded: EmbeddedValkey | None = None

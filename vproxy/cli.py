@@ -11,6 +11,7 @@ from loguru import logger
 
 from .config import load
 from .errors import ConfigError, StartError
+from .reload import reload
 
 
 def _dump_greenlets() -> None:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
+    app.argv = list(args)  # what a reload reads again (reload.py)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, app))
     app.start()
     stop.wait()
     logger.info("shutting down")

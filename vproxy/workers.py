@@ -2,7 +2,8 @@
 
     vproxy --workers 4 (or auto: one per core)
       supervisor: starts the embedded Valkey if there is one, then the workers; restarts a worker
-                  that dies (with a log line and backoff); SIGTERM/SIGINT: stops them all
+                  that dies (with a log line and backoff); SIGTERM/SIGINT: stops them all;
+                  SIGHUP: passed on to every worker (each reloads its settings: reload.py)
       worker i:   `python -m vproxy <the same settings> --workers 1 --worker-index i`: an ordinary
                   vproxy whose listener binds with SO_REUSEPORT, so the kernel spreads new client
                   connections over the workers; its admin HTTP server (if any) on admin port + i
@@ -80,6 +81,7 @@ def supervise(cfg, argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     workers = [Worker(i) for i in range(n)]
+    gevent.signal_handler(signal.SIGHUP, lambda: _reload(workers))
     code = 0
     try:
         for w in workers:
@@ -118,6 +120,14 @@ def supervise(cfg, argv: list[str]) -> int:
         if embedded is not None:
             embedded.stop()
     return code
+
+
+def _reload(workers: list) -> None:
+    """SIGHUP: every worker reloads (each reads the settings again itself: reload.py)."""
+    logger.info("reload: passing SIGHUP to {} workers", len(workers))
+    for w in workers:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGHUP)
 
 
 def _start(w: Worker, argv: list[str], backend: str | None) -> None:
