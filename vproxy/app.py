@@ -31,6 +31,7 @@ class App:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.argv: list[str] | None = None  # the command line, read again on reload (None: sys.argv)
+        self.draining = False  # stop() has begun: no new clients, the others closed between replies
         if cfg.worker_index > 0:  # client ids unique across the workers of one supervisor
             client.first_id(1 + cfg.worker_index * WORKER_IDS)
         self.embedded: EmbeddedValkey | None = None
@@ -159,28 +160,40 @@ class App:
         return (f"{self.databases} databases (the cluster serves db 0; 1-{self.databases - 1} are emulated "
                 "by vproxy as key namespaces)")
 
-    def stop(self, drain: float = 2.0) -> None:
-        """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
+    def stop(self, drain: float | None = None) -> None:
+        """Stop accepting; close each client between two replies (as soon as it has nothing in
+        flight and nothing unwritten), the last ones when `drain` (drain_timeout) seconds are up;
+        then close everything. /readyz says 503 meanwhile."""
+        self.draining = True
         self.listener.stop()
+        deadline = monotonic() + (self.cfg.drain_timeout if drain is None else drain)
+        while self.clients and monotonic() < deadline:
+            for s in list(self.clients.values()):
+                if (s.batch is None or not s.batch.left) and s.outbox.idle():
+                    _close_client(s)
+            if self.clients:
+                gevent.sleep(0.02)
+        if self.clients:
+            logger.warning("drain_timeout: closing {} client(s) with replies in flight", len(self.clients))
+        for s in list(self.clients.values()):
+            _close_client(s)
         if self.admin is not None:
             self.admin.stop()
-        deadline = monotonic() + drain
-        while self.clients and monotonic() < deadline:
-            if all((s.batch is None or not s.batch.left) and s.outbox.idle() for s in self.clients.values()):
-                break
-            gevent.sleep(0.05)
-        for s in list(self.clients.values()):
-            s.closing = True
-            try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
-                s.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self.monitor is not None:
             self.monitor.stop()
         gevent.killall(self.greenlets)
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def _close_client(s) -> None:
+    s.closing = True
+    try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
+        s.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.app.clients.pop(s.id, None)
 
 
 def _monitor_for(mode: str):

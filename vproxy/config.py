@@ -122,6 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
             "command before the client gets an error and the connection is replaced (0: never); "
             "not while the backend answers -BUSY (a script runs: see docs/operations.md).",
             check=_non_negative, reloadable=True),
+    Setting("drain_timeout", float, 5.0, "On SIGTERM: seconds vproxy keeps serving the clients it has "
+            "(each is closed as soon as it has no reply in flight or unwritten) before it closes the rest.",
+            check=_non_negative, reloadable=True),
     Setting("startup_wait", float, 3.0, "At start, seconds client requests wait for vproxy to read the "
             "backend's COMMAND table (so that nothing is routed with the built-in fallback table); past "
             "it, requests are served anyway, and get an error while the backend is down (0: no wait).",

@@ -155,6 +155,8 @@ class AdminServer:
         return _reply(start_response, "404 Not Found", b"not found: try /metrics, /healthz or /readyz\n")
 
     def ready(self) -> tuple[bool, str]:
+        if self.app.draining:
+            return False, "not ready: shutting down (draining clients)"
         at, ok, why = self._ready
         now = monotonic()
         if now - at < READY_CACHE:
