@@ -9,7 +9,9 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
+from . import client
 from .audit import Audit
+from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
@@ -21,6 +23,7 @@ from .server import Listener, janitor
 from .stats import Stats
 
 LEARN_RETRY = 0.5
+WORKER_IDS = 1_000_000_000  # worker i numbers its clients from 1 + i * WORKER_IDS
 
 
 class App:
@@ -28,10 +31,18 @@ class App:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.argv: list[str] | None = None  # the command line, read again on reload (None: sys.argv)
+        self.draining = False  # stop() has begun: no new clients, the others closed between replies
+        if cfg.worker_index > 0:  # client ids unique across the workers of one supervisor
+            client.first_id(1 + cfg.worker_index * WORKER_IDS)
         self.embedded: EmbeddedValkey | None = None
         self.clients: dict = {}
         self.stats = Stats()
         self.commands = CommandTable()
+        self.cmdstats = CommandStats(lambda name: self.commands.get(name) is not None, enabled=cfg.stats,
+                                     percentiles=[float(p) for p in cfg.latency_tracking_info_percentiles.split()],
+                                     slower_than_us=cfg.slowlog_log_slower_than, slowlog_len=cfg.slowlog_max_len,
+                                     first_key=self._first_key, hotkeys_sample=cfg.hotkeys_sample)
         self.server_info: dict = {}
         self.databases = 16
         self.started = monotonic()
@@ -39,10 +50,16 @@ class App:
         self.serving = Event()  # set once clients may be served (see start)
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
+        self.admin = None
         try:
+            if cfg.admin_listen:
+                from .metrics import AdminServer
+                self.admin = AdminServer(self, cfg.admin_listen)
             self.seeds = self._backends()
         except BaseException:
             self.listener.close()
+            if self.admin is not None:
+                self.admin.stop()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
         self.audit = Audit(cfg, self.commands, cfg.audit_node)
@@ -55,6 +72,11 @@ class App:
         elif self.router.ha:
             from .client import HASession
             self.listener.session_class = HASession
+
+    def _first_key(self, name: bytes) -> int:
+        """The position of a command's first key (0: none), for PROXY HOTKEYS and BIGKEYS."""
+        cmd = self.commands.get(name)
+        return cmd.first_key if cmd is not None and cmd.first_key > 0 else 0
 
     def _backends(self) -> list[tuple[str, int]]:
         """The configured backends, or the embedded server started here (stopped again if it fails)."""
@@ -85,6 +107,8 @@ class App:
         else:
             self.serving.set()
         self.listener.start()
+        if self.admin is not None:
+            self.admin.start()
         logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
 
     def _serve_anyway(self) -> None:
@@ -140,20 +164,25 @@ class App:
         return (f"{self.databases} databases (the cluster serves db 0; 1-{self.databases - 1} are emulated "
                 "by vproxy as key namespaces)")
 
-    def stop(self, drain: float = 2.0) -> None:
-        """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
+    def stop(self, drain: float | None = None) -> None:
+        """Stop accepting; close each client between two replies (as soon as it has nothing in
+        flight and nothing unwritten), the last ones when `drain` (drain_timeout) seconds are up;
+        then close everything. /readyz says 503 meanwhile."""
+        self.draining = True
         self.listener.stop()
-        deadline = monotonic() + drain
+        deadline = monotonic() + (self.cfg.drain_timeout if drain is None else drain)
         while self.clients and monotonic() < deadline:
-            if all((s.batch is None or not s.batch.left) and s.outbox.idle() for s in self.clients.values()):
-                break
-            gevent.sleep(0.05)
+            for s in list(self.clients.values()):
+                if (s.batch is None or not s.batch.left) and s.outbox.idle():
+                    _close_client(s)
+            if self.clients:
+                gevent.sleep(0.02)
+        if self.clients:
+            logger.warning("drain_timeout: closing {} client(s) with replies in flight", len(self.clients))
         for s in list(self.clients.values()):
-            s.closing = True
-            try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
-                s.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _close_client(s)
+        if self.admin is not None:
+            self.admin.stop()
         if self.monitor is not None:
             self.monitor.stop()
         gevent.killall(self.greenlets)
@@ -161,6 +190,15 @@ class App:
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def _close_client(s) -> None:
+    s.closing = True
+    try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
+        s.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.app.clients.pop(s.id, None)
 
 
 def _monitor_for(mode: str):

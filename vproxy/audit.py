@@ -123,6 +123,8 @@ class Audit:
     def __init__(self, cfg, table, node: str):
         self.cfg, self.table = cfg, table
         self.dir = cfg.audit_dir
+        if self.dir and getattr(cfg, "worker_index", -1) >= 0:  # workers (workers.py): a directory each
+            self.dir = os.path.join(self.dir, f"worker-{cfg.worker_index}")
         self.node = node or f"{socket.gethostname()}:{cfg.listen.rpartition(':')[2]}"
         self.classes = list(cfg.audit_commands)
         self.on = False

@@ -57,7 +57,12 @@ def _files_of(paths: list[str]) -> list[list[str]]:
     """Chains: the files of each directory (or each file given) in the order they were written."""
     chains = []
     loose = []
-    for p in paths:
+    todo = list(paths)
+    for p in paths:  # the workers of one vproxy (--workers N) write a subdirectory each
+        if os.path.isdir(p):
+            todo += sorted(os.path.join(p, n) for n in os.listdir(p) if n.startswith("worker-")
+                           and os.path.isdir(os.path.join(p, n)))
+    for p in todo:
         if os.path.isdir(p):
             names = os.listdir(p)
             # a crash between compressing and deleting leaves both: the .gz is whole, read it alone

@@ -11,6 +11,7 @@ from loguru import logger
 
 from .config import load
 from .errors import ConfigError, StartError
+from .reload import reload
 
 
 def _dump_greenlets() -> None:
@@ -50,18 +51,20 @@ def _dump_greenlets() -> None:
 
 def version_text() -> str:
     """`vproxy --version`: the release, and which RESP parser runs (the compiled twin or pure Python)."""
-    from . import __version__, resp
+    from . import __version__, cmdstats, resp
 
-    return f"vproxy {__version__} (parser: {resp.IMPL})"
+    return f"vproxy {__version__} (parser: {resp.IMPL}, statistics: {cmdstats.IMPL})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["audit"]:  # `vproxy audit ...`: query the audit log (docs/audit.md)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["top"]:  # vproxy top [HOST:PORT]: the live view (top.py)
+        from .top import main as top_main
+        return top_main(args[1:])
+    if args[:1] == ["audit"]:  # `vproxy audit ...`: query the audit log (docs/audit.md)
         from .auditquery import main as audit_main
-
-        return audit_main(argv[1:])
-    if "--version" in argv:
+        return audit_main(args[1:])
+    if "--version" in args:
         print(version_text())
         return 0
     try:
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vproxy: {e}", file=sys.stderr)
         return 2
     logger.remove()
-    logger.add(sys.stderr, level=cfg.log_level)
+    logger.add(sys.stderr, level=cfg.log_level, serialize=cfg.log_format == "json")
+    if cfg.worker_index < 0 and cfg.workers != "1":
+        from .workers import count, supervise
+        if count(cfg.workers) > 1:
+            return supervise(cfg, list(args))
     from .app import App  # after monkey patching (see __main__)
 
     try:
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
+    app.argv = list(args)  # what a reload reads again (reload.py)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, app))
     app.start()
     stop.wait()
     logger.info("shutting down")

@@ -30,12 +30,20 @@ from .local import LOCAL, db_index
 from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
+from .cmdstats import Track
 from .outbox import Outbox
 from .audit import Audited
 from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
 
 _ids = count(1)
+
+
+def first_id(n: int) -> None:
+    """Number the clients from n on (workers: ids unique across the processes of one supervisor)."""
+    global _ids
+    _ids = count(n)
+
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")
@@ -69,6 +77,8 @@ class Stream:
 class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
+    HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
+
     def __init__(self, app, sock: socket.socket, addr):
         self.app, self.sock, self.addr = app, sock, addr
         cfg = app.cfg
@@ -97,7 +107,12 @@ class ClientSession(PlainPath, Audited):
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
-        self.outbox = Outbox(sock)  # one channel: replies in order (HASession, ClusterSession: numbered)
+        # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
+        self.outbox = Outbox(sock, hold=self.HOLD)
+        if self.HOLD is not None:
+            self.outbox.on_stuck = self._outbox_stuck
+        if app.cmdstats.enabled:
+            self.outbox.track = Track(app.cmdstats, self)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
 
@@ -163,11 +178,14 @@ class ClientSession(PlainPath, Audited):
         if not self.outbox.idle() or self.outbox.stuck:
             self.drain()  # the plain requests' replies go out first
         start, n = 0, len(reqs)
+        stats = self.app.cmdstats.enabled
         while start < n:
             size = self.window
             part = reqs if not start and n <= size else reqs[start:start + size]
             start += len(part)
             batch = self.batch = Batch(len(part))
+            if stats:
+                batch.reqs, batch.t0 = part, self.last_active
             if self.app.audit.on:
                 self._dispatch_audited(part, batch)
             else:
@@ -191,6 +209,9 @@ class ClientSession(PlainPath, Audited):
                 else:
                     keep.append((idx, fn))
             self.post[:] = keep
+        if batch.reqs is not None and upto > batch.rec_from:
+            self.app.cmdstats.record_batch(self, batch.reqs, replies, batch.rec_from, upto, batch.t0, batch.rejected)
+            batch.rec_from = upto
         if self.audits:
             self._audit_replies(batch, upto)
         if upto == len(replies):
@@ -315,8 +336,7 @@ class ClientSession(PlainPath, Audited):
         name = args[0].lower()
         self.last_cmd = name
         if not self.authed and name not in (b"auth", b"hello", b"quit", b"reset"):
-            batch.replies[i] = resp.error(E.NOAUTH)
-            return
+            return self.refuse(batch, i, E.NOAUTH)
         if self.stream is not None:
             return self.stream_dispatch(i, name, args, raw, batch)
         if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
@@ -324,8 +344,7 @@ class ClientSession(PlainPath, Audited):
         table = self.app.commands
         arity, policy = table.lookup(name)
         if not C.arity_fits(arity, len(args)):
-            batch.replies[i] = resp.error(E.wrong_arity(name.decode(errors="replace")))
-            return
+            return self.refuse(batch, i, E.wrong_arity(name.decode(errors="replace")))
         if policy is C.BY_ARGS:
             policy = table.policy(name, args)
         if policy is C.FORWARD:
@@ -341,7 +360,14 @@ class ClientSession(PlainPath, Audited):
         elif policy is C.SIDE:
             self.side(i, raw, batch)
         else:
-            batch.replies[i] = resp.error(E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+            self.refuse(batch, i, E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+
+    def refuse(self, batch: Batch, i: int, msg: str) -> None:
+        """vproxy answers request i with an error without sending it anywhere (a rejected call)."""
+        batch.replies[i] = resp.error(msg)
+        if batch.rejected is None:
+            batch.rejected = set()
+        batch.rejected.add(i)
 
     def key(self) -> tuple[int, int]:
         return (self.db, self.proto)
@@ -590,8 +616,8 @@ class HASession(ClientSession):
     forward_plain = PlainPath.forward_plain_ha
     _unstick = PlainPath.unstick_ha
 
+    HOLD = ()  # the outbox holds only when a connection fails (its sent fact)
+
     def __init__(self, app, sock: socket.socket, addr):
         super().__init__(app, sock, addr)
-        self.outbox = Outbox(sock, hold=())  # held only when a connection fails (its sent fact)
-        self.outbox.on_stuck = self._outbox_stuck
         self.plain_chans: dict = {}  # pool -> this session's shared channel there

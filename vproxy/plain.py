@@ -91,6 +91,7 @@ class PlainPath:
         router sends again where it says (after a failover), as for any batch (_ha_recover)."""
         held = self.outbox.held_all()
         batch = self.batch = Batch(len(held))
+        self.held_stats(batch, len(held))
         self.ha_sent = []
         for j, (frame, fact, (raw, name, key, pool)) in enumerate(held):
             batch.replies[j] = frame
@@ -100,6 +101,17 @@ class PlainPath:
             self.ha_sent.append((j, raw, name, None, key, pool))
         self.settle()
         self.flush(batch, len(held))
+
+    def held_stats(self, batch: Batch, n: int) -> None:
+        """The n held replies leave the plain path's statistics (outbox.track) for the batch's: the
+        batch path records them when it writes them, timed from their read."""
+        track = self.outbox.track
+        if track is None:
+            return
+        dropped = track.drop(n)
+        if len(dropped) == n and n:
+            batch.reqs = [req for req, _ in dropped]
+            batch.t0 = dropped[0][1]
 
     def forward_plain_ha(self, reqs: list, wait: bool = True) -> int:
         """forward_plain of the HA modes: each request on the pool the router picks (the primary, or
@@ -112,7 +124,12 @@ class PlainPath:
         key = (self.db, self.proto)
         chans = self.plain_chans
         deadline = None
-        for k, (args, raw) in enumerate(reqs):
+        track = None
+        if box.track is not None:  # statistics (cmdstats.py)
+            box.track.start(self.last_active)
+            track = box.track.add
+        for k, req in enumerate(reqs):
+            args, raw = req
             name = args[0].lower()
             if not forwards(name, len(args)):
                 return k
@@ -130,6 +147,8 @@ class PlainPath:
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
+            if track is not None:
+                track(req)
             box.send(ch, raw, (raw, name, key, pool), deadline)
         return len(reqs)
 
@@ -163,7 +182,12 @@ class PlainPath:
         box = self.outbox
         forwards = self.app.commands.forwards
         ch = deadline = None
-        for k, (args, raw) in enumerate(reqs):
+        track = None
+        if box.track is not None:  # statistics (cmdstats.py)
+            box.track.start(self.last_active)
+            track = box.track.add
+        for k, req in enumerate(reqs):
+            args, raw = req
             name = args[0].lower()
             if not forwards(name, len(args)):
                 return k
@@ -175,6 +199,8 @@ class PlainPath:
             if not self._room(wait) or ch.closed:
                 return k
             self.last_cmd = name
+            if track is not None:
+                track(req)
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
 

@@ -21,7 +21,8 @@ class Listener:
 
     def __init__(self, app):
         self.app = app
-        sock = _bound(*parse_addr(app.cfg.listen))
+        # workers (workers.py) share the port: the kernel spreads connections over them
+        sock = _bound(*parse_addr(app.cfg.listen), reuse_port=app.cfg.worker_index >= 0)
         self.server = StreamServer(sock, self.handle)
         self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
         self.address = sock.getsockname()[:2]
@@ -55,12 +56,14 @@ class Listener:
         session.run()
 
 
-def _bound(host: str, port: int) -> socket.socket:
+def _bound(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening socket on host:port; StartError naming the address when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as e:
