@@ -405,3 +405,29 @@ def test_replication_mode_records_where_reads_and_writes_went(tmp_path, start_pr
         r.close()
     finally:
         rset.stop()
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="workers need SO_REUSEPORT")
+def test_workers_write_a_directory_each_and_are_read_together(valkey, tmp_path):
+    from vproxy.embedded import free_port, stop_process
+
+    port, d = free_port(), tmp_path / "workers"
+    proc = subprocess.Popen([sys.executable, "-m", "vproxy", "--listen", f"127.0.0.1:{port}", "--backend",
+                             valkey.addr, "--workers", "2", "--log-level", "WARNING", "--audit-dir", str(d)])
+    try:
+        wait_for(lambda: redis.Redis(port=port, socket_timeout=2).ping(), timeout=30, what="the workers")
+        pids, n = set(), 0
+        while len(pids) < 2 and n < 200:  # new connections: the kernel spreads them over the workers
+            c = redis.Redis(port=port, socket_timeout=5, client_name=f"w{n}")
+            pids.add(c.info("proxy")["proxy_pid"])
+            c.set(f"wk:{n}", "v")
+            c.close()
+            n += 1
+        assert len(pids) == 2
+        assert sorted(os.listdir(d)) == ["worker-0", "worker-1"]
+        wait_for(lambda: len(query(d, "--command", "set")) == n, what="every SET's record, from both workers")
+        got = query(d, "--command", "set")
+        assert sorted(x["keys"][0] for x in got) == sorted(f"wk:{i}" for i in range(n))
+        assert [x["ts"] for x in got] == sorted(x["ts"] for x in got)  # merged in time order
+    finally:
+        stop_process(proc, 15)
