@@ -431,3 +431,22 @@ def test_workers_write_a_directory_each_and_are_read_together(valkey, tmp_path):
         assert [x["ts"] for x in got] == sorted(x["ts"] for x in got)  # merged in time order
     finally:
         stop_process(proc, 15)
+
+
+def test_classes_from_the_servers_command_table(audited, valkey):
+    """scripting and pubsub come from COMMAND's ACL categories and flags; a SUBSCRIBE's reply is
+    streamed, so its outcome is 'sent'; a subcommand decides for a container (CONFIG GET: admin)."""
+    p = audited("--audit-commands", "scripting,pubsub,config|set")
+    t0 = now_iso()
+    r = p.client(client_name="cls")
+    r.set("s", "1")  # write: not selected
+    assert r.eval("return redis.call('GET', KEYS[1])", 1, "s") == b"1"
+    r.publish("news", "hi")
+    r.config_get("maxmemory")  # config|get: not selected (config|set is)
+    with RawClient(p.port) as c:
+        c.send(RawClient.encode("SUBSCRIBE", "news"))
+        assert b"subscribe" in c.read()
+    wait_for(lambda: len(query(p.dir, "--since", t0)) >= 3, what="three records")
+    got = [(x["command"], x["keys"], x["outcome"]) for x in query(p.dir, "--since", t0)]
+    assert got == [("eval", ["s"], "ok"), ("publish", [], "ok"), ("subscribe", [], "sent")]
+    r.close()
