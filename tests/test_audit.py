@@ -450,3 +450,19 @@ def test_classes_from_the_servers_command_table(audited, valkey):
     got = [(x["command"], x["keys"], x["outcome"]) for x in query(p.dir, "--since", t0)]
     assert got == [("eval", ["s"], "ok"), ("publish", [], "ok"), ("subscribe", [], "sent")]
     r.close()
+
+
+def test_pipelined_records_keep_each_requests_db_and_client_name(audited, valkey):
+    """Plain and batch-path requests interleaved in one pipeline: each record has the database and
+    client name in force for that request."""
+    p = audited()
+    t0 = now_iso()
+    with RawClient(p.port) as c:
+        cmds = [("CLIENT", "SETNAME", "n1"), ("SET", "p1", "v"), ("SELECT", "3"), ("SET", "p2", "v"),
+                ("CLIENT", "SETNAME", "n2"), ("DEL", "p2"), ("SELECT", "0"), ("SET", "p3", "v")]
+        c.send(b"".join(RawClient.encode(*x) for x in cmds))
+        assert c.read_n(len(cmds)) == [b"+OK\r\n"] * 5 + [b":1\r\n"] + [b"+OK\r\n"] * 2
+    wait_for(lambda: len(query(p.dir, "--since", t0)) == 4, what="four records")
+    got = [(x["command"], x["keys"], x["db"], x["client_name"]) for x in query(p.dir, "--since", t0)]
+    assert got == [("set", ["p1"], 0, "n1"), ("set", ["p2"], 3, "n1"), ("del", ["p2"], 3, "n2"),
+                   ("set", ["p3"], 0, "n2")]

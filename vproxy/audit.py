@@ -75,10 +75,11 @@ class _Picked:
 class Entry:
     """A recorded request between dispatch and its reply."""
 
-    __slots__ = ("args", "batch", "db", "idx", "name", "size", "start", "target")
+    __slots__ = ("args", "batch", "client", "db", "idx", "name", "size", "start", "target")
 
-    def __init__(self, batch, idx, name, args, size, db):
-        self.batch, self.idx, self.name, self.args, self.size, self.db = batch, idx, name, args, size, db
+    def __init__(self, batch, idx, name, args, size, s):
+        self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
+        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver)  # as they are for this request
         self.start = time()
         self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
 
@@ -115,6 +116,53 @@ class Audited:
             elif e.batch is batch or e.batch is self.batch:
                 keep.append(e)
         self.audits[:] = keep
+
+
+class AuditTrack:
+    """Standalone mode: an outbox's `track` (the interface of cmdstats.Track, which it wraps) that
+    records the plain path's requests: each plain request as it is sent (add), its reply as it is
+    written (written), in order. So recorded commands keep the plain path there; in the HA and
+    cluster modes (replies held and recovered, a node per request) they take the batch path."""
+
+    __slots__ = ("audit", "entries", "inner", "session", "table")
+
+    def __init__(self, audit, session, inner):
+        self.audit, self.session, self.inner, self.table = audit, session, inner, audit.table
+        self.entries: deque = deque()  # per plain request in flight: its Entry, or None (not recorded)
+
+    def start(self, t0: float) -> None:
+        if self.inner is not None:
+            self.inner.start(t0)
+
+    def add(self, req: tuple) -> None:
+        if self.inner is not None:
+            self.inner.add(req)
+        args = req[0]
+        name = args[0].lower()
+        s = self.session
+        if not self.audit.on or name not in self.table.audit_names or not self.table.audits(name, args):
+            self.entries.append(None)
+            return
+        e = Entry(None, -1, name, args, len(req[1]), s)
+        ch = s.cur  # the plain channel this request was just sent on
+        e.target = ch.pool.addr if ch is not None and ch.pool is not None else None
+        self.entries.append(e)
+
+    def written(self, frames: list) -> None:
+        if self.inner is not None:
+            self.inner.written(frames)
+        entries, audit, s = self.entries, self.audit, self.session
+        for f in frames:
+            if not entries:
+                return
+            e = entries.popleft()
+            if e is not None:
+                audit.finish(s, e, f)
+
+    def drop(self, n: int) -> list:
+        for _ in range(min(n, len(self.entries))):
+            self.entries.popleft()
+        return self.inner.drop(n) if self.inner is not None else []
 
 
 class Audit:
@@ -163,7 +211,7 @@ class Audit:
             self.started = True
             _start_thread(self._run, ())
         self.on = True
-        self.table.select_audit(frozenset(self.classes))
+        self.table.select_audit(frozenset(self.classes), gate=self.cfg.mode != "standalone")
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
@@ -201,7 +249,7 @@ class Audit:
         name = args[0].lower()
         if not self.table.audits(name, args):
             return None
-        return Entry(batch, idx, name, args, len(raw), s.db)
+        return Entry(batch, idx, name, args, len(raw), s)
 
     def finish(self, s, e: Entry, reply) -> None:
         """The reply is known (None: streamed to the client): make the record and queue it. The
@@ -219,7 +267,7 @@ class Audit:
         else:
             outcome, err = "ok", None
         args = e.args if e.size <= SMALL else self._picked(e.name, e.args)
-        self.put((e.start, s.id, s.addr, s.name, s.lib_name, s.lib_ver, e.db, e.name, args, e.size, target,
+        self.put((e.start, s.id, s.addr, *e.client, e.db, e.name, args, e.size, target,
                   max(us, 0), outcome, err))
 
     def _picked(self, name: bytes, args: list):

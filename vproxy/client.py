@@ -32,7 +32,7 @@ from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .cmdstats import Track
 from .outbox import Outbox
-from .audit import Audited
+from .audit import Audited, AuditTrack
 from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
 
@@ -113,6 +113,8 @@ class ClientSession(PlainPath, Audited):
             self.outbox.on_stuck = self._outbox_stuck
         if app.cmdstats.enabled:
             self.outbox.track = Track(app.cmdstats, self)
+        if app.audit.dir and self.HOLD is None:  # standalone: the plain path records (audit.py)
+            self.outbox.track = AuditTrack(app.audit, self, self.outbox.track)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
 

@@ -76,7 +76,9 @@ class CommandTable:
         self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
         self._plain: dict[bytes, tuple[int, bool]] = {}  # name -> (arity, may take the plain path)
         self.audit_select: frozenset | None = None  # audit on: the classes and names selected
-        self.audited: frozenset | _Everything = frozenset()  # names the audit records (never plain)
+        self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
+        self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
+        self.audit_gate = True
         self._audits: dict = {}  # (name, subcommand) -> recorded?
 
     def get(self, name: bytes) -> Command | None:
@@ -152,25 +154,29 @@ class CommandTable:
             return frozenset().union(_classes(cmd, name), *(_classes(c, name) for c in cmd.subs.values()))
         return _classes(cmd, name)
 
-    def select_audit(self, select: frozenset | None) -> None:
-        """Record the requests of these classes and names (None: audit off)."""
+    def select_audit(self, select: frozenset | None, gate: bool | None = None) -> None:
+        """Record the requests of these classes and names (None: audit off). gate: the recorded
+        names are kept off the plain path (`audited`); False when the plain path records them
+        itself (standalone: audit.AuditTrack). None: as before."""
         self.audit_select = select
+        if gate is not None:
+            self.audit_gate = gate
         if not select:
-            audited = frozenset()
+            names = frozenset()
         elif "all" in select:
-            audited = _Everything()
+            names = _Everything()
         else:
-            names = {n.encode().split(b"|")[0] for n in select if n not in AUDIT_CLASSES}
-            audited = frozenset(names | {n for n in [*self.commands, *_OWN_CLASSES]
-                                         if self.classes_of(n) & select})
-        self.audited = audited
+            named = {n.encode().split(b"|")[0] for n in select if n not in AUDIT_CLASSES}
+            names = frozenset(named | {n for n in [*self.commands, *_OWN_CLASSES] if self.classes_of(n) & select})
+        self.audit_names = names
+        self.audited = names if self.audit_gate else frozenset()
         self._plain.clear()
         self._audits.clear()
         self.derived.clear()
 
     def audits(self, name: bytes, args: list) -> bool:
         """Whether this request is recorded (its subcommand decides for a container command)."""
-        if name not in self.audited:
+        if name not in self.audit_names:
             return False
         sub = self.subcommand(name, args)
         key = (name, sub)
