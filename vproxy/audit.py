@@ -143,10 +143,10 @@ class AuditTrack:
         if not self.audit.on or name not in self.table.audit_names or not self.table.audits(name, args):
             self.entries.append(None)
             return
-        e = Entry(None, -1, name, args, len(req[1]), s)
         ch = s.cur  # the plain channel this request was just sent on
-        e.target = ch.pool.addr if ch is not None and ch.pool is not None else None
-        self.entries.append(e)
+        # a tuple, not an Entry: this runs per plain request recorded
+        self.entries.append((time(), name, args, len(req[1]), s.db, s.name, s.lib_name, s.lib_ver,
+                             ch.pool.addr if ch is not None and ch.pool is not None else None))
 
     def written(self, frames: list) -> None:
         if self.inner is not None:
@@ -157,7 +157,7 @@ class AuditTrack:
                 return
             e = entries.popleft()
             if e is not None:
-                audit.finish(s, e, f)
+                audit.finish_plain(s, e, f)
 
     def drop(self, n: int) -> list:
         for _ in range(min(n, len(self.entries))):
@@ -269,6 +269,17 @@ class Audit:
         args = e.args if e.size <= SMALL else self._picked(e.name, e.args)
         self.put((e.start, s.id, s.addr, *e.client, e.db, e.name, args, e.size, target,
                   max(us, 0), outcome, err))
+
+    def finish_plain(self, s, e: tuple, reply: bytes) -> None:
+        """finish() of a plain request (AuditTrack): the reply came from its backend."""
+        start, name, args, size, db, cname, lib, ver, target = e
+        c = reply[:1]
+        if c == b"-" or c == b"!":
+            outcome, err = "error", _error_code(reply)
+        else:
+            outcome, err = "ok", None
+        self.put((start, s.id, s.addr, cname, lib, ver, db, name, args if size <= SMALL else self._picked(name, args),
+                  size, target, max(int((time() - start) * 1e6), 0), outcome, err))
 
     def _picked(self, name: bytes, args: list):
         """(subcommand, keys, values): what a record needs of the arguments."""
@@ -434,7 +445,17 @@ class Audit:
         """One record as a JSON line (by hand, with the client's part cached: ~4x faster than
         json.dumps of a dict)."""
         start, cid, addr, cname, lib, ver, db, name, args, size, target, us, outcome, err = r
-        picked = args if type(args) is _Picked else self._picked(name, args)
+        if type(args) is _Picked:
+            keys, sub, argc, values = args.keys, args.sub, args.argc, args.values
+        else:
+            spec = self._specs.get(name)
+            if spec is not None and spec[1] is not None and not self.values and spec[0] is self.table.get(name):
+                first, last, step = spec[1]  # the common case, inline: a fixed key range
+                keys, sub, argc, values = args[first:len(args) + last + 1 if last < 0 else last + 1:step], None, \
+                    len(args), None
+            else:
+                picked = self._picked(name, args)
+                keys, sub, argc, values = picked.keys, picked.sub, picked.argc, picked.values
         sec = int(start)
         day = self._day
         if day[0] != sec:
@@ -449,10 +470,11 @@ class Audit:
                 f'"user":"default","db":{db}')
         secret = self.secret
         if secret is not None:
-            ks = ",".join(f'"{key_hash(secret, k)}"' for k in picked.keys)
+            ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
+        elif len(keys) == 1:
+            ks = _js(keys[0].decode("utf-8", "backslashreplace"))
         else:
-            ks = ",".join(_js(_text(k)) for k in picked.keys)
-        sub = picked.sub
+            ks = ",".join(_js(_text(k)) for k in keys)
         cmd = self._names.get(name)
         if cmd is None:
             cmd = self._names[name] = _js(_text(name))
@@ -464,12 +486,14 @@ class Audit:
                 self._names.clear()
         line = (f'{{"ts":"{day[1]}.{int((start - sec) * 1e6):06d}Z",{who},'
                 f'"command":{cmd},"subcommand":{_js(_text(sub)) if sub else "null"},'
-                f'"keys":[{ks}],"argc":{picked.argc},"bytes":{size},"backend":{backend},'
+                f'"keys":[{ks}],"argc":{argc},"bytes":{size},"backend":{backend},'
                 f'"latency_us":{us},"outcome":"{outcome}","error":{_js(err) if err else "null"}')
+        if secret is None and values is None:
+            return line + "}\n"
         if secret is not None:
             line += ',"keys_hashed":true'
-        if picked.values is not None:
-            line += ',"args":[' + ",".join(_js(_text(v)) for v in picked.values) + "]"
+        if values is not None:
+            line += ',"args":[' + ",".join(_js(_text(v)) for v in values) + "]"
         return line + "}\n"
 
 
