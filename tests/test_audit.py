@@ -171,6 +171,8 @@ def test_scripted_session_and_every_filter(audited, valkey):
     assert top[:2] == ["3", "SET"]
     assert "billing" in summary and "reports" in summary and "a:1" in summary
     assert "latency per command (ms)" in summary and "requests per minute" in summary and "█" in summary
+    stats = p.client().info("proxy_commandstats")  # the statistics still count what the audit records
+    assert stats["cmdstat_set"]["calls"] == 2 and stats["cmdstat_set"]["rejected_calls"] == 1
 
 
 def test_reads_are_recorded_when_selected_and_turned_on_at_run_time(audited, valkey):
