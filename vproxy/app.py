@@ -49,8 +49,10 @@ class App:
         self.serving = Event()  # set once clients may be served (see start)
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
-        self.admin = None
+        self.admin = self.fleet = self.peer_listener = None
         try:
+            if cfg.fleet:
+                self._join_fleet()
             if cfg.admin_listen:
                 from .metrics import AdminServer
                 self.admin = AdminServer(self, cfg.admin_listen)
@@ -59,6 +61,8 @@ class App:
             self.listener.close()
             if self.admin is not None:
                 self.admin.stop()
+            if self.peer_listener is not None:
+                self.peer_listener.close()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
         self.monitor = _monitor_for(cfg.mode)(self)
@@ -68,6 +72,19 @@ class App:
         elif self.router.ha:
             from .client import HASession
             self.listener.session_class = HASession
+        if self.peer_listener is not None:
+            self.peer_listener.session_class = self.listener.session_class
+
+    def _join_fleet(self) -> None:
+        """fleet = true: a listener for the peers' questions and the heartbeats (fleet.py)."""
+        import random
+
+        from .fleet import Fleet, advertised_host
+        cfg = self.cfg
+        host, port = parse_addr(cfg.fleet_listen) if cfg.fleet_listen else (parse_addr(cfg.listen)[0], 0)
+        self.peer_listener = Listener(self, (host, port))
+        self.fleet = Fleet(self, (advertised_host(host), self.peer_listener.address[1]))
+        client.first_id(1 + (random.randrange(1, 1 << 30) << 24))  # client ids unique across the fleet
 
     def _first_key(self, name: bytes) -> int:
         """The position of a command's first key (0: none), for PROXY HOTKEYS and BIGKEYS."""
@@ -105,6 +122,9 @@ class App:
         self.listener.start()
         if self.admin is not None:
             self.admin.start()
+        if self.fleet is not None:
+            self.peer_listener.start()
+            self.fleet.start()
         logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
 
     def _serve_anyway(self) -> None:
@@ -166,6 +186,9 @@ class App:
         then close everything. /readyz says 503 meanwhile."""
         self.draining = True
         self.listener.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.peer_listener.stop()
         deadline = monotonic() + (self.cfg.drain_timeout if drain is None else drain)
         while self.clients and monotonic() < deadline:
             for s in list(self.clients.values()):

@@ -77,6 +77,7 @@ class ClientSession(PlainPath):
     """One client connection (runs in its own greenlet)."""
 
     HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
+    peer = False  # a fleet peer's question (fleet.py), not a client: CLIENT LIST leaves it out
 
     def __init__(self, app, sock: socket.socket, addr):
         self.app, self.sock, self.addr = app, sock, addr

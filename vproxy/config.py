@@ -161,6 +161,13 @@ SETTINGS: tuple[Setting, ...] = (
             check=_workers),
     Setting("worker_index", int, -1, "Set by the supervisor for each worker (0 .. workers-1); -1: not a "
             "worker. Not for hand use."),
+    Setting("fleet", bool, False, "Find the other vproxy nodes and workers in front of the same backend "
+            "(a heartbeat on its pub/sub channel __vproxy__:fleet): CLIENT LIST and CLIENT KILL cover them "
+            "all, PROXY NODES lists them (docs/operations.md)."),
+    Setting("fleet_interval", float, 1.0, "Seconds between fleet heartbeats; a node silent for three "
+            "intervals has left.", check=_positive, reloadable=True),
+    Setting("fleet_listen", str, "", "HOST:PORT where this node answers its peers (RESP). Empty: the "
+            "listen host, a free port.", check=lambda v: (parse_addr(v) and v) if v else v),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
             "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
 )

@@ -80,8 +80,12 @@ class Fleet:
     def heartbeat(self) -> dict:
         app = self.app
         return {"id": self.node_id, "addr": f"{self.address[0]}:{self.address[1]}", "name": self.name,
-                "version": __version__, "uptime": int(monotonic() - app.started), "clients": len(app.clients),
+                "version": __version__, "uptime": int(monotonic() - app.started), "clients": self.clients(),
                 "commands": app.stats.commands, "at": time()}
+
+    def clients(self) -> int:
+        """This process's clients (the peers' questions are not clients)."""
+        return sum(1 for s in list(self.app.clients.values()) if not s.peer)
 
     def _backend(self) -> BackendConn:
         addr = self.app.router.topology.primary

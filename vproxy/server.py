@@ -19,12 +19,15 @@ JANITOR_PERIOD = 0.1
 class Listener:
     """Accepts clients and runs one ClientSession greenlet each."""
 
-    def __init__(self, app):
+    def __init__(self, app, address: tuple[str, int] | None = None):
+        """address: another listener than the client one (the fleet's peer listener)."""
         self.app = app
         # workers (workers.py) share the port: the kernel spreads connections over them
-        sock = _bound(*parse_addr(app.cfg.listen), reuse_port=app.cfg.worker_index >= 0)
+        sock = _bound(*address, reuse_port=False) if address else \
+            _bound(*parse_addr(app.cfg.listen), reuse_port=app.cfg.worker_index >= 0)
         self.server = StreamServer(sock, self.handle)
         self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
+        self.peers_only = address is not None  # the fleet's peer listener: its sessions are not clients
         self.address = sock.getsockname()[:2]
 
     def start(self) -> None:
@@ -49,6 +52,7 @@ class Listener:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.session_class(app, sock, addr)
+        session.peer = self.peers_only
         app.clients[session.id] = session
         # Accepted (and listed) at once, served once the command table is read or startup_wait has
         # passed: a request routed with the built-in table could be answered differently.
