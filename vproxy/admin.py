@@ -8,6 +8,7 @@ from time import monotonic, time
 
 from . import __version__, resp
 from . import errors as E
+from .users import user_name
 
 
 def _fmt_addr(addr) -> str:
@@ -87,7 +88,7 @@ def client_line(s) -> str:
         f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
         f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
-        f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
+        f"events=r cmd={s.last_cmd.decode(errors='replace')} user={user_name(s)} redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"
     )
 

@@ -33,6 +33,7 @@ from .mux.lease import Lease
 from .outbox import Outbox
 from .plain import STUCK, PlainPath
 from .sockio import recv_ready, send_all
+from .users import DRYRUN, dryrun
 
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
@@ -73,6 +74,7 @@ class ClientSession(PlainPath):
         cfg = app.cfg
         self.id = next(_ids)
         self.db, self.proto = 0, 2
+        self.user = None  # Credentials of the backend user this client authenticated as (users.py)
         self.name = self.lib_name = self.lib_ver = b""
         self.created = time()
         self.last_active = monotonic()
@@ -324,6 +326,11 @@ class ClientSession(PlainPath):
         if policy is C.FORWARD:
             self.forward(i, raw, batch, name, args)
         elif policy is C.LOCAL:
+            if self.user is not None and name in DRYRUN:  # a client's own user: the server's ACL first
+                err = dryrun(self, args)
+                if err is not None:
+                    batch.replies[i] = err
+                    return
             LOCAL[name](self, i, args, raw, batch)
         elif policy is C.PIN:
             self.pin(i, name, raw, batch)
@@ -336,8 +343,9 @@ class ClientSession(PlainPath):
         else:
             batch.replies[i] = resp.error(E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
 
-    def key(self) -> tuple[int, int]:
-        return (self.db, self.proto)
+    def key(self) -> tuple:
+        """Which connections may carry this client's requests: (database, protocol, backend user)."""
+        return (self.db, self.proto, self.user)
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
         """Run on the client's lease if it holds one, else on a shared channel the router picks."""
@@ -346,16 +354,16 @@ class ClientSession(PlainPath):
         pool = None
         try:
             pool = self.app.router.pool_for(name, args, self)
-            ch = self.cur
-            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != (self.db, self.proto):
+            ch, key = self.cur, self.key()
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
                 self.settle()
                 if self.closing:  # the client left while a pinned request waited: nothing more runs
                     return
-                ch = self.cur = pool.channel((self.db, self.proto))
+                ch = self.cur = pool.channel(key)
         except BackendError as e:
             batch.unsent(i, resp.error(str(e)))
             if self.ha_sent is not None and pool is not None:  # HA: not sent; retried in settle
-                self.ha_sent.append((i, raw, name, args, (self.db, self.proto), pool))
+                self.ha_sent.append((i, raw, name, args, self.key(), pool))
             return
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
         if self.ha_sent is not None:
@@ -442,7 +450,7 @@ class ClientSession(PlainPath):
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         ch = self.oneshot.channel if self.oneshot is not None else None
-        if ch is None or ch.closed or ch.key != (self.db, self.proto):  # SELECT/HELLO since: a new one
+        if ch is None or ch.closed or ch.key != self.key():  # SELECT/HELLO/AUTH since: a new one
             lease = self._new_lease(i, batch)
             if lease is None:
                 return
@@ -462,7 +470,7 @@ class ClientSession(PlainPath):
         except BackendError as e:
             batch.replies[i] = resp.error(str(e))
             return
-        busy.kill(addr, self.app.cfg, raw, batch, i)
+        busy.kill(addr, self.app.cfg, raw, batch, i, self.user)
 
     # ---- streams: pub/sub, MONITOR, CLIENT TRACKING, CLIENT REPLY OFF|SKIP ----
 

@@ -317,7 +317,7 @@ class ClusterSession(ClientSession):
             sub = Sub(sb, len(sb.replies), raw, -1, b"kill")
             sb.replies.append(None)
             subs.append(sub)
-            busy.kill(addr, self.app.cfg, raw, sb, sub.idx)
+            busy.kill(addr, self.app.cfg, raw, sb, sub.idx, self.user)
         if not subs:
             batch.replies[i] = fanout.NO_MAP
             return
@@ -473,8 +473,8 @@ class ClusterSession(ClientSession):
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         txn.queue(self, i, name, args, raw, batch)
 
-    def key(self) -> tuple[int, int]:
-        return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto)
+    def key(self) -> tuple:
+        return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto, self.user)
 
 
     # ---- shard channels: SSUBSCRIBE follows slot moves and failovers ----

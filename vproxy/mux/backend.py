@@ -11,6 +11,36 @@ from ..errors import BackendError
 from ..sockio import close_quietly, recv_ready, send_all
 
 
+class Credentials:
+    """A backend ACL user and its password (bytes, as the client sent them): part of a connection's
+    key, so that connections made for one user never serve another. The password is never shown
+    (repr, logs, errors)."""
+
+    __slots__ = ("_hash", "password", "user")
+
+    def __init__(self, user: bytes, password: bytes):
+        self.user, self.password = user, password
+        self._hash = hash((user, password))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Credentials) and self.user == other.user and self.password == other.password
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"<user {self.user.decode(errors='replace')}>"
+
+
+class AuthError(BackendError):
+    """The backend refused a connection's credentials (AUTH, HELLO) or their rights (SELECT) in the
+    handshake; `frame` is its error reply."""
+
+    def __init__(self, msg: str, frame: bytes):
+        super().__init__(msg)
+        self.frame = frame
+
+
 class BackendConn:
     """A connected, handshaken socket to one backend server, speaking RESP `proto` on database `db`."""
 
@@ -55,10 +85,16 @@ class BackendConn:
         if frames[-1][:1] == b":":
             self.backend_id = int(frames[-1][1:-2])
         for step, frame in zip(steps, frames):
-            # Redis 7 answers CLIENT SETNAME/ID with -BUSY while a script runs; neither is essential,
-            # and this connection may be the one a SCRIPT KILL needs.
-            if frame[:1] == b"-" and not (step[1:2] in ([b"SETNAME"], [b"ID"]) and frame.startswith(b"-BUSY")):
-                raise BackendError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}")
+            if frame[:1] != b"-":
+                continue
+            # CLIENT SETNAME/ID are not essential: Redis 7 answers them -BUSY while a script runs (and
+            # this connection may be the one a SCRIPT KILL needs); a client's ACL user may lack them.
+            if step[1:2] in ([b"SETNAME"], [b"ID"]) and frame.startswith((b"-BUSY", b"-NOPERM")):
+                continue
+            why = f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}"
+            if step[0] in (b"AUTH", b"HELLO", b"SELECT"):  # the credentials or their rights: refused
+                raise AuthError(why, frame)
+            raise BackendError(why)
 
     def send(self, data: bytes) -> None:
         send_all(self.sock, data)
@@ -103,11 +139,16 @@ class BackendConn:
 def auth_steps(proto: int, username: str, password: str) -> list[list[bytes]]:
     """The requests that authenticate a new connection and set its protocol (none for RESP2 without
     a password). AUTH and HELLO are among the few commands a server busy with a script still runs."""
+    username, password = _b(username), _b(password)
     if proto == 3:
         hello = [b"HELLO", b"3"]
         if password:
-            hello += [b"AUTH", (username or "default").encode(), password.encode()]
+            hello += [b"AUTH", username or b"default", password]
         return [hello]
     if password:
-        return [[b"AUTH", username.encode(), password.encode()] if username else [b"AUTH", password.encode()]]
+        return [[b"AUTH", username, password] if username else [b"AUTH", password]]
     return []
+
+
+def _b(text) -> bytes:
+    return text if isinstance(text, bytes) else text.encode()

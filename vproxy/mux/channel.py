@@ -21,7 +21,7 @@ from gevent.hub import Waiter, get_hub
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
-from .backend import BackendConn
+from .backend import AuthError, BackendConn, Credentials
 
 # What Batch.lost says of a request whose connection failed: False, never sent (safe to send again);
 # True, sent and the connection lost (the server may have run it); TIMED_OUT, sent and no reply
@@ -192,12 +192,20 @@ class Channel:
 
     def _connect(self) -> None:
         cfg = self.pool.cfg
+        user = self.key[2] if len(self.key) > 2 else None
         try:
-            self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+            if isinstance(user, Credentials):  # a client's own backend user (AUTH through vproxy)
+                self.conn.connect(cfg.connect_timeout, user.user, user.password)
+            else:
+                self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+        except AuthError as e:
+            if isinstance(user, Credentials):  # that user's trouble (deleted, new password), not the node's:
+                self.abort(e.frame[1:-2].decode(errors="replace"), False)  # the server's words
+                return
+            self._connect_failed(e)
+            return
         except BackendError as e:
-            if not self.closed:  # closed by vproxy mid-handshake: not the backend's failure
-                self.pool.connect_failed(str(e))
-            self.abort(backend_unavailable(self.conn.name, str(e)))
+            self._connect_failed(e)
             return
         if self.closed:  # closed while the socket was being opened: abort() could not close it
             self.conn.close()
@@ -212,6 +220,11 @@ class Channel:
         if self.outbuf:
             self.flushing = True
             self._flush()
+
+    def _connect_failed(self, e: BackendError) -> None:
+        if not self.closed:  # closed by vproxy mid-handshake: not the backend's failure
+            self.pool.connect_failed(str(e))
+        self.abort(backend_unavailable(self.conn.name, str(e)))
 
     # ---- reading ----
 

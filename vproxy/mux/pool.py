@@ -15,10 +15,17 @@ from time import monotonic
 
 from loguru import logger
 
+from .. import resp
 from ..errors import BackendError, backend_unavailable
 from ..ratelog import RateLog
 from .busy import BusyProbe
-from .channel import Channel
+from .channel import Batch, Channel, deadline_after
+
+# The keys of the connections that check clients' AUTH requests (opened with vproxy's own
+# credentials: any connection may run AUTH, a failed one changes nothing, a good one makes it that
+# user's) and ask ACL DRYRUN (vproxy's own user throughout).
+AUTH_CHECK = (0, 2, "auth-check")
+ACL_CHECK = (0, 2, "acl-check")
 
 
 class PinLimitError(BackendError):
@@ -64,6 +71,23 @@ class NodePool:
             chans.append(ch)
             return ch
         return min(chans, key=_load)
+
+    def check(self, request: list, key: tuple = AUTH_CHECK) -> bytes:
+        """The server's reply to `request` (AUTH user pass, AUTH pass; ACL DRYRUN with ACL_CHECK) on a
+        check connection; sent once more if that connection was lost first (the server kills the
+        connections of a user it deletes, and an AUTH check connection is authenticated as the last
+        user it checked). Raises BackendError when the node cannot be reached."""
+        raw = resp.encode_request(request)
+        batch = self._ask(raw, key)
+        if batch.lost:
+            batch = self._ask(raw, key)
+        return batch.replies[0]
+
+    def _ask(self, raw: bytes, key: tuple) -> Batch:
+        batch = Batch(1)
+        self.channel(key).submit(raw, batch, 0, deadline_after(self.cfg.command_timeout))
+        batch.wait()
+        return batch
 
     def lease(self, key: tuple[int, int]) -> Channel:
         """A connection for one client alone: a clean idle one, or a new one."""

@@ -1,0 +1,213 @@
+"""The backend's own ACL users through vproxy (no proxy `password`): AUTH and HELLO AUTH are the
+server's business, and a session runs with its user's rights, never another's. Every reply is
+compared byte for byte with the same requests on a direct connection to the server."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from conftest import RawClient, wait_for
+
+E = RawClient.encode
+
+# reader: may read app:* keys and nothing else; writer: everything on app:*, no dangerous commands
+USERS = {
+    "reader": ["on", ">rpass", "~app:*", "&news", "-@all", "+get", "+mget", "+ping", "+acl|whoami", "+blpop",
+               "+subscribe", "+multi", "+exec", "+client|id", "+info"],
+    "writer": ["on", ">wpass", "~app:*", "&*", "+@all", "-@dangerous"],
+}
+
+
+@pytest.fixture
+def users(server):
+    """The test users, created on the backend; deleted afterwards (with any a test adds)."""
+    admin = server.client()
+    admin.flushall()
+    for name, rules in USERS.items():
+        admin.execute_command("ACL", "SETUSER", name, "reset", *rules)
+    yield admin
+    for name in admin.execute_command("ACL", "USERS"):
+        if name != b"default":
+            admin.execute_command("ACL", "DELUSER", name)
+    admin.close()
+
+
+def both(proxy, server, *requests) -> tuple[list, list]:
+    """The replies to the same requests (tuples), one at a time, via the proxy and directly."""
+    out = []
+    for port in (proxy.port, server.port):
+        with RawClient(port) as c:
+            out.append([c.call(*r) for r in requests])
+    return out[0], out[1]
+
+
+def same(proxy, server, *requests) -> list:
+    via, direct = both(proxy, server, *requests)
+    assert via == direct
+    return via
+
+
+def test_wrong_user_or_password_is_refused_as_by_the_server(proxy, server, users):
+    got = same(proxy, server, ("AUTH", "nosuchuser", "wrong"), ("AUTH", "reader", "wrong"),
+               ("AUTH", "justapassword"), ("ACL", "WHOAMI"))
+    assert got[0].startswith(b"-WRONGPASS")
+    assert got[2].startswith(b"-ERR AUTH <password> called without any password")  # default: nopass
+    assert got[3] == b"$7\r\ndefault\r\n"
+
+
+def test_session_runs_with_its_users_rights(proxy, server, users):
+    server.client().set("app:1", "v")
+    server.client().set("other", "x")
+    got = same(proxy, server, ("AUTH", "reader", "rpass"), ("ACL", "WHOAMI"), ("GET", "app:1"),
+               ("GET", "other"), ("SET", "app:1", "w"), ("MONITOR",), ("CONFIG", "GET", "maxmemory"),
+               ("FLUSHALL",), ("SCRIPT", "KILL"), ("GET", "app:1"))
+    assert got[:3] == [b"+OK\r\n", b"$6\r\nreader\r\n", b"$1\r\nv\r\n"]
+    assert all(r.startswith(b"-NOPERM") for r in got[3:9]), got
+    assert server.client().get("app:1") == b"v"  # the denied SET did not run with vproxy's rights
+
+
+def test_hello_3_auth_with_redis_py(proxy, server, users):
+    server.client().set("app:k", "1")
+    for port in (proxy.port, server.port):
+        c = redis.Redis(port=port, protocol=3, username="writer", password="wpass", socket_timeout=10)
+        try:
+            assert c.acl_whoami() == b"writer"
+            assert c.incr("app:k") in (2, 3)
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                c.set("elsewhere", "1")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                c.flushall()
+        finally:
+            c.close()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=proxy.port, protocol=3, username="writer", password="nope").ping()
+    same(proxy, server, ("HELLO", "3", "AUTH", "writer", "nope"), ("HELLO", "2", "AUTH", "nouser", "x", "SETNAME", "n"))
+    if server.kind == "valkey":  # Valkey checks the name before the password (Redis 7.0 after)
+        same(proxy, server, ("HELLO", "2", "AUTH", "nouser", "x", "SETNAME", "a b"))
+
+
+def test_many_users_at_once_never_borrow_each_others_rights(proxy, server, users):
+    """Interleaved pipelines of two users and an unauthenticated client over the same proxy: each
+    reply is what its own user may do."""
+    server.client().set("app:x", "1")
+    r, w, anon = (RawClient(proxy.port) for _ in range(3))
+    try:
+        assert r.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+        assert w.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+        for n in range(50):
+            r.send(E("SET", "app:x", n) + E("GET", "app:x") + E("ACL", "WHOAMI"))
+            w.send(E("INCR", "app:x") + E("ACL", "WHOAMI"))
+            anon.send(E("SET", "free", n) + E("ACL", "WHOAMI"))
+            rr, ww, aa = r.read_n(3), w.read_n(2), anon.read_n(2)
+            assert rr[0].startswith(b"-NOPERM") and rr[2] == b"$6\r\nreader\r\n"
+            assert ww[0].startswith(b":") and ww[1] == b"$6\r\nwriter\r\n"
+            assert aa == [b"+OK\r\n", b"$7\r\ndefault\r\n"]
+    finally:
+        for c in (r, w, anon):
+            c.close()
+
+
+def test_pinned_connections_run_as_the_user(proxy, server, users):
+    """MULTI/EXEC, a blocking command and SUBSCRIBE take pinned connections: the same user's."""
+    same(proxy, server, ("AUTH", "reader", "rpass"), ("MULTI",), ("GET", "app:1"), ("SET", "app:1", "x"),
+         ("EXEC",))
+    same(proxy, server, ("AUTH", "reader", "rpass"), ("BLPOP", "other", "0.01"), ("BLPOP", "app:q", "0.01"))
+    same(proxy, server, ("AUTH", "reader", "rpass"), ("SUBSCRIBE", "secret"))
+    same(proxy, server, ("AUTH", "writer", "wpass"), ("WATCH", "app:w"), ("ACL", "WHOAMI"), ("MULTI",),
+         ("SET", "app:w", "1"), ("CONFIG", "SET", "maxmemory", "0"), ("EXEC",))
+
+
+def test_subscription_as_user(proxy, server, users):
+    for port in (proxy.port, server.port):
+        c = RawClient(port)
+        try:
+            assert c.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+            assert c.call("SUBSCRIBE", "news") == b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+            wait_for(lambda: server.client().publish("news", "hi") == 1, what="the subscription")
+            assert c.read() == b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+        finally:
+            c.close()
+
+
+def test_failed_auth_keeps_the_user_and_reset_drops_it(proxy, server, users):
+    got = same(proxy, server, ("AUTH", "writer", "wpass"), ("AUTH", "reader", "bad"), ("ACL", "WHOAMI"),
+               ("RESET",), ("ACL", "WHOAMI"), ("AUTH", "reader", "rpass"), ("ACL", "WHOAMI"))
+    assert got[2] == b"$6\r\nwriter\r\n" and got[4] == b"$7\r\ndefault\r\n" and got[6] == b"$6\r\nreader\r\n"
+
+
+def test_users_made_and_deleted_at_run_time(proxy, server, users):
+    """ACL SETUSER through vproxy works at once; a deleted user's session gets the server's error."""
+    admin = RawClient(proxy.port)
+    c = RawClient(proxy.port)
+    try:
+        assert admin.call("ACL", "SETUSER", "late", "on", ">lpass", "~*", "+@all") == b"+OK\r\n"
+        assert c.call("AUTH", "late", "lpass") == b"+OK\r\n"
+        assert c.call("SET", "k", "1") == b"+OK\r\n"
+        assert c.call("ACL", "WHOAMI") == b"$4\r\nlate\r\n"
+        assert admin.call("ACL", "DELUSER", "late") == b":1\r\n"
+        # the server closes the deleted user's connections; new ones are refused with its words
+        reply = wait_for(lambda: (lambda f: f if f.startswith(b"-WRONGPASS") else None)(c.call("GET", "k")),
+                         what="the deleted user's requests to be refused")
+        assert reply == b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+        assert admin.call("PING") == b"+PONG\r\n"  # the node is not marked down for everyone else
+    finally:
+        admin.close()
+        c.close()
+
+
+def test_commands_vproxy_answers_are_checked_against_the_users_rights(proxy, server, users):
+    """SELECT, CLIENT ..., INFO are answered (or partly answered) by vproxy: a restricted user gets
+    the server's NOPERM for them, as directly; allowed ones still work."""
+    got = same(proxy, server, ("AUTH", "reader", "rpass"), ("CLIENT", "KILL", "ID", "99999"), ("CLIENT", "LIST"),
+               ("CLIENT", "SETNAME", "x"), ("SELECT", "1"), ("SELECT", "nonsense"), ("UNSUBSCRIBE", "a"))
+    assert all(r.startswith(b"-NOPERM") for r in got[1:]), got
+    with RawClient(proxy.port) as c:
+        assert c.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+        assert c.call("CLIENT", "ID").startswith(b":")
+        assert c.call("INFO", "proxy").startswith(b"$")
+    same(proxy, server, ("AUTH", "writer", "wpass"), ("SELECT", "3"), ("SET", "app:db3", "1"), ("SELECT", "99"),
+         ("GET", "app:db3"), ("SELECT", "0"), ("EXISTS", "app:db3"), ("CLIENT", "SETNAME", "w"), ("CLIENT", "GETNAME"))
+
+
+def test_client_list_shows_the_user(proxy, server, users):
+    c = RawClient(proxy.port)
+    try:
+        assert c.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+        line = c.call("CLIENT", "INFO")
+        assert b" user=writer " in line
+    finally:
+        c.close()
+
+
+def test_proxy_password_keeps_vproxy_the_gate(server, users, start_password_proxy):
+    """With a proxy `password`, AUTH is checked by vproxy alone, as before (no backend users)."""
+    p = start_password_proxy("sekret", "--backend", server.addr)
+    with RawClient(p.port) as c:
+        assert c.call("GET", "x") == b"-NOAUTH Authentication required.\r\n"
+        assert c.call("AUTH", "reader", "rpass").startswith(b"-WRONGPASS")
+        assert c.call("AUTH", "sekret") == b"+OK\r\n"
+        assert c.call("ACL", "WHOAMI") == b"$7\r\ndefault\r\n"
+
+
+def test_backend_user_of_vproxy_and_passwords_never_logged(server, users, start_proxy, tmp_path):
+    """vproxy's own backend user serves clients that never authenticate; no password (vproxy's or a
+    client's) appears in its log, even at DEBUG, even after a failed AUTH and a deleted user."""
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "vproxy", "on", ">vpxsecret", "~*", "&*", "+@all")
+    log = tmp_path / "vproxy.log"
+    p = start_proxy("--backend", server.addr, "--backend-username", "vproxy", "--backend-password", "vpxsecret",
+                    "--log-level", "DEBUG", log_path=log)
+    with RawClient(p.port) as c:
+        assert c.call("ACL", "WHOAMI") == b"$6\r\nvproxy\r\n"
+        assert c.call("AUTH", "reader", "rpassWRONG").startswith(b"-WRONGPASS")
+        assert c.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+        assert c.call("CLIENT", "INFO").startswith(b"-NOPERM")
+        listed = p.client().client_list()
+        assert sorted(x["user"] for x in listed) == ["reader", "vproxy"]
+        admin.execute_command("ACL", "DELUSER", "reader")
+        wait_for(lambda: c.call("GET", "app:1").startswith(b"-WRONGPASS"), what="the deleted user refused")
+        assert c.call("PROXY", "CONFIG", "GET", "backend_password") != b"$9\r\nvpxsecret\r\n"
+    p.stop()
+    text = log.read_text()
+    for secret in ("vpxsecret", "rpass"):
+        assert secret not in text
