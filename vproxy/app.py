@@ -14,6 +14,7 @@ from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
 from .errors import BackendError
 from .mux.backend import BackendConn
+from .ratelog import RateLog
 from .router import Router
 from .sentinel.topology import Topology
 from .server import Listener, janitor
@@ -36,6 +37,7 @@ class App:
         self.started = monotonic()
         self.greenlets: list = []
         self.serving = Event()  # set once clients may be served (see start)
+        self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
         try:
@@ -81,7 +83,9 @@ class App:
         else:
             self.serving.set()
         self.listener.start()
-        logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
+        lst = self.listener
+        where = [f"{a[0]}:{a[1]}{tag}" for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
+        logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
 
     def _serve_anyway(self) -> None:
         if not self.serving.is_set():
@@ -99,7 +103,8 @@ class App:
                 continue
             conn = BackendConn(addr)
             try:
-                conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
+                conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password,
+                             cfg=self.cfg)
                 self._learn_from(conn)
                 self.serving.set()
                 return

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = App(cfg)
-    except StartError as e:  # says what and why already
+    except (StartError, ConfigError) as e:  # says what and why already (ConfigError: a TLS file)
         logger.error("{}", e)
         return 1
     except (OSError, RuntimeError, TimeoutError) as e:

@@ -32,7 +32,7 @@ from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
 from .plain import STUCK, PlainPath
-from .sockio import recv_ready, send_all
+from .sockio import recv_nowait, recv_ready, send_all
 from .users import DRYRUN, dryrun
 
 _ids = count(1)
@@ -269,7 +269,7 @@ class ClientSession(PlainPath):
         for later, up to the query buffer limit), to see its hang-up even behind pipelined requests."""
         try:
             while True:
-                data = self.sock._sock.recv(65536)
+                data = recv_nowait(self.sock, 65536)
                 if not data:
                     break
                 self.early.append(data)
@@ -596,3 +596,22 @@ class HASession(ClientSession):
         self.outbox = Outbox(sock, hold=())  # held only when a connection fails (its sent fact)
         self.outbox.on_stuck = self._outbox_stuck
         self.plain_chans: dict = {}  # pool -> this session's shared channel there
+
+
+class TLSClient:
+    """Mixin of the session classes for TLS clients: no plain path. Its loop callbacks read and write
+    the raw socket, which carries ciphertext (tls.py); the greenlet's gevent calls do TLS right."""
+
+    def plain(self) -> bool:
+        return False
+
+
+_TLS_CLASSES: dict = {}
+
+
+def tls_session(cls: type) -> type:
+    """The TLS variant of a session class (ClientSession, HASession, ClusterSession)."""
+    tls_cls = _TLS_CLASSES.get(cls)
+    if tls_cls is None:
+        tls_cls = _TLS_CLASSES[cls] = type(f"TLS{cls.__name__}", (TLSClient, cls), {})
+    return tls_cls

@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 
 import gevent
+from gevent.ssl import SSLSocket
 
-from .. import resp
+from .. import resp, tls
 from ..errors import BackendError
 from ..sockio import close_quietly, recv_ready, send_all
 
@@ -53,21 +54,29 @@ class BackendConn:
         self.backend_id: int | None = None  # the server's CLIENT ID for this connection
 
     @property
+    def tls(self) -> bool:
+        return isinstance(self.sock, SSLSocket)
+
+    @property
     def name(self) -> str:
         host, port = self.addr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True) -> None:
+    def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True,
+                cfg=None) -> None:
         """Open the socket and run the handshake; raises BackendError naming the backend.
 
-        handshake=False: the socket only (busy.py sends AUTH itself, behind its one request)."""
+        handshake=False: the socket only (busy.py sends AUTH itself, behind its one request).
+        cfg: the settings, for TLS (backend_tls ...); None: plain TCP."""
         try:
             with gevent.Timeout(timeout, BackendError(f"connect timed out after {timeout:g}s")):
                 self.sock = socket.create_connection(self.addr)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if cfg is not None and cfg.backend_tls:
+                    self.sock = tls.wrap_backend(self.sock, cfg, self.addr[0])
                 if handshake:
                     self._handshake(username, password)
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError too (a certificate refused ...)
             self.close()
             raise BackendError(e.strerror or str(e)) from None
         except BackendError:

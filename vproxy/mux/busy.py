@@ -39,7 +39,7 @@ def ask(addr: tuple[str, int], cfg, request: bytes, seconds: float, user=None) -
     else:
         auth = auth_steps(2, cfg.backend_username, cfg.backend_password)
     try:
-        conn.connect(cfg.connect_timeout, handshake=False)  # the kernel accepts even while a script runs
+        conn.connect(cfg.connect_timeout, handshake=False, cfg=cfg)  # the kernel accepts even while a script runs
         with gevent.Timeout(seconds or None, BackendError(f"no answer within {seconds:g}s")):
             conn.send(b"".join(resp.encode_request(a) for a in auth) + request)
             frames = conn.read_n(len(auth) + 1)

@@ -176,6 +176,17 @@ class Channel:
         else:
             self.flushing = False
 
+    def _flush_tls(self) -> None:
+        """_flush of a TLS connection: what is queued goes to a greenlet that sends it (sendall)."""
+        outbuf = self.outbuf
+        if self.closed or not outbuf:
+            self.flushing = False
+            return
+        data = b"".join(outbuf)
+        outbuf.clear()
+        self.unsent = 0
+        self.writer = gevent.spawn(self._drain, data)
+
     def _drain(self, rest: bytes) -> None:
         """The kernel's send buffer is full: wait until it takes the rest, and what queued since."""
         try:
@@ -195,9 +206,9 @@ class Channel:
         user = self.key[2] if len(self.key) > 2 else None
         try:
             if isinstance(user, Credentials):  # a client's own backend user (AUTH through vproxy)
-                self.conn.connect(cfg.connect_timeout, user.user, user.password)
+                self.conn.connect(cfg.connect_timeout, user.user, user.password, cfg=cfg)
             else:
-                self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+                self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg=cfg)
         except AuthError as e:
             if isinstance(user, Credentials):  # that user's trouble (deleted, new password), not the node's:
                 self.abort(e.frame[1:-2].decode(errors="replace"), False)  # the server's words
@@ -212,7 +223,10 @@ class Channel:
             return
         self.pool.connect_ok()
         self.ready = True
-        if self.exclusive:
+        if self.conn.tls:  # gevent's calls for TLS (tls.py): a reader greenlet, every send drained by one
+            self._flush = self._flush_tls
+            self.reader = gevent.spawn(self._read)
+        elif self.exclusive:
             self.reader = gevent.spawn(self._read)
         else:
             self.reader = self._loop.io(self.conn.sock.fileno(), 1)
