@@ -347,3 +347,71 @@ def test_backend_requires_our_client_certificate(certs, tls_server, start_proxy)
         with pytest.raises(redis.exceptions.ResponseError, match="unavailable"):
             while time.monotonic() < deadline:
                 c.get("k")
+
+
+# ---- other modes: a cluster and a replication set whose nodes speak TLS ----
+
+def _tls_node_args(certs, port: int) -> list:
+    """A Redis 7 node with a TLS port beside its plain one (the test kits talk plain), whose cluster
+    bus and replication links use TLS too."""
+    return ["--tls-port", str(port), "--tls-cert-file", certs.server_crt, "--tls-key-file", certs.server_key,
+            "--tls-ca-cert-file", certs.ca_crt, "--tls-auth-clients", "yes", "--tls-cluster", "yes",
+            "--tls-replication", "yes"]
+
+
+@needs_tls_server
+def test_cluster_over_tls(certs, start_proxy):
+    """The nodes answer a TLS connection's CLUSTER SLOTS with their TLS ports: every node vproxy
+    routes to is reached with TLS."""
+    from clusterkit import Cluster, cluster_port
+    from conftest import Server
+
+    c = Cluster.__new__(Cluster)
+    c.kind, c.nodes, c.replicas = "redis7", [], []
+    tls_ports = {}
+    try:
+        for _ in range(3):
+            port, tls_port = cluster_port(), free_port()
+            c.nodes.append(Server("redis7", port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                  "--cluster-node-timeout", "1500", "--cluster-port", str(port + 10000),
+                                  *_tls_node_args(certs, tls_port)))
+            tls_ports[port] = tls_port
+        c.primaries = c.nodes
+        c._join(0)
+        seed = f"127.0.0.1:{tls_ports[c.nodes[0].port]}"
+        p = start_proxy("--mode", "cluster", "--backend", seed, "--backend-tls", "--backend-tls-ca-cert-file",
+                        certs.ca_crt, "--backend-tls-cert-file", certs.client_crt, "--backend-tls-key-file",
+                        certs.client_key)
+        with p.client() as r:
+            keys = [f"key{n}" for n in range(60)]
+            for k in keys:
+                assert r.set(k, k)
+            assert r.mget(keys) == [k.encode() for k in keys]  # split across the three nodes
+            assert sum(1 for n in c.nodes if n.client().dbsize()) == 3
+            assert r.dbsize() == 60
+    finally:
+        c.stop()
+
+
+@needs_tls_server
+def test_replication_mode_over_tls(certs, start_proxy):
+    from conftest import Server
+
+    ptls, rtls = free_port(), free_port()
+    primary = Server("redis7", None, *_tls_node_args(certs, ptls))
+    replica = None
+    try:
+        replica = Server("redis7", None, *_tls_node_args(certs, rtls), "--replicaof", "127.0.0.1", str(ptls))
+        wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up",
+                 what="the replica linked over TLS")
+        p = start_proxy("--mode", "replication", "--backend", f"127.0.0.1:{ptls}", "--backend", f"127.0.0.1:{rtls}",
+                        "--read-from", "replica", "--backend-tls", "--backend-tls-ca-cert-file", certs.ca_crt,
+                        "--backend-tls-cert-file", certs.client_crt, "--backend-tls-key-file", certs.client_key)
+        with p.client() as r:
+            assert r.set("rk", "1")
+            assert primary.client().get("rk") == b"1"
+            wait_for(lambda: r.get("rk") == b"1", what="the read from the replica over TLS")
+    finally:
+        for s in (replica, primary):
+            if s is not None:
+                s.stop()
