@@ -210,3 +210,62 @@ def test_backend_user_of_vproxy_and_passwords_never_logged(server, users, start_
     text = log.read_text()
     for secret in ("vpxsecret", "rpass"):
         assert secret not in text
+
+
+# ---- other modes ----
+
+def _make_users(servers) -> None:
+    for s in servers:
+        for name, rules in USERS.items():
+            s.client().execute_command("ACL", "SETUSER", name, "reset", *rules)
+
+
+def test_users_in_cluster_mode(start_proxy):
+    """Each node has the users (ACL is per node); a session's requests on every node, its pinned
+    connections included, run as its user."""
+    from clusterkit import Cluster
+
+    c = Cluster("valkey", 3)
+    try:
+        _make_users(c.nodes)
+        p = start_proxy("--mode", "cluster", *[a for s in c.seeds for a in ("--backend", s)])
+        with RawClient(p.port) as w, RawClient(p.port) as r:
+            assert w.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+            assert r.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+            keys = [f"app:{n}" for n in range(30)]
+            for k in keys:
+                assert w.call("SET", k, k) == b"+OK\r\n"
+                assert r.call("SET", k, "no").startswith(b"-NOPERM")
+                assert r.call("GET", k) == b"$%d\r\n%s\r\n" % (len(k), k.encode())
+            assert sum(1 for n in c.nodes if n.client().dbsize()) == 3  # every node served the writer
+            assert w.call("SET", "elsewhere", "1").startswith(b"-NOPERM")
+            assert r.call("ACL", "WHOAMI") == b"$6\r\nreader\r\n"
+            assert r.call("BLPOP", "other", "0.01").startswith(b"-NOPERM")
+            assert w.call("MULTI") == b"+OK\r\n" and w.call("INCR", "app:1") == b"+QUEUED\r\n"
+            assert w.call("EXEC") == b"*1\r\n-ERR value is not an integer or out of range\r\n"
+            assert w.call("AUTH", "nosuchuser", "x").startswith(b"-WRONGPASS")
+    finally:
+        c.stop()
+
+
+def test_users_in_replication_mode(start_proxy):
+    from conftest import Server
+
+    primary = Server("valkey")
+    replica = Server("valkey", None, "--replicaof", "127.0.0.1", str(primary.port))
+    try:
+        wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", what="replica up")
+        _make_users([primary, replica])  # ACL users are per node, not replicated
+        p = start_proxy("--mode", "replication", "--backend", primary.addr, "--backend", replica.addr,
+                        "--read-from", "replica")
+        with RawClient(p.port) as w, RawClient(p.port) as r:
+            assert w.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+            assert r.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+            assert w.call("SET", "app:k", "1") == b"+OK\r\n"
+            assert r.call("SET", "app:k", "2").startswith(b"-NOPERM")
+            wait_for(lambda: r.call("GET", "app:k") == b"$1\r\n1\r\n", what="the reader's read from the replica")
+            assert r.call("GET", "other").startswith(b"-NOPERM")
+            assert w.call("ACL", "WHOAMI") == b"$6\r\nwriter\r\n"
+    finally:
+        replica.stop()
+        primary.stop()
