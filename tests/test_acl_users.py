@@ -269,3 +269,23 @@ def test_users_in_replication_mode(start_proxy):
     finally:
         replica.stop()
         primary.stop()
+
+
+def test_a_users_connections_close_when_its_last_session_ends(proxy, server, users):
+    def backend_users():
+        return sorted(c["user"] for c in server.client().client_list() if c["name"] == "vproxy")
+
+    a, b = RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        for c in (a, b):
+            assert c.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+            assert c.call("SET", "app:x", "1") == b"+OK\r\n"
+        assert b.call("SUBSCRIBE", "app") .startswith(b"*3")  # a pinned connection too
+        assert "writer" in backend_users()
+        a.close()
+        assert "writer" in backend_users()  # b still runs as writer
+        assert b.call("RESET") == b"+RESET\r\n"
+        wait_for(lambda: "writer" not in backend_users(), what="the writer's connections to close")
+    finally:
+        a.close()
+        b.close()

@@ -37,6 +37,8 @@ class App:
         self.started = monotonic()
         self.greenlets: list = []
         self.serving = Event()  # set once clients may be served (see start)
+        self.user_sessions: dict = {}  # Credentials -> sessions running as that backend user (users.py)
+        self.users_gone = False  # a user lost its last session: the janitor closes its connections
         self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)

@@ -33,7 +33,7 @@ from .mux.lease import Lease
 from .outbox import Outbox
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
-from .users import DRYRUN, dryrun
+from .users import DRYRUN, dryrun, switch
 
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
@@ -298,6 +298,8 @@ class ClientSession(PlainPath):
             if lease is not None:
                 lease.release(clean=False)
         self.lease = self.oneshot = None
+        if self.user is not None:
+            switch(self, None)
         self.app.clients.pop(self.id, None)
         try:
             self.sock.close()

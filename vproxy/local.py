@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import admin, resp
 from . import errors as E
-from .users import backend_auth
+from .users import backend_auth, switch
 
 _BAD_NAME = frozenset(range(0, 33)) | {127}
 
@@ -39,7 +39,7 @@ def reset(s, i, args, raw, batch):
     s.name = s.lib_name = s.lib_ver = b""
     s.no_evict = s.no_touch = False
     s.authed = not s.app.cfg.password
-    s.user = None  # the server's RESET deauthenticates to the default user too
+    switch(s, None)  # the server's RESET deauthenticates to the default user too
     _reply(batch, i, b"+RESET\r\n")
 
 

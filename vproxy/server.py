@@ -9,7 +9,7 @@ import gevent
 from gevent.server import StreamServer
 from loguru import logger
 
-from . import tls
+from . import tls, users
 from .client import ClientSession, tls_session
 from .config import parse_addr
 from .errors import StartError
@@ -112,6 +112,7 @@ def janitor(app) -> None:
         try:
             now = monotonic()
             app.router.expire(now)
+            users.sweep(app)
             idle = app.cfg.client_idle_timeout
             if idle:
                 for s in list(app.clients.values()):

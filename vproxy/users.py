@@ -38,8 +38,35 @@ def backend_auth(s, user: bytes | None, password: bytes) -> bytes | None:
     if frame[:1] != b"+":
         return frame
     cred = Credentials(b"default" if user is None else user, password)
-    s.user = None if cred == own_credentials(s.app.cfg) else cred
+    switch(s, None if cred == own_credentials(s.app.cfg) else cred)
     return None
+
+
+def switch(s, cred: Credentials | None) -> None:
+    """The session now runs as cred (None: vproxy's own user). A user no session runs as any more
+    has its connections closed by the janitor (sweep), and its password forgotten with them."""
+    old, s.user = s.user, cred
+    if old == cred:
+        return
+    live = s.app.user_sessions
+    if cred is not None:
+        live[cred] = live.get(cred, 0) + 1
+    if old is not None:
+        n = live.pop(old) - 1
+        if n:
+            live[old] = n
+        else:
+            s.app.users_gone = True
+
+
+def sweep(app) -> None:
+    """Janitor: close the idle connections of users no session runs as (those with requests in
+    flight are closed on a later tick, once answered)."""
+    if app.users_gone:
+        left = False
+        for pool in list(app.router.pools.values()):
+            left |= pool.drop_users(app.user_sessions)
+        app.users_gone = left
 
 
 def own_credentials(cfg) -> Credentials | None:

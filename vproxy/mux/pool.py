@@ -18,14 +18,15 @@ from loguru import logger
 from .. import resp
 from ..errors import BackendError, backend_unavailable
 from ..ratelog import RateLog
+from .backend import Credentials
 from .busy import BusyProbe
 from .channel import Batch, Channel, deadline_after
 
-# The keys of the connections that check clients' AUTH requests (opened with vproxy's own
-# credentials: any connection may run AUTH, a failed one changes nothing, a good one makes it that
-# user's) and ask ACL DRYRUN (vproxy's own user throughout).
+# The keys of the connections that check clients' AUTH requests (any connection may run AUTH; a
+# RESET behind each makes it nobody's again) and ask ACL DRYRUN (vproxy's own user throughout).
 AUTH_CHECK = (0, 2, "auth-check")
 ACL_CHECK = (0, 2, "acl-check")
+_RESET = resp.encode_request([b"RESET"])
 
 
 class PinLimitError(BackendError):
@@ -85,7 +86,11 @@ class NodePool:
 
     def _ask(self, raw: bytes, key: tuple) -> Batch:
         batch = Batch(1)
-        self.channel(key).submit(raw, batch, 0, deadline_after(self.cfg.command_timeout))
+        ch = self.channel(key)
+        deadline = deadline_after(self.cfg.command_timeout)
+        ch.submit(raw, batch, 0, deadline)
+        if key is AUTH_CHECK:  # back to no user at all: the connection never keeps a client's rights
+            ch.submit(_RESET, None, 0, deadline)
         batch.wait()
         return batch
 
@@ -113,6 +118,21 @@ class NodePool:
             idle.append(ch)
         else:
             ch.close()
+
+    def drop_users(self, live) -> bool:
+        """Close the shared and idle connections of client users (Credentials keys) not in `live`;
+        True when some are left because they still have requests in flight."""
+        left = False
+        for store in (self.shared, self.idle):
+            for key in [k for k in store if len(k) > 2 and isinstance(k[2], Credentials) and k[2] not in live]:
+                for ch in list(store.get(key, ())):
+                    if ch.waiters:
+                        left = True
+                    else:
+                        self._close_own(ch.close)
+                if not store.get(key):
+                    store.pop(key, None)
+        return left
 
     def forget(self, ch: Channel) -> None:
         """Called by a channel that closed: drop it from whichever container holds it."""
