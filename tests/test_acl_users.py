@@ -48,11 +48,13 @@ def same(proxy, server, *requests) -> list:
 
 
 def test_wrong_user_or_password_is_refused_as_by_the_server(proxy, server, users):
+    before = proxy.info()["auth_failures"]
     got = same(proxy, server, ("AUTH", "nosuchuser", "wrong"), ("AUTH", "reader", "wrong"),
                ("AUTH", "justapassword"), ("ACL", "WHOAMI"))
     assert got[0].startswith(b"-WRONGPASS")
     assert got[2].startswith(b"-ERR AUTH <password> called without any password")  # default: nopass
     assert got[3] == b"$7\r\ndefault\r\n"
+    assert proxy.info()["auth_failures"] == before + 3  # counted in INFO proxy
 
 
 def test_session_runs_with_its_users_rights(proxy, server, users):

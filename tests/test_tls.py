@@ -17,6 +17,8 @@ import time
 import pytest
 import redis
 from conftest import REDIS7, Proxy, wait_for
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from vproxy.embedded import free_port, stop_process
 
@@ -97,6 +99,7 @@ class TLSProxy(Proxy):
 
     def tls_client(self, cert="client", ca="ca", **kw) -> redis.Redis:
         kw.setdefault("socket_timeout", 15)
+        kw.setdefault("retry", Retry(NoBackoff(), 0))  # each failed handshake once, not retried
         if cert:
             kw.update(ssl_certfile=getattr(self.certs, f"{cert}_crt"), ssl_keyfile=getattr(self.certs, f"{cert}_key"))
         return redis.Redis(port=self.tls_port, ssl=True, ssl_ca_certs=getattr(self.certs, f"{ca}_crt"), **kw)
@@ -178,6 +181,9 @@ def test_client_certificates_required_optional_or_not_asked(server, certs, start
         with pytest.raises(redis.exceptions.ConnectionError):
             required.tls_client(cert=cert).ping()
     assert required.tls_client().ping()
+    wait_for(lambda: required.info()["tls_handshake_failures"] == 2, what="the refused handshakes counted")
+    with required.tls_client() as c:
+        assert c.ping() and required.info()["tls_connected_clients"] == 1
     assert required.client().ping()  # the plain listener does not care, and vproxy survived them
     optional = start_tls_proxy(certs, "--backend", server.addr, auth_clients="optional")
     assert optional.tls_client(cert=None).ping()

@@ -34,6 +34,10 @@ def proxy_section(app) -> str:
         "total_connections_received": app.stats.connections,
         "rejected_connections": app.stats.rejected,
         "total_commands_processed": app.stats.commands,
+        "auth_failures": app.stats.auth_failures,
+        "tls_connected_clients": sum(1 for c in app.clients.values() if c.tls),
+        "tls_handshake_failures": app.stats.tls_handshake_failures,
+        "backend_users": len(app.user_sessions),  # client ACL users with sessions (users.py)
         "backend_connections_shared": counts["shared"],
         "backend_connections_pinned": counts["pinned"],
         "backend_connections_idle_pinned": counts["idle_pinned"],

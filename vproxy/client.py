@@ -69,6 +69,8 @@ class Stream:
 class ClientSession(PlainPath):
     """One client connection (runs in its own greenlet)."""
 
+    tls = False  # TLSClient: True
+
     def __init__(self, app, sock: socket.socket, addr):
         self.app, self.sock, self.addr = app, sock, addr
         cfg = app.cfg
@@ -603,6 +605,8 @@ class HASession(ClientSession):
 class TLSClient:
     """Mixin of the session classes for TLS clients: no plain path. Its loop callbacks read and write
     the raw socket, which carries ciphertext (tls.py); the greenlet's gevent calls do TLS right."""
+
+    tls = True
 
     def plain(self) -> bool:
         return False

@@ -56,8 +56,12 @@ def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
     `password`, vproxy is the gate; without one, the backend's ACL decides (users.py)."""
     if s.app.cfg.password:
         err = _check_password(s, user, password)
-        return resp.error(err) if err else None
-    return _as_user(s, user, password)
+        err = resp.error(err) if err else None
+    else:
+        err = _as_user(s, user, password)
+    if err is not None and not err.startswith(b"-ERR vproxy:"):  # refused, not unanswered
+        s.app.stats.auth_failures += 1
+    return err
 
 
 def _as_user(s, user: bytes | None, password: bytes) -> bytes | None:

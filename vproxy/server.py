@@ -64,6 +64,7 @@ class Listener:
             with gevent.Timeout(self.app.cfg.connect_timeout):
                 sock.do_handshake()
         except (OSError, gevent.Timeout) as e:  # ssl.SSLError is an OSError
+            self.app.stats.tls_handshake_failures += 1
             self.app.tls_failures.log("handshake", "INFO", f"TLS client {addr[0]}:{addr[1]}: handshake failed "
                                       f"({e if isinstance(e, OSError) else 'timed out'})")
             close_quietly(sock)
