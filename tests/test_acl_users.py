@@ -291,3 +291,16 @@ def test_a_users_connections_close_when_its_last_session_ends(proxy, server, use
     finally:
         a.close()
         b.close()
+
+
+def test_auth_inside_a_resp3_subscription(proxy, server, users):
+    """RESP3 lets a subscribed client run AUTH: the user it names is the session's afterwards."""
+    def run(port):
+        with RawClient(port) as c:
+            out = [c.call("HELLO", "3")[:1], c.call("SUBSCRIBE", "app")]
+            out += [c.call("AUTH", "reader", "rpass"), c.call("UNSUBSCRIBE", "app"), c.call("ACL", "WHOAMI"),
+                    c.call("SET", "app:1", "x")]
+            return out
+    via, direct = run(proxy.port), run(server.port)
+    assert via == direct
+    assert via[4] == b"$6\r\nreader\r\n" and via[5].startswith(b"-NOPERM")

@@ -33,7 +33,7 @@ from .mux.lease import Lease
 from .outbox import Outbox
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
-from .users import DRYRUN, dryrun, switch
+from .users import DRYRUN, backend_auth, dryrun, switch
 
 _ids = count(1)
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
@@ -510,6 +510,9 @@ class ClientSession(PlainPath):
             batch.replies[i] = resp.error(E.backend_unavailable("", "stream connection lost"))
             return
         ch.send_raw(raw)
+        if name == b"auth" and not st.multi and (self.proto == 3 or st.kind != "sub") and 2 <= len(args) <= 3 \
+                and not self.app.cfg.password:  # the stream's connection answers; the session follows
+            backend_auth(self, args[1] if len(args) == 3 else None, args[-1])
         if self._stream_multi(st, name):
             return
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):

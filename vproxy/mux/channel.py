@@ -211,7 +211,9 @@ class Channel:
                 self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg=cfg)
         except AuthError as e:
             if isinstance(user, Credentials):  # that user's trouble (deleted, new password), not the node's:
-                self.abort(e.frame[1:-2].decode(errors="replace"), False)  # the server's words
+                text = e.frame[1:-2].decode(errors="replace")  # the server's words
+                self.pool.refuse(user, text)
+                self.abort(text, False)
                 return
             self._connect_failed(e)
             return

@@ -27,6 +27,7 @@ from .channel import Batch, Channel, deadline_after
 AUTH_CHECK = (0, 2, "auth-check")
 ACL_CHECK = (0, 2, "acl-check")
 _RESET = resp.encode_request([b"RESET"])
+REFUSED_FOR = 1.0  # seconds a user the node refused gets its error without a new connect attempt
 
 
 class PinLimitError(BackendError):
@@ -51,15 +52,26 @@ class NodePool:
         self.failed_connects = 0  # connect attempts failed since then
         self.closing = False  # the pool itself is closing connections: their loss is no news
         self.busy = BusyProbe(addr, cfg)
+        self.refused: dict = {}  # Credentials -> (until, the node's error): see refuse()
 
     @property
     def name(self) -> str:
         host, port = self.addr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _check_up(self) -> None:
+    def _check_up(self, key: tuple) -> None:
         if self.down_until and monotonic() < self.down_until:
             raise BackendError(backend_unavailable(self.name, f"{self.last_error}; retrying"))
+        if self.refused and len(key) > 2 and key[2] in self.refused:
+            until, text = self.refused[key[2]]
+            if monotonic() < until:
+                raise BackendError(text)
+            del self.refused[key[2]]
+
+    def refuse(self, user: Credentials, text: str) -> None:
+        """The node refused a connection for user (deleted, new password): for REFUSED_FOR seconds
+        its requests get the node's words without another connect attempt."""
+        self.refused[user] = (monotonic() + REFUSED_FOR, text)
 
     def channel(self, key: tuple[int, int]) -> Channel:
         """The least busy shared channel for key, opening one if the pool is not full."""
@@ -67,7 +79,7 @@ class NodePool:
         if chans is None:
             chans = self.shared[key] = []
         if len(chans) < self.cfg.pool_size:
-            self._check_up()
+            self._check_up(key)
             ch = Channel(self, key)
             chans.append(ch)
             return ch
@@ -105,7 +117,7 @@ class NodePool:
             if not ch.closed:
                 break
         else:
-            self._check_up()
+            self._check_up(key)
             ch = Channel(self, key, exclusive=True)
         self.leased.add(ch)
         return ch
