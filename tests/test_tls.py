@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -58,6 +59,7 @@ class Certs:
         _make_cert(self.dir, "ca", "server", "DNS:localhost,IP:127.0.0.1")
         _make_cert(self.dir, "ca", "client", "DNS:client")
         _make_cert(self.dir, "otherca", "stranger", "DNS:stranger")
+        _make_cert(self.dir, "otherca", "renewed", "DNS:localhost,IP:127.0.0.1")  # a server cert of otherca
 
     def __getattr__(self, name):  # certs.server_crt -> path of server.crt
         base, _, ext = name.rpartition("_")
@@ -212,6 +214,31 @@ def test_stalled_handshake_does_not_block_others(server, certs, start_tls_proxy)
     finally:
         silent.close()
         junk.close()
+
+
+def test_sighup_rereads_the_certificates(server, certs, start_tls_proxy, tmp_path):
+    """Certificates renewed in place are served to new connections after SIGHUP; a broken file
+    keeps the ones in use."""
+    live = Certs.__new__(Certs)
+    live.dir = str(tmp_path)
+    for name in ("server.crt", "server.key", "ca.crt", "client.crt", "client.key"):
+        shutil.copy(os.path.join(certs.dir, name), tmp_path / name)
+    log = tmp_path / "vproxy.log"
+    p = start_tls_proxy(live, "--backend", server.addr, "--log-level", "INFO", log_path=log)
+    p.certs = certs  # the client side: the test's own files
+    assert p.tls_client().ping()
+    shutil.copy(os.path.join(certs.dir, "renewed.crt"), tmp_path / "server.crt")
+    shutil.copy(os.path.join(certs.dir, "renewed.key"), tmp_path / "server.key")
+    assert p.tls_client().ping()  # nothing re-read yet
+    p.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: p.tls_client(ca="otherca").ping(), what="the renewed certificate served")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        p.tls_client(ca="ca").ping()
+    (tmp_path / "server.key").write_text("broken")
+    p.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "TLS certificates not reloaded" in log.read_text(), what="the failed reload logged")
+    assert "tls_key_file" in log.read_text()
+    assert p.tls_client(ca="otherca").ping()  # the renewed ones stay in use
 
 
 @pytest.mark.skipif(not REDIS_CLI, reason="needs redis-cli")

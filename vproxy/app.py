@@ -9,10 +9,11 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
+from . import tls
 from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
-from .errors import BackendError
+from .errors import BackendError, ConfigError
 from .mux.backend import BackendConn
 from .ratelog import RateLog
 from .router import Router
@@ -88,6 +89,20 @@ class App:
         lst = self.listener
         where = [f"{a[0]}:{a[1]}{tag}" for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
         logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read the TLS certificates, keys and CAs again, for connections made from now on
+        (both sides). A file that cannot be read keeps the ones in use, and says so."""
+        try:
+            server = tls.server_context(self.cfg)
+            tls.reload_backend(self.cfg)
+        except ConfigError as e:
+            logger.error("TLS certificates not reloaded (those in use stay): {}", e)
+            return
+        if server is not None:
+            self.listener.tls_context = server
+        if server is not None or self.cfg.backend_tls:
+            logger.info("TLS certificates reloaded")
 
     def _serve_anyway(self) -> None:
         if not self.serving.is_set():

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(app.reload_tls))
     app.start()
     stop.wait()
     logger.info("shutting down")

@@ -64,6 +64,11 @@ def backend(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
+def reload_backend(cfg) -> None:
+    """Read the backend certificates again (SIGHUP); ConfigError leaves the old context in use."""
+    cfg.__dict__[_BACKEND] = backend_context(cfg)
+
+
 def wrap_backend(sock, cfg, host: str):
     """sock, with the TLS handshake done when backend_tls is on (SNI: backend_tls_sni, else host)."""
     ctx = backend(cfg)
