@@ -246,6 +246,9 @@ def test_users_in_cluster_mode(start_proxy):
             assert w.call("MULTI") == b"+OK\r\n" and w.call("INCR", "app:1") == b"+QUEUED\r\n"
             assert w.call("EXEC") == b"*1\r\n-ERR value is not an integer or out of range\r\n"
             assert w.call("AUTH", "nosuchuser", "x").startswith(b"-WRONGPASS")
+            for req in (("CLUSTER", "INFO"), ("SELECT", "1"), ("CLIENT", "LIST"), ("READONLY",)):
+                assert r.call(*req).startswith(b"-NOPERM"), req  # answered by vproxy, checked as the user
+            assert r.call("INFO", "server").startswith(b"$")  # the reader may run INFO
     finally:
         c.stop()
 

@@ -30,6 +30,7 @@ from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
 from .outbox import Outbox
 from .slots import key_slot
+from .users import DRYRUN, dryrun
 
 ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
@@ -113,6 +114,11 @@ class ClusterSession(ClientSession):
             if cmd is not None and not cmd.arity_ok(len(args)):
                 batch.replies[i] = resp.error(f"ERR wrong number of arguments for '{name.decode()}' command")
                 return
+            if self.user is not None and name in DRYRUN:  # a client's own user: the server's ACL first
+                err = dryrun(self, args)
+                if err is not None:
+                    batch.replies[i] = err
+                    return
             return h(self, i, args, raw, batch)
         super().dispatch(i, args, raw, batch)
 

@@ -23,7 +23,9 @@ from .mux.pool import ACL_CHECK
 
 # Commands vproxy answers itself (or answers in part) that the server's ACL would check: for a
 # session running as a client's own user they are first asked of the server with ACL DRYRUN.
-DRYRUN = frozenset([b"select", b"client", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe"])
+# (CLUSTER, READONLY, READWRITE: cluster mode answers them; standalone forwards them.)
+DRYRUN = frozenset([b"select", b"client", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
+                    b"cluster", b"readonly", b"readwrite"])
 
 
 def backend_auth(s, user: bytes | None, password: bytes) -> bytes | None:
