@@ -1,4 +1,5 @@
-"""Build the optional compiled twin of the RESP parser and framer (vproxy/_resp.pyx).
+"""Build the optional compiled twins: the RESP parser and framer (vproxy/_resp.pyx) and the
+per-command statistics (vproxy/_stats.pyx).
 
 Everything else lives in pyproject.toml. Where Cython or a C compiler is missing, or the compile
 fails, the build warns and goes on without it: vproxy then runs its pure-Python parser and framer
@@ -11,7 +12,9 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-GENERATED = "vproxy/_resp.c"  # what Cython makes of vproxy/_resp.pyx (ignored by git, shipped in sdists)
+MODULES = ("_resp", "_stats")  # vproxy/<name>.pyx: the parser and framer, the per-command statistics
+# what Cython makes of them (ignored by git, shipped in sdists)
+GENERATED = {name: f"vproxy/{name}.c" for name in MODULES}
 
 
 def _warn(why) -> None:
@@ -39,14 +42,14 @@ def extensions() -> list:
     try:
         from Cython.Build import cythonize
     except ImportError:
-        if os.path.exists(GENERATED):  # an sdist ships the generated C: no Cython needed
-            return [Extension("vproxy._resp", [GENERATED])]
-        _warn("Cython is not installed")
-        return []
+        shipped = [Extension(f"vproxy.{n}", [c]) for n, c in GENERATED.items() if os.path.exists(c)]
+        if not shipped:  # an sdist ships the generated C: no Cython needed
+            _warn("Cython is not installed")
+        return shipped
     try:
-        return cythonize([Extension("vproxy._resp", ["vproxy/_resp.pyx"])], quiet=True,
+        return cythonize([Extension(f"vproxy.{n}", [f"vproxy/{n}.pyx"]) for n in MODULES], quiet=True,
                          compiler_directives={"language_level": 3})
-    except Exception as e:  # noqa: BLE001 - a Cython error: still install, without the extension
+    except Exception as e:  # noqa: BLE001 - a Cython error: still install, without the extensions
         _warn(e)
         return []
 

@@ -376,12 +376,16 @@ def test_info_and_version_say_which_parser_runs(proxy, server, start_proxy):
     import sys
 
     built = "compiled" if importlib.util.find_spec("vproxy._resp") else "pure"
-    assert proxy.info()["proxy_impl"] == ("pure" if os.environ.get("VPROXY_PURE") == "1" else built)
-    assert start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()["proxy_impl"] == "pure"
-    for pure, impl in (("1", "pure"), ("", built)):
+    stats = "compiled" if importlib.util.find_spec("vproxy._stats") else "pure"
+    forced = os.environ.get("VPROXY_PURE") == "1"
+    assert proxy.info()["proxy_impl"] == ("pure" if forced else built)
+    assert proxy.info()["proxy_stats_impl"] == ("pure" if forced else stats)
+    info = start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()
+    assert (info["proxy_impl"], info["proxy_stats_impl"]) == ("pure", "pure")
+    for pure, impl, st in (("1", "pure", "pure"), ("", built, stats)):
         out = subprocess.run([sys.executable, "-m", "vproxy", "--version"], capture_output=True, text=True, check=False,
                              env={**os.environ, "VPROXY_PURE": pure}, timeout=30)
-        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl})\n", out
+        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl}, statistics: {st})\n", out
 
 
 def test_info_proxy_counts_connected_clients(proxy):

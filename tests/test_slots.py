@@ -22,3 +22,23 @@ def test_hash_tags():
 
 def test_range():
     assert all(0 <= key_slot(b"k%d" % i) < 16384 for i in range(2000))
+
+
+def test_compiled_twin_agrees():
+    """The compiled key_slot (vproxy/_resp.pyx) gives the pure one's slot for every key shape."""
+    import random
+
+    import pytest
+
+    from vproxy import slots
+    try:
+        from vproxy._resp import key_slot as compiled
+    except ImportError:
+        pytest.skip("the compiled twin vproxy/_resp.pyx is not built")
+    rng = random.Random(7)
+    keys = [b"", b"{", b"}", b"{}", b"{}x", b"x{}", b"{a}", b"a{b}c{d}", b"{{a}}", b"}{a}", b"\x00{\xff}",
+            "straße", bytearray(b"foo"), memoryview(b"{tag}x")]
+    alphabet = b"{}ab\x00\xff"
+    keys += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(5000)]
+    for k in keys:
+        assert compiled(k) == slots.pure_key_slot(bytes(k) if not isinstance(k, str) else k), k

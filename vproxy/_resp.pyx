@@ -376,3 +376,42 @@ cdef long long _header_number(bytes data, const unsigned char *p, Py_ssize_t pos
     if not string2ll(p + pos + 1, nl - pos - 1, &n):
         raise ProtocolError(f"bad reply header from backend: {data[pos:nl][:40]!r}")
     return n
+
+
+# ---- slots.key_slot, compiled: CRC16 (XMODEM) of the key or its hash tag, in one pass over bytes ----
+
+cdef unsigned short CRC16[256]
+
+
+cdef void _crc16_table() noexcept:
+    cdef unsigned int i, j, crc
+    for i in range(256):
+        crc = i << 8
+        for j in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        CRC16[i] = crc & 0xFFFF
+
+
+_crc16_table()
+
+
+def key_slot(key):
+    """slots.key_slot: the cluster slot of a key (hash tags honoured)."""
+    cdef const unsigned char *p
+    cdef const unsigned char *open_
+    cdef const unsigned char *close
+    cdef Py_ssize_t n, i
+    cdef unsigned int crc = 0
+    if type(key) is not bytes:
+        key = key.encode() if isinstance(key, str) else bytes(key)
+    p = <const unsigned char *>PyBytes_AS_STRING(key)
+    n = PyBytes_GET_SIZE(key)
+    open_ = <const unsigned char *>memchr(p, 123, n)  # '{'
+    if open_ != NULL:
+        close = <const unsigned char *>memchr(open_ + 1, 125, n - (open_ + 1 - p))  # '}'
+        if close != NULL and close > open_ + 1:
+            p = open_ + 1
+            n = close - p
+    for i in range(n):
+        crc = ((crc << 8) & 0xFFFF) ^ CRC16[((crc >> 8) ^ p[i]) & 0xFF]
+    return crc & 0x3FFF

@@ -6,7 +6,7 @@ import os
 import resource
 from time import monotonic, time
 
-from . import __version__, resp
+from . import __version__, cmdstats, resp
 from . import errors as E
 from .users import user_name
 
@@ -26,6 +26,7 @@ def proxy_section(app) -> str:
     fields = {
         "proxy_version": __version__,
         "proxy_impl": resp.IMPL,  # the RESP parser and framer: "compiled" (vproxy/_resp.pyx) or "pure"
+        "proxy_stats_impl": cmdstats.IMPL if app.cmdstats.enabled else "off",  # vproxy/_stats.pyx or pure
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),
@@ -51,6 +52,49 @@ def proxy_section(app) -> str:
     }
     fields.update(ha_fields(app))
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+
+# INFO sections vproxy answers itself (INFO proxy_commandstats ...): `proxy` with INFO, INFO default,
+# INFO all and INFO everything; the others only by name, because their keys are the server's own
+# (cmdstat_get, latency_percentiles_usec_get): beside the server's sections in one reply, a parser
+# that reads INFO into one dict (redis-py does) would mix the two.
+PROXY_SECTIONS = frozenset({b"proxy", b"proxy_commandstats", b"proxy_latencystats", b"proxy_backendstats"})
+_WITH_PROXY = {b"proxy", b"all", b"everything", b"default"}
+
+
+def proxy_info(app, sections: set, probe: bool = False):
+    """The proxy's INFO sections that a request for `sections` includes, as text ('' when none);
+    probe: only whether there are any."""
+    want = []
+    if not sections or sections & _WITH_PROXY:
+        want.append(proxy_section)
+    for name, render in ((b"proxy_commandstats", lambda a: a.cmdstats.commandstats_text()),
+                         (b"proxy_latencystats", lambda a: a.cmdstats.latencystats_text()),
+                         (b"proxy_backendstats", backendstats_section)):
+        if name in sections:
+            want.append(render)
+    if probe:
+        return bool(want)
+    return "\r\n".join(render(app) for render in want)
+
+
+def backendstats_section(app) -> str:
+    """INFO proxy_backendstats: per backend node, its connections and what went wrong with them."""
+    lines = ["# Proxy_backendstats"]
+    for n, pool in enumerate(list(app.router.pools.values())):
+        c = pool.counts()
+        t = pool.troubles
+        lines.append(f"backend{n}:ip={pool.addr[0]},port={pool.addr[1]},shared={c['shared']},pinned={c['pinned']},"
+                     f"idle_pinned={c['idle_pinned']},in_flight={pool.in_flight()},connects={pool.connects},"
+                     f"connect_failures={pool.failures},lost={t.get('lost', 0)},timeouts={t.get('timeout', 0)},"
+                     f"down={int(pool.down_until > monotonic())}")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def reset_stats(app) -> None:
+    """PROXY STATS RESET, CONFIG RESETSTAT: the per-command statistics and the slow log start over."""
+    app.cmdstats.reset()
+    app.cmdstats.slowlog.reset()
 
 
 def _backend_names(app) -> list[str]:
@@ -207,12 +251,53 @@ def proxy_command(s, args: list) -> bytes:
         return resp.value(topology_view(app), s.proto)
     if sub == b"clients":
         return resp.verbatim(client_list(app, []), s.proto)
+    if sub == b"slowlog":
+        return _slowlog(app, args[2:], s.proto)
+    if sub in (b"hotkeys", b"bigkeys") and len(args) <= 3:
+        n = resp.string2ll(args[2]) if len(args) == 3 else 10
+        if n is None or n < 1:
+            return resp.error("ERR count must be a positive integer")
+        keys = app.cmdstats.keys
+        if sub == b"hotkeys":
+            if not keys.sample:
+                return resp.error("ERR vproxy: hot-key counting is off (hotkeys_sample = 0)")
+            rows = [{"key": k, "requests": c, "per_second": r} for k, c, r in keys.hot(n)]
+        else:
+            rows = [{"key": k, "command": c, "kind": kind, "bytes": size} for size, kind, c, k in keys.biggest(n)]
+        return resp.value(rows, s.proto)
+    if sub == b"stats":
+        if len(args) == 3 and args[2].lower() == b"reset":
+            reset_stats(app)
+            return resp.OK
+        if len(args) != 2:
+            return resp.error("ERR syntax error: PROXY STATS [RESET]")
+        return resp.value(app.cmdstats.table(), s.proto)
     if sub == b"config" and len(args) == 4 and args[2].lower() == b"get":
         pattern = args[3].decode(errors="replace").lower()
         items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k}
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
     return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
-                       "PROXY TOPOLOGY"], s.proto)
+                       "PROXY TOPOLOGY", "PROXY STATS [RESET]", "PROXY SLOWLOG GET [count] | LEN | RESET",
+                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]"], s.proto)
+
+
+def _slowlog(app, args: list, proto: int) -> bytes:
+    """PROXY SLOWLOG GET [count] | LEN | RESET: as the server's SLOWLOG, for the proxy's own timing."""
+    log = app.cmdstats.slowlog
+    sub = args[0].lower() if args else b"get"
+    if sub == b"len" and len(args) == 1:
+        return resp.integer(len(log.entries))
+    if sub == b"reset" and len(args) == 1:
+        log.reset()
+        return resp.OK
+    if sub == b"get" and len(args) <= 2:
+        n = 10
+        if len(args) == 2:
+            n = resp.string2ll(args[1])
+            if n is None or n < -1:
+                return resp.error("ERR count should be greater than or equal to -1")
+        return resp.value([list(e) for e in log.get(None if n == -1 else n)], proto)
+    return resp.error("ERR syntax error: PROXY SLOWLOG GET [count] | LEN | RESET")
 
 
 # ---- primary/replica sets (sentinel, replication modes): INFO fields and PROXY TOPOLOGY ----

@@ -10,6 +10,7 @@ from gevent.event import Event
 from loguru import logger
 
 from . import tls
+from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
@@ -33,6 +34,10 @@ class App:
         self.clients: dict = {}
         self.stats = Stats()
         self.commands = CommandTable()
+        self.cmdstats = CommandStats(lambda name: self.commands.get(name) is not None, enabled=cfg.stats,
+                                     percentiles=[float(p) for p in cfg.latency_tracking_info_percentiles.split()],
+                                     slower_than_us=cfg.slowlog_log_slower_than, slowlog_len=cfg.slowlog_max_len,
+                                     first_key=self._first_key, hotkeys_sample=cfg.hotkeys_sample)
         self.server_info: dict = {}
         self.databases = 16
         self.started = monotonic()
@@ -43,10 +48,16 @@ class App:
         self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
+        self.admin = None
         try:
+            if cfg.admin_listen:
+                from .metrics import AdminServer
+                self.admin = AdminServer(self, cfg.admin_listen)
             self.seeds = self._backends()
         except BaseException:
             self.listener.close()
+            if self.admin is not None:
+                self.admin.stop()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
         self.monitor = _monitor_for(cfg.mode)(self)
@@ -56,6 +67,11 @@ class App:
         elif self.router.ha:
             from .client import HASession
             self.listener.session_class = HASession
+
+    def _first_key(self, name: bytes) -> int:
+        """The position of a command's first key (0: none), for PROXY HOTKEYS and BIGKEYS."""
+        cmd = self.commands.get(name)
+        return cmd.first_key if cmd is not None and cmd.first_key > 0 else 0
 
     def _backends(self) -> list[tuple[str, int]]:
         """The configured backends, or the embedded server started here (stopped again if it fails)."""
@@ -86,6 +102,8 @@ class App:
         else:
             self.serving.set()
         self.listener.start()
+        if self.admin is not None:
+            self.admin.start()
         lst = self.listener
         where = [f"{a[0]}:{a[1]}{tag}" for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
         logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
@@ -161,6 +179,8 @@ class App:
     def stop(self, drain: float = 2.0) -> None:
         """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
         self.listener.stop()
+        if self.admin is not None:
+            self.admin.stop()
         deadline = monotonic() + drain
         while self.clients and monotonic() < deadline:
             if all((s.batch is None or not s.batch.left) and s.outbox.idle() for s in self.clients.values()):

@@ -50,13 +50,17 @@ def _dump_greenlets() -> None:
 
 def version_text() -> str:
     """`vproxy --version`: the release, and which RESP parser runs (the compiled twin or pure Python)."""
-    from . import __version__, resp
+    from . import __version__, cmdstats, resp
 
-    return f"vproxy {__version__} (parser: {resp.IMPL})"
+    return f"vproxy {__version__} (parser: {resp.IMPL}, statistics: {cmdstats.IMPL})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--version" in (sys.argv[1:] if argv is None else argv):
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["top"]:  # vproxy top [HOST:PORT]: the live view (top.py)
+        from .top import main as top_main
+        return top_main(args[1:])
+    if "--version" in args:
         print(version_text())
         return 0
     try:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vproxy: {e}", file=sys.stderr)
         return 2
     logger.remove()
-    logger.add(sys.stderr, level=cfg.log_level)
+    logger.add(sys.stderr, level=cfg.log_level, serialize=cfg.log_format == "json")
     from .app import App  # after monkey patching (see __main__)
 
     try:

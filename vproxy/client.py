@@ -30,6 +30,7 @@ from .local import LOCAL, db_index
 from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
+from .cmdstats import Track
 from .outbox import Outbox
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
@@ -69,6 +70,7 @@ class Stream:
 class ClientSession(PlainPath):
     """One client connection (runs in its own greenlet)."""
 
+    HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
     tls = False  # TLSClient: True
 
     def __init__(self, app, sock: socket.socket, addr):
@@ -99,7 +101,12 @@ class ClientSession(PlainPath):
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
-        self.outbox = Outbox(sock)  # one channel: replies in order (HASession, ClusterSession: numbered)
+        # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
+        self.outbox = Outbox(sock, hold=self.HOLD)
+        if self.HOLD is not None:
+            self.outbox.on_stuck = self._outbox_stuck
+        if app.cmdstats.enabled:
+            self.outbox.track = Track(app.cmdstats, self)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
 
@@ -165,11 +172,14 @@ class ClientSession(PlainPath):
         if not self.outbox.idle() or self.outbox.stuck:
             self.drain()  # the plain requests' replies go out first
         start, n = 0, len(reqs)
+        stats = self.app.cmdstats.enabled
         while start < n:
             size = self.window
             part = reqs if not start and n <= size else reqs[start:start + size]
             start += len(part)
             batch = self.batch = Batch(len(part))
+            if stats:
+                batch.reqs, batch.t0 = part, self.last_active
             for i, (args, raw) in enumerate(part):
                 self.dispatch(i, args, raw, batch)
                 if self.closing:
@@ -190,6 +200,9 @@ class ClientSession(PlainPath):
                 else:
                     keep.append((idx, fn))
             self.post[:] = keep
+        if batch.reqs is not None and upto > batch.rec_from:
+            self.app.cmdstats.record_batch(self, batch.reqs, replies, batch.rec_from, upto, batch.t0, batch.rejected)
+            batch.rec_from = upto
         if upto == len(replies):
             out = [r for r in replies if r is not None]
         else:  # an early flush (a blocking command or a stream is next): these are written now
@@ -314,8 +327,7 @@ class ClientSession(PlainPath):
         name = args[0].lower()
         self.last_cmd = name
         if not self.authed and name not in (b"auth", b"hello", b"quit", b"reset"):
-            batch.replies[i] = resp.error(E.NOAUTH)
-            return
+            return self.refuse(batch, i, E.NOAUTH)
         if self.stream is not None:
             return self.stream_dispatch(i, name, args, raw, batch)
         if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
@@ -323,8 +335,7 @@ class ClientSession(PlainPath):
         table = self.app.commands
         arity, policy = table.lookup(name)
         if not C.arity_fits(arity, len(args)):
-            batch.replies[i] = resp.error(E.wrong_arity(name.decode(errors="replace")))
-            return
+            return self.refuse(batch, i, E.wrong_arity(name.decode(errors="replace")))
         if policy is C.BY_ARGS:
             policy = table.policy(name, args)
         if policy is C.FORWARD:
@@ -345,7 +356,14 @@ class ClientSession(PlainPath):
         elif policy is C.SIDE:
             self.side(i, raw, batch)
         else:
-            batch.replies[i] = resp.error(E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+            self.refuse(batch, i, E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+
+    def refuse(self, batch: Batch, i: int, msg: str) -> None:
+        """vproxy answers request i with an error without sending it anywhere (a rejected call)."""
+        batch.replies[i] = resp.error(msg)
+        if batch.rejected is None:
+            batch.rejected = set()
+        batch.rejected.add(i)
 
     def key(self) -> tuple:
         """Which connections may carry this client's requests: (database, protocol, backend user)."""
@@ -598,10 +616,10 @@ class HASession(ClientSession):
     forward_plain = PlainPath.forward_plain_ha
     _unstick = PlainPath.unstick_ha
 
+    HOLD = ()  # the outbox holds only when a connection fails (its sent fact)
+
     def __init__(self, app, sock: socket.socket, addr):
         super().__init__(app, sock, addr)
-        self.outbox = Outbox(sock, hold=())  # held only when a connection fails (its sent fact)
-        self.outbox.on_stuck = self._outbox_stuck
         self.plain_chans: dict = {}  # pool -> this session's shared channel there
 
 

@@ -23,7 +23,7 @@ REFUSE = "refuse"  # would break the proxy: answered with -ERR
 POLICY: dict[bytes, str] = {
     **dict.fromkeys([b"quit", b"reset", b"hello", b"auth", b"select", b"client",
                      b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
-                     b"exec", b"discard", b"unwatch"], LOCAL),
+                     b"exec", b"discard", b"unwatch", b"config"], LOCAL),
     **dict.fromkeys([b"multi", b"watch"], PIN),
     **dict.fromkeys([b"subscribe", b"psubscribe", b"ssubscribe", b"monitor"], STREAM),
     **dict.fromkeys([b"blpop", b"brpop", b"brpoplpush", b"blmove", b"blmpop", b"bzpopmin",

@@ -59,6 +59,13 @@ class Setting:
     reloadable: bool = False
 
 
+def _percentiles(v: str) -> str:
+    values = [float(x) for x in v.split()]
+    if not values or any(not 0 < x <= 100 for x in values):
+        raise ValueError(f"percentiles must be numbers in (0, 100], separated by spaces: {v!r}")
+    return v
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT). Empty: no plain "
             "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and parse_addr(v) and v),
@@ -145,6 +152,22 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest unparsed request buffer per client.", check=_positive),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.",
             check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
+    Setting("log_format", str, "text", "Log lines as text, or json (one JSON object per line, loguru's "
+            "serialize: for log collectors).", check=_one_of("text", "json")),
+    Setting("stats", bool, True, "Keep per-command statistics and latency histograms at the proxy "
+            "(INFO proxy_commandstats / proxy_latencystats, PROXY SLOWLOG, /metrics). Off with "
+            "--no-stats."),
+    Setting("latency_tracking_info_percentiles", str, "50 99 99.9", "The percentiles INFO "
+            "proxy_latencystats shows (as Redis' latency-tracking-info-percentiles).",
+            check=_percentiles),
+    Setting("slowlog_log_slower_than", int, 10000, "PROXY SLOWLOG keeps requests that took longer than "
+            "this many microseconds, read to reply written (negative: none; 0: every request)."),
+    Setting("slowlog_max_len", int, 128, "Entries PROXY SLOWLOG keeps (the oldest go first).",
+            check=_non_negative),
+    Setting("hotkeys_sample", int, 64, "PROXY HOTKEYS counts the first key of one request in this many "
+            "(0: no hot-key counting).", check=_non_negative),
+    Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
+            "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m", "sentinel": "-s"}
@@ -178,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
         if s.type is bool:
             p.add_argument(*flags, dest=s.name, action="store_const", const=True, default=None, help=s.doc)
+            if s.default:  # on by default: --no-NAME turns it off
+                p.add_argument(f"--no-{s.name.replace('_', '-')}", dest=s.name, action="store_const", const=False,
+                               default=None, help=f"Turn '{s.name}' off.")
         elif s.type is list:
             p.add_argument(*flags, dest=s.name, action="append", default=None, help=s.doc)
         else:

@@ -28,7 +28,6 @@ from .keyspec import CONTAINER_KEY, key_positions
 from .mux import busy
 from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
-from .outbox import Outbox
 from .slots import key_slot
 from .users import DRYRUN, dryrun
 
@@ -52,12 +51,12 @@ class Sub:
 class ClusterSession(ClientSession):
     """One client connection in cluster mode."""
 
+    # plain one-key requests go out from the loop too (forward_plain); a reply that must not go out
+    # as it is (a redirection, a lost connection) holds the outbox until drain()
+    HOLD = _HOLD
+
     def __init__(self, app, sock, addr):
         super().__init__(app, sock, addr)
-        # plain one-key requests go out from the loop too (forward_plain); a reply that must not
-        # go out as it is (a redirection, a lost connection) holds the outbox until drain()
-        self.outbox = Outbox(sock, hold=_HOLD)
-        self.outbox.on_stuck = self._outbox_stuck
         self.inflight: list[Sub] = []
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests
@@ -133,15 +132,17 @@ class ClusterSession(ClientSession):
         if self.ns is not None or self.reads or box.stuck:
             return 0
         table, key = self.app.commands, self.key()
-        owner = self.app.router.topology.owner
+        owners = self.app.router.topology.slot_owners
         deadline = None
+        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
+        t0 = self.last_active
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
             pos = _fast_key(table, name, len(args))
             if not pos:
                 return k
             slot = key_slot(args[pos])
-            addr = owner(slot)
+            addr = owners[slot]
             ch = self.chans.get(addr)
             if ch is None or ch.closed or ch.key != key:
                 return k  # the batch path opens it
@@ -150,6 +151,8 @@ class ClusterSession(ClientSession):
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
+            if track is not None:
+                track(name, t0, raw)
             box.send(ch, raw, (raw, slot, name, addr), deadline)
         return len(reqs)
 
@@ -157,6 +160,7 @@ class ClusterSession(ClientSession):
         box = self.outbox
         held = box.held_all()
         batch = self.batch = Batch(len(held))
+        self.held_stats(batch, [(name, raw) for _, _, (raw, _, name, _) in held])
         for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
             batch.replies[j] = frame
             if fact is not None:

@@ -15,10 +15,10 @@ import hashlib
 import random
 from binascii import hexlify
 
-from . import dbns, resp
+from . import admin, dbns, resp
 from . import errors as E
 from .client import ClientSession
-from .local import _append_proxy_section
+from .local import append_proxy_sections
 from .slots import key_slot
 
 SCRIPTS: dict[bytes, bytes] = {}  # sha1 -> body of scripts loaded through SCRIPT LOAD (NOSCRIPT repair)
@@ -180,6 +180,8 @@ def function(s, i, args, raw, batch):
 
 def config(s, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
+    if sub == b"resetstat" and len(args) == 2:
+        admin.reset_stats(s.app)
     if sub in (b"set", b"resetstat"):
         return fan(s, i, args, batch, first)
     one(s, i, args, raw, batch)
@@ -221,15 +223,13 @@ def ssubscribe(s, i, args, raw, batch):
 
 def info(s, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
-    if sections == {b"proxy"}:
+    if sections and sections <= admin.PROXY_SECTIONS:
         return ClientSession.dispatch(s, i, args, raw, batch)
-    proxy = not sections or bool(sections & {b"proxy", b"all", b"everything", b"default"})
 
     def merge(frames):
         texts = [_text(resp.decode(f)) for f in frames]
         out = _merge_info(texts, s.app.router.topology)
-        frame = resp.verbatim(out, s.proto)
-        return _append_proxy_section(s, frame) if proxy else frame
+        return append_proxy_sections(s, resp.verbatim(out, s.proto), sections)
     fan(s, i, args, batch, merge)
 
 

@@ -155,21 +155,25 @@ def select(s, i, args, raw, batch):
 
 def info(s, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
-    if sections == {b"proxy"}:
-        return _reply(batch, i, resp.verbatim(admin.proxy_section(s.app), s.proto))
-    s.forward(i, raw, batch)
-    if not sections or sections & {b"proxy", b"all", b"everything", b"default"}:
-        s.post.append((i, lambda frame: _append_proxy_section(s, frame)))
+    if sections and sections <= admin.PROXY_SECTIONS:  # the proxy's own sections only: no backend
+        return _reply(batch, i, resp.verbatim(admin.proxy_info(s.app, sections), s.proto))
+    s.forward(i, raw, batch)  # the server leaves out the section names it does not know
+    if admin.proxy_info(s.app, sections, probe=True):
+        s.post.append((i, lambda frame: append_proxy_sections(s, frame, sections)))
 
 
-def _append_proxy_section(s, frame: bytes) -> bytes:
+def append_proxy_sections(s, frame: bytes, sections: set) -> bytes:
+    """The server's INFO reply with the proxy's sections that `sections` asks for after it."""
     if frame[:1] not in (b"$", b"="):
+        return frame
+    text = admin.proxy_info(s.app, sections)
+    if not text:
         return frame
     # bytes, not text: INFO may hold any bytes (errorstats count error prefixes scripts made up)
     body = frame[frame.index(b"\r\n") + 2:-2]
     if frame[:1] == b"=":
         body = body[4:]  # "txt:"
-    body = body.rstrip(b"\r\n") + b"\r\n\r\n" + admin.proxy_section(s.app).encode()
+    body = body.rstrip(b"\r\n") + b"\r\n\r\n" + text.encode()
     return b"=%d\r\ntxt:%s\r\n" % (len(body) + 4, body) if frame[:1] == b"=" else resp.bulk(body)
 
 
@@ -349,9 +353,16 @@ def proxy(s, i, args, raw, batch):
     _reply(batch, i, admin.proxy_command(s, args))
 
 
+def config(s, i, args, raw, batch):
+    """CONFIG goes to the server; CONFIG RESETSTAT resets the proxy's statistics too."""
+    if len(args) == 2 and args[1].lower() == b"resetstat":
+        admin.reset_stats(s.app)
+    s.forward(i, raw, batch)
+
+
 LOCAL = {
     b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
     b"select": select, b"info": info, b"exec": exec_, b"discard": exec_, b"unwatch": unwatch,
     b"unsubscribe": unsubscribe, b"punsubscribe": unsubscribe, b"sunsubscribe": unsubscribe,
-    b"client": client, b"proxy": proxy,
+    b"client": client, b"proxy": proxy, b"config": config,
 }

@@ -42,6 +42,7 @@ class Outbox:
         "slots",
         "stuck",
         "touched",
+        "track",
         "waiter",
         "watcher",
         "write_seq",
@@ -63,10 +64,11 @@ class Outbox:
         self.waiter: Waiter | None = None  # the client greenlet waiting for idle()
         self.closed = False
         self.hub = get_hub()
-        self.touched = False  # replies handed out by the read in progress: push() follows
+        self.touched = False  # replies handed out by a read: push() follows (in hold mode, after the loop iteration)
+        self.track = None  # cmdstats.Track while statistics are on: each request's name and read time
 
     def idle(self) -> bool:
-        return not self.left and not self.out and not self.pending
+        return not self.left and not self.out and not self.pending and not self.touched
 
     def take(self, frame: bytes) -> None:
         """A reply came (the channel calls push() once its read is handed out)."""
@@ -90,6 +92,8 @@ class Outbox:
             self._sort()
         pending = self.pending
         if pending:
+            if self.track is not None:
+                self.track.written(pending)
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             if self.out:

@@ -91,6 +91,7 @@ class PlainPath:
         router sends again where it says (after a failover), as for any batch (_ha_recover)."""
         held = self.outbox.held_all()
         batch = self.batch = Batch(len(held))
+        self.held_stats(batch, [(name, raw) for _, _, (raw, name, _, _) in held])
         self.ha_sent = []
         for j, (frame, fact, (raw, name, key, pool)) in enumerate(held):
             batch.replies[j] = frame
@@ -100,6 +101,16 @@ class PlainPath:
             self.ha_sent.append((j, raw, name, None, key, pool))
         self.settle()
         self.flush(batch, len(held))
+
+    def held_stats(self, batch: Batch, held: list) -> None:
+        """Held replies leave the plain path's statistics (outbox.track) for the batch's: the batch
+        path records them when it writes them, timed from their read."""
+        track = self.outbox.track
+        if track is None:
+            return
+        dropped = track.drop(len(held))
+        batch.reqs = [([name], raw) for name, raw in held]
+        batch.t0 = dropped[0][1] if dropped else monotonic()
 
     def forward_plain_ha(self, reqs: list, wait: bool = True) -> int:
         """forward_plain of the HA modes: each request on the pool the router picks (the primary, or
@@ -112,6 +123,8 @@ class PlainPath:
         key = self.key()
         chans = self.plain_chans
         deadline = None
+        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
+        t0 = self.last_active
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
             if not forwards(name, len(args)):
@@ -130,6 +143,8 @@ class PlainPath:
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
+            if track is not None:
+                track(name, t0, raw)
             box.send(ch, raw, (raw, name, key, pool), deadline)
         return len(reqs)
 
@@ -163,6 +178,8 @@ class PlainPath:
         box = self.outbox
         forwards = self.app.commands.forwards
         ch = deadline = None
+        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
+        t0 = self.last_active
         for k, (args, raw) in enumerate(reqs):
             name = args[0].lower()
             if not forwards(name, len(args)):
@@ -175,6 +192,8 @@ class PlainPath:
             if not self._room(wait) or ch.closed:
                 return k
             self.last_cmd = name
+            if track is not None:
+                track(name, t0, raw)
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
 

@@ -483,6 +483,9 @@ def value(v, proto: int) -> bytes:
         return (b"#t\r\n" if v else b"#f\r\n") if proto == 3 else integer(int(v))
     if isinstance(v, int):
         return integer(v)
+    if isinstance(v, float):  # RESP3 double; RESP2: its text, as the server sends ZSCORE
+        text = repr(v).encode()
+        return b",%s\r\n" % text if proto == 3 else bulk(text)
     if isinstance(v, (bytes, str)):
         return bulk(v)
     if isinstance(v, dict):

@@ -36,6 +36,7 @@ class Router:
         self.topology = topology
         self.ha = cfg.mode in HA_MODES
         self.changed = Event()  # set (and replaced) by every publish
+        self.publishes = 0  # topology snapshots published (the monitor's refreshes that changed something)
         self.wake = Event()  # tells the monitor to look now
         self.suspects: set = set()
         self.verdict: Event | None = None  # set once the monitor has looked at the suspects
@@ -67,6 +68,7 @@ class Router:
     def publish(self, topology: Topology) -> None:
         old = self.last_primary
         self.topology = topology  # one assignment: readers see the old or the new snapshot
+        self.publishes += 1
         if self.ha and topology.primary is not None:
             self.last_primary = topology.primary
             self._revive(topology)

@@ -7,6 +7,7 @@ the first '{' and the first '}' after it when that text is not empty, modulo 163
 
 from __future__ import annotations
 
+import os
 from binascii import crc_hqx
 
 SLOTS = 16384
@@ -27,3 +28,13 @@ def key_slot(key: bytes) -> int:
     if isinstance(key, str):
         key = key.encode()
     return crc_hqx(hash_part(key), 0) & 0x3FFF
+
+
+# The compiled twin (vproxy/_resp.pyx) when it is built, as for the parser (resp.IMPL): same answers
+# (tests/test_slots.py compares them), without the slicing and the two calls per key.
+pure_key_slot = key_slot
+if os.environ.get("VPROXY_PURE") != "1":
+    try:
+        from ._resp import key_slot  # noqa: F811 - the point: replace the pure one
+    except ImportError:  # not built, or built before it had key_slot
+        pass

@@ -18,6 +18,7 @@ from time import monotonic
 import gevent
 from gevent.event import Event
 from gevent.hub import Waiter, get_hub
+from loguru import logger
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
@@ -38,12 +39,18 @@ class Batch:
     sent (True, or TIMED_OUT: the server may have run it) or never left vproxy (False: safe to
     send again)."""
 
-    __slots__ = ("_event", "_waiter", "left", "lost", "replies")
+    __slots__ = ("_event", "_waiter", "left", "lost", "rec_from", "rejected", "replies", "reqs", "t0")
 
     def __init__(self, n: int):
         self.replies: list = [None] * n
         self.left = 0
         self.lost: dict[int, bool] | None = None
+        # statistics (the session's, cmdstats.py): the requests as read, when, which vproxy refused,
+        # and how many replies are recorded already (an early flush records the first ones)
+        self.reqs: list | None = None
+        self.t0 = 0.0
+        self.rejected: set | None = None
+        self.rec_from = 0
         self._event: Event | None = None
         self._waiter: Waiter | None = None
 
@@ -307,7 +314,12 @@ class Channel:
                             return
         finally:
             for box in boxes:
-                box.push()
+                if box.hold is None:  # one channel carries all its requests: this read is all there is
+                    box.push()
+                else:  # cluster/HA: other nodes' reads in this loop iteration may add replies
+                    if not _touched:
+                        self._loop.run_callback(_push_touched)
+                    _touched.append(box)
 
     def expired(self, now: float) -> bool:
         """True when the oldest request has waited past its deadline."""
@@ -353,6 +365,22 @@ class Channel:
 
     def close(self) -> None:
         self.abort(backend_unavailable(self.conn.name, "connection closed by vproxy"))
+
+
+# Outboxes in hold mode (numbered requests spread over several channels) whose replies came in during
+# this loop iteration: pushed once, after every channel read of the iteration, so that a client whose
+# pipeline went to three nodes gets one send, not three.
+_touched: list = []
+
+
+def _push_touched() -> None:
+    boxes = _touched[:]
+    _touched.clear()
+    for box in boxes:
+        try:
+            box.push()
+        except Exception:  # noqa: BLE001 - a bug: the other clients' replies still go out
+            logger.exception("writing a client's replies failed")
 
 
 def deadline_after(seconds: float) -> float:

@@ -48,6 +48,7 @@ class NodePool:
         self.connects = 0
         self.failures = 0
         self.events = RateLog()
+        self.troubles = {"connect": 0, "lost": 0, "timeout": 0}  # counted by kind (INFO proxy_backendstats)
         self.trouble_since = 0.0  # when the node last failed us (0: fine since the last connect)
         self.failed_connects = 0  # connect attempts failed since then
         self.closing = False  # the pool itself is closing connections: their loss is no news
@@ -180,6 +181,7 @@ class NodePool:
 
     def _trouble(self, kind: str, text: str) -> None:
         self.trouble_since = self.trouble_since or monotonic()
+        self.troubles[kind] = self.troubles.get(kind, 0) + 1
         self.events.log(kind, "WARNING", text)
 
     def expire(self, now: float) -> None:
@@ -194,6 +196,11 @@ class NodePool:
     def quiet(self) -> bool:
         """Nothing in flight and nothing pinned: closing loses no request."""
         return not self.leased and not any(ch.waiters for chans in self.shared.values() for ch in chans)
+
+    def in_flight(self) -> int:
+        """Requests sent (or queued) on this node's connections whose reply has not come yet."""
+        return sum(len(ch.waiters) for chans in self.shared.values() for ch in chans) + \
+            sum(len(ch.waiters) for ch in self.leased)
 
     def counts(self) -> dict[str, int]:
         return {

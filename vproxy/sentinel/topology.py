@@ -71,6 +71,12 @@ class ClusterTopology(Topology):
         i = self.slots[slot] if self.slots else -1
         return self.shards[i].primary if i >= 0 else None
 
+    @cached_property
+    def slot_owners(self) -> tuple:
+        """owner() of every slot, as one table: the cluster plain path looks a slot up per request."""
+        shards = self.shards
+        return tuple(shards[i].primary if i >= 0 else None for i in self.slots) if self.slots else (None,) * SLOTS
+
     def shard_of(self, slot: int) -> Shard | None:
         i = self.slots[slot] if self.slots else -1
         return self.shards[i] if i >= 0 else None
