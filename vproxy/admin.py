@@ -38,6 +38,7 @@ def proxy_section(app) -> str:
         "auth_failures": app.stats.auth_failures,
         "tls_connected_clients": sum(1 for c in app.clients.values() if c.tls),
         "tls_handshake_failures": app.stats.tls_handshake_failures,
+        "output_limit_disconnects": app.stats.output_limit_disconnects,
         "backend_users": len(app.user_sessions),  # client ACL users with sessions (users.py)
         "backend_connections_shared": counts["shared"],
         "backend_connections_pinned": counts["pinned"],

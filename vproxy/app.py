@@ -45,6 +45,7 @@ class App:
         self.serving = Event()  # set once clients may be served (see start)
         self.user_sessions: dict = {}  # Credentials -> sessions running as that backend user (users.py)
         self.users_gone = False  # a user lost its last session: the janitor closes its connections
+        self.limit_log = RateLog()  # clients dropped by a limit (client_output_buffer_limit)
         self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)

@@ -105,6 +105,9 @@ class ClientSession(PlainPath):
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:
             self.outbox.on_stuck = self._outbox_stuck
+        if cfg.client_output_buffer_limit:
+            self.outbox.limit = cfg.client_output_buffer_limit
+            self.outbox.on_overflow = self.output_overflow
         if app.cmdstats.enabled:
             self.outbox.track = Track(app.cmdstats, self)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
@@ -208,6 +211,9 @@ class ClientSession(PlainPath):
         else:  # an early flush (a blocking command or a stream is next): these are written now
             out = [r for r in replies[:upto] if r is not None]
             replies[:upto] = [None] * upto
+        limit = self.app.cfg.client_output_buffer_limit
+        if limit and sum(map(len, out)) > limit:  # what the server's buffer would hold, unsent
+            return self.output_overflow(sum(map(len, out)))
         if len(out) == 1:
             return self.write(out[0])
         size = sum(map(len, out))
@@ -221,6 +227,19 @@ class ClientSession(PlainPath):
         if upto == len(replies):
             batch.replies = [None] * upto  # the frames live in `out` alone: each is freed once written
         self._write_chunked(out)
+
+    def output_overflow(self, size: int) -> None:
+        """The client left more reply bytes unread than client_output_buffer_limit: it is dropped."""
+        app = self.app
+        app.stats.output_limit_disconnects += 1
+        app.limit_log.log("output", "WARNING", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) disconnected: "
+                          f"{size} bytes of replies unread, past client_output_buffer_limit "
+                          f"({app.cfg.client_output_buffer_limit})")
+        self.closing = True
+        try:  # the greenlet (parked, or waiting in send) sees the end of the connection
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _write_chunked(self, out: list) -> None:
         """Big replies: written in pieces of about WRITE_CHUNK, never copied into one huge buffer."""

@@ -148,6 +148,11 @@ SETTINGS: tuple[Setting, ...] = (
             check=_non_negative),
     Setting("proto_max_bulk_len", int, 512 * 1024 * 1024, "Largest bulk argument a client may send.",
             check=_positive),
+    Setting("client_output_buffer_limit", int, 0, "Most reply bytes vproxy holds for one client that "
+            "does not read them (replies in, not yet taken by the client's socket; a window of pipelined "
+            "replies counts whole); past it the client is disconnected, as by the server's "
+            "client-output-buffer-limit hard limit. 0: no limit (the server's default for normal clients). "
+            "Subscribers are bounded by the backend's own pubsub limit.", check=_non_negative),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
             "Largest unparsed request buffer per client.", check=_positive),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.",
