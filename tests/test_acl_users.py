@@ -180,6 +180,20 @@ def test_client_list_shows_the_user(proxy, server, users):
         c.close()
 
 
+def test_client_kill_user(proxy, server, users):
+    w1, w2, r = RawClient(proxy.port), RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        for c, u, pw in ((w1, "writer", "wpass"), (w2, "writer", "wpass"), (r, "reader", "rpass")):
+            assert c.call("AUTH", u, pw) == b"+OK\r\n"
+        with proxy.client() as admin:
+            assert admin.execute_command("CLIENT", "KILL", "USER", "writer") == 2
+        assert w1.closed_by_peer() and w2.closed_by_peer()
+        assert r.call("GET", "app:1") == b"$-1\r\n"
+    finally:
+        for c in (w1, w2, r):
+            c.close()
+
+
 def test_proxy_password_keeps_vproxy_the_gate(server, users, start_password_proxy):
     """With a proxy `password`, AUTH is checked by vproxy alone, as before (no backend users)."""
     p = start_password_proxy("sekret", "--backend", server.addr)

@@ -164,7 +164,8 @@ def client_list(app, filters: list) -> str:
 
 
 def client_kill(s, args: list) -> bytes:
-    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `SKIPME yes|no`, or the old `addr` form."""
+    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `USER name`, `SKIPME yes|no`, or the
+    old `addr` form."""
     app = s.app
     if len(args) == 3:  # old form: CLIENT KILL addr:port
         victims = [c for c in app.clients.values() if _fmt_addr(c.addr) == args[2].decode(errors="replace")]
@@ -186,13 +187,15 @@ def client_kill(s, args: list) -> bytes:
             victims = [c for c in victims if c.id == cid]
         elif key == b"addr":
             victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
+        elif key == b"user":  # the backend user each client runs as (users.py)
+            victims = [c for c in victims if user_name(c) == val.decode(errors="replace")]
         elif key == b"skipme":
             if val.lower() not in (b"yes", b"no"):
                 return resp.error(E.SYNTAX)
             skipme = val.lower() == b"yes"
         else:
             return resp.error(f"ERR vproxy: CLIENT KILL {key.decode(errors='replace').upper()} is not "
-                              "supported through the proxy (use ID or ADDR)")
+                              "supported through the proxy (use ID, ADDR or USER)")
     if skipme:
         victims = [c for c in victims if c is not s]
     _kill(victims)

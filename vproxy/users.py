@@ -4,7 +4,7 @@ With no proxy `password` (vproxy is not the gate), a client's credentials are th
 business, exactly as on a direct connection:
 
     AUTH [user] pass / HELLO ... AUTH user pass
-        -> the primary's AUTH check connection (NodePool.check_auth): the server's own reply
+        -> the primary's AUTH check connection (NodePool.check): the server's own reply
         -> +OK: session.user = Credentials(user, pass); its key (db, protocol, user) now picks
            connections authenticated as that user: shared, pinned (MULTI, blocking, pub/sub) and
            SCRIPT/FUNCTION KILL's own; none of them ever serves another user

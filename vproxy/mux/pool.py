@@ -88,9 +88,8 @@ class NodePool:
 
     def check(self, request: list, key: tuple = AUTH_CHECK) -> bytes:
         """The server's reply to `request` (AUTH user pass, AUTH pass; ACL DRYRUN with ACL_CHECK) on a
-        check connection; sent once more if that connection was lost first (the server kills the
-        connections of a user it deletes, and an AUTH check connection is authenticated as the last
-        user it checked). Raises BackendError when the node cannot be reached."""
+        check connection; sent once more if that connection was lost before it was answered.
+        Raises BackendError when the node cannot be reached."""
         raw = resp.encode_request(request)
         batch = self._ask(raw, key)
         if batch.lost:
