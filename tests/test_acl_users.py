@@ -321,3 +321,19 @@ def test_auth_inside_a_resp3_subscription(proxy, server, users):
     via, direct = run(proxy.port), run(server.port)
     assert via == direct
     assert via[4] == b"$6\r\nreader\r\n" and via[5].startswith(b"-NOPERM")
+
+
+def test_acl_log_names_the_user_and_what_was_denied(proxy, server, users):
+    """The server's ACL LOG records a denial made through vproxy as it records a direct one (the
+    client-info is vproxy's connection's, the rest the same)."""
+    admin = server.client()
+    entries = {}
+    for port in (proxy.port, server.port):
+        admin.execute_command("ACL", "LOG", "RESET")
+        with RawClient(port) as c:
+            assert c.call("AUTH", "reader", "rpass") == b"+OK\r\n"
+            assert c.call("GET", "other").startswith(b"-NOPERM")
+            assert c.call("AUTH", "reader", "bad").startswith(b"-WRONGPASS")
+        entries[port] = sorted((e["reason"], e["object"], e["username"]) for e in admin.acl_log())
+    assert entries[proxy.port] == entries[server.port]
+    assert len(entries[proxy.port]) == 2

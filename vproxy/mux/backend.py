@@ -63,18 +63,21 @@ class BackendConn:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True,
-                cfg=None) -> None:
+                cfg=None, client_user: bool = False) -> None:
         """Open the socket and run the handshake; raises BackendError naming the backend.
 
         handshake=False: the socket only (busy.py sends AUTH itself, behind its one request).
-        cfg: the settings, for TLS (backend_tls ...); None: plain TCP."""
+        cfg: the settings, for TLS (backend_tls ...); None: plain TCP.
+        client_user: the credentials are a client's (users.py): see _user_handshake."""
         try:
             with gevent.Timeout(timeout, BackendError(f"connect timed out after {timeout:g}s")):
                 self.sock = socket.create_connection(self.addr)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if cfg is not None and cfg.backend_tls:
                     self.sock = tls.wrap_backend(self.sock, cfg, self.addr[0])
-                if handshake:
+                if handshake and client_user:
+                    self._user_handshake(username, password)
+                elif handshake:
                     self._handshake(username, password)
         except OSError as e:  # ssl.SSLError too (a certificate refused ...)
             self.close()
@@ -82,6 +85,25 @@ class BackendConn:
         except BackendError:
             self.close()
             raise
+
+    def _user_handshake(self, username: bytes, password: bytes) -> None:
+        """A connection for a client's own ACL user: one HELLO authenticates, sets the protocol and
+        the name, and says the connection's id. HELLO is never denied by ACL rules, where CLIENT
+        SETNAME / CLIENT ID would be for many users (and each denial would land in the server's
+        ACL LOG under the client's name)."""
+        steps = [[b"HELLO", b"%d" % self.proto, b"AUTH", username, password, b"SETNAME", b"vproxy"]]
+        if self.db:
+            steps.append([b"SELECT", str(self.db).encode()])
+        self.send(b"".join(resp.encode_request(s) for s in steps))
+        frames = self.read_n(len(steps), "connection closed by backend during handshake")
+        for step, frame in zip(steps, frames):
+            if frame[:1] == b"-":
+                raise AuthError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}", frame)
+        hello = resp.decode(frames[0])
+        if isinstance(hello, list):  # RESP2: a flat list of names and values
+            hello = dict(zip(hello[::2], hello[1::2]))
+        if isinstance(hello, dict) and isinstance(hello.get(b"id"), int):
+            self.backend_id = hello[b"id"]
 
     def _handshake(self, username: str, password: str) -> None:
         steps = auth_steps(self.proto, username, password)

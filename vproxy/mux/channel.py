@@ -213,7 +213,7 @@ class Channel:
         user = self.key[2] if len(self.key) > 2 else None
         try:
             if isinstance(user, Credentials):  # a client's own backend user (AUTH through vproxy)
-                self.conn.connect(cfg.connect_timeout, user.user, user.password, cfg=cfg)
+                self.conn.connect(cfg.connect_timeout, user.user, user.password, cfg=cfg, client_user=True)
             else:
                 self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg=cfg)
         except AuthError as e:
