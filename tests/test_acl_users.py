@@ -222,6 +222,12 @@ def test_backend_user_of_vproxy_and_passwords_never_logged(server, users, start_
         admin.execute_command("ACL", "DELUSER", "reader")
         wait_for(lambda: c.call("GET", "app:1").startswith(b"-WRONGPASS"), what="the deleted user refused")
         assert c.call("PROXY", "CONFIG", "GET", "backend_password") != b"$9\r\nvpxsecret\r\n"
+    admin.execute_command("ACL", "SETUSER", "vproxy", "-acl|dryrun")
+    with RawClient(p.port) as c:  # vproxy cannot check a user's rights: it refuses, and says why
+        assert c.call("AUTH", "writer", "wpass") == b"+OK\r\n"
+        assert c.call("CLIENT", "SETNAME", "x") == (b"-ERR vproxy: cannot check 'client' against the rights of "
+                                                    b"user 'writer': vproxy's backend user needs +acl|dryrun\r\n")
+        assert c.call("SET", "app:ok", "1") == b"+OK\r\n"  # forwarded commands: the server checks them
     p.stop()
     text = log.read_text()
     for secret in ("vpxsecret", "rpass"):

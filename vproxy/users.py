@@ -87,7 +87,8 @@ def user_name(s) -> str:
 
 def dryrun(s, args: list) -> bytes | None:
     """None when the session's user may run args (ACL DRYRUN), else the -NOPERM error the server
-    would give (vproxy's own backend user needs +acl|dryrun; without it the command is refused)."""
+    would give (vproxy's own backend user needs +acl|dryrun; without it the command is refused
+    with vproxy's error saying so)."""
     try:
         frame = s.app.router.primary().check([b"ACL", b"DRYRUN", s.user.user, *args], ACL_CHECK)
     except BackendError as e:
@@ -99,4 +100,8 @@ def dryrun(s, args: list) -> bytes | None:
         if why.startswith(b"This user"):
             why = b"t" + why[1:]
         return b"-NOPERM " + why + b"\r\n"
-    return frame  # an error: unknown command, or vproxy's user may not run ACL DRYRUN
+    if frame.startswith(b"-NOPERM"):  # vproxy's own user may not ask: refuse rather than guess
+        return resp.error(f"ERR vproxy: cannot check '{args[0].decode(errors='replace').lower()}' against the "
+                          f"rights of user '{s.user.user.decode(errors='replace')}': vproxy's backend user needs "
+                          "+acl|dryrun")
+    return None  # another error (a subcommand the server does not know ...): vproxy's handler answers
