@@ -448,3 +448,32 @@ def test_replication_mode_over_tls(certs, start_proxy):
         for s in (replica, primary):
             if s is not None:
                 s.stop()
+
+
+@needs_tls_server
+def test_sentinel_mode_over_tls(certs, start_proxy, tmp_path):
+    """A Sentinel reached with TLS (its tls-port), naming a primary reached with TLS."""
+    from conftest import Server
+
+    ptls, stls = free_port(), free_port()
+    primary = Server("redis7", None, *_tls_node_args(certs, ptls))
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port 0\nbind 127.0.0.1\ndir {tmp_path}\ntls-port {stls}\ntls-cert-file {certs.server_crt}\n"
+                    f"tls-key-file {certs.server_key}\ntls-ca-cert-file {certs.ca_crt}\ntls-auth-clients yes\n"
+                    f"tls-replication yes\nsentinel monitor mymaster 127.0.0.1 {ptls} 1\n")
+    sentinel = subprocess.Popen([REDIS7, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        sc = redis.Redis(port=stls, ssl=True, ssl_ca_certs=certs.ca_crt, ssl_certfile=certs.client_crt,
+                         ssl_keyfile=certs.client_key, socket_timeout=5)
+        wait_for(lambda: sc.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"),
+                 what="the TLS sentinel")
+        p = start_proxy("--mode", "sentinel", "--sentinel", f"127.0.0.1:{stls}", "--master", "mymaster",
+                        "--backend-tls", "--backend-tls-ca-cert-file", certs.ca_crt, "--backend-tls-cert-file",
+                        certs.client_crt, "--backend-tls-key-file", certs.client_key)
+        with p.client() as r:
+            assert r.set("sk", "1") and r.get("sk") == b"1"
+        assert primary.client().get("sk") == b"1"
+    finally:
+        stop_process(sentinel, 10)
+        primary.stop()
