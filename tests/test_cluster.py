@@ -552,3 +552,38 @@ def test_scan_cursor_reads_like_valkey(r, cluster):
     assert raw_exchange(port, RawClient.encode("SCAN", "0 "), 1) == [b"-ERR invalid cursor\r\n"]
     for cursor in (" 0", "+0", "00"):
         assert raw_exchange(port, RawClient.encode("SCAN", cursor), 1)[0].startswith(b"*2\r\n")
+
+
+def test_statistics_and_the_servers_stats_across_primaries(r, proxy, cluster):
+    """The proxy counts each client request once (a split MGET is one call); INFO commandstats and
+    SLOWLOG are the servers', merged over every primary (a split MGET is one call per node there)."""
+    assert r.config_resetstat()  # the proxy's statistics and every primary's
+    for k in KEYS:
+        r.set(k, 1)
+    assert r.mget(KEYS) == [b"1"] * len(KEYS)
+    mine = r.execute_command("INFO", "proxy_commandstats")
+    assert mine["cmdstat_set"]["calls"] == len(KEYS) and mine["cmdstat_mget"]["calls"] == 1
+    servers = r.info("commandstats")
+    assert servers["cmdstat_set"]["calls"] == len(KEYS)  # summed: each primary saw only its share
+    per_node = sum(n.client().info("commandstats").get("cmdstat_mget", {}).get("calls", 0) for n in cluster.primaries)
+    assert servers["cmdstat_mget"]["calls"] == per_node >= 2
+    try:
+        for n in cluster.primaries:
+            n.client().config_set("slowlog-log-slower-than", 0)
+        assert r.slowlog_reset()
+        for k in KEYS[:9]:
+            r.set(k, "slow")
+        # every node logs everything now (the monitor's and these requests too): the merged log has
+        # the nine SETs once each, from every node, newest first
+        before = sum(n.client().slowlog_len() for n in cluster.primaries)
+        merged = r.slowlog_len()
+        assert merged >= before >= 9
+        entries = r.slowlog_get(-1)
+        assert len(entries) >= merged
+        assert [e["start_time"] for e in entries] == sorted((e["start_time"] for e in entries), reverse=True)
+        sets = [e["command"] for e in entries if e["command"].startswith(b"SET ")]
+        assert sorted(sets) == sorted(b"SET %s slow" % k.encode() for k in KEYS[:9])
+        assert len(r.slowlog_get(3)) == 3
+    finally:
+        for n in cluster.primaries:
+            n.client().config_set("slowlog-log-slower-than", 10000)

@@ -67,12 +67,13 @@ def test_compiled_twin_agrees_with_the_pure_one():
         stats = cmdstats.CommandStats(lambda n: n != b"nosuch", slower_than_us=-1)
         stats.by_name[b"get"] = stat_cls()
         track = track_cls(stats, None)
-        t0 = time.monotonic()
-        for name in (b"get", b"nosuch", b"get", b"set"):
-            track.add(name, t0, b"*1\r\n$3\r\nGET\r\n")
+        track.start(time.monotonic())
+        for name in (b"GET", b"nosuch", b"get", b"set"):
+            track.add(([name, b"k"], b"*2\r\n$3\r\n%s\r\n$1\r\nk\r\n" % name))
         track.written([b"$1\r\nx\r\n", b"-ERR unknown\r\n", b"-WRONGTYPE x\r\n"])
-        assert [e[0] for e in track.drop(5)] == [b"set"]
+        assert [req[0][0] for req, _ in track.drop(5)] == [b"set"]
         assert (stats.by_name[b"get"].calls, stats.by_name[b"get"].failed, stats.unknown) == (2, 1, 1)
+        assert set(stats.by_name) == {b"get"}  # "GET" and "get" are one command
 
 
 # ---- through a live proxy ----

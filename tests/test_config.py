@@ -77,3 +77,23 @@ def test_embedded_with_a_backend_is_refused():
                          text=True, timeout=30)
     assert out.returncode == 2
     assert "setting 'embedded'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_deployment_examples_load(tmp_path):
+    """conf/deploy: the Kubernetes ConfigMap's vproxy.toml and the systemd unit's flags are settings vproxy takes."""
+    import shlex
+    import textwrap
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parent.parent / "conf" / "deploy"
+    text = (deploy / "kubernetes.yaml").read_text()
+    block = text.split("vproxy.toml: |\n", 1)[1].split("\n---", 1)[0]
+    conf = tmp_path / "vproxy.toml"
+    conf.write_text(textwrap.dedent(block))
+    cfg = load(["-c", str(conf)], env={})
+    assert (cfg.admin_listen, cfg.drain_timeout, cfg.log_format) == ("0.0.0.0:9121", 20.0, "json")
+    unit = (deploy / "vproxy.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    flags = shlex.split(exec_start.split("=", 1)[1])[1:]
+    cfg = load([f if f != "/etc/vproxy/vproxy.toml" else str(conf) for f in flags], env={})
+    assert cfg.workers == "auto"

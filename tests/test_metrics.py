@@ -161,3 +161,35 @@ def test_grafana_dashboard_queries_only_exported_metrics(setup):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     named = {m for e in exprs for m in re.findall(r"\b(vproxy_[a-z_]+)\b", e)}
     assert named and named <= exported, named - exported
+
+
+def test_sigterm_drains_between_replies(server):
+    """SIGTERM: /readyz turns 503, an idle client is closed at once, a client whose blocking command
+    is in flight gets its reply first, then the process exits."""
+    import signal
+    import threading
+    import time
+
+    import redis
+
+    admin = free_port()
+    p = Proxy("--backend", server.addr, "--admin-listen", f"127.0.0.1:{admin}", "--drain-timeout", "10")
+    idle, busy = p.client(socket_timeout=20), p.client(socket_timeout=20)
+    idle.ping()
+    got = {}
+
+    def blpop():
+        t = time.monotonic()
+        got["reply"] = busy.blpop(["drain:empty"], 1.5)
+        got["took"] = time.monotonic() - t
+    th = threading.Thread(target=blpop)
+    th.start()
+    wait_for(lambda: any(c.get("cmd") == "blpop" for c in server.client().client_list()), what="the BLPOP")
+    p.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: http(admin, "/readyz")[0] == 503, what="/readyz 503 while draining")
+    with pytest.raises(redis.ConnectionError):
+        idle.ping()
+    th.join(20)
+    assert got["reply"] is None and got["took"] >= 1.4  # the server's own answer to the BLPOP, not an error
+    assert p.proc.wait(20) == 0
+    p.stop()

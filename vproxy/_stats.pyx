@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, always_allow_keywords=False
 """The compiled twin of cmdstats.CommandStat and cmdstats.Track (vproxy/cmdstats.py is the reference).
 
 Per request the plain path adds one entry (add) and, when the reply is written, records it
@@ -102,54 +102,58 @@ cdef class Track:
     """cmdstats.Track: the plain path's requests in flight, recorded as their replies are written."""
 
     cdef public object stats, session
-    cdef object keys
+    cdef object keys, t0
     cdef long long sample
-    cdef list names, raws, t0s
+    cdef list reqs, t0s  # (args, raw) as the parser made it, and its read time (one float per read)
     cdef Py_ssize_t head
 
     def __init__(self, stats, session):
         self.stats, self.session = stats, session
         self.keys = stats.keys
         self.sample = stats.keys.sample
-        self.names, self.raws, self.t0s = [], [], []
+        self.reqs, self.t0s = [], []
         self.head = 0
+        self.t0 = 0.0
 
     @property
     def entries(self):
-        return list(zip(self.names[self.head:], self.t0s[self.head:], self.raws[self.head:]))
+        return list(zip(self.reqs[self.head:], self.t0s[self.head:]))
 
-    def add(self, name, double t0, bytes raw):
+    def start(self, t0):
+        """The read time of the requests add() is given next (one call per read)."""
+        self.t0 = t0
+
+    def add(self, tuple req):
         global _sampled
-        self.names.append(name)
-        self.t0s.append(t0)
-        self.raws.append(raw)
+        cdef bytes raw = req[1]
+        self.reqs.append(req)
+        self.t0s.append(self.t0)
         if self.sample:
             _sampled += 1
             if _sampled >= self.sample:
                 _sampled = 0
-                self.keys.seen(name, raw)
+                self.keys.seen(req[0][0].lower(), raw)
         if PyBytes_GET_SIZE(raw) > BIG_FLOOR and PyBytes_GET_SIZE(raw) > self.keys.big_min:
-            self.keys.big("request", name, raw, PyBytes_GET_SIZE(raw))
+            self.keys.big("request", req[0][0].lower(), raw, PyBytes_GET_SIZE(raw))
 
     cdef void _compact(self):
-        if self.head >= len(self.names):
-            self.names.clear()
+        if self.head >= len(self.reqs):
+            self.reqs.clear()
             self.t0s.clear()
-            self.raws.clear()
             self.head = 0
         elif self.head > 256:
-            del self.names[:self.head]
+            del self.reqs[:self.head]
             del self.t0s[:self.head]
-            del self.raws[:self.head]
             self.head = 0
 
     def written(self, list frames):
-        cdef double now = now_monotonic(), t0, took
+        cdef double now = now_monotonic(), took
         cdef double slow = -1.0
         cdef object stats = self.stats, st, name
-        cdef dict by_name = stats.by_name
-        cdef list names = self.names, t0s = self.t0s
-        cdef Py_ssize_t head = self.head, n = len(names)
+        cdef dict alias = stats.alias
+        cdef list reqs = self.reqs, t0s = self.t0s
+        cdef Py_ssize_t head = self.head, n = len(reqs)
+        cdef tuple req
         cdef bytes f
         cdef char c
         if stats.slow_s is not None:
@@ -157,27 +161,27 @@ cdef class Track:
         for f in frames:
             if head >= n:
                 break
-            name = names[head]
-            t0 = t0s[head]
+            req = <tuple>reqs[head]
+            took = now - <double>t0s[head]
             head += 1
-            st = by_name.get(name)
+            name = req[0][0]
+            st = alias.get(name)
             if st is None:
-                st = stats._entry(name)
+                st = stats.entry_for(name)
                 if st is None:
                     continue
-            took = now - t0
             c = PyBytes_AS_STRING(f)[0] if PyBytes_GET_SIZE(f) else 0
             (<CommandStat?>st).add(<long long>(took * 1e6), c == 45 or c == 33)  # '-', '!'
             if slow >= 0 and took > slow:
-                stats.slow(self.session, self.raws[head - 1], took)
+                stats.slow(self.session, req[1], took)
             if PyBytes_GET_SIZE(f) > BIG_FLOOR and PyBytes_GET_SIZE(f) > self.keys.big_min:
-                self.keys.big("reply", name, self.raws[head - 1], PyBytes_GET_SIZE(f))
+                self.keys.big("reply", name.lower(), req[1], PyBytes_GET_SIZE(f))
         self.head = head
         self._compact()
 
     def drop(self, Py_ssize_t n):
-        cdef Py_ssize_t end = min(self.head + n, len(self.names))
-        out = list(zip(self.names[self.head:end], self.t0s[self.head:end], self.raws[self.head:end]))
+        cdef Py_ssize_t end = min(self.head + n, len(self.reqs))
+        out = list(zip(self.reqs[self.head:end], self.t0s[self.head:end]))
         self.head = end
         self._compact()
         return out

@@ -255,6 +255,10 @@ def proxy_command(s, args: list) -> bytes:
         return resp.value(topology_view(app), s.proto)
     if sub == b"clients":
         return resp.verbatim(client_list(app, []), s.proto)
+    if sub == b"reload" and len(args) == 2:
+        from .reload import reload
+
+        return resp.value(reload(app), s.proto)
     if sub == b"slowlog":
         return _slowlog(app, args[2:], s.proto)
     if sub in (b"hotkeys", b"bigkeys") and len(args) <= 3:
@@ -282,7 +286,7 @@ def proxy_command(s, args: list) -> bytes:
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
     return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
                        "PROXY TOPOLOGY", "PROXY STATS [RESET]", "PROXY SLOWLOG GET [count] | LEN | RESET",
-                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]"], s.proto)
+                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD"], s.proto)
 
 
 def _slowlog(app, args: list, proto: int) -> bytes:

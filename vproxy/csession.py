@@ -134,9 +134,12 @@ class ClusterSession(ClientSession):
         table, key = self.app.commands, self.key()
         owners = self.app.router.topology.slot_owners
         deadline = None
-        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
-        t0 = self.last_active
-        for k, (args, raw) in enumerate(reqs):
+        track = None
+        if box.track is not None:  # statistics (cmdstats.py)
+            box.track.start(self.last_active)
+            track = box.track.add
+        for k, req in enumerate(reqs):
+            args, raw = req
             name = args[0].lower()
             pos = _fast_key(table, name, len(args))
             if not pos:
@@ -152,7 +155,7 @@ class ClusterSession(ClientSession):
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
             if track is not None:
-                track(name, t0, raw)
+                track(req)
             box.send(ch, raw, (raw, slot, name, addr), deadline)
         return len(reqs)
 
@@ -160,7 +163,7 @@ class ClusterSession(ClientSession):
         box = self.outbox
         held = box.held_all()
         batch = self.batch = Batch(len(held))
-        self.held_stats(batch, [(name, raw) for _, _, (raw, _, name, _) in held])
+        self.held_stats(batch, len(held))
         for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
             batch.replies[j] = frame
             if fact is not None:

@@ -42,8 +42,8 @@ def stop_process(proc: subprocess.Popen, grace: float) -> None:
             proc.wait()
 
 
-def _die_with_parent():
-    """A preexec_fn (Linux): the child gets SIGKILL when the thread that forked it dies.
+def die_with_parent(sig: int = signal.SIGKILL):
+    """A preexec_fn (Linux): the child gets `sig` when the thread that forked it dies.
 
     vproxy forks from its main thread (gevent runs everything there), so the server dies with the
     process however it ends: a failed start, SIGKILL, a crash. None elsewhere: there only a clean
@@ -57,7 +57,7 @@ def _die_with_parent():
     parent = os.getpid()
 
     def preexec():
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, sig)
         if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
             os._exit(1)
     return preexec
@@ -79,7 +79,7 @@ class EmbeddedValkey:
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent())  # noqa: PLW1509 (vproxy runs in one thread, under gevent)
+            preexec_fn=die_with_parent())  # noqa: PLW1509 (vproxy runs in one thread, under gevent)
 
     @property
     def addr(self) -> tuple[str, int]:

@@ -187,6 +187,27 @@ def config(s, i, args, raw, batch):
     one(s, i, args, raw, batch)
 
 
+def slowlog(s, i, args, raw, batch):
+    """SLOWLOG across the primaries: GET merges the nodes' entries, newest first (ids are each
+    node's own), LEN sums, RESET runs on every node; anything else one node answers."""
+    sub = args[1].lower() if len(args) > 1 else b""
+    if sub == b"get" and len(args) <= 3:
+        n = resp.string2ll(args[2]) if len(args) == 3 else 10
+        if n is None or n < -1:
+            return one(s, i, args, raw, batch)  # the server's own error
+
+        def merge(frames):
+            entries = [e for f in frames for e in (resp.decode(f) or [])]
+            entries.sort(key=lambda e: (e[1], e[0]), reverse=True)
+            return resp.value(entries if n == -1 else entries[:n], s.proto)
+        return fan(s, i, args, batch, merge)
+    if sub == b"len" and len(args) == 2:
+        return fan(s, i, args, batch, sum_ints)
+    if sub == b"reset" and len(args) == 2:
+        return fan(s, i, args, batch, first)
+    one(s, i, args, raw, batch)
+
+
 def wait(s, i, args, raw, batch):
     """WAIT on every primary this session wrote to (its channels there); the smallest count wins.
 
@@ -237,6 +258,43 @@ def _text(v) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
+_STAT_SECTIONS = {"commandstats": "cmdstat_", "errorstats": "errorstat_", "latencystats": "latency_percentiles_usec_"}
+
+
+def _merge_stats(texts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """The per-command sections of every node, merged: counts summed (commandstats, errorstats),
+    latency percentiles the worst node's (a percentile of the union is not known from the parts)."""
+    merged: dict[str, dict[str, dict[str, float]]] = {name: {} for name in _STAT_SECTIONS}
+    prefixes = {prefix: name for name, prefix in _STAT_SECTIONS.items()}
+    for t in texts:
+        for line in t.splitlines():
+            key, sep, rest = line.partition(":")
+            section = next((n for p, n in prefixes.items() if key.startswith(p)), None)
+            if not sep or section is None:
+                continue
+            acc = merged[section].setdefault(key, {})
+            for kv in rest.split(","):
+                k, _, v = kv.partition("=")
+                try:
+                    x = float(v)
+                except ValueError:
+                    continue
+                acc[k] = max(acc.get(k, x), x) if section == "latencystats" else acc.get(k, 0) + x
+    return merged
+
+
+def _stat_lines(section: str, entries: dict[str, dict[str, float]]) -> list[str]:
+    out = []
+    for key, f in entries.items():
+        if section == "commandstats":
+            calls = f.get("calls", 0)
+            f["usec_per_call"] = f.get("usec", 0) / calls if calls else 0.0
+        fields = ",".join(f"{k}={v:.3f}" if section == "latencystats" else
+                          (f"{k}={v:.2f}" if k == "usec_per_call" else f"{k}={int(v)}") for k, v in f.items())
+        out.append(f"{key}:{fields}")
+    return out
+
+
 def _merge_info(texts: list[str], topo) -> str:
     keyspace: dict[str, list[int]] = {}
     for t in texts:
@@ -247,10 +305,23 @@ def _merge_info(texts: list[str], topo) -> str:
                 acc = keyspace.setdefault(db, [0, 0])
                 acc[0] += int(fields.get("keys", 0))
                 acc[1] += int(fields.get("expires", 0))
-    out, skip = [], False
+    stats = _merge_stats(texts) if len(texts) > 1 else None
+    out, skip, merged = [], False, False
     for line in texts[0].splitlines():
         if line.startswith("# "):
-            skip = line[2:].strip().lower() in ("keyspace", "cluster")
+            section = line[2:].strip().lower()
+            skip = section in ("keyspace", "cluster")
+            merged = stats is not None and section in _STAT_SECTIONS
+            if merged:  # every node's lines, merged, instead of the first node's
+                out.append(line)
+                out += _stat_lines(section, stats[section])
+            elif not skip:
+                out.append(line)
+            continue
+        if merged:
+            if not line.strip():
+                out.append(line)  # the blank line that ends the section
+            continue
         if not skip:
             out.append(line)
     while out and not out[-1].strip():
@@ -333,7 +404,7 @@ CLUSTER = {
 
 PRE = {
     b"keys": keys, b"dbsize": dbsize, b"flushall": all_ok, b"flushdb": all_ok, b"randomkey": randomkey,
-    b"scan": scan, b"script": script, b"function": function, b"config": config, b"wait": wait,
+    b"scan": scan, b"script": script, b"function": function, b"config": config, b"wait": wait, b"slowlog": slowlog,
     b"readonly": ok, b"readwrite": ok, b"ssubscribe": ssubscribe, b"info": info, b"cluster": cluster,
 }
 KEYLESS: dict = {}

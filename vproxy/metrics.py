@@ -129,6 +129,8 @@ class AdminServer:
         self.registry.register(ProxyCollector(app))
         self._ready: tuple[float, bool, str] = (0.0, False, "")
         host, port = parse_addr(listen)
+        port += max(0, app.cfg.worker_index)  # workers (workers.py): worker i on the admin port + i
+        listen = f"{host}:{port}"
         self.server = WSGIServer((host, port), self.handle, log=None, error_log=logger)
         try:  # bound now: a taken address fails the start, as the listener's does
             self.server.init_socket()
@@ -159,6 +161,8 @@ class AdminServer:
         return _reply(start_response, "404 Not Found", b"not found: try /metrics, /healthz or /readyz\n")
 
     def ready(self) -> tuple[bool, str]:
+        if self.app.draining:
+            return False, "not ready: shutting down (draining clients)"
         at, ok, why = self._ready
         now = monotonic()
         if now - at < READY_CACHE:

@@ -91,7 +91,7 @@ class PlainPath:
         router sends again where it says (after a failover), as for any batch (_ha_recover)."""
         held = self.outbox.held_all()
         batch = self.batch = Batch(len(held))
-        self.held_stats(batch, [(name, raw) for _, _, (raw, name, _, _) in held])
+        self.held_stats(batch, len(held))
         self.ha_sent = []
         for j, (frame, fact, (raw, name, key, pool)) in enumerate(held):
             batch.replies[j] = frame
@@ -102,15 +102,16 @@ class PlainPath:
         self.settle()
         self.flush(batch, len(held))
 
-    def held_stats(self, batch: Batch, held: list) -> None:
-        """Held replies leave the plain path's statistics (outbox.track) for the batch's: the batch
-        path records them when it writes them, timed from their read."""
+    def held_stats(self, batch: Batch, n: int) -> None:
+        """The n held replies leave the plain path's statistics (outbox.track) for the batch's: the
+        batch path records them when it writes them, timed from their read."""
         track = self.outbox.track
         if track is None:
             return
-        dropped = track.drop(len(held))
-        batch.reqs = [([name], raw) for name, raw in held]
-        batch.t0 = dropped[0][1] if dropped else monotonic()
+        dropped = track.drop(n)
+        if len(dropped) == n and n:
+            batch.reqs = [req for req, _ in dropped]
+            batch.t0 = dropped[0][1]
 
     def forward_plain_ha(self, reqs: list, wait: bool = True) -> int:
         """forward_plain of the HA modes: each request on the pool the router picks (the primary, or
@@ -123,9 +124,12 @@ class PlainPath:
         key = self.key()
         chans = self.plain_chans
         deadline = None
-        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
-        t0 = self.last_active
-        for k, (args, raw) in enumerate(reqs):
+        track = None
+        if box.track is not None:  # statistics (cmdstats.py)
+            box.track.start(self.last_active)
+            track = box.track.add
+        for k, req in enumerate(reqs):
+            args, raw = req
             name = args[0].lower()
             if not forwards(name, len(args)):
                 return k
@@ -144,7 +148,7 @@ class PlainPath:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
             if track is not None:
-                track(name, t0, raw)
+                track(req)
             box.send(ch, raw, (raw, name, key, pool), deadline)
         return len(reqs)
 
@@ -178,9 +182,12 @@ class PlainPath:
         box = self.outbox
         forwards = self.app.commands.forwards
         ch = deadline = None
-        track = box.track.add if box.track is not None else None  # statistics (cmdstats.py)
-        t0 = self.last_active
-        for k, (args, raw) in enumerate(reqs):
+        track = None
+        if box.track is not None:  # statistics (cmdstats.py)
+            box.track.start(self.last_active)
+            track = box.track.add
+        for k, req in enumerate(reqs):
+            args, raw = req
             name = args[0].lower()
             if not forwards(name, len(args)):
                 return k
@@ -193,7 +200,7 @@ class PlainPath:
                 return k
             self.last_cmd = name
             if track is not None:
-                track(name, t0, raw)
+                track(req)
             ch.submit(raw, box, -1, deadline)
         return len(reqs)
 

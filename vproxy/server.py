@@ -25,17 +25,18 @@ class Listener:
     def __init__(self, app):
         self.app = app
         cfg = app.cfg
+        reuse = cfg.worker_index >= 0  # workers (workers.py) share the ports: the kernel spreads connections
         self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
         self.tls_context = tls.server_context(cfg)  # first: a bad certificate fails the start
         self.servers: list[StreamServer] = []
         self.plain_address = self.tls_address = None
         try:
             if cfg.listen:
-                sock = _bound(*parse_addr(cfg.listen))
+                sock = _bound(*parse_addr(cfg.listen), reuse_port=reuse)
                 self.servers.append(StreamServer(sock, self.handle))
                 self.plain_address = sock.getsockname()[:2]
             if self.tls_context is not None:
-                sock = _bound(*parse_addr(cfg.tls_listen))
+                sock = _bound(*parse_addr(cfg.tls_listen), reuse_port=reuse)
                 self.servers.append(StreamServer(sock, self.handle_tls))
                 self.tls_address = sock.getsockname()[:2]
         except BaseException:
@@ -90,12 +91,14 @@ class Listener:
         session.run()
 
 
-def _bound(host: str, port: int) -> socket.socket:
+def _bound(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening socket on host:port; StartError naming the address when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as e:
