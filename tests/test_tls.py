@@ -263,6 +263,23 @@ def test_bad_certificate_file_stops_the_start(server, certs, tmp_path):
     assert "tls_cert_file" in proc.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--tls-auth-clients", "yes"], "tls_ca_cert_file"),  # client certificates asked for, no CA to check them
+    (["--listen", ""], "tls_listen"),  # no listener at all (the TLS one is dropped below)
+])
+def test_tls_settings_that_cannot_work_stop_the_start(server, certs, args, says):
+    cmd = [sys.executable, "-m", "vproxy", "--backend", server.addr, "--listen", f"127.0.0.1:{free_port()}",
+           "--tls-listen", f"127.0.0.1:{free_port()}", "--tls-cert-file", certs.server_crt,
+           "--tls-key-file", certs.server_key, *args]
+    if args[0] == "--listen":
+        cmd = cmd[:cmd.index("--tls-listen")] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
+                                                                                      os.environ.get("PYTHONPATH")]))})
+    assert proc.returncode != 0
+    assert says in proc.stderr
+
+
 # ---- the backend side ----
 
 class TLSServer:
