@@ -343,3 +343,10 @@ def test_acl_log_names_the_user_and_what_was_denied(proxy, server, users):
         entries[port] = sorted((e["reason"], e["object"], e["username"]) for e in admin.acl_log())
     assert entries[proxy.port] == entries[server.port]
     assert len(entries[proxy.port]) == 2
+
+
+def test_auth_inside_multi(proxy, server, users):
+    """AUTH queued in a transaction: once EXEC ran it, the session is that user (as the connection
+    that ran it is, directly)."""
+    same(proxy, server, ("MULTI",), ("AUTH", "reader", "rpass"), ("EXEC",), ("ACL", "WHOAMI"), ("SET", "app:1", "x"),
+         ("MULTI",), ("AUTH", "writer", "nope"), ("EXEC",), ("ACL", "WHOAMI"))

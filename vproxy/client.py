@@ -100,6 +100,7 @@ class ClientSession(PlainPath):
         self.in_multi = self.watching = False
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
+        self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
         self.closing = False
         self.wlock = Semaphore()
@@ -466,7 +467,7 @@ class ClientSession(PlainPath):
             self.lease = lease
             self.cur = lease.channel
         if name == b"multi":
-            self.in_multi, self.multi_select, self.multi_proto = True, None, None
+            self.in_multi, self.multi_select, self.multi_proto, self.multi_auth = True, None, None, None
         else:
             self.watching = True
         self.submit(self.lease.channel, i, raw, batch)
@@ -482,6 +483,8 @@ class ClientSession(PlainPath):
                 self.multi_select = self._db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
+            elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password:
+                self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
         self.submit(self.lease.channel, i, raw, batch)
 
     def _db_arg(self, arg: bytes) -> int | None:

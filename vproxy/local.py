@@ -186,10 +186,14 @@ def exec_(s, i, args, raw, batch):
         s.in_multi = s.watching = False
         s.lease.ending = True
         s.submit(s.lease.channel, i, raw, batch)
-        if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None):
-            # the requests behind EXEC run on the db/protocol the transaction switched to: wait for it
+        if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
+                                           or s.multi_auth is not None):
+            # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it
             s.settle()
             batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
+            if s.multi_auth is not None and batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
+                backend_auth(s, *s.multi_auth)  # the user, if the server still takes its credentials
+            s.multi_auth = None
         return
     if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)
