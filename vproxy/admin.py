@@ -8,6 +8,7 @@ from time import monotonic, time
 
 from . import __version__, cmdstats, resp
 from . import errors as E
+from .users import user_name
 
 
 def _fmt_addr(addr) -> str:
@@ -34,6 +35,11 @@ def proxy_section(app) -> str:
         "total_connections_received": app.stats.connections,
         "rejected_connections": app.stats.rejected,
         "total_commands_processed": app.stats.commands,
+        "auth_failures": app.stats.auth_failures,
+        "tls_connected_clients": sum(1 for c in app.clients.values() if c.tls),
+        "tls_handshake_failures": app.stats.tls_handshake_failures,
+        "output_limit_disconnects": app.stats.output_limit_disconnects,
+        "backend_users": len(app.user_sessions),  # client ACL users with sessions (users.py)
         "backend_connections_shared": counts["shared"],
         "backend_connections_pinned": counts["pinned"],
         "backend_connections_idle_pinned": counts["idle_pinned"],
@@ -159,7 +165,7 @@ def client_line(s) -> str:
         f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
         f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
-        f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
+        f"events=r cmd={s.last_cmd.decode(errors='replace')} user={user_name(s)} redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"
     )
 
@@ -204,8 +210,8 @@ def _local_clients(app, filters: list) -> str:
 
 
 def client_kill(s, args: list, local: bool = False) -> bytes:
-    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `SKIPME yes|no`, or the old `addr`
-    form; with the fleet on, the other nodes' clients too (local: this process's only)."""
+    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `USER name`, `SKIPME yes|no`, or the
+    old `addr` form; with the fleet on, the other nodes' clients too (local: this process's only)."""
     app = s.app
     fleet = None if local else app.fleet
     if len(args) == 3:  # old form: CLIENT KILL addr:port
@@ -231,13 +237,15 @@ def client_kill(s, args: list, local: bool = False) -> bytes:
             victims = [c for c in victims if c.id == cid]
         elif key == b"addr":
             victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
+        elif key == b"user":  # the backend user each client runs as (users.py)
+            victims = [c for c in victims if user_name(c) == val.decode(errors="replace")]
         elif key == b"skipme":
             if val.lower() not in (b"yes", b"no"):
                 return resp.error(E.SYNTAX)
             skipme = val.lower() == b"yes"
         else:
             return resp.error(f"ERR vproxy: CLIENT KILL {key.decode(errors='replace').upper()} is not "
-                              "supported through the proxy (use ID or ADDR)")
+                              "supported through the proxy (use ID, ADDR or USER)")
     if skipme:
         victims = [c for c in victims if c is not s]
     _kill(victims)
