@@ -49,7 +49,7 @@ def generate(d: str, n: int, files: int) -> int:
         cid, addr, cname = rnd.choice(CLIENTS)
         args = [name] + [b"user:%d" % rnd.randrange(100000)] + [b"v" * 20] * (argc - 2)
         outcome, err = ("error", "WRONGTYPE") if i % 97 == 0 else ("ok", None)
-        rec = (start + i / 1000, cid, addr, cname, b"redis-py", b"5.0.1", 0, name, args[:argc], 40 + argc * 10,
+        rec = (start + i / 1000, cid, addr, cname, b"redis-py", b"5.0.1", None, 0, name, args[:argc], 40 + argc * 10,
                ("10.0.0.5", 6379), rnd.randrange(50, 3000), outcome, err)
         lines.append(audit._line(rec))
     total = 0

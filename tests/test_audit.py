@@ -468,3 +468,27 @@ def test_pipelined_records_keep_each_requests_db_and_client_name(audited, valkey
     got = [(x["command"], x["keys"], x["db"], x["client_name"]) for x in query(p.dir, "--since", t0)]
     assert got == [("set", ["p1"], 0, "n1"), ("set", ["p2"], 3, "n1"), ("del", ["p2"], 3, "n2"),
                    ("set", ["p3"], 0, "n2")]
+
+
+def test_records_name_the_backend_acl_user(audited, valkey):
+    """A client that authenticates as one of the backend's ACL users: its records say so; a NOPERM
+    from the server is an error with its code."""
+    admin = valkey.client()
+    admin.execute_command("ACL", "SETUSER", "auditor", "reset", "on", ">apass", "~au:*", "+@all", "-flushdb")
+    try:
+        p = audited()
+        t0 = now_iso()
+        with RawClient(p.port) as c:
+            assert c.call("AUTH", "auditor", "apass") == b"+OK\r\n"
+            assert c.call("SET", "au:1", "v") == b"+OK\r\n"
+            assert c.call("FLUSHDB").startswith(b"-NOPERM")
+        with RawClient(p.port) as c:
+            assert c.call("SET", "au:2", "v") == b"+OK\r\n"  # no AUTH: the default user
+        wait_for(lambda: len(query(p.dir, "--since", t0)) == 3, what="three records")
+        got = [(x["user"], x["command"], x["outcome"], x["error"]) for x in query(p.dir, "--since", t0)]
+        assert got == [("auditor", "set", "ok", None), ("auditor", "flushdb", "error", "NOPERM"),
+                       ("default", "set", "ok", None)]
+        assert [x["keys"] for x in query(p.dir, "--since", t0, "--user", "auditor")] == [["au:1"], []]
+    finally:
+        admin.execute_command("ACL", "DELUSER", "auditor")
+        admin.close()

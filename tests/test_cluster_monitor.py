@@ -20,7 +20,8 @@ class FakeRouter:
 
 
 def _monitor(seeds):
-    cfg = SimpleNamespace(connect_timeout=2.0, backend_username="", backend_password="", topology_refresh=1.0)
+    cfg = SimpleNamespace(connect_timeout=2.0, backend_username="", backend_password="", topology_refresh=1.0,
+                          backend_tls=False)
     app = SimpleNamespace(cfg=cfg, seeds=[parse_addr(s) for s in seeds], router=FakeRouter())
     return ClusterMonitor(app), app
 

@@ -8,6 +8,7 @@ from time import monotonic, time
 
 from . import __version__, cmdstats, resp
 from . import errors as E
+from .users import user_name
 
 
 def _fmt_addr(addr) -> str:
@@ -34,6 +35,11 @@ def proxy_section(app) -> str:
         "total_connections_received": app.stats.connections,
         "rejected_connections": app.stats.rejected,
         "total_commands_processed": app.stats.commands,
+        "auth_failures": app.stats.auth_failures,
+        "tls_connected_clients": sum(1 for c in app.clients.values() if c.tls),
+        "tls_handshake_failures": app.stats.tls_handshake_failures,
+        "output_limit_disconnects": app.stats.output_limit_disconnects,
+        "backend_users": len(app.user_sessions),  # client ACL users with sessions (users.py)
         "backend_connections_shared": counts["shared"],
         "backend_connections_pinned": counts["pinned"],
         "backend_connections_idle_pinned": counts["idle_pinned"],
@@ -46,6 +52,7 @@ def proxy_section(app) -> str:
         "peak_rss_kb": rss_kb,
     }
     fields.update(ha_fields(app))
+    fields.update(fleet_fields(app))
     fields.update(app.audit.fields())
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
 
@@ -85,6 +92,33 @@ def backendstats_section(app) -> str:
                      f"connect_failures={pool.failures},lost={t.get('lost', 0)},timeouts={t.get('timeout', 0)},"
                      f"down={int(pool.down_until > monotonic())}")
     return "\r\n".join(lines) + "\r\n"
+
+
+def nodes(app) -> list[dict]:
+    """PROXY NODES: this node and every live peer (fleet.py): address, version, uptime, clients, requests/s."""
+    fleet = app.fleet
+    if fleet is None:
+        host, port = app.address
+        return [{"node": f"{host}:{port}", "self": 1, "version": __version__,
+                 "uptime": int(monotonic() - app.started), "clients": len(app.clients)}]
+    me = fleet.heartbeat()
+    rows = [{"node": me["name"], "self": 1, "address": me["addr"], "version": me["version"], "uptime": me["uptime"],
+             "clients": me["clients"]}]
+    for p in sorted(fleet.live(), key=lambda p: p.get("name", "")):
+        rows.append({"node": p.get("name", "?"), "self": 0, "address": p.get("addr", "?"), "version": p.get("version", "?"),
+                     "uptime": p.get("uptime", 0), "clients": p.get("clients", 0), "ops_per_sec": p.get("ops", 0.0)})
+    return rows
+
+
+def fleet_fields(app) -> dict:
+    fleet = app.fleet
+    if fleet is None:
+        return {}
+    peers = fleet.live()
+    return {"fleet_node": fleet.name, "fleet_nodes": 1 + len(peers),
+            "fleet_clients": fleet.clients() + sum(p.get("clients", 0) for p in peers),
+            "fleet_ops_per_sec": round(fleet.ops() + sum(p.get("ops", 0.0) for p in peers), 1),
+            "fleet_unreachable": fleet.unreachable}
 
 
 def reset_stats(app) -> None:
@@ -132,7 +166,7 @@ def client_line(s) -> str:
         f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
         f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
-        f"events=r cmd={s.last_cmd.decode(errors='replace')} user=default redir=-1 resp={s.proto} "
+        f"events=r cmd={s.last_cmd.decode(errors='replace')} user={user_name(s)} redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"
     )
 
@@ -144,8 +178,26 @@ def _fileno(s) -> int:
         return -1
 
 
-def client_list(app, filters: list) -> str:
-    sessions = list(app.clients.values())
+def client_list(app, filters: list, local: bool = False) -> str:
+    """CLIENT LIST [LOCAL] [TYPE t | ID id ...]: the proxy's clients; with the fleet on, every live
+    node's too (fleet.py), each line ending in proxy=<node>; LOCAL: this process's only."""
+    if filters[:1] and filters[0].lower() == b"local":
+        local, filters = True, filters[1:]
+    fleet = app.fleet
+    text = _local_clients(app, filters)
+    if fleet is None:
+        return text
+    tag = f" proxy={fleet.name}\n"
+    text = text.replace("\n", tag)
+    if not local:
+        for _, reply in fleet.ask_all(b"PROXY", b"CLIENTS-LOCAL", *filters):
+            if isinstance(reply, bytes):
+                text += reply.decode(errors="replace")
+    return text
+
+
+def _local_clients(app, filters: list) -> str:
+    sessions = [s for s in app.clients.values() if not s.peer]
     if len(filters) >= 2 and filters[0].lower() == b"id":
         wanted = {int(x) for x in filters[1:] if x.isdigit()}
         sessions = [s for s in sessions if s.id in wanted]
@@ -158,11 +210,16 @@ def client_list(app, filters: list) -> str:
     return "".join(client_line(s) + "\n" for s in sessions)
 
 
-def client_kill(s, args: list) -> bytes:
-    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `SKIPME yes|no`, or the old `addr` form."""
+def client_kill(s, args: list, local: bool = False) -> bytes:
+    """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `USER name`, `SKIPME yes|no`, or the
+    old `addr` form; with the fleet on, the other nodes' clients too (local: this process's only)."""
     app = s.app
+    fleet = None if local else app.fleet
     if len(args) == 3:  # old form: CLIENT KILL addr:port
         victims = [c for c in app.clients.values() if _fmt_addr(c.addr) == args[2].decode(errors="replace")]
+        if not victims and fleet is not None:
+            if any(r == b"OK" for _, r in fleet.ask_all(b"PROXY", b"KILL-LOCAL", *args[2:])):
+                return resp.OK
         if not victims:
             return resp.error("ERR No such client")
         _kill(victims)
@@ -181,17 +238,22 @@ def client_kill(s, args: list) -> bytes:
             victims = [c for c in victims if c.id == cid]
         elif key == b"addr":
             victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
+        elif key == b"user":  # the backend user each client runs as (users.py)
+            victims = [c for c in victims if user_name(c) == val.decode(errors="replace")]
         elif key == b"skipme":
             if val.lower() not in (b"yes", b"no"):
                 return resp.error(E.SYNTAX)
             skipme = val.lower() == b"yes"
         else:
             return resp.error(f"ERR vproxy: CLIENT KILL {key.decode(errors='replace').upper()} is not "
-                              "supported through the proxy (use ID or ADDR)")
+                              "supported through the proxy (use ID, ADDR or USER)")
     if skipme:
         victims = [c for c in victims if c is not s]
     _kill(victims)
-    return resp.integer(len(victims))
+    n = len(victims)
+    if fleet is not None:
+        n += sum(r for _, r in fleet.ask_all(b"PROXY", b"KILL-LOCAL", *args[2:]) if isinstance(r, int))
+    return resp.integer(n)
 
 
 def _kill(victims) -> None:
@@ -247,6 +309,12 @@ def proxy_command(s, args: list) -> bytes:
         return resp.value(topology_view(app), s.proto)
     if sub == b"clients":
         return resp.verbatim(client_list(app, []), s.proto)
+    if sub == b"clients-local":  # a peer asks (fleet.py): this process's clients only
+        return resp.bulk(client_list(app, args[2:], local=True))
+    if sub == b"kill-local" and len(args) >= 3:  # a peer asks: CLIENT KILL over this process's clients
+        return client_kill(s, [b"client", b"kill", *args[2:]], local=True)
+    if sub == b"nodes" and len(args) == 2:
+        return resp.value(nodes(app), s.proto)
     if sub == b"reload" and len(args) == 2:
         from .reload import reload
 
@@ -281,7 +349,7 @@ def proxy_command(s, args: list) -> bytes:
         return audit_command(s, args[2:])
     return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
                        "PROXY TOPOLOGY", "PROXY STATS [RESET]", "PROXY SLOWLOG GET [count] | LEN | RESET",
-                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD",
+                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD", "PROXY NODES",
                        "PROXY AUDIT [STATUS|ON|OFF|CLASSES <class|command> ...]"], s.proto)
 
 

@@ -9,14 +9,15 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
-from . import client
+from . import client, tls
 from .audit import Audit
 from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
-from .errors import BackendError
+from .errors import BackendError, ConfigError
 from .mux.backend import BackendConn
+from .ratelog import RateLog
 from .router import Router
 from .sentinel.topology import Topology
 from .server import Listener, janitor
@@ -48,10 +49,16 @@ class App:
         self.started = monotonic()
         self.greenlets: list = []
         self.serving = Event()  # set once clients may be served (see start)
+        self.user_sessions: dict = {}  # Credentials -> sessions running as that backend user (users.py)
+        self.users_gone = False  # a user lost its last session: the janitor closes its connections
+        self.limit_log = RateLog()  # clients dropped by a limit (client_output_buffer_limit)
+        self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
-        self.admin = None
+        self.admin = self.fleet = self.peer_listener = None
         try:
+            if cfg.fleet:
+                self._join_fleet()
             if cfg.admin_listen:
                 from .metrics import AdminServer
                 self.admin = AdminServer(self, cfg.admin_listen)
@@ -60,6 +67,8 @@ class App:
             self.listener.close()
             if self.admin is not None:
                 self.admin.stop()
+            if self.peer_listener is not None:
+                self.peer_listener.close()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
         self.audit = Audit(cfg, self.commands, cfg.audit_node)
@@ -72,6 +81,22 @@ class App:
         elif self.router.ha:
             from .client import HASession
             self.listener.session_class = HASession
+        if self.peer_listener is not None:
+            self.peer_listener.session_class = self.listener.session_class
+
+    def _join_fleet(self) -> None:
+        """fleet = true: a listener for the peers' questions and the heartbeats (fleet.py)."""
+        import random
+
+        from .fleet import Fleet, advertised_host
+        cfg = self.cfg
+        if cfg.fleet_listen:
+            host, port = parse_addr(cfg.fleet_listen)
+        else:  # the client listen host, a free port
+            host, port = parse_addr(cfg.listen or cfg.tls_listen)[0], 0
+        self.peer_listener = Listener(self, (host, port))
+        self.fleet = Fleet(self, (advertised_host(host), self.peer_listener.address[1]))
+        client.first_id(1 + (random.randrange(1, 1 << 30) << 24))  # client ids unique across the fleet
 
     def _first_key(self, name: bytes) -> int:
         """The position of a command's first key (0: none), for PROXY HOTKEYS and BIGKEYS."""
@@ -109,7 +134,27 @@ class App:
         self.listener.start()
         if self.admin is not None:
             self.admin.start()
-        logger.info("vproxy listening on {}:{} ({} mode)", *self.address, self.cfg.mode)
+        if self.fleet is not None:
+            self.peer_listener.start()
+            self.fleet.start()
+        lst = self.listener
+        where = [f"{a[0]}:{a[1]}{tag}" for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
+        logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
+
+    def reload_tls(self) -> None:
+        """Every reload (SIGHUP, PROXY RELOAD): read the TLS certificates, keys and CAs again, for
+        connections made from now on (both sides). A file that cannot be read keeps the ones in use,
+        and says so."""
+        try:
+            server = tls.server_context(self.cfg)
+            tls.reload_backend(self.cfg)
+        except ConfigError as e:
+            logger.error("TLS certificates not reloaded (those in use stay): {}", e)
+            return
+        if server is not None:
+            self.listener.tls_context = server
+        if server is not None or self.cfg.backend_tls:
+            logger.info("TLS certificates reloaded")
 
     def _serve_anyway(self) -> None:
         if not self.serving.is_set():
@@ -127,7 +172,8 @@ class App:
                 continue
             conn = BackendConn(addr)
             try:
-                conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password)
+                conn.connect(self.cfg.connect_timeout, self.cfg.backend_username, self.cfg.backend_password,
+                             cfg=self.cfg)
                 self._learn_from(conn)
                 self.serving.set()
                 return
@@ -170,6 +216,9 @@ class App:
         then close everything. /readyz says 503 meanwhile."""
         self.draining = True
         self.listener.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.peer_listener.stop()
         deadline = monotonic() + (self.cfg.drain_timeout if drain is None else drain)
         while self.clients and monotonic() < deadline:
             for s in list(self.clients.values()):

@@ -79,7 +79,8 @@ class Entry:
 
     def __init__(self, batch, idx, name, args, size, s):
         self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
-        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver)  # as they are for this request
+        user = getattr(s, "user", None)  # users.py: the backend ACL user the client authenticated as
+        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver, user.user if user is not None else None)
         self.start = time()
         self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
 
@@ -145,7 +146,9 @@ class AuditTrack:
             return
         ch = s.cur  # the plain channel this request was just sent on
         # a tuple, not an Entry: this runs per plain request recorded
+        user = s.user
         self.entries.append((time(), name, args, len(req[1]), s.db, s.name, s.lib_name, s.lib_ver,
+                             user.user if user is not None else None,
                              ch.pool.addr if ch is not None and ch.pool is not None else None))
 
     def written(self, frames: list) -> None:
@@ -174,6 +177,7 @@ class Audit:
         if self.dir and getattr(cfg, "worker_index", -1) >= 0:  # workers (workers.py): a directory each
             self.dir = os.path.join(self.dir, f"worker-{cfg.worker_index}")
         self.node = node or f"{socket.gethostname()}:{cfg.listen.rpartition(':')[2]}"
+        self.default_user = getattr(cfg, "backend_username", "") or "default"  # a client that did not AUTH
         self.classes = list(cfg.audit_commands)
         self.on = False
         self.max_queue = cfg.audit_queue
@@ -272,13 +276,13 @@ class Audit:
 
     def finish_plain(self, s, e: tuple, reply: bytes) -> None:
         """finish() of a plain request (AuditTrack): the reply came from its backend."""
-        start, name, args, size, db, cname, lib, ver, target = e
+        start, name, args, size, db, cname, lib, ver, user, target = e
         c = reply[:1]
         if c == b"-" or c == b"!":
             outcome, err = "error", _error_code(reply)
         else:
             outcome, err = "ok", None
-        self.put((start, s.id, s.addr, cname, lib, ver, db, name, args if size <= SMALL else self._picked(name, args),
+        self.put((start, s.id, s.addr, cname, lib, ver, user, db, name, args if size <= SMALL else self._picked(name, args),
                   size, target, max(int((time() - start) * 1e6), 0), outcome, err))
 
     def _picked(self, name: bytes, args: list):
@@ -444,7 +448,7 @@ class Audit:
     def _line(self, r: tuple) -> str:
         """One record as a JSON line (by hand, with the client's part cached: ~4x faster than
         json.dumps of a dict)."""
-        start, cid, addr, cname, lib, ver, db, name, args, size, target, us, outcome, err = r
+        start, cid, addr, cname, lib, ver, user, db, name, args, size, target, us, outcome, err = r
         if type(args) is _Picked:
             keys, sub, argc, values = args.keys, args.sub, args.argc, args.values
         else:
@@ -460,14 +464,14 @@ class Audit:
         day = self._day
         if day[0] != sec:
             day = self._day = (sec, strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec)))
-        who = self._who.get((cid, cname, lib, ver, db))
+        who = self._who.get((cid, cname, lib, ver, user, db))
         if who is None:
             if len(self._who) > 10000:
                 self._who.clear()
-            who = self._who[(cid, cname, lib, ver, db)] = (
+            who = self._who[(cid, cname, lib, ver, user, db)] = (
                 f'"node":{_js(self.node)},"client_id":{cid},"client_addr":{_js(_fmt_addr(addr))},'
                 f'"client_name":{_js(_text(cname))},"lib_name":{_js(_text(lib))},"lib_ver":{_js(_text(ver))},'
-                f'"user":"default","db":{db}')
+                f'"user":{_js(_text(user) if user is not None else self.default_user)},"db":{db}')
         secret = self.secret
         if secret is not None:
             ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)

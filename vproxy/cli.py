@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = App(cfg)
-    except StartError as e:  # says what and why already
+    except (StartError, ConfigError) as e:  # says what and why already (ConfigError: a TLS file)
         logger.error("{}", e)
         return 1
     except (OSError, RuntimeError, TimeoutError) as e:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
-    app.argv = list(args)  # what a reload reads again (reload.py)
+    app.argv = list(args)  # what a reload reads again (reload.py; TLS certificates too)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, app))
     app.start()
     stop.wait()

@@ -34,7 +34,8 @@ from .cmdstats import Track
 from .outbox import Outbox
 from .audit import Audited, AuditTrack
 from .plain import STUCK, PlainPath
-from .sockio import recv_ready, send_all
+from .sockio import recv_nowait, recv_ready, send_all
+from .users import DRYRUN, backend_auth, dryrun, switch
 
 _ids = count(1)
 
@@ -78,12 +79,15 @@ class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
     HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
+    peer = False  # a fleet peer's question (fleet.py), not a client: CLIENT LIST leaves it out
+    tls = False  # TLSClient: True
 
     def __init__(self, app, sock: socket.socket, addr):
         self.app, self.sock, self.addr = app, sock, addr
         cfg = app.cfg
         self.id = next(_ids)
         self.db, self.proto = 0, 2
+        self.user = None  # Credentials of the backend user this client authenticated as (users.py)
         self.name = self.lib_name = self.lib_ver = b""
         self.created = time()
         self.last_active = monotonic()
@@ -98,6 +102,7 @@ class ClientSession(PlainPath, Audited):
         self.in_multi = self.watching = False
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
+        self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
         self.audits: list = []  # audit.Entry of the recorded requests whose replies are not written yet
         self.closing = False
@@ -111,6 +116,9 @@ class ClientSession(PlainPath, Audited):
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:
             self.outbox.on_stuck = self._outbox_stuck
+        if cfg.client_output_buffer_limit:
+            self.outbox.limit = cfg.client_output_buffer_limit
+            self.outbox.on_overflow = self.output_overflow
         if app.cmdstats.enabled:
             self.outbox.track = Track(app.cmdstats, self)
         if app.audit.dir and self.HOLD is None:  # standalone: the plain path records (audit.py)
@@ -221,6 +229,9 @@ class ClientSession(PlainPath, Audited):
         else:  # an early flush (a blocking command or a stream is next): these are written now
             out = [r for r in replies[:upto] if r is not None]
             replies[:upto] = [None] * upto
+        limit = self.app.cfg.client_output_buffer_limit
+        if limit and sum(map(len, out)) > limit:  # what the server's buffer would hold, unsent
+            return self.output_overflow(sum(map(len, out)))
         if len(out) == 1:
             return self.write(out[0])
         size = sum(map(len, out))
@@ -234,6 +245,19 @@ class ClientSession(PlainPath, Audited):
         if upto == len(replies):
             batch.replies = [None] * upto  # the frames live in `out` alone: each is freed once written
         self._write_chunked(out)
+
+    def output_overflow(self, size: int) -> None:
+        """The client left more reply bytes unread than client_output_buffer_limit: it is dropped."""
+        app = self.app
+        app.stats.output_limit_disconnects += 1
+        app.limit_log.log("output", "WARNING", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) disconnected: "
+                          f"{size} bytes of replies unread, past client_output_buffer_limit "
+                          f"({app.cfg.client_output_buffer_limit})")
+        self.closing = True
+        try:  # the greenlet (parked, or waiting in send) sees the end of the connection
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _write_chunked(self, out: list) -> None:
         """Big replies: written in pieces of about WRITE_CHUNK, never copied into one huge buffer."""
@@ -297,7 +321,7 @@ class ClientSession(PlainPath, Audited):
         for later, up to the query buffer limit), to see its hang-up even behind pipelined requests."""
         try:
             while True:
-                data = self.sock._sock.recv(65536)
+                data = recv_nowait(self.sock, 65536)
                 if not data:
                     break
                 self.early.append(data)
@@ -326,6 +350,8 @@ class ClientSession(PlainPath, Audited):
             if lease is not None:
                 lease.release(clean=False)
         self.lease = self.oneshot = None
+        if self.user is not None:
+            switch(self, None)
         self.app.clients.pop(self.id, None)
         try:
             self.sock.close()
@@ -352,6 +378,11 @@ class ClientSession(PlainPath, Audited):
         if policy is C.FORWARD:
             self.forward(i, raw, batch, name, args)
         elif policy is C.LOCAL:
+            if self.user is not None and name in DRYRUN:  # a client's own user: the server's ACL first
+                err = dryrun(self, args)
+                if err is not None:
+                    batch.replies[i] = err
+                    return
             LOCAL[name](self, i, args, raw, batch)
         elif policy is C.PIN:
             self.pin(i, name, raw, batch)
@@ -371,8 +402,9 @@ class ClientSession(PlainPath, Audited):
             batch.rejected = set()
         batch.rejected.add(i)
 
-    def key(self) -> tuple[int, int]:
-        return (self.db, self.proto)
+    def key(self) -> tuple:
+        """Which connections may carry this client's requests: (database, protocol, backend user)."""
+        return (self.db, self.proto, self.user)
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
         """Run on the client's lease if it holds one, else on a shared channel the router picks."""
@@ -381,16 +413,16 @@ class ClientSession(PlainPath, Audited):
         pool = None
         try:
             pool = self.app.router.pool_for(name, args, self)
-            ch = self.cur
-            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != (self.db, self.proto):
+            ch, key = self.cur, self.key()
+            if ch is None or ch.closed or ch.exclusive or ch.pool is not pool or ch.key != key:
                 self.settle()
                 if self.closing:  # the client left while a pinned request waited: nothing more runs
                     return
-                ch = self.cur = pool.channel((self.db, self.proto))
+                ch = self.cur = pool.channel(key)
         except BackendError as e:
             batch.unsent(i, resp.error(str(e)))
             if self.ha_sent is not None and pool is not None:  # HA: not sent; retried in settle
-                self.ha_sent.append((i, raw, name, args, (self.db, self.proto), pool))
+                self.ha_sent.append((i, raw, name, args, self.key(), pool))
             return
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
         if self.ha_sent is not None:
@@ -445,7 +477,7 @@ class ClientSession(PlainPath, Audited):
             self.lease = lease
             self.cur = lease.channel
         if name == b"multi":
-            self.in_multi, self.multi_select, self.multi_proto = True, None, None
+            self.in_multi, self.multi_select, self.multi_proto, self.multi_auth = True, None, None, None
         else:
             self.watching = True
         self.submit(self.lease.channel, i, raw, batch)
@@ -461,6 +493,8 @@ class ClientSession(PlainPath, Audited):
                 self.multi_select = self._db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
+            elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password:
+                self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
         self.submit(self.lease.channel, i, raw, batch)
 
     def _db_arg(self, arg: bytes) -> int | None:
@@ -477,7 +511,7 @@ class ClientSession(PlainPath, Audited):
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         ch = self.oneshot.channel if self.oneshot is not None else None
-        if ch is None or ch.closed or ch.key != (self.db, self.proto):  # SELECT/HELLO since: a new one
+        if ch is None or ch.closed or ch.key != self.key():  # SELECT/HELLO/AUTH since: a new one
             lease = self._new_lease(i, batch)
             if lease is None:
                 return
@@ -497,7 +531,7 @@ class ClientSession(PlainPath, Audited):
         except BackendError as e:
             batch.replies[i] = resp.error(str(e))
             return
-        busy.kill(addr, self.app.cfg, raw, batch, i)
+        busy.kill(addr, self.app.cfg, raw, batch, i, self.user)
 
     # ---- streams: pub/sub, MONITOR, CLIENT TRACKING, CLIENT REPLY OFF|SKIP ----
 
@@ -533,6 +567,9 @@ class ClientSession(PlainPath, Audited):
             batch.replies[i] = resp.error(E.backend_unavailable("", "stream connection lost"))
             return
         ch.send_raw(raw)
+        if name == b"auth" and not st.multi and (self.proto == 3 or st.kind != "sub") and 2 <= len(args) <= 3 \
+                and not self.app.cfg.password:  # the stream's connection answers; the session follows
+            backend_auth(self, args[1] if len(args) == 3 else None, args[-1])
         if self._stream_multi(st, name):
             return
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
@@ -623,3 +660,24 @@ class HASession(ClientSession):
     def __init__(self, app, sock: socket.socket, addr):
         super().__init__(app, sock, addr)
         self.plain_chans: dict = {}  # pool -> this session's shared channel there
+
+
+class TLSClient:
+    """Mixin of the session classes for TLS clients: no plain path. Its loop callbacks read and write
+    the raw socket, which carries ciphertext (tls.py); the greenlet's gevent calls do TLS right."""
+
+    tls = True
+
+    def plain(self) -> bool:
+        return False
+
+
+_TLS_CLASSES: dict = {}
+
+
+def tls_session(cls: type) -> type:
+    """The TLS variant of a session class (ClientSession, HASession, ClusterSession)."""
+    tls_cls = _TLS_CLASSES.get(cls)
+    if tls_cls is None:
+        tls_cls = _TLS_CLASSES[cls] = type(f"TLS{cls.__name__}", (TLSClient, cls), {})
+    return tls_cls

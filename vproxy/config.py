@@ -123,8 +123,18 @@ def _percentiles(v: str) -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT).",
-            check=lambda v: parse_addr(v) and v),
+    Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT). Empty: no plain "
+            "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and parse_addr(v) and v),
+    Setting("tls_listen", str, "", "Address TLS clients connect to (HOST:PORT), beside 'listen' or instead "
+            "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and parse_addr(v) and v),
+    Setting("tls_cert_file", str, "", "PEM certificate (chain) vproxy shows TLS clients (read again on "
+            "every reload, as are all the TLS files).", reloadable=True),
+    Setting("tls_key_file", str, "", "PEM private key of 'tls_cert_file'.", reloadable=True),
+    Setting("tls_ca_cert_file", str, "", "PEM CA certificate(s) that client certificates must be signed by "
+            "(with 'tls_auth_clients' yes or optional).", reloadable=True),
+    Setting("tls_auth_clients", str, "yes", "Whether TLS clients must show a certificate signed by "
+            "'tls_ca_cert_file': yes (required), optional (checked when shown), no (not asked for).",
+            check=_one_of("yes", "no", "optional"), reloadable=True),
     Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server), cluster "
             "(a Redis/Valkey Cluster; backends are seeds), sentinel (a Sentinel-managed primary), "
             "replication (a primary and replicas that vproxy itself fails over).",
@@ -160,6 +170,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Empty: no authentication.", reloadable=True),
     Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL).", reloadable=True),
     Setting("backend_password", str, "", "Password vproxy sends to the backend.", reloadable=True),
+    Setting("backend_tls", bool, False, "Connect to the backends (servers, cluster nodes) with TLS; "
+            "their certificates are verified (see 'backend_tls_ca_cert_file', 'backend_tls_insecure')."),
+    Setting("backend_tls_ca_cert_file", str, "", "PEM CA certificate(s) the backends' certificates are "
+            "verified against. Empty: the system's CAs.", reloadable=True),
+    Setting("backend_tls_cert_file", str, "", "PEM client certificate vproxy shows the backends (for "
+            "servers with tls-auth-clients yes).", reloadable=True),
+    Setting("backend_tls_key_file", str, "", "PEM private key of 'backend_tls_cert_file'.", reloadable=True),
+    Setting("backend_tls_sni", str, "", "Server name vproxy sends (SNI) and expects in the backends' "
+            "certificates. Empty: each backend's host as configured or announced.", reloadable=True),
+    Setting("backend_tls_insecure", bool, False, "Do not verify the backends' certificates (encryption "
+            "without authentication; for tests only).", reloadable=True),
     Setting("pool_size", int, 2, "Shared backend connections per (database, protocol).",
             check=_positive, reloadable=True),
     Setting("max_pinned", int, 1024, "Most backend connections pinned to single clients at once "
@@ -187,6 +208,12 @@ SETTINGS: tuple[Setting, ...] = (
             check=_non_negative, reloadable=True),
     Setting("proto_max_bulk_len", int, 512 * 1024 * 1024, "Largest bulk argument a client may send.",
             check=_positive, reloadable=True),
+    Setting("client_output_buffer_limit", int, 0, "Most reply bytes vproxy holds for one client that "
+            "does not read them (replies in, not yet taken by the client's socket; a window of pipelined "
+            "replies counts whole); past it the client is disconnected, as by the server's "
+            "client-output-buffer-limit hard limit. 0: no limit (the server's default for normal clients). "
+            "Subscribers are bounded by the backend's own pubsub limit. A reload applies to clients that "
+            "connect afterwards.", check=_non_negative, reloadable=True),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
             "Largest unparsed request buffer per client.", check=_positive, reloadable=True),
     Setting("audit_dir", str, "", "Audit log: the directory of its files (audit.jsonl and the rotated "
@@ -234,6 +261,13 @@ SETTINGS: tuple[Setting, ...] = (
             check=_workers),
     Setting("worker_index", int, -1, "Set by the supervisor for each worker (0 .. workers-1); -1: not a "
             "worker. Not for hand use."),
+    Setting("fleet", bool, False, "Find the other vproxy nodes and workers in front of the same backend "
+            "(a heartbeat on its pub/sub channel __vproxy__:fleet): CLIENT LIST and CLIENT KILL cover them "
+            "all, PROXY NODES lists them (docs/operations.md)."),
+    Setting("fleet_interval", float, 1.0, "Seconds between fleet heartbeats; a node silent for three "
+            "intervals has left.", check=_positive, reloadable=True),
+    Setting("fleet_listen", str, "", "HOST:PORT where this node answers its peers (RESP). Empty: the "
+            "listen host, a free port.", check=lambda v: (parse_addr(v) and v) if v else v),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
             "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
 )
@@ -303,6 +337,8 @@ def load(argv: list[str] | None = None, env: dict | None = None) -> Config:
 def _check_together(v: dict) -> None:
     """Settings that only make sense in combination."""
     mode = v["mode"]
+    if not v["listen"] and not v["tls_listen"]:
+        raise ConfigError("settings 'listen' and 'tls_listen' are both empty: clients could not connect")
     if mode == "sentinel" and not (v["sentinel"] and v["master"]):
         raise ConfigError("mode 'sentinel' needs at least one 'sentinel' address and a 'master' name")
     if mode in ("cluster", "replication") and not v["backend"]:

@@ -29,6 +29,7 @@ from .mux import busy
 from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
 from .slots import key_slot
+from .users import DRYRUN, dryrun
 
 ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
@@ -112,6 +113,11 @@ class ClusterSession(ClientSession):
             if cmd is not None and not cmd.arity_ok(len(args)):
                 batch.replies[i] = resp.error(f"ERR wrong number of arguments for '{name.decode()}' command")
                 return
+            if self.user is not None and name in DRYRUN:  # a client's own user: the server's ACL first
+                err = dryrun(self, args)
+                if err is not None:
+                    batch.replies[i] = err
+                    return
             return h(self, i, args, raw, batch)
         super().dispatch(i, args, raw, batch)
 
@@ -335,7 +341,7 @@ class ClusterSession(ClientSession):
             sub = Sub(sb, len(sb.replies), raw, -1, b"kill")
             sb.replies.append(None)
             subs.append(sub)
-            busy.kill(addr, self.app.cfg, raw, sb, sub.idx)
+            busy.kill(addr, self.app.cfg, raw, sb, sub.idx, self.user)
         if not subs:
             batch.replies[i] = fanout.NO_MAP
             return
@@ -491,8 +497,8 @@ class ClusterSession(ClientSession):
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         txn.queue(self, i, name, args, raw, batch)
 
-    def key(self) -> tuple[int, int]:
-        return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto)
+    def key(self) -> tuple:
+        return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto, self.user)
 
 
     # ---- shard channels: SSUBSCRIBE follows slot moves and failovers ----

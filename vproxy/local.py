@@ -6,9 +6,9 @@ or hands the request on (session.forward / pin / block / start_stream).
 
 from __future__ import annotations
 
-from . import admin
+from . import admin, resp
 from . import errors as E
-from . import resp
+from .users import backend_auth, switch
 
 _BAD_NAME = frozenset(range(0, 33)) | {127}
 
@@ -39,26 +39,48 @@ def reset(s, i, args, raw, batch):
     s.name = s.lib_name = s.lib_ver = b""
     s.no_evict = s.no_touch = False
     s.authed = not s.app.cfg.password
+    switch(s, None)  # the server's RESET deauthenticates to the default user too
     _reply(batch, i, b"+RESET\r\n")
 
 
 def _check_password(s, user: bytes | None, password: bytes) -> str | None:
-    """None when the credentials are right, else the error to answer."""
+    """None when the credentials match the proxy `password`, else the error to answer."""
     want = s.app.cfg.password
-    if not want:
-        return None if user is not None else E.NOPASS
     if user not in (None, b"default") or password.decode(errors="replace") != want:
         return E.WRONGPASS
     return None
+
+
+def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
+    """None when the credentials are accepted, else the error frame to answer. With a proxy
+    `password`, vproxy is the gate; without one, the backend's ACL decides (users.py)."""
+    if s.app.cfg.password:
+        err = _check_password(s, user, password)
+        err = resp.error(err) if err else None
+    else:
+        err = _as_user(s, user, password)
+    if err is not None and not err.startswith(b"-ERR vproxy:"):  # refused, not unanswered
+        s.app.stats.auth_failures += 1
+    return err
+
+
+def _as_user(s, user: bytes | None, password: bytes) -> bytes | None:
+    old = s.user
+    err = backend_auth(s, user, password)
+    if err is None and s.user != old and s.lease is not None and not s.lease.ending:
+        # WATCH holds a connection: it becomes that user's too (its reply is not the client's)
+        s.lease.channel.submit(resp.encode_request([b"AUTH", user or b"default", password]), None, 0, 0.0)
+        s.lease.dirty = True
+    return err
 
 
 def auth(s, i, args, raw, batch):
     if len(args) not in (2, 3):
         return _reply(batch, i, resp.error(E.wrong_arity("auth")))
     user = args[1] if len(args) == 3 else None
-    err = _check_password(s, user, args[-1])
+    err = _authenticate(s, user, args[-1])
     if err:
-        return _reply(batch, i, resp.error(err))
+        return _reply(batch, i, err)
     s.authed = True
     _reply(batch, i, resp.OK)
 
@@ -71,14 +93,11 @@ def hello(s, i, args, raw, batch):
             return _reply(batch, i, resp.error("ERR Protocol version is not an integer or out of range"))
         if proto not in (2, 3):
             return _reply(batch, i, resp.error("NOPROTO unsupported protocol version"))
-    opts, j, name, authed = args[2:], 0, None, s.authed
+    opts, j, name, authed, cred = args[2:], 0, None, s.authed, None
     while j < len(opts):
         opt = opts[j].lower()
         if opt == b"auth" and j + 2 < len(opts):
-            err = _check_password(s, opts[j + 1], opts[j + 2])
-            if err:
-                return _reply(batch, i, resp.error(err))
-            authed, j = True, j + 3
+            cred, j = (opts[j + 1], opts[j + 2]), j + 3
         elif opt == b"setname" and j + 1 < len(opts):
             name, j = opts[j + 1], j + 2
             if not valid_name(name):
@@ -86,6 +105,11 @@ def hello(s, i, args, raw, batch):
                     "ERR Client names cannot contain spaces, newlines or special characters."))
         else:
             return _reply(batch, i, resp.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+    if cred is not None:  # checked after every option, as the server does
+        err = _authenticate(s, *cred)
+        if err:
+            return _reply(batch, i, err)
+        authed = True
     if not authed:
         return _reply(batch, i, resp.error(
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
@@ -162,10 +186,14 @@ def exec_(s, i, args, raw, batch):
         s.in_multi = s.watching = False
         s.lease.ending = True
         s.submit(s.lease.channel, i, raw, batch)
-        if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None):
-            # the requests behind EXEC run on the db/protocol the transaction switched to: wait for it
+        if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
+                                           or s.multi_auth is not None):
+            # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it
             s.settle()
             batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
+            if s.multi_auth is not None and batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
+                backend_auth(s, *s.multi_auth)  # the user, if the server still takes its credentials
+            s.multi_auth = None
         return
     if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)

@@ -53,6 +53,12 @@ class ProxyCollector:
                                   value=app.stats.rejected)
         yield CounterMetricFamily("vproxy_requests_received", "Requests read from clients",
                                   value=app.stats.commands)
+        yield CounterMetricFamily("vproxy_auth_failures", "AUTH / HELLO AUTH refused (proxy password or "
+                                  "backend ACL)", value=app.stats.auth_failures)
+        yield CounterMetricFamily("vproxy_tls_handshake_failures", "TLS client handshakes that failed",
+                                  value=app.stats.tls_handshake_failures)
+        yield CounterMetricFamily("vproxy_output_limit_disconnects", "Clients disconnected past "
+                                  "client_output_buffer_limit", value=app.stats.output_limit_disconnects)
         yield from self._backends(app)
         yield CounterMetricFamily("vproxy_topology_updates", "Topology snapshots the monitor published "
                                   "(cluster map, primary and replicas)", value=app.router.publishes)
@@ -187,7 +193,7 @@ def _ping(addr, cfg) -> str:
 
     conn = BackendConn(addr)
     try:
-        conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+        conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg=cfg)  # cfg: TLS
         reply = conn.call("PING")
     except Exception as e:  # noqa: BLE001 - BackendError, OSError ...: the reason is the answer
         return f"does not answer ({e})"

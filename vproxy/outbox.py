@@ -33,8 +33,10 @@ class Outbox:
         "hold",
         "hub",
         "left",
+        "limit",
         "meta",
         "next_seq",
+        "on_overflow",
         "on_stuck",
         "out",
         "pending",
@@ -57,6 +59,8 @@ class Outbox:
         self.held: list = []  # (frame, sent fact or None, meta) from the first one held on
         self.stuck = False
         self.on_stuck = None
+        self.limit = 0  # unsent reply bytes past which the client is dropped (client_output_buffer_limit)
+        self.on_overflow = None  # called with the unsent size when that happens
         self.left = 0  # requests sent whose reply has not come back (channels count it up)
         self.pending: list[bytes] = []  # replies in, not yet handed to the socket
         self.out = b""  # bytes the socket did not take yet
@@ -98,6 +102,8 @@ class Outbox:
             pending.clear()
             if self.out:
                 self.out += data
+                if self.limit and len(self.out) > self.limit:
+                    self._overflow()
             elif not self.closed:
                 self._send(data)
         if self.waiter is not None and self.idle():
@@ -152,9 +158,19 @@ class Outbox:
             return
         if n < len(data):
             self.out = data[n:]
+            if self.limit and len(self.out) > self.limit:
+                return self._overflow()
             if self.watcher is None:
                 self.watcher = self.hub.loop.io(self.raw.fileno(), 2)
             self.watcher.start(self._on_writable)
+
+    def _overflow(self) -> None:
+        """More unsent reply bytes than `limit`: the replies are dropped and on_overflow tells the
+        session, which drops the client (as the server does past client-output-buffer-limit)."""
+        size = len(self.out)
+        self.close()
+        if self.on_overflow is not None:
+            self.on_overflow(size)
 
     def _on_writable(self) -> None:
         out, self.out = self.out, b""

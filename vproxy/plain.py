@@ -121,7 +121,7 @@ class PlainPath:
         if box.stuck:
             return 0
         forwards = self.app.commands.forwards
-        key = (self.db, self.proto)
+        key = self.key()
         chans = self.plain_chans
         deadline = None
         track = None
@@ -207,7 +207,7 @@ class PlainPath:
     def _plain_channel(self, wait: bool):
         """The shared channel plain requests go to (None: the general path answers the error, or
         must wait first)."""
-        key = (self.db, self.proto)
+        key = self.key()
         ch = self.cur
         try:
             pool = self.app.router.primary()

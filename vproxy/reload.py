@@ -41,6 +41,7 @@ def reload(app) -> dict:
         shown = "(changed)" if any(w in s.name for w in _SECRET) else f"{old} -> {value}"
         changed.append(f"{s.name} {shown}")
     _apply(app, {c.split(" ", 1)[0] for c in changed})
+    app.reload_tls()  # the certificate files, renewed in place or not: read again every time
     if changed or restart:
         logger.info("reload: {}{}", "; ".join(changed) or "nothing changed live",
                     f"; needs a restart to change: {', '.join(restart)}" if restart else "")

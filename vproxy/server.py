@@ -9,35 +9,74 @@ import gevent
 from gevent.server import StreamServer
 from loguru import logger
 
-from .client import ClientSession
+from . import tls, users
+from .client import ClientSession, tls_session
 from .config import parse_addr
 from .errors import StartError
+from .sockio import close_quietly
 
 JANITOR_PERIOD = 0.1
 
 
 class Listener:
-    """Accepts clients and runs one ClientSession greenlet each."""
+    """Accepts clients, plain ones on `listen` and TLS ones on `tls_listen`, and runs one
+    ClientSession greenlet each."""
 
-    def __init__(self, app):
+    def __init__(self, app, address: tuple[str, int] | None = None):
+        """address: another listener than the client one (the fleet's peer listener)."""
         self.app = app
-        # workers (workers.py) share the port: the kernel spreads connections over them
-        sock = _bound(*parse_addr(app.cfg.listen), reuse_port=app.cfg.worker_index >= 0)
-        self.server = StreamServer(sock, self.handle)
+        cfg = app.cfg
+        # workers (workers.py) share the client ports: the kernel spreads connections over them
+        reuse = cfg.worker_index >= 0 and address is None
         self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
-        self.address = sock.getsockname()[:2]
+        self.peers_only = address is not None  # the fleet's peer listener: its sessions are not clients
+        # first: a bad certificate fails the start (the peer listener is plain)
+        self.tls_context = tls.server_context(cfg) if address is None else None
+        self.servers: list[StreamServer] = []
+        self.plain_address = self.tls_address = None
+        try:
+            if address is not None or cfg.listen:
+                sock = _bound(*(address or parse_addr(cfg.listen)), reuse_port=reuse)
+                self.servers.append(StreamServer(sock, self.handle))
+                self.plain_address = sock.getsockname()[:2]
+            if self.tls_context is not None:
+                sock = _bound(*parse_addr(cfg.tls_listen), reuse_port=reuse)
+                self.servers.append(StreamServer(sock, self.handle_tls))
+                self.tls_address = sock.getsockname()[:2]
+        except BaseException:
+            self.close()
+            raise
+        self.address = self.plain_address or self.tls_address  # what vproxy calls its own (CLUSTER NODES)
 
     def start(self) -> None:
-        self.server.start()
+        for server in self.servers:
+            server.start()
 
     def stop(self) -> None:
-        self.server.stop(timeout=0)
+        for server in self.servers:
+            server.stop(timeout=0)
 
     def close(self) -> None:
-        """Give the address back without ever having served (a start that failed)."""
-        self.server.close()
+        """Give the addresses back without ever having served (a start that failed)."""
+        for server in self.servers:
+            server.close()
 
-    def handle(self, sock, addr) -> None:
+    def handle_tls(self, sock, addr) -> None:
+        """A TLS client: the handshake first (within connect_timeout), then a session with no plain
+        path (tls.py says why)."""
+        try:
+            sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            with gevent.Timeout(self.app.cfg.connect_timeout):
+                sock.do_handshake()
+        except (OSError, gevent.Timeout) as e:  # ssl.SSLError is an OSError
+            self.app.stats.tls_handshake_failures += 1
+            self.app.tls_failures.log("handshake", "INFO", f"TLS client {addr[0]}:{addr[1]}: handshake failed "
+                                      f"({e if isinstance(e, OSError) else 'timed out'})")
+            close_quietly(sock)
+            return
+        self.handle(sock, addr, tls_session(self.session_class))
+
+    def handle(self, sock, addr, session_class=None) -> None:
         app = self.app
         app.stats.connections += 1
         if len(app.clients) >= app.cfg.max_clients:
@@ -48,7 +87,8 @@ class Listener:
                 sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = self.session_class(app, sock, addr)
+        session = (session_class or self.session_class)(app, sock, addr)
+        session.peer = self.peers_only
         app.clients[session.id] = session
         # Accepted (and listed) at once, served once the command table is read or startup_wait has
         # passed: a request routed with the built-in table could be answered differently.
@@ -81,6 +121,7 @@ def janitor(app) -> None:
         try:
             now = monotonic()
             app.router.expire(now)
+            users.sweep(app)
             idle = app.cfg.client_idle_timeout
             if idle:
                 for s in list(app.clients.values()):

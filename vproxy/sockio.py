@@ -8,15 +8,23 @@ reading once the socket is readable saves a syscall and an exception per request
 
 gevent's sendall asks the kernel for SO_SNDBUF and the clock on every call; one plain send takes
 the whole of a reply nearly always, and only a remainder goes through sendall.
+
+A TLS socket (gevent.ssl.SSLSocket) is read and written with its own calls instead: the raw
+socket under it carries ciphertext, and decrypted bytes may wait in the SSL object while the file
+descriptor is quiet.
 """
 
 from __future__ import annotations
 
 from errno import EBADF
 
+from gevent.ssl import SSLSocket, SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
+
 
 def recv_ready(sock, size: int) -> bytes:
     """Wait until the gevent socket `sock` is readable, then read up to size bytes (b'' at EOF)."""
+    if isinstance(sock, SSLSocket):
+        return sock.recv(size)
     raw = sock._sock
     while True:
         ev = sock._read_event
@@ -31,12 +39,28 @@ def recv_ready(sock, size: int) -> bytes:
 
 def send_all(sock, data: bytes) -> None:
     """Send all of data: one plain send, gevent's sendall (which parks until drained) for the rest."""
+    if isinstance(sock, SSLSocket):
+        return sock.sendall(data)
     try:
         sent = sock._sock.send(data)
     except BlockingIOError:
         sent = 0
     if sent < len(data):
         sock.sendall(data[sent:])
+
+
+def recv_nowait(sock, size: int) -> bytes:
+    """For loop callbacks (which must never park): up to size bytes, b'' at EOF, BlockingIOError
+    when nothing is there. On a TLS socket, reading until BlockingIOError also drains the bytes
+    already decrypted (the fd's readiness says nothing about those)."""
+    if isinstance(sock, SSLSocket):
+        try:
+            return sock._sslobj.read(size)
+        except (SSLWantReadError, SSLWantWriteError):
+            raise BlockingIOError from None
+        except SSLZeroReturnError:
+            return b""
+    return sock._sock.recv(size)
 
 
 def close_quietly(sock) -> None:

@@ -5,10 +5,41 @@ from __future__ import annotations
 import socket
 
 import gevent
+from gevent.ssl import SSLSocket
 
-from .. import resp
+from .. import resp, tls
 from ..errors import BackendError
 from ..sockio import close_quietly, recv_ready, send_all
+
+
+class Credentials:
+    """A backend ACL user and its password (bytes, as the client sent them): part of a connection's
+    key, so that connections made for one user never serve another. The password is never shown
+    (repr, logs, errors)."""
+
+    __slots__ = ("_hash", "password", "user")
+
+    def __init__(self, user: bytes, password: bytes):
+        self.user, self.password = user, password
+        self._hash = hash((user, password))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Credentials) and self.user == other.user and self.password == other.password
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"<user {self.user.decode(errors='replace')}>"
+
+
+class AuthError(BackendError):
+    """The backend refused a connection's credentials (AUTH, HELLO) or their rights (SELECT) in the
+    handshake; `frame` is its error reply."""
+
+    def __init__(self, msg: str, frame: bytes):
+        super().__init__(msg)
+        self.frame = frame
 
 
 class BackendConn:
@@ -23,26 +54,56 @@ class BackendConn:
         self.backend_id: int | None = None  # the server's CLIENT ID for this connection
 
     @property
+    def tls(self) -> bool:
+        return isinstance(self.sock, SSLSocket)
+
+    @property
     def name(self) -> str:
         host, port = self.addr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True) -> None:
+    def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True,
+                cfg=None, client_user: bool = False) -> None:
         """Open the socket and run the handshake; raises BackendError naming the backend.
 
-        handshake=False: the socket only (busy.py sends AUTH itself, behind its one request)."""
+        handshake=False: the socket only (busy.py sends AUTH itself, behind its one request).
+        cfg: the settings, for TLS (backend_tls ...); None: plain TCP.
+        client_user: the credentials are a client's (users.py): see _user_handshake."""
         try:
             with gevent.Timeout(timeout, BackendError(f"connect timed out after {timeout:g}s")):
                 self.sock = socket.create_connection(self.addr)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if handshake:
+                if cfg is not None and cfg.backend_tls:
+                    self.sock = tls.wrap_backend(self.sock, cfg, self.addr[0])
+                if handshake and client_user:
+                    self._user_handshake(username, password)
+                elif handshake:
                     self._handshake(username, password)
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError too (a certificate refused ...)
             self.close()
             raise BackendError(e.strerror or str(e)) from None
         except BackendError:
             self.close()
             raise
+
+    def _user_handshake(self, username: bytes, password: bytes) -> None:
+        """A connection for a client's own ACL user: one HELLO authenticates, sets the protocol and
+        the name, and says the connection's id. HELLO is never denied by ACL rules, where CLIENT
+        SETNAME / CLIENT ID would be for many users (and each denial would land in the server's
+        ACL LOG under the client's name)."""
+        steps = [[b"HELLO", b"%d" % self.proto, b"AUTH", username, password, b"SETNAME", b"vproxy"]]
+        if self.db:
+            steps.append([b"SELECT", str(self.db).encode()])
+        self.send(b"".join(resp.encode_request(s) for s in steps))
+        frames = self.read_n(len(steps), "connection closed by backend during handshake")
+        for step, frame in zip(steps, frames):
+            if frame[:1] == b"-":
+                raise AuthError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}", frame)
+        hello = resp.decode(frames[0])
+        if isinstance(hello, list):  # RESP2: a flat list of names and values
+            hello = dict(zip(hello[::2], hello[1::2]))
+        if isinstance(hello, dict) and isinstance(hello.get(b"id"), int):
+            self.backend_id = hello[b"id"]
 
     def _handshake(self, username: str, password: str) -> None:
         steps = auth_steps(self.proto, username, password)
@@ -55,10 +116,16 @@ class BackendConn:
         if frames[-1][:1] == b":":
             self.backend_id = int(frames[-1][1:-2])
         for step, frame in zip(steps, frames):
-            # Redis 7 answers CLIENT SETNAME/ID with -BUSY while a script runs; neither is essential,
-            # and this connection may be the one a SCRIPT KILL needs.
-            if frame[:1] == b"-" and not (step[1:2] in ([b"SETNAME"], [b"ID"]) and frame.startswith(b"-BUSY")):
-                raise BackendError(f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}")
+            if frame[:1] != b"-":
+                continue
+            # CLIENT SETNAME/ID are not essential: Redis 7 answers them -BUSY while a script runs (and
+            # this connection may be the one a SCRIPT KILL needs); a client's ACL user may lack them.
+            if step[1:2] in ([b"SETNAME"], [b"ID"]) and frame.startswith((b"-BUSY", b"-NOPERM")):
+                continue
+            why = f"{step[0].decode()} failed: {frame[1:].strip().decode(errors='replace')}"
+            if step[0] in (b"AUTH", b"HELLO", b"SELECT"):  # the credentials or their rights: refused
+                raise AuthError(why, frame)
+            raise BackendError(why)
 
     def send(self, data: bytes) -> None:
         send_all(self.sock, data)
@@ -103,11 +170,16 @@ class BackendConn:
 def auth_steps(proto: int, username: str, password: str) -> list[list[bytes]]:
     """The requests that authenticate a new connection and set its protocol (none for RESP2 without
     a password). AUTH and HELLO are among the few commands a server busy with a script still runs."""
+    username, password = _b(username), _b(password)
     if proto == 3:
         hello = [b"HELLO", b"3"]
         if password:
-            hello += [b"AUTH", (username or "default").encode(), password.encode()]
+            hello += [b"AUTH", username or b"default", password]
         return [hello]
     if password:
-        return [[b"AUTH", username.encode(), password.encode()] if username else [b"AUTH", password.encode()]]
+        return [[b"AUTH", username, password] if username else [b"AUTH", password]]
     return []
+
+
+def _b(text) -> bytes:
+    return text if isinstance(text, bytes) else text.encode()

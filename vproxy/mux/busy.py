@@ -29,13 +29,17 @@ from .backend import BackendConn, auth_steps
 PING = resp.encode_request([b"PING"])
 
 
-def ask(addr: tuple[str, int], cfg, request: bytes, seconds: float) -> bytes:
+def ask(addr: tuple[str, int], cfg, request: bytes, seconds: float, user=None) -> bytes:
     """request (raw RESP) on a new connection, behind AUTH alone: the reply frame, or a vproxy error
-    frame when the backend cannot be reached or says nothing within seconds (0: no limit)."""
+    frame when the backend cannot be reached or says nothing within seconds (0: no limit).
+    user: the client's backend Credentials (users.py), else vproxy's own."""
     conn = BackendConn(addr)
-    auth = auth_steps(2, cfg.backend_username, cfg.backend_password)
+    if user is not None:
+        auth = auth_steps(2, user.user, user.password)
+    else:
+        auth = auth_steps(2, cfg.backend_username, cfg.backend_password)
     try:
-        conn.connect(cfg.connect_timeout, handshake=False)  # the kernel accepts even while a script runs
+        conn.connect(cfg.connect_timeout, handshake=False, cfg=cfg)  # the kernel accepts even while a script runs
         with gevent.Timeout(seconds or None, BackendError(f"no answer within {seconds:g}s")):
             conn.send(b"".join(resp.encode_request(a) for a in auth) + request)
             frames = conn.read_n(len(auth) + 1)
@@ -44,19 +48,21 @@ def ask(addr: tuple[str, int], cfg, request: bytes, seconds: float) -> bytes:
     finally:
         conn.close()
     if auth and frames[0][:1] == b"-":
+        if user is not None:  # the client's own credentials: the server's words, as on a direct connection
+            return frames[0]
         why = frames[0][1:].strip().decode(errors="replace")
         return resp.error(backend_unavailable(conn.name, f"AUTH failed: {why}"))
     return frames[len(auth)]
 
 
-def kill(addr: tuple[str, int], cfg, raw: bytes, batch, idx: int) -> None:
+def kill(addr: tuple[str, int], cfg, raw: bytes, batch, idx: int, user=None) -> None:
     """Send SCRIPT KILL / FUNCTION KILL to addr now; the server's answer goes to batch.replies[idx].
 
     Out of the client's order on purpose: the connection that runs the script answers nothing
     before the script ends. Waits up to command_timeout (a server before its busy threshold answers
     only then; a direct client would wait as long)."""
     batch.left += 1
-    gevent.spawn(lambda: batch.put(idx, ask(addr, cfg, raw, cfg.command_timeout)))
+    gevent.spawn(lambda: batch.put(idx, ask(addr, cfg, raw, cfg.command_timeout, user)))
 
 
 class BusyProbe:

@@ -22,7 +22,7 @@ from loguru import logger
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
-from .backend import BackendConn
+from .backend import AuthError, BackendConn, Credentials
 
 # What Batch.lost says of a request whose connection failed: False, never sent (safe to send again);
 # True, sent and the connection lost (the server may have run it); TIMED_OUT, sent and no reply
@@ -183,6 +183,17 @@ class Channel:
         else:
             self.flushing = False
 
+    def _flush_tls(self) -> None:
+        """_flush of a TLS connection: what is queued goes to a greenlet that sends it (sendall)."""
+        outbuf = self.outbuf
+        if self.closed or not outbuf:
+            self.flushing = False
+            return
+        data = b"".join(outbuf)
+        outbuf.clear()
+        self.unsent = 0
+        self.writer = gevent.spawn(self._drain, data)
+
     def _drain(self, rest: bytes) -> None:
         """The kernel's send buffer is full: wait until it takes the rest, and what queued since."""
         try:
@@ -199,19 +210,32 @@ class Channel:
 
     def _connect(self) -> None:
         cfg = self.pool.cfg
+        user = self.key[2] if len(self.key) > 2 else None
         try:
-            self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+            if isinstance(user, Credentials):  # a client's own backend user (AUTH through vproxy)
+                self.conn.connect(cfg.connect_timeout, user.user, user.password, cfg=cfg, client_user=True)
+            else:
+                self.conn.connect(cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg=cfg)
+        except AuthError as e:
+            if isinstance(user, Credentials):  # that user's trouble (deleted, new password), not the node's:
+                text = e.frame[1:-2].decode(errors="replace")  # the server's words
+                self.pool.refuse(user, text)
+                self.abort(text, False)
+                return
+            self._connect_failed(e)
+            return
         except BackendError as e:
-            if not self.closed:  # closed by vproxy mid-handshake: not the backend's failure
-                self.pool.connect_failed(str(e))
-            self.abort(backend_unavailable(self.conn.name, str(e)))
+            self._connect_failed(e)
             return
         if self.closed:  # closed while the socket was being opened: abort() could not close it
             self.conn.close()
             return
         self.pool.connect_ok()
         self.ready = True
-        if self.exclusive:
+        if self.conn.tls:  # gevent's calls for TLS (tls.py): a reader greenlet, every send drained by one
+            self._flush = self._flush_tls
+            self.reader = gevent.spawn(self._read)
+        elif self.exclusive:
             self.reader = gevent.spawn(self._read)
         else:
             self.reader = self._loop.io(self.conn.sock.fileno(), 1)
@@ -219,6 +243,11 @@ class Channel:
         if self.outbuf:
             self.flushing = True
             self._flush()
+
+    def _connect_failed(self, e: BackendError) -> None:
+        if not self.closed:  # closed by vproxy mid-handshake: not the backend's failure
+            self.pool.connect_failed(str(e))
+        self.abort(backend_unavailable(self.conn.name, str(e)))
 
     # ---- reading ----
 

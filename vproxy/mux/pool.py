@@ -15,10 +15,19 @@ from time import monotonic
 
 from loguru import logger
 
+from .. import resp
 from ..errors import BackendError, backend_unavailable
 from ..ratelog import RateLog
+from .backend import Credentials
 from .busy import BusyProbe
-from .channel import Channel
+from .channel import Batch, Channel, deadline_after
+
+# The keys of the connections that check clients' AUTH requests (any connection may run AUTH; a
+# RESET behind each makes it nobody's again) and ask ACL DRYRUN (vproxy's own user throughout).
+AUTH_CHECK = (0, 2, "auth-check")
+ACL_CHECK = (0, 2, "acl-check")
+_RESET = resp.encode_request([b"RESET"])
+REFUSED_FOR = 1.0  # seconds a user the node refused gets its error without a new connect attempt
 
 
 class PinLimitError(BackendError):
@@ -44,15 +53,26 @@ class NodePool:
         self.failed_connects = 0  # connect attempts failed since then
         self.closing = False  # the pool itself is closing connections: their loss is no news
         self.busy = BusyProbe(addr, cfg)
+        self.refused: dict = {}  # Credentials -> (until, the node's error): see refuse()
 
     @property
     def name(self) -> str:
         host, port = self.addr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _check_up(self) -> None:
+    def _check_up(self, key: tuple) -> None:
         if self.down_until and monotonic() < self.down_until:
             raise BackendError(backend_unavailable(self.name, f"{self.last_error}; retrying"))
+        if self.refused and len(key) > 2 and key[2] in self.refused:
+            until, text = self.refused[key[2]]
+            if monotonic() < until:
+                raise BackendError(text)
+            del self.refused[key[2]]
+
+    def refuse(self, user: Credentials, text: str) -> None:
+        """The node refused a connection for user (deleted, new password): for REFUSED_FOR seconds
+        its requests get the node's words without another connect attempt."""
+        self.refused[user] = (monotonic() + REFUSED_FOR, text)
 
     def channel(self, key: tuple[int, int]) -> Channel:
         """The least busy shared channel for key, opening one if the pool is not full."""
@@ -60,11 +80,31 @@ class NodePool:
         if chans is None:
             chans = self.shared[key] = []
         if len(chans) < self.cfg.pool_size:
-            self._check_up()
+            self._check_up(key)
             ch = Channel(self, key)
             chans.append(ch)
             return ch
         return min(chans, key=_load)
+
+    def check(self, request: list, key: tuple = AUTH_CHECK) -> bytes:
+        """The server's reply to `request` (AUTH user pass, AUTH pass; ACL DRYRUN with ACL_CHECK) on a
+        check connection; sent once more if that connection was lost before it was answered.
+        Raises BackendError when the node cannot be reached."""
+        raw = resp.encode_request(request)
+        batch = self._ask(raw, key)
+        if batch.lost:
+            batch = self._ask(raw, key)
+        return batch.replies[0]
+
+    def _ask(self, raw: bytes, key: tuple) -> Batch:
+        batch = Batch(1)
+        ch = self.channel(key)
+        deadline = deadline_after(self.cfg.command_timeout)
+        ch.submit(raw, batch, 0, deadline)
+        if key is AUTH_CHECK:  # back to no user at all: the connection never keeps a client's rights
+            ch.submit(_RESET, None, 0, deadline)
+        batch.wait()
+        return batch
 
     def lease(self, key: tuple[int, int]) -> Channel:
         """A connection for one client alone: a clean idle one, or a new one."""
@@ -77,7 +117,7 @@ class NodePool:
             if not ch.closed:
                 break
         else:
-            self._check_up()
+            self._check_up(key)
             ch = Channel(self, key, exclusive=True)
         self.leased.add(ch)
         return ch
@@ -90,6 +130,21 @@ class NodePool:
             idle.append(ch)
         else:
             ch.close()
+
+    def drop_users(self, live) -> bool:
+        """Close the shared and idle connections of client users (Credentials keys) not in `live`;
+        True when some are left because they still have requests in flight."""
+        left = False
+        for store in (self.shared, self.idle):
+            for key in [k for k in store if len(k) > 2 and isinstance(k[2], Credentials) and k[2] not in live]:
+                for ch in list(store.get(key, ())):
+                    if ch.waiters:
+                        left = True
+                    else:
+                        self._close_own(ch.close)
+                if not store.get(key):
+                    store.pop(key, None)
+        return left
 
     def forget(self, ch: Channel) -> None:
         """Called by a channel that closed: drop it from whichever container holds it."""

@@ -17,7 +17,7 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
-from .. import resp
+from .. import resp, tls
 from ..errors import BackendError
 from .topology import SLOTS, ClusterTopology, Shard
 
@@ -27,8 +27,14 @@ MIN_GAP = 0.05  # fewest seconds between two refreshes asked for by MOVED or fai
 class ControlConn:
     """A blocking request/response socket for the monitor's own queries."""
 
-    def __init__(self, addr, timeout: float, username: str = "", password: str = ""):
+    def __init__(self, addr, timeout: float, username: str = "", password: str = "", cfg=None):
         self.sock = socket.create_connection(addr, timeout=timeout)
+        if cfg is not None and cfg.backend_tls:  # the nodes then answer CLUSTER SLOTS with their TLS ports
+            try:
+                self.sock = tls.wrap_backend(self.sock, cfg, addr[0])
+            except OSError:
+                self.close()
+                raise
         self.framer = resp.ReplyFramer()
         if password:
             self.call(*([b"AUTH", username, password] if username else [b"AUTH", password]), check=True)
@@ -138,7 +144,7 @@ class ClusterMonitor:
 
     def read_map(self, addr) -> tuple[tuple, tuple]:
         cfg = self.cfg
-        conn = ControlConn(addr, cfg.connect_timeout, cfg.backend_username, cfg.backend_password)
+        conn = ControlConn(addr, cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg)
         try:
             if self.databases is None:
                 self.databases = _cluster_databases(conn)
@@ -146,7 +152,7 @@ class ClusterMonitor:
             if isinstance(reply, Exception):
                 reply = conn.call("CLUSTER", "SLOTS", check=True)
                 return parse_slots(reply, addr)
-            return parse_shards(reply, addr)
+            return parse_shards(reply, addr, cfg.backend_tls)
         finally:
             conn.close()
 
@@ -172,15 +178,19 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _node_addr(node: dict, asked) -> tuple[str, int]:
+def _node_addr(node: dict, asked, tls: bool = False) -> tuple[str, int]:
+    """A node's address; with tls (backend_tls) its TLS port (CLUSTER SHARDS lists both)."""
     host = _s(node.get("ip") or node.get("endpoint") or b"")
     if host in ("", "?"):
         host = asked[0]
+    if tls:
+        return host, int(node.get("tls-port") or node.get("port"))
     return host, int(node.get("port") or node.get("tls-port"))
 
 
-def parse_shards(reply, asked) -> tuple[tuple, tuple]:
-    """CLUSTER SHARDS -> (shards, 16384 slot owner indices). A failed primary is passed over."""
+def parse_shards(reply, asked, tls: bool = False) -> tuple[tuple, tuple]:
+    """CLUSTER SHARDS -> (shards, 16384 slot owner indices). A failed primary is passed over.
+    tls: the nodes' TLS ports (backend_tls)."""
     found = []
     for raw in reply:
         shard = _pairs(raw)
@@ -190,8 +200,8 @@ def parse_shards(reply, asked) -> tuple[tuple, tuple]:
         ranges = [int(x) for x in shard.get("slots", [])]
         if not primary or not ranges:
             continue
-        addr = _node_addr(primary[0], asked)
-        replicas = tuple(sorted(_node_addr(n, asked) for n in nodes if n is not primary[0]
+        addr = _node_addr(primary[0], asked, tls)
+        replicas = tuple(sorted(_node_addr(n, asked, tls) for n in nodes if n is not primary[0]
                                 and _s(n.get("role")) != "master" and _s(n.get("health")) == "online"))
         found.append((min(ranges[0::2]), Shard(addr, replicas), ranges))
     found.sort(key=lambda f: f[0])  # a stable order, whichever node answered

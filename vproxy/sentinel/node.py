@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import gevent
 import hiredis
 
-from .. import resp
+from .. import resp, tls
 from ..sockio import close_quietly
 
 
@@ -32,8 +32,9 @@ def fmt_addr(addr: tuple[str, int]) -> str:
 class NodeLink:
     """One request/response connection, reconnected on demand; every call has a deadline."""
 
-    def __init__(self, addr: tuple[str, int], timeout: float, username: str = "", password: str = ""):
-        self.addr, self.timeout = addr, timeout
+    def __init__(self, addr: tuple[str, int], timeout: float, username: str = "", password: str = "", cfg=None):
+        """cfg: the settings, for TLS (backend_tls: servers and sentinels alike); None: plain TCP."""
+        self.addr, self.timeout, self.cfg = addr, timeout, cfg
         self.username, self.password = username, password
         self.sock: socket.socket | None = None
         self.framer = resp.ReplyFramer()
@@ -76,6 +77,8 @@ class NodeLink:
         self.pending = []
         self.sock = socket.create_connection(self.addr)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.cfg is not None and self.cfg.backend_tls:
+            self.sock = tls.wrap_backend(self.sock, self.cfg, self.addr[0])
         if self.password:
             auth = ["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]
             self.sock.sendall(resp.encode_request(auth))

@@ -86,7 +86,7 @@ class SentinelMonitor(HAMonitor):
         link = self.slinks.get(addr)
         if link is None:
             link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username,
-                                                self.cfg.sentinel_password)
+                                                self.cfg.sentinel_password, self.cfg)
         return link
 
     def learn_sentinels(self, peers) -> None:
@@ -106,7 +106,8 @@ class SentinelMonitor(HAMonitor):
     def watch(self, addr) -> None:
         """Subscribe to one sentinel's events; one about our master wakes the monitor."""
         while not self.stopped:
-            link = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username, self.cfg.sentinel_password)
+            link = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username, self.cfg.sentinel_password,
+                            self.cfg)
             try:
                 link.send("SUBSCRIBE", *EVENTS)
                 while not self.stopped:
