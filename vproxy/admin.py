@@ -53,6 +53,7 @@ def proxy_section(app) -> str:
     }
     fields.update(ha_fields(app))
     fields.update(fleet_fields(app))
+    fields.update(app.audit.fields())
     return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
 
 
@@ -341,11 +342,15 @@ def proxy_command(s, args: list) -> bytes:
         return resp.value(app.cmdstats.table(), s.proto)
     if sub == b"config" and len(args) == 4 and args[2].lower() == b"get":
         pattern = args[3].decode(errors="replace").lower()
-        items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k}
+        items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k
+                 and "secret" not in k}
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
+    if sub == b"audit":
+        return audit_command(s, args[2:])
     return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
                        "PROXY TOPOLOGY", "PROXY STATS [RESET]", "PROXY SLOWLOG GET [count] | LEN | RESET",
-                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD", "PROXY NODES"], s.proto)
+                       "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD", "PROXY NODES",
+                       "PROXY AUDIT [STATUS|ON|OFF|CLASSES <class|command> ...]"], s.proto)
 
 
 def _slowlog(app, args: list, proto: int) -> bytes:
@@ -365,6 +370,36 @@ def _slowlog(app, args: list, proto: int) -> bytes:
                 return resp.error("ERR count should be greater than or equal to -1")
         return resp.value([list(e) for e in log.get(None if n == -1 else n)], proto)
     return resp.error("ERR syntax error: PROXY SLOWLOG GET [count] | LEN | RESET")
+
+
+def audit_command(s, args: list) -> bytes:
+    """PROXY AUDIT [STATUS|INFO] | ON | OFF | CLASSES <class|command> ...: the audit log at run time."""
+    audit = s.app.audit
+    sub = args[0].lower() if args else b"status"
+    if sub in (b"status", b"info") and len(args) <= 1:
+        fields = audit.fields()
+        fields["audit_file"] = audit.path or "none"
+        fields["audit_node"] = audit.node
+        return resp.value({k: str(v) for k, v in fields.items()}, s.proto)
+    if sub == b"on" and len(args) == 1:
+        try:
+            audit.start()
+        except (ValueError, OSError) as e:
+            return resp.error(f"ERR vproxy: audit log: {e}")
+        return resp.OK
+    if sub == b"off" and len(args) == 1:
+        audit.stop()
+        return resp.OK
+    if sub == b"classes" and len(args) > 1:
+        from .config import check_classes
+
+        names = [p for a in args[1:] for p in a.decode(errors="replace").split(",")]
+        try:
+            audit.set_classes(check_classes(names))
+        except ValueError as e:
+            return resp.error(f"ERR vproxy: audit classes: {e}")
+        return resp.OK
+    return resp.error("ERR vproxy: PROXY AUDIT [STATUS] | ON | OFF | CLASSES <class|command> ...")
 
 
 # ---- primary/replica sets (sentinel, replication modes): INFO fields and PROXY TOPOLOGY ----

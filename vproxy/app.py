@@ -10,6 +10,7 @@ from gevent.event import Event
 from loguru import logger
 
 from . import client, tls
+from .audit import Audit
 from .cmdstats import CommandStats
 from .commands import CommandTable
 from .config import Config, parse_addr
@@ -70,6 +71,9 @@ class App:
                 self.peer_listener.close()
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
+        self.audit = Audit(cfg, self.commands, cfg.audit_node)
+        if cfg.audit_dir:
+            self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
             from .csession import ClusterSession
@@ -231,6 +235,7 @@ class App:
         if self.monitor is not None:
             self.monitor.stop()
         gevent.killall(self.greenlets)
+        self.audit.close()
         self.router.close()
         if self.embedded is not None:
             self.embedded.stop()

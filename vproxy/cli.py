@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["top"]:  # vproxy top [HOST:PORT]: the live view (top.py)
         from .top import main as top_main
         return top_main(args[1:])
+    if args[:1] == ["audit"]:  # `vproxy audit ...`: query the audit log (docs/audit.md)
+        from .auditquery import main as audit_main
+        return audit_main(args[1:])
     if "--version" in args:
         print(version_text())
         return 0

@@ -32,6 +32,7 @@ from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .cmdstats import Track
 from .outbox import Outbox
+from .audit import Audited, AuditTrack
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
 from .users import DRYRUN, backend_auth, dryrun, switch
@@ -74,7 +75,7 @@ class Stream:
         self.synced = Event()
 
 
-class ClientSession(PlainPath):
+class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
     HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
@@ -103,6 +104,7 @@ class ClientSession(PlainPath):
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
+        self.audits: list = []  # audit.Entry of the recorded requests whose replies are not written yet
         self.closing = False
         self.wlock = Semaphore()
         self.ha_sent: list | None = [] if app.router.ha else None  # HA: see _ha_recover
@@ -119,6 +121,8 @@ class ClientSession(PlainPath):
             self.outbox.on_overflow = self.output_overflow
         if app.cmdstats.enabled:
             self.outbox.track = Track(app.cmdstats, self)
+        if app.audit.dir and self.HOLD is None:  # standalone: the plain path records (audit.py)
+            self.outbox.track = AuditTrack(app.audit, self, self.outbox.track)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
 
@@ -192,10 +196,13 @@ class ClientSession(PlainPath):
             batch = self.batch = Batch(len(part))
             if stats:
                 batch.reqs, batch.t0 = part, self.last_active
-            for i, (args, raw) in enumerate(part):
-                self.dispatch(i, args, raw, batch)
-                if self.closing:
-                    break
+            if self.app.audit.on:
+                self._dispatch_audited(part, batch)
+            else:
+                for i, (args, raw) in enumerate(part):
+                    self.dispatch(i, args, raw, batch)
+                    if self.closing:
+                        break
             self.settle()
             self.flush(batch, len(part))
             if self.closing:
@@ -215,6 +222,8 @@ class ClientSession(PlainPath):
         if batch.reqs is not None and upto > batch.rec_from:
             self.app.cmdstats.record_batch(self, batch.reqs, replies, batch.rec_from, upto, batch.t0, batch.rejected)
             batch.rec_from = upto
+        if self.audits:
+            self._audit_replies(batch, upto)
         if upto == len(replies):
             out = [r for r in replies if r is not None]
         else:  # an early flush (a blocking command or a stream is next): these are written now

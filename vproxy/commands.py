@@ -52,6 +52,8 @@ class Command:
     first_key: int = 0
     last_key: int = 0
     step: int = 0
+    acl: frozenset = frozenset()  # ACL categories ("@dangerous" ...): empty in the built-in table
+    subs: dict | None = None  # container commands: lower-case subcommand -> Command (learned only)
 
     def arity_ok(self, nargs: int) -> bool:
         return arity_fits(self.arity, nargs)
@@ -72,6 +74,12 @@ class CommandTable:
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
         self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
+        self._plain: dict[bytes, tuple[int, bool]] = {}  # name -> (arity, may take the plain path)
+        self.audit_select: frozenset | None = None  # audit on: the classes and names selected
+        self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
+        self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
+        self.audit_gate = True
+        self._audits: dict = {}  # (name, subcommand) -> recorded?
 
     def get(self, name: bytes) -> Command | None:
         return self.commands.get(name)
@@ -89,6 +97,7 @@ class CommandTable:
             self._specs.clear()
             self.derived.clear()
             self.learned = True
+            self.select_audit(self.audit_select)
         return len(table)
 
     def lookup(self, name: bytes) -> tuple[int, str]:
@@ -102,9 +111,12 @@ class CommandTable:
     def forwards(self, name: bytes, nargs: int) -> bool:
         """A plain forward (policy FORWARD) with an arity the server accepts: what the plain path
         may send (per request: lookup and arity_fits inlined)."""
-        spec = self._specs.get(name) or self.lookup(name)
+        spec = self._plain.get(name)
+        if spec is None:
+            arity, policy = self.lookup(name)
+            spec = self._plain[name] = (arity, policy is FORWARD and name not in self.audited)
         arity = spec[0]
-        return spec[1] is FORWARD and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
+        return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""
@@ -127,6 +139,108 @@ class CommandTable:
         cmd = self.commands.get(name)
         return BLOCK if cmd is not None and "blocking" in cmd.flags else FORWARD
 
+    # ---- audit: which requests are recorded (audit.py); recorded ones never take the plain path ----
+
+    def classes_of(self, name: bytes, sub: bytes | None = None) -> frozenset:
+        """The audit classes of a command: of its subcommand when given (CONFIG SET; an unknown one:
+        the container's own); of a container without one: every subcommand's (for the plain-path gate)."""
+        own = _OWN_CLASSES.get(name)
+        if own is not None:
+            return own.get(sub, frozenset()) if sub is not None else frozenset().union(*own.values())
+        cmd = self.commands.get(name)
+        if cmd is not None and cmd.subs:
+            if sub is not None:
+                return _classes(cmd.subs[sub], name) if sub in cmd.subs else _classes(cmd, name)
+            return frozenset().union(_classes(cmd, name), *(_classes(c, name) for c in cmd.subs.values()))
+        return _classes(cmd, name)
+
+    def select_audit(self, select: frozenset | None, gate: bool | None = None) -> None:
+        """Record the requests of these classes and names (None: audit off). gate: the recorded
+        names are kept off the plain path (`audited`); False when the plain path records them
+        itself (standalone: audit.AuditTrack). None: as before."""
+        self.audit_select = select
+        if gate is not None:
+            self.audit_gate = gate
+        if not select:
+            names = frozenset()
+        elif "all" in select:
+            names = _Everything()
+        else:
+            named = {n.encode().split(b"|")[0] for n in select if n not in AUDIT_CLASSES}
+            names = frozenset(named | {n for n in [*self.commands, *_OWN_CLASSES] if self.classes_of(n) & select})
+        self.audit_names = names
+        self.audited = names if self.audit_gate else frozenset()
+        self._plain.clear()
+        self._audits.clear()
+        self.derived.clear()
+
+    def audits(self, name: bytes, args: list) -> bool:
+        """Whether this request is recorded (its subcommand decides for a container command)."""
+        if name not in self.audit_names:
+            return False
+        sub = self.subcommand(name, args)
+        key = (name, sub)
+        hit = self._audits.get(key)
+        if hit is None:
+            select = self.audit_select or frozenset()
+            names = {name.decode(errors="replace")} | ({f"{name.decode()}|{sub.decode(errors='replace')}"}
+                                                       if sub else set())
+            hit = "all" in select or bool(names & select) or bool(self.classes_of(name, sub) & select)
+            if len(self._audits) < 4096:  # subcommand names are the client's: bound the cache
+                self._audits[key] = hit
+        return hit
+
+    def subcommand(self, name: bytes, args: list) -> bytes | None:
+        """The request's subcommand when its command is a container (CONFIG SET -> b"set")."""
+        if len(args) > 1 and (name in _OWN_CLASSES or (name in self.commands and self.commands[name].subs)):
+            return args[1].lower()
+        return None
+
+
+AUDIT_CLASSES = frozenset(["write", "read", "admin", "dangerous", "pubsub", "scripting", "all"])
+# Classes for what the table cannot say: vproxy's own PROXY command, and the built-in table's
+# commands before the server's COMMAND reply (with ACL categories) is read.
+_OWN_CLASSES = {b"proxy": {b"audit": frozenset(["admin"])}}
+_FALLBACK = {
+    **dict.fromkeys([b"flushall", b"flushdb", b"keys", b"config", b"debug", b"shutdown", b"sync", b"psync",
+                     b"replconf", b"replicaof", b"slaveof", b"migrate", b"restore", b"sort", b"sort_ro",
+                     b"monitor", b"cluster", b"failover", b"acl", b"save", b"bgsave", b"bgrewriteaof",
+                     b"lastsave", b"swapdb", b"info", b"role", b"module", b"latency", b"slowlog"],
+                    frozenset(["dangerous"])),
+    **dict.fromkeys([b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro", b"script",
+                     b"function"], frozenset(["scripting"])),
+}
+
+
+class _Everything:
+    """audit_commands = all: every name is recorded."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+def _classes(cmd: Command | None, name: bytes) -> frozenset:
+    """A command's audit classes, from its flags and ACL categories."""
+    if cmd is None:
+        return frozenset()
+    f, a = cmd.flags, cmd.acl
+    out = set()
+    if "write" in f:
+        out.add("write")
+    if "readonly" in f:
+        out.add("read")
+    if "admin" in f or "@admin" in a:
+        out.add("admin")
+    if "pubsub" in f or "@pubsub" in a:
+        out.add("pubsub")
+    if "@dangerous" in a:
+        out.add("dangerous")
+    if "@scripting" in a:
+        out.add("scripting")
+    if not a:
+        out |= _FALLBACK.get(name, frozenset())
+    return frozenset(out)
+
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
@@ -136,5 +250,13 @@ def _from_entry(entry) -> Command | None:
     if not isinstance(entry, list) or len(entry) < 6:
         return None
     name, arity, flags, first, last, step = entry[:6]
+    acl = frozenset(_text(c) for c in entry[6]) if len(entry) > 6 and isinstance(entry[6], list) else frozenset()
+    subs = None
+    if len(entry) > 9 and isinstance(entry[9], list) and entry[9]:
+        subs = {}
+        for e in entry[9]:
+            sub = _from_entry(e)
+            if sub is not None:
+                subs[sub.name.rpartition("|")[2].encode()] = sub
     return Command(_text(name).lower(), int(arity), frozenset(_text(f) for f in flags),
-                   int(first), int(last), int(step))
+                   int(first), int(last), int(step), acl, subs)

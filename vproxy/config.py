@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +46,55 @@ def _one_of(*choices):
 def _addrs(v):
     for a in v:
         parse_addr(a)
+    return v
+
+
+_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30,
+          "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+          "d": 86400, "day": 86400, "w": 604800, "week": 604800}
+_SIZE_UNITS = ("b", "kb", "mb", "gb")
+
+
+def parse_amounts(text: str) -> dict:
+    """'100 MB, 1 day' -> {'size': bytes, 'seconds': s}; '10 files' -> {'files': 10} (ValueError if bad)."""
+    out: dict = {}
+    for part in re.split(r",|\bor\b", str(text)):
+        part = part.strip().lower()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]+?)s?", part)
+        if not m:
+            raise ValueError(f"cannot read {part!r} (expected e.g. '100 MB', '1 day', '12 hours', '10 files')")
+        n, unit = float(m.group(1)), m.group(2)
+        if unit in ("file",):
+            out["files"] = int(n)
+        elif unit in _UNITS:
+            out["size" if unit in _SIZE_UNITS else "seconds"] = int(n * _UNITS[unit])
+        else:
+            raise ValueError(f"unknown unit {unit!r} in {part!r}")
+    return out
+
+
+def check_rotation(v: str) -> str:
+    if v and "files" in parse_amounts(v):
+        raise ValueError("rotation is a size and/or an age")
+    return v
+
+
+def check_retention(v: str) -> str:
+    if v and "size" in parse_amounts(v):
+        raise ValueError("retention is an age and/or a number of files")
+    return v
+
+
+def check_classes(v: list) -> list:
+    """Audit classes and command names ('config|set'): lower-case, each a plausible name."""
+    v = [x.strip().lower() for item in v for x in str(item).split(",") if x.strip()]  # --flag a,b too
+    if not v:
+        raise ValueError("name at least one class or command")
+    bad = [x for x in v if not re.fullmatch(r"[a-z0-9_.|-]+", x)]
+    if bad:
+        raise ValueError(f"not a class or command name: {', '.join(bad)}")
     return v
 
 
@@ -166,6 +216,29 @@ SETTINGS: tuple[Setting, ...] = (
             "connect afterwards.", check=_non_negative, reloadable=True),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
             "Largest unparsed request buffer per client.", check=_positive, reloadable=True),
+    Setting("audit_dir", str, "", "Audit log: the directory of its files (audit.jsonl and the rotated "
+            "audit-<UTC>.jsonl.gz). Empty: no audit log. Set: requests of audit_commands are recorded from "
+            "the start (PROXY AUDIT ON|OFF at run time). See docs/audit.md."),
+    Setting("audit_commands", list, ["write", "admin", "dangerous"], "Audit log: what is recorded, classes "
+            "(write, read, admin, dangerous, pubsub, scripting, all: from the server's COMMAND flags and ACL "
+            "categories) and command names (flushall, config|set).", check=check_classes),
+    Setting("audit_values", bool, False, "Audit log: also write the arguments (each cut to 256 bytes; "
+            "passwords redacted). Off: only keys, argument count and size."),
+    Setting("audit_hash_keys", bool, False, "Audit log: write keys as a keyed hash (HMAC-SHA256 with "
+            "audit_hash_secret, 16 hex digits) instead of their text."),
+    Setting("audit_hash_secret", str, "", "Audit log: the secret of audit_hash_keys (the same on every "
+            "proxy node, so that `vproxy audit --key` finds a key everywhere)."),
+    Setting("audit_rotation", str, "100 MB, 1 day", "Audit log: start a new file past this size and/or "
+            "age ('64 MB', '1 hour', '100 MB, 1 day'); the old one is renamed audit-<UTC>.jsonl.",
+            check=check_rotation),
+    Setting("audit_retention", str, "30 days", "Audit log: delete rotated files older than this and/or "
+            "beyond this count ('30 days', '100 files', '7 days, 50 files'; empty: keep all).",
+            check=check_retention),
+    Setting("audit_compress", bool, True, "Audit log: gzip files once rotated (audit-<UTC>.jsonl.gz)."),
+    Setting("audit_queue", int, 100000, "Audit log: most records waiting for the writer; when the disk "
+            "is slower, records are dropped and counted (INFO proxy audit_dropped), clients never wait.",
+            check=_positive),
+    Setting("audit_node", str, "", "Audit log: this proxy's name in its records (default HOSTNAME:PORT)."),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.",
             check=_one_of("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"), reloadable=True),
     Setting("log_format", str, "text", "Log lines as text, or json (one JSON object per line, loguru's "
@@ -224,7 +297,8 @@ def _coerce(s: Setting, raw, source: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vproxy", description="A Redis/Valkey proxy.")
+    p = argparse.ArgumentParser(prog="vproxy", description="A Redis/Valkey proxy.",
+                                epilog="Query the audit log: vproxy audit [PATH ...] (vproxy audit --help, docs/audit.md).")
     p.add_argument("-c", "--config", help="TOML configuration file")
     for s in SETTINGS:
         flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
@@ -272,6 +346,8 @@ def _check_together(v: dict) -> None:
     if v["read_from"] != "primary" and mode not in ("sentinel", "replication", "cluster"):
         raise ConfigError(f"setting 'read_from' = '{v['read_from']}' needs mode 'sentinel', 'replication' "
                           "or 'cluster'")
+    if v["audit_hash_keys"] and not v["audit_hash_secret"]:
+        raise ConfigError("setting 'audit_hash_keys' needs 'audit_hash_secret' (the key of the keyed hash)")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
     if v["embedded"] and v["backend"]:

@@ -121,6 +121,17 @@ class ClusterSession(ClientSession):
             return h(self, i, args, raw, batch)
         super().dispatch(i, args, raw, batch)
 
+    def audit_target(self, i: int, batch: Batch):
+        """audit.py: the Sub of request i (its node once answered, after redirections), "*" when it was
+        split over several nodes, else as a standalone session says."""
+        for sub in reversed(self.inflight):
+            if sub.batch is batch and sub.idx == i:
+                return sub
+        for op in self.ops:
+            if op[0] is batch and op[1] == i:
+                return "*"
+        return super().audit_target(i, batch)
+
     # ---- plain requests from the loop (see ClientSession._intake and outbox.py) ----
 
     def forward_plain(self, reqs: list, wait: bool = True) -> int:
@@ -900,7 +911,8 @@ def _fast_key(table, name: bytes, nargs: int) -> int:
     if spec is None:
         cmd = table.get(name)
         arity, policy = table.lookup(name)
-        pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE else 0
+        # an audited command takes the batch path, where its record is made (audit.py)
+        pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE and name not in table.audited else 0
         spec = table.derived[name] = (pos, arity)
     pos, arity = spec
     if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):

@@ -1,0 +1,494 @@
+"""The audit log, black-box: a real valkey-server, vproxy processes with --audit-dir, and the
+`vproxy audit` command reading what they wrote (docs/audit.md)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import hmac
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+
+import pytest
+import redis
+from conftest import PasswordProxy, Proxy, RawClient, Server, wait_for
+
+NODE = "node-a"
+
+
+@pytest.fixture(scope="module")
+def valkey():
+    s = Server("valkey")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def audited(valkey, tmp_path):
+    """Start vproxy processes with an audit dir of their own (stopped after the test)."""
+    started = []
+
+    def start(*args, sub="audit", cls=Proxy, **kw):
+        d = tmp_path / sub
+        pre = (kw.pop("password"),) if "password" in kw else ()
+        p = cls(*pre, *args, "--backend", valkey.addr, "--audit-dir", str(d), "--audit-node", NODE, **kw)
+        p.dir = d
+        started.append(p)
+        return p
+
+    valkey.client().flushall()
+    yield start
+    for p in started:
+        p.stop()
+
+
+def audit_cli(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "vproxy", "audit", *map(str, args)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
+                       check=False)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def query(*args) -> list[dict]:
+    return [json.loads(line) for line in audit_cli(*args, "--format", "json").stdout.splitlines()]
+
+
+def records_written(p) -> int:
+    return p.info()["audit_records"]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def req_bytes(*args) -> int:
+    return len(RawClient.encode(*args))
+
+
+def script(p, valkey) -> tuple[list[dict], dict]:
+    """A session of two named clients: writes, a read, FLUSHDB, refused requests, an error reply.
+    Returns the records expected (with default audit classes write,admin,dangerous) and the clients."""
+    server = f"127.0.0.1:{valkey.port}"
+    a = p.client(client_name="billing")
+    b = p.client(client_name="reports", db=2)
+    a.set("a:1", "x")
+    assert a.get("a:1") == b"x"  # a read: not recorded by default
+    a.delete("a:1", "a:2")
+    with pytest.raises(redis.ResponseError, match="not allowed through the proxy"):
+        a.execute_command("SHUTDOWN")
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+        a.execute_command("SET", "lonely")
+    b.set("b:1", "y")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        b.execute_command("INCR", "b:1")
+    b.execute_command("CONFIG", "GET", "maxmemory")
+    b.flushdb()
+    ids = {"billing": a.client_id(), "reports": b.client_id()}
+    lib = {"lib_name": "redis-py", "lib_ver": redis.__version__}
+    common = {"node": NODE, "user": "default", "subcommand": None, "error": None, "outcome": "ok",
+              "backend": server, **lib}
+    A = {**common, "client_name": "billing", "client_id": ids["billing"], "db": 0}
+    B = {**common, "client_name": "reports", "client_id": ids["reports"], "db": 2}
+    expected = [
+        {**A, "command": "set", "keys": ["a:1"], "argc": 3, "bytes": req_bytes("SET", "a:1", "x")},
+        {**A, "command": "del", "keys": ["a:1", "a:2"], "argc": 3, "bytes": req_bytes("DEL", "a:1", "a:2")},
+        {**A, "command": "shutdown", "keys": [], "argc": 1, "bytes": req_bytes("SHUTDOWN"),
+         "outcome": "refused", "error": "ERR", "backend": ""},
+        {**A, "command": "set", "keys": ["lonely"], "argc": 2, "bytes": req_bytes("SET", "lonely"),
+         "outcome": "refused", "error": "ERR", "backend": ""},
+        {**B, "command": "set", "keys": ["b:1"], "argc": 3, "bytes": req_bytes("SET", "b:1", "y")},
+        {**B, "command": "incr", "keys": ["b:1"], "argc": 2, "bytes": req_bytes("INCR", "b:1"),
+         "outcome": "error", "error": "ERR"},
+        {**B, "command": "config", "subcommand": "get", "keys": [], "argc": 3,
+         "bytes": req_bytes("CONFIG", "GET", "maxmemory")},
+        {**B, "command": "flushdb", "keys": [], "argc": 1, "bytes": req_bytes("FLUSHDB")},
+    ]
+    a.close()
+    b.close()
+    return expected, ids
+
+
+def strip(recs: list[dict]) -> list[dict]:
+    """The fields a test can know exactly (time, latency and the client's port vary)."""
+    return [{k: v for k, v in r.items() if k not in ("ts", "latency_us", "client_addr")} for r in recs]
+
+
+def test_scripted_session_and_every_filter(audited, valkey):
+    p = audited()
+    t0 = now_iso()
+    expected, ids = script(p, valkey)
+    wait_for(lambda: len(query(p.dir, "--since", t0)) == len(expected), what="the session's records")
+    got = query(p.dir, "--since", t0)
+    assert strip(got) == expected
+    assert all(r["ts"] >= t0 and r["ts"].endswith("Z") and r["latency_us"] >= 0 for r in got)
+    assert [r["ts"] for r in got] == sorted(r["ts"] for r in got)
+    addr_b = next(r["client_addr"] for r in got if r["client_name"] == "reports")
+
+    def only(*args) -> list[dict]:
+        return strip(query(p.dir, "--since", t0, *args))
+
+    assert only("--client", "billing") == expected[:4]
+    assert only("--client", addr_b) == expected[4:]
+    assert only("--client", ids["billing"]) == expected[:4]
+    assert only("--client", addr_b.rsplit(":", 1)[0] + ":*") == expected
+    assert only("--command", "set") == [expected[0], expected[3], expected[4]]
+    assert only("--command", "config|get,flushdb") == expected[6:]
+    assert only("--key", "a:*") == expected[:2]
+    assert only("--key", "b:1") == expected[4:6]
+    assert only("--db", 2) == expected[4:]
+    assert only("--outcome", "ok") == [expected[i] for i in (0, 1, 4, 6, 7)]
+    assert only("--outcome", "error") == [expected[5]]
+    assert only("--outcome", "refused") == expected[2:4]
+    assert only("--node", NODE) == expected
+    assert only("--node", "node-b") == []
+    assert only("--user", "default") == expected
+    assert only("--user", "alice") == []
+    assert strip(query(p.dir, "--since", got[4]["ts"][:-1], "--until", got[6]["ts"][:-1])) == expected[4:7]
+    assert only("--until", "-1h") == []
+    assert strip([r for r in query(p.dir, "--since", "-1h") if r["ts"] >= t0]) == expected
+
+    table = audit_cli(p.dir, "--since", t0, "--client", "reports").stdout.splitlines()
+    assert len(table) == 1 + 4 and "FLUSHDB" in table[-1] and "CONFIG GET" in table[3]
+    assert "error ERR" in table[2] and "reports" in table[1]
+    rows = list(csv.DictReader(io.StringIO(audit_cli(p.dir, "--since", t0, "--format", "csv").stdout)))
+    assert [(r["command"], r["keys"], r["outcome"]) for r in rows] == \
+        [(e["command"], " ".join(e["keys"]), e["outcome"]) for e in expected]
+
+    res = audit_cli(p.dir, "--since", t0, "--summary", "--progress", "always")
+    assert "100.0%" in res.stderr and " records" in res.stderr and "[###" in res.stderr  # the bar, on stderr only
+    summary = res.stdout
+    assert "records: 8" in summary
+    assert "error rate 37.50%" in summary  # 1 error + 2 refused of 8
+    top = summary.split("top commands:")[1].split("top clients:")[0].split()
+    assert top[:2] == ["3", "SET"]
+    assert "billing" in summary and "reports" in summary and "a:1" in summary
+    assert "latency per command (ms)" in summary and "requests per minute" in summary and "█" in summary
+    stats = p.client().info("proxy_commandstats")  # the statistics still count what the audit records
+    assert stats["cmdstat_set"]["calls"] == 2 and stats["cmdstat_set"]["rejected_calls"] == 1
+
+
+def test_reads_are_recorded_when_selected_and_turned_on_at_run_time(audited, valkey):
+    p = audited("--audit-commands", "read")
+    r = p.client(client_name="reader")
+    t0 = now_iso()
+    r.set("k", "v")
+    assert r.get("k") == b"v"
+    wait_for(lambda: query(p.dir, "--since", t0), what="the GET's record")
+    assert [(x["command"], x["keys"]) for x in query(p.dir, "--since", t0)] == [("get", ["k"])]
+
+    ctl = p.client()
+    assert ctl.execute_command("PROXY", "AUDIT", "CLASSES", "write,flushall") == b"OK"
+    r.set("k2", "v")
+    r.get("k2")
+    assert ctl.execute_command("PROXY", "AUDIT", "OFF") == b"OK"
+    r.set("k3", "v")  # not recorded: off
+    status = ctl.execute_command("PROXY", "AUDIT", "STATUS")
+    status = dict(zip(status[::2], status[1::2])) if isinstance(status, list) else status
+    assert status[b"audit_enabled"] == b"0"
+    assert status[b"audit_file"] == str(p.dir / "audit.jsonl").encode()
+    assert status[b"audit_dropped"] == b"0"
+    assert ctl.execute_command("PROXY", "AUDIT", "ON") == b"OK"
+    r.set("k4", "v")
+    wait_for(lambda: [x["keys"] for x in query(p.dir, "--since", t0, "--command", "set")] == [["k2"], ["k4"]],
+             what="the SETs made while write was selected and audit on")
+    assert p.info()["audit_enabled"] == 1
+    with pytest.raises(redis.ResponseError, match="not a class or command name"):
+        ctl.execute_command("PROXY", "AUDIT", "CLASSES", "wr ite")
+    ctl.close()
+    r.close()
+
+
+def test_slow_disk_drops_records_and_never_blocks_clients(audited, valkey, tmp_path):
+    """The file is a FIFO nobody reads: the writer thread blocks in open(), as on a hung disk."""
+    d = tmp_path / "slow"
+    d.mkdir()
+    fifo = d / "audit.jsonl"
+    os.mkfifo(fifo)
+    log = tmp_path / "slow.log"
+    p = audited("--audit-commands", "all", "--audit-queue", "500", sub="slow", log_path=log)
+    r = p.client()
+    pipe = r.pipeline(transaction=False)
+    n = 20000
+    for i in range(n):
+        pipe.set(f"s:{i}", "v")
+    assert pipe.execute() == [True] * n  # every client request answered while the disk is stuck
+    info = p.info()
+    assert info["audit_queued"] == 500
+    assert info["audit_records"] == 0
+    assert info["audit_dropped"] >= n - 500
+    rss_before = info["peak_rss_kb"]
+    for _ in range(2):
+        for i in range(n):
+            pipe.get(f"s:{i}")
+        pipe.execute()
+    info = p.info()
+    assert info["audit_queued"] == 500
+    assert info["audit_dropped"] >= 3 * n - 500
+    assert info["peak_rss_kb"] - rss_before < 20 * 1024  # queue bounded: 40,000 more records held nothing
+    wait_for(lambda: "records dropped" in log.read_text(), what="the dropped-records log line")
+
+    lines = []
+
+    def read_fifo():
+        with open(fifo, "rb") as f:
+            lines.extend(f)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()  # the disk is back: the queued records are written
+    wait_for(lambda: p.info()["audit_records"] >= 500, what="the queued records written")
+    r.close()
+    p.stop()
+    reader.join(10)
+    recs = [json.loads(x) for x in lines]
+    sets = [x["keys"][0] for x in recs if x["command"] == "set"]
+    assert len(recs) >= 500 and sets == [f"s:{i}" for i in range(len(sets))]  # the first ones, then drops
+
+
+def test_rotation_compression_and_retention_by_count(audited, valkey):
+    p = audited("--audit-commands", "write", "--audit-rotation", "4 KB", "--audit-retention", "3 files")
+    r = p.client(client_name="rot")
+    for i in range(300):
+        r.set(f"rot:{i:04d}", "v")
+    wait_for(lambda: records_written(p) >= 300, what="300 records written")
+
+    def rotated():
+        return sorted(n for n in os.listdir(p.dir) if n.startswith("audit-"))
+
+    wait_for(lambda: len(rotated()) == 3 and all(n.endswith(".jsonl.gz") for n in rotated()),
+             what="3 compressed rotated files")
+    for n in rotated():
+        assert os.path.getsize(p.dir / n) < 4096  # compressed
+        with gzip.open(p.dir / n) as f:
+            body = f.read()
+        assert body.endswith(b"\n") and len(body) >= 4096  # rotated past 4 KB, at a line's end
+        assert all(json.loads(line)["command"] == "set" for line in body.splitlines())
+    got = query(p.dir)
+    keys = [x["keys"][0] for x in got]
+    assert keys == sorted(keys)  # time order across .gz and the active file
+    assert keys[-1] == "rot:0299"  # the newest kept, the oldest deleted
+    assert 0 < len(keys) < 300 and keys[0] > "rot:0000"
+    assert keys == [f"rot:{i:04d}" for i in range(300 - len(keys), 300)]  # no gap, nothing twice
+    r.close()
+
+
+def test_rotation_and_retention_by_age(audited, valkey):
+    p = audited("--audit-commands", "write", "--audit-rotation", "1 s", "--audit-retention", "3 s")
+    r = p.client()
+    r.set("age", "1")
+    wait_for(lambda: any(n.startswith("audit-") for n in os.listdir(p.dir)), timeout=15,
+             what="the file rotated after 1 s")
+    wait_for(lambda: not any(n.startswith("audit-") for n in os.listdir(p.dir)), timeout=15,
+             what="the rotated file deleted after 3 s")
+    r.close()
+
+
+def test_truncated_last_line_is_skipped_with_a_warning(audited, valkey):
+    p = audited("--audit-commands", "write")
+    r = p.client()
+    r.set("t1", "v")
+    wait_for(lambda: records_written(p) >= 1, what="a record")
+    p.stop()
+    path = p.dir / "audit.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole[:40])  # a crash in the middle of the next record
+
+    res = audit_cli(p.dir, "--format", "json")
+    assert [json.loads(x)["keys"] for x in res.stdout.splitlines()] == [["t1"]]
+    assert "truncated last record" in res.stderr
+
+    # a restart appends after the cut record: the new ones stand alone, the cut one is skipped
+    p2 = audited("--audit-commands", "write", sub="audit")
+    c = p2.client()
+    c.set("t2", "v")
+    wait_for(lambda: records_written(p2) >= 1, what="a record after the restart")
+    for pure in ("0", "1"):  # with orjson when installed, and with the json module
+        res = audit_cli(p.dir, "--summary", env={"VPROXY_PURE": pure})
+        assert "records: 2" in res.stdout and "not a whole record" in res.stderr
+        res = audit_cli(p.dir, "--format", "json", "--command", "set", env={"VPROXY_PURE": pure})
+        assert [json.loads(x)["keys"] for x in res.stdout.splitlines()] == [["t1"], ["t2"]]
+        assert "not a whole record" in res.stderr
+    c.close()
+
+
+def test_hashed_keys_and_values(audited, valkey):
+    p = audited("--audit-commands", "write", "--audit-hash-keys", "--audit-hash-secret", "s3cret",
+                "--audit-values")
+    r = p.client()
+    r.set("customer:42", "secret-value")
+    wait_for(lambda: records_written(p) >= 1, what="a record")
+    text = (p.dir / "audit.jsonl").read_text()
+    assert "customer:42" not in text and "secret-value" in text
+    rec = json.loads(text.splitlines()[-1])
+    want = hmac.new(b"s3cret", b"customer:42", hashlib.sha256).hexdigest()[:16]
+    assert rec["keys"] == [want] and rec["keys_hashed"] is True
+    assert rec["args"] == [want, "secret-value"]  # the key hashed among the values too
+    assert [x["keys"] for x in query(p.dir, "--key", "customer:42", "--hash-secret", "s3cret")] == [[want]]
+    assert query(p.dir, "--key", "customer:43", "--hash-secret", "s3cret") == []
+    shown = p.client().execute_command("PROXY", "CONFIG", "GET", "*")
+    assert b"s3cret" not in (b" ".join(shown) if isinstance(shown, list) else repr(shown).encode())
+    r.close()
+
+
+def test_refused_before_auth_and_passwords_redacted(audited, valkey):
+    p = audited("--audit-commands", "all", "--audit-values", cls=PasswordProxy, password="pw1")
+    t0 = now_iso()
+    with RawClient(p.port) as c:
+        assert c.call("SET", "x", "1").startswith(b"-NOAUTH")
+        assert c.call("AUTH", "pw1") == b"+OK\r\n"
+        assert c.call("SET", "x", "1") == b"+OK\r\n"
+    wait_for(lambda: len(query(p.dir, "--since", t0)) >= 3, what="three records")
+    got = query(p.dir, "--since", t0)
+    assert [(x["command"], x["outcome"], x["error"], x.get("args")) for x in got] == [
+        ("set", "refused", "NOAUTH", ["x", "1"]),
+        ("auth", "ok", None, ["(redacted)"]),
+        ("set", "ok", None, ["x", "1"]),
+    ]
+
+
+def test_cluster_records_name_the_node_that_answered(tmp_path):
+    from clusterkit import Cluster
+
+    cluster = Cluster("valkey", 3)
+    d = tmp_path / "cluster"
+    p = None
+    try:
+        p = Proxy("--mode", "cluster", "--backend", cluster.seeds[0], "--audit-dir", str(d))
+        r = p.client(client_name="sharded")
+        keys = [f"ck:{n}" for n in range(30)]
+        pipe = r.pipeline(transaction=False)
+        for k in keys:  # one-key writes on every node, pipelined: the cluster plain path would take them
+            pipe.set(k, "v")
+        pipe.get(keys[0])
+        assert pipe.execute() == [True] * 30 + [b"v"]
+        r.mset({"ck:a": "1", "ck:b": "2", "ck:c": "3"})  # split over nodes by vproxy
+        wait_for(lambda: records_written(p) >= 31, what="the cluster records")
+        got = [x for x in query(d) if x["client_name"] == "sharded"]
+        assert [(x["command"], x["keys"]) for x in got] == [("set", [k]) for k in keys] + \
+            [("mset", ["ck:a", "ck:b", "ck:c"])]
+        for x, k in zip(got, keys):
+            assert x["backend"] == cluster.owner(k).addr and x["outcome"] == "ok"
+        owners = {cluster.owner(k).addr for k in ("ck:a", "ck:b", "ck:c")}
+        assert got[-1]["backend"] == ("*" if len(owners) > 1 else owners.pop())
+        r.close()
+    finally:
+        if p is not None:
+            p.stop()
+        cluster.stop()
+
+
+def test_replication_mode_records_where_reads_and_writes_went(tmp_path, start_proxy):
+    """HA session (read_from replica): writes recorded on the primary, reads on a replica."""
+    from ha_kit import ReplSet
+
+    rset = ReplSet(1)
+    try:
+        d = tmp_path / "ha"
+        p = start_proxy("--mode", "replication", *rset.args(), "--read-from", "replica", "--audit-dir", str(d),
+                        "--audit-commands", "write,read")
+        r = p.client(client_name="ha")
+        r.set("h1", "v")
+        wait_for(lambda: rset.replicas[0].client().get("h1") == b"v", what="h1 replicated")
+        pipe = r.pipeline(transaction=False)
+        pipe.get("h1").set("h2", "w").get("h2")
+        pipe.execute()
+        wait_for(lambda: len([x for x in query(d) if x["client_name"] == "ha"]) == 4, what="the HA records")
+        got = [(x["command"], x["keys"], x["backend"]) for x in query(d) if x["client_name"] == "ha"]
+        primary, replica = rset.primary.addr, rset.replicas[0].addr
+        assert got[:3] == [("set", ["h1"], primary), ("get", ["h1"], replica), ("set", ["h2"], primary)]
+        assert got[3][:2] == ("get", ["h2"]) and got[3][2] in (primary, replica)
+        r.close()
+    finally:
+        rset.stop()
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="workers need SO_REUSEPORT")
+def test_workers_write_a_directory_each_and_are_read_together(valkey, tmp_path):
+    from vproxy.embedded import free_port, stop_process
+
+    port, d = free_port(), tmp_path / "workers"
+    proc = subprocess.Popen([sys.executable, "-m", "vproxy", "--listen", f"127.0.0.1:{port}", "--backend",
+                             valkey.addr, "--workers", "2", "--log-level", "WARNING", "--audit-dir", str(d)])
+    try:
+        wait_for(lambda: redis.Redis(port=port, socket_timeout=2).ping(), timeout=30, what="the workers")
+        pids, n = set(), 0
+        while len(pids) < 2 and n < 200:  # new connections: the kernel spreads them over the workers
+            c = redis.Redis(port=port, socket_timeout=5, client_name=f"w{n}")
+            pids.add(c.info("proxy")["proxy_pid"])
+            c.set(f"wk:{n}", "v")
+            c.close()
+            n += 1
+        assert len(pids) == 2
+        assert sorted(os.listdir(d)) == ["worker-0", "worker-1"]
+        wait_for(lambda: len(query(d, "--command", "set")) == n, what="every SET's record, from both workers")
+        got = query(d, "--command", "set")
+        assert sorted(x["keys"][0] for x in got) == sorted(f"wk:{i}" for i in range(n))
+        assert [x["ts"] for x in got] == sorted(x["ts"] for x in got)  # merged in time order
+    finally:
+        stop_process(proc, 15)
+
+
+def test_classes_from_the_servers_command_table(audited, valkey):
+    """scripting and pubsub come from COMMAND's ACL categories and flags; a SUBSCRIBE's reply is
+    streamed, so its outcome is 'sent'; a subcommand decides for a container (CONFIG GET: admin)."""
+    p = audited("--audit-commands", "scripting,pubsub,config|set")
+    t0 = now_iso()
+    r = p.client(client_name="cls")
+    r.set("s", "1")  # write: not selected
+    assert r.eval("return redis.call('GET', KEYS[1])", 1, "s") == b"1"
+    r.publish("news", "hi")
+    r.config_get("maxmemory")  # config|get: not selected (config|set is)
+    with RawClient(p.port) as c:
+        c.send(RawClient.encode("SUBSCRIBE", "news"))
+        assert b"subscribe" in c.read()
+    wait_for(lambda: len(query(p.dir, "--since", t0)) >= 3, what="three records")
+    got = [(x["command"], x["keys"], x["outcome"]) for x in query(p.dir, "--since", t0)]
+    assert got == [("eval", ["s"], "ok"), ("publish", [], "ok"), ("subscribe", [], "sent")]
+    r.close()
+
+
+def test_pipelined_records_keep_each_requests_db_and_client_name(audited, valkey):
+    """Plain and batch-path requests interleaved in one pipeline: each record has the database and
+    client name in force for that request."""
+    p = audited()
+    t0 = now_iso()
+    with RawClient(p.port) as c:
+        cmds = [("CLIENT", "SETNAME", "n1"), ("SET", "p1", "v"), ("SELECT", "3"), ("SET", "p2", "v"),
+                ("CLIENT", "SETNAME", "n2"), ("DEL", "p2"), ("SELECT", "0"), ("SET", "p3", "v")]
+        c.send(b"".join(RawClient.encode(*x) for x in cmds))
+        assert c.read_n(len(cmds)) == [b"+OK\r\n"] * 5 + [b":1\r\n"] + [b"+OK\r\n"] * 2
+    wait_for(lambda: len(query(p.dir, "--since", t0)) == 4, what="four records")
+    got = [(x["command"], x["keys"], x["db"], x["client_name"]) for x in query(p.dir, "--since", t0)]
+    assert got == [("set", ["p1"], 0, "n1"), ("set", ["p2"], 3, "n1"), ("del", ["p2"], 3, "n2"),
+                   ("set", ["p3"], 0, "n2")]
+
+
+def test_records_name_the_backend_acl_user(audited, valkey):
+    """A client that authenticates as one of the backend's ACL users: its records say so; a NOPERM
+    from the server is an error with its code."""
+    admin = valkey.client()
+    admin.execute_command("ACL", "SETUSER", "auditor", "reset", "on", ">apass", "~au:*", "+@all", "-flushdb")
+    try:
+        p = audited()
+        t0 = now_iso()
+        with RawClient(p.port) as c:
+            assert c.call("AUTH", "auditor", "apass") == b"+OK\r\n"
+            assert c.call("SET", "au:1", "v") == b"+OK\r\n"
+            assert c.call("FLUSHDB").startswith(b"-NOPERM")
+        with RawClient(p.port) as c:
+            assert c.call("SET", "au:2", "v") == b"+OK\r\n"  # no AUTH: the default user
+        wait_for(lambda: len(query(p.dir, "--since", t0)) == 3, what="three records")
+        got = [(x["user"], x["command"], x["outcome"], x["error"]) for x in query(p.dir, "--since", t0)]
+        assert got == [("auditor", "set", "ok", None), ("auditor", "flushdb", "error", "NOPERM"),
+                       ("default", "set", "ok", None)]
+        assert [x["keys"] for x in query(p.dir, "--since", t0, "--user", "auditor")] == [["au:1"], []]
+    finally:
+        admin.execute_command("ACL", "DELUSER", "auditor")
+        admin.close()
