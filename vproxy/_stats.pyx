@@ -99,50 +99,64 @@ cdef Py_ssize_t BIG_FLOOR = 1024  # cmdstats.KeyStats.BIG_FLOOR: below it, no si
 
 
 cdef class Track:
-    """cmdstats.Track: the plain path's requests in flight, recorded as their replies are written."""
+    """cmdstats.Track: the plain path's requests in flight, recorded as their replies are written.
+    It keeps each request's name and bytes (not the parsed arguments: those are freed once sent)."""
 
     cdef public object stats, session
     cdef object keys, t0
     cdef long long sample
-    cdef list reqs, t0s  # (args, raw) as the parser made it, and its read time (one float per read)
+    cdef list names, raws, t0s  # the command name as sent, the request's bytes, its read time
     cdef Py_ssize_t head
 
     def __init__(self, stats, session):
         self.stats, self.session = stats, session
         self.keys = stats.keys
         self.sample = stats.keys.sample
-        self.reqs, self.t0s = [], []
+        self.names, self.raws, self.t0s = [], [], []
         self.head = 0
         self.t0 = 0.0
 
     @property
     def entries(self):
-        return list(zip(self.reqs[self.head:], self.t0s[self.head:]))
+        return [(([n], r), t) for n, r, t in zip(self.names[self.head:], self.raws[self.head:], self.t0s[self.head:])]
 
     def start(self, t0):
         """The read time of the requests add() is given next (one call per read)."""
         self.t0 = t0
 
-    def add(self, tuple req):
+    cdef inline void _one(self, object name, bytes raw):
         global _sampled
-        cdef bytes raw = req[1]
-        self.reqs.append(req)
+        self.names.append(name)
+        self.raws.append(raw)
         self.t0s.append(self.t0)
         if self.sample:
             _sampled += 1
             if _sampled >= self.sample:
                 _sampled = 0
-                self.keys.seen(req[0][0].lower(), raw)
+                self.keys.seen(name.lower(), raw)
         if PyBytes_GET_SIZE(raw) > BIG_FLOOR and PyBytes_GET_SIZE(raw) > self.keys.big_min:
-            self.keys.big("request", req[0][0].lower(), raw, PyBytes_GET_SIZE(raw))
+            self.keys.big("request", name.lower(), raw, PyBytes_GET_SIZE(raw))
+
+    def add(self, tuple req):
+        self._one(req[0][0], <bytes>req[1])
+
+    def add_many(self, list reqs, Py_ssize_t start, Py_ssize_t end):
+        """reqs[start:end], sent in this order (one call per read on the standalone plain path)."""
+        cdef Py_ssize_t i
+        cdef tuple req
+        for i in range(start, end):
+            req = <tuple>reqs[i]
+            self._one(req[0][0], <bytes>req[1])
 
     cdef void _compact(self):
-        if self.head >= len(self.reqs):
-            self.reqs.clear()
+        if self.head >= len(self.names):
+            self.names.clear()
+            self.raws.clear()
             self.t0s.clear()
             self.head = 0
         elif self.head > 256:
-            del self.reqs[:self.head]
+            del self.names[:self.head]
+            del self.raws[:self.head]
             del self.t0s[:self.head]
             self.head = 0
 
@@ -151,9 +165,8 @@ cdef class Track:
         cdef double slow = -1.0
         cdef object stats = self.stats, st, name
         cdef dict alias = stats.alias
-        cdef list reqs = self.reqs, t0s = self.t0s
-        cdef Py_ssize_t head = self.head, n = len(reqs)
-        cdef tuple req
+        cdef list names = self.names, t0s = self.t0s
+        cdef Py_ssize_t head = self.head, n = len(names)
         cdef bytes f
         cdef char c
         if stats.slow_s is not None:
@@ -161,10 +174,9 @@ cdef class Track:
         for f in frames:
             if head >= n:
                 break
-            req = <tuple>reqs[head]
+            name = names[head]
             took = now - <double>t0s[head]
             head += 1
-            name = req[0][0]
             st = alias.get(name)
             if st is None:
                 st = stats.entry_for(name)
@@ -173,15 +185,17 @@ cdef class Track:
             c = PyBytes_AS_STRING(f)[0] if PyBytes_GET_SIZE(f) else 0
             (<CommandStat?>st).add(<long long>(took * 1e6), c == 45 or c == 33)  # '-', '!'
             if slow >= 0 and took > slow:
-                stats.slow(self.session, req[1], took)
+                stats.slow(self.session, self.raws[head - 1], took)
             if PyBytes_GET_SIZE(f) > BIG_FLOOR and PyBytes_GET_SIZE(f) > self.keys.big_min:
-                self.keys.big("reply", name.lower(), req[1], PyBytes_GET_SIZE(f))
+                self.keys.big("reply", name.lower(), self.raws[head - 1], PyBytes_GET_SIZE(f))
         self.head = head
         self._compact()
 
     def drop(self, Py_ssize_t n):
-        cdef Py_ssize_t end = min(self.head + n, len(self.reqs))
-        out = list(zip(self.reqs[self.head:end], self.t0s[self.head:end]))
+        """n requests leave the plain path unwritten: (([name], raw), read time) each, oldest first."""
+        cdef Py_ssize_t end = min(self.head + n, len(self.names))
+        out = [(([nm], r), t) for nm, r, t in zip(self.names[self.head:end], self.raws[self.head:end],
+                                                  self.t0s[self.head:end])]
         self.head = end
         self._compact()
         return out

@@ -138,6 +138,15 @@ class AuditTrack:
     def add(self, req: tuple) -> None:
         if self.inner is not None:
             self.inner.add(req)
+        self._entry(req)
+
+    def add_many(self, reqs: list, start: int, end: int) -> None:
+        if self.inner is not None:
+            self.inner.add_many(reqs, start, end)
+        for i in range(start, end):
+            self._entry(reqs[i])
+
+    def _entry(self, req: tuple) -> None:
         args = req[0]
         name = args[0].lower()
         s = self.session

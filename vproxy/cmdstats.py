@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
+from operator import itemgetter
 from time import monotonic, time
 
 SUB = 32  # buckets per power of two (above 2 * SUB)
@@ -255,8 +256,9 @@ class KeyStats:
 
     Hot keys: one request in `sample` (plain and batch path alike) has its first key counted in
     the current 10-second slot; six slots make the last minute. A slot holds at most CAP keys:
-    past that, it keeps the CAP/2 most counted (a key that is hot stays; the long tail goes), so
-    memory is bounded whatever the key space. Counts are scaled back by `sample`.
+    past that, the keys seen once go (and if that is not enough, all but the CAP/2 most counted):
+    a key that is hot stays, memory is bounded whatever the key space, and the pruning costs
+    little per sample. Counts are scaled back by `sample`.
     Big keys: the BIG largest requests and replies seen (size, command, key), since start or reset.
     """
 
@@ -288,8 +290,10 @@ class KeyStats:
                 slots.popleft()
         counts = slots[-1][1]
         counts[key] = counts.get(key, 0) + 1
-        if len(counts) > self.CAP:
-            keep = heapq.nlargest(self.CAP // 2, counts.items(), key=lambda kv: kv[1])
+        if len(counts) > self.CAP:  # the long tail goes: keys seen once, or past the CAP/2 most seen
+            keep = [kv for kv in counts.items() if kv[1] > 1]
+            if len(keep) > self.CAP // 2:
+                keep = heapq.nlargest(self.CAP // 2, keep, key=itemgetter(1))
             counts.clear()
             counts.update(keep)
 
@@ -383,8 +387,14 @@ class Track:
         self.t0 = t0
 
     def add(self, req: tuple) -> None:
-        self.entries.append((req, self.t0))
-        self.stats.request_seen(None, req[1], req[0])
+        args, raw = req
+        self.entries.append((([args[0]], raw), self.t0))  # the name and bytes only: the arguments go
+        self.stats.request_seen(None, raw, args)
+
+    def add_many(self, reqs: list, start: int, end: int) -> None:
+        """reqs[start:end], sent in this order (one call per read on the standalone plain path)."""
+        for i in range(start, end):
+            self.add(reqs[i])
 
     def written(self, frames: list) -> None:
         """These replies (in order) are handed to the socket now."""

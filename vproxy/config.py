@@ -253,7 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
             "this many microseconds, read to reply written (negative: none; 0: every request).", reloadable=True),
     Setting("slowlog_max_len", int, 128, "Entries PROXY SLOWLOG keeps (the oldest go first).",
             check=_non_negative, reloadable=True),
-    Setting("hotkeys_sample", int, 64, "PROXY HOTKEYS counts the first key of one request in this many "
+    Setting("hotkeys_sample", int, 128, "PROXY HOTKEYS counts the first key of one request in this many "
             "(0: no hot-key counting).", check=_non_negative, reloadable=True),
     Setting("workers", str, "1", "Processes serving clients: N, or auto (one per core). Above 1, a "
             "supervisor starts N workers that share the listen port (SO_REUSEPORT) and restarts any that "

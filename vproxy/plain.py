@@ -182,27 +182,33 @@ class PlainPath:
         box = self.outbox
         forwards = self.app.commands.forwards
         ch = deadline = None
-        track = None
-        if box.track is not None:  # statistics (cmdstats.py)
-            box.track.start(self.last_active)
-            track = box.track.add
-        for k, req in enumerate(reqs):
-            args, raw = req
+        track = box.track  # statistics (cmdstats.py): told of the requests sent, a run at a time,
+        if track is not None:  # and always before this greenlet may wait (replies come meanwhile)
+            track.start(self.last_active)
+        told = k = 0
+        for args, raw in reqs:
             name = args[0].lower()
             if not forwards(name, len(args)):
-                return k
+                break
             if ch is None:  # the first plain request: its channel (none is opened for other requests)
-                ch = self._plain_channel(wait)
+                ch = self._plain_channel(wait)  # nothing sent yet in this call: nothing to tell first
                 if ch is None:
-                    return k
+                    break
                 deadline = deadline_after(self.app.cfg.command_timeout)
-            if not self._room(wait) or ch.closed:
-                return k
+            if box.left >= self.window or box.out:  # no room now (see _room): tell, then maybe wait
+                if track is not None and k > told:
+                    track.add_many(reqs, told, k)
+                    told = k
+                if not self._room(wait):
+                    break
+            if ch.closed:
+                break
             self.last_cmd = name
-            if track is not None:
-                track(req)
             ch.submit(raw, box, -1, deadline)
-        return len(reqs)
+            k += 1
+        if track is not None and k > told:
+            track.add_many(reqs, told, k)
+        return k
 
     def _plain_channel(self, wait: bool):
         """The shared channel plain requests go to (None: the general path answers the error, or
