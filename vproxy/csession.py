@@ -145,10 +145,7 @@ class ClusterSession(ClientSession):
         table, key = self.app.commands, self.key()
         owners = self.app.router.topology.slot_owners
         deadline = None
-        track = None
-        if box.track is not None:  # statistics (cmdstats.py)
-            box.track.start(self.last_active)
-            track = box.track.add
+        track = self._tracker()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()

@@ -124,10 +124,7 @@ class PlainPath:
         key = self.key()
         chans = self.plain_chans
         deadline = None
-        track = None
-        if box.track is not None:  # statistics (cmdstats.py)
-            box.track.start(self.last_active)
-            track = box.track.add
+        track = self._tracker()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
@@ -151,6 +148,15 @@ class PlainPath:
                 track(req)
             box.send(ch, raw, (raw, name, key, pool), deadline)
         return len(reqs)
+
+    def _tracker(self):
+        """Statistics (cmdstats.py): the outbox's Track.add for the requests of this read (told their
+        read time), or None when statistics are off."""
+        track = self.outbox.track
+        if track is None:
+            return None
+        track.start(self.last_active)
+        return track.add
 
     def _room(self, wait: bool) -> bool:
         """Backpressure: may one more plain request go out now? (At most a window in flight, and
