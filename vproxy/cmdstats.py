@@ -105,7 +105,7 @@ class CommandStats:
 
     def __init__(self, known, enabled: bool = True, percentiles=(50.0, 99.0, 99.9),
                  slower_than_us: int = 10000, slowlog_len: int = 128, first_key=lambda name: 0,
-                 hotkeys_sample: int = 64):
+                 hotkeys_sample: int = 128):
         self.known = known  # name -> bool: a command the table knows (only those get an entry)
         self.keys = KeyStats(first_key, hotkeys_sample)
         self.enabled = enabled
