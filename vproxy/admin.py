@@ -122,9 +122,12 @@ def fleet_fields(app) -> dict:
 
 
 def reset_stats(app) -> None:
-    """PROXY STATS RESET, CONFIG RESETSTAT: the per-command statistics and the slow log start over."""
+    """PROXY STATS RESET, CONFIG RESETSTAT: the per-command statistics, the slow log and the counters
+    the server's CONFIG RESETSTAT resets too (total_commands_processed, total_connections_received,
+    rejected_connections: INFO shows the proxy's) start over."""
     app.cmdstats.reset()
     app.cmdstats.slowlog.reset()
+    app.stats.commands = app.stats.connections = app.stats.rejected = 0
 
 
 def _backend_names(app) -> list[str]:
