@@ -145,7 +145,7 @@ class ClusterSession(ClientSession):
         table, key = self.app.commands, self.key()
         owners = self.app.router.topology.slot_owners
         deadline = None
-        track = self._tracker()
+        self._track_read()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
@@ -162,9 +162,7 @@ class ClusterSession(ClientSession):
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
-            if track is not None:
-                track(req)
-            box.send(ch, raw, (raw, slot, name, addr), deadline)
+            box.send(ch, req, (raw, slot, name, addr), deadline)
         return len(reqs)
 
     def _unstick(self) -> None:

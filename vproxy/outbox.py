@@ -129,13 +129,15 @@ class Outbox:
         if newly and self.on_stuck is not None:
             self.on_stuck()
 
-    def send(self, ch, raw: bytes, meta, deadline: float) -> None:
-        """Hold mode: send raw on channel ch as the next numbered request; meta is what the session
-        will need if its reply is held."""
+    def send(self, ch, req: tuple, meta, deadline: float) -> None:
+        """Hold mode: send request req ((args, raw) as parsed) on channel ch as the next numbered
+        one, noted for the statistics (track); meta is what the session will need if its reply is held."""
         seq = self.next_seq
         self.next_seq = seq + 1
         self.meta[seq] = meta
-        ch.submit(raw, self, -2 - seq, deadline)
+        if self.track is not None:
+            self.track.add(req)
+        ch.submit(req[1], self, -2 - seq, deadline)
 
     def held_all(self) -> list:
         """Once every reply is in (left == 0): the held one and all after it, in order; the outbox

@@ -124,7 +124,7 @@ class PlainPath:
         key = self.key()
         chans = self.plain_chans
         deadline = None
-        track = self._tracker()
+        self._track_read()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
@@ -144,19 +144,13 @@ class PlainPath:
             if deadline is None:
                 deadline = deadline_after(self.app.cfg.command_timeout)
             self.last_cmd = name
-            if track is not None:
-                track(req)
-            box.send(ch, raw, (raw, name, key, pool), deadline)
+            box.send(ch, req, (raw, name, key, pool), deadline)
         return len(reqs)
 
-    def _tracker(self):
-        """Statistics (cmdstats.py): the outbox's Track.add for the requests of this read (told their
-        read time), or None when statistics are off."""
-        track = self.outbox.track
-        if track is None:
-            return None
-        track.start(self.last_active)
-        return track.add
+    def _track_read(self) -> None:
+        """Statistics (cmdstats.py): the requests sent from now on (Outbox.send) were read now."""
+        if self.outbox.track is not None:
+            self.outbox.track.start(self.last_active)
 
     def _room(self, wait: bool) -> bool:
         """Backpressure: may one more plain request go out now? (At most a window in flight, and
