@@ -116,10 +116,6 @@ cdef class Track:
         self.head = 0
         self.t0 = 0.0
 
-    @property
-    def entries(self):
-        return [(([n], r), t) for n, r, t in zip(self.names[self.head:], self.raws[self.head:], self.t0s[self.head:])]
-
     def start(self, t0):
         """The read time of the requests add() is given next (one call per read)."""
         self.t0 = t0

@@ -28,7 +28,6 @@ import socket
 from time import monotonic, time
 
 import gevent
-import hiredis
 from loguru import logger
 
 from . import __version__, resp
@@ -184,21 +183,14 @@ class Fleet:
 
     def _ask(self, peer: dict, args: tuple):
         host, _, port = peer["addr"].rpartition(":")
-        password = self.app.cfg.password
-        requests = ([[b"AUTH", password.encode()]] if password else []) + [[_b(a) for a in args]]
-        with gevent.Timeout(ASK_TIMEOUT, TimeoutError("no answer within 1s")):
-            with socket.create_connection((host.strip("[]"), int(port))) as sock:
-                sock.sendall(b"".join(resp.encode_request(r) for r in requests))
-                reader, replies = hiredis.Reader(), []
-                while len(replies) < len(requests):
-                    data = sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("connection closed")
-                    reader.feed(data)
-                    while (r := reader.gets()) is not False:
-                        replies.append(r)
-        return replies[-1]
+        conn = BackendConn((host.strip("[]"), int(port)))  # a peer speaks RESP as a server does
+        try:
+            with gevent.Timeout(ASK_TIMEOUT, TimeoutError("no answer within 1s")):
+                conn.connect(ASK_TIMEOUT, handshake=False)
+                if self.app.cfg.password:
+                    conn.call("AUTH", self.app.cfg.password)
+                return conn.call(*args)
+        finally:
+            conn.close()
 
 
-def _b(v) -> bytes:
-    return v if isinstance(v, bytes) else str(v).encode()

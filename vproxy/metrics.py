@@ -22,13 +22,9 @@ from . import __version__, resp
 from .cmdstats import PROM_EDGES_US
 from .config import parse_addr
 from .errors import StartError
+from .sentinel.node import fmt_addr
 
 READY_CACHE = 0.5  # seconds a /readyz verdict is reused (load balancers poll it often)
-
-
-def _node(addr) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ProxyCollector:
@@ -110,7 +106,7 @@ class ProxyCollector:
                                      "failed; lost: a connection dropped; timeout: no reply within "
                                      "command_timeout)", labels=["node", "kind"])
         for pool in list(app.router.pools.values()):
-            node = _node(pool.addr)
+            node = fmt_addr(pool.addr)
             for kind, n in pool.counts().items():
                 conns.add_metric([node, kind], n)
             inflight.add_metric([node], pool.in_flight())
@@ -183,7 +179,7 @@ class AdminServer:
         for addr in primaries:
             problem = _ping(addr, app.cfg)
             if problem:
-                return False, f"not ready: primary {_node(addr)} {problem}"
+                return False, f"not ready: primary {fmt_addr(addr)} {problem}"
         return True, f"ready: {len(primaries)} primar{'y' if len(primaries) == 1 else 'ies'} answer PING"
 
 

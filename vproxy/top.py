@@ -12,40 +12,31 @@ lifetime histograms).
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 
-import hiredis
-
-from . import resp
 from .config import parse_addr
+from .errors import BackendError
+from .mux.backend import BackendConn
 
 
 class Conn:
-    """A minimal RESP2 client (hiredis parses the replies)."""
+    """The RESP connection to the vproxy watched: a BackendConn (vproxy speaks RESP as a server does)."""
 
     def __init__(self, addr: tuple[str, int], user: str, password: str, timeout: float = 5.0):
-        self.sock = socket.create_connection(addr, timeout=timeout)
-        self.reader = hiredis.Reader()
+        self.conn = BackendConn(addr)
+        self.conn.connect(timeout, handshake=False)
         if password:
             self.call(*(["AUTH", user, password] if user else ["AUTH", password]))
 
     def call(self, *args):
-        self.sock.sendall(resp.encode_request([a if isinstance(a, bytes) else str(a).encode() for a in args]))
-        while True:
-            reply = self.reader.gets()
-            if reply is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise RuntimeError(str(reply))
-                return reply
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed")
-            self.reader.feed(data)
+        reply = self.conn.call(*args)
+        if isinstance(reply, Exception):
+            raise RuntimeError(str(reply))
+        return reply
 
     def close(self) -> None:
-        self.sock.close()
+        self.conn.close()
 
 
 def snapshot(conn: Conn) -> dict:
@@ -101,7 +92,7 @@ def main(argv: list[str]) -> int:
     try:
         addr = parse_addr(args.target)
         conn = Conn(addr, args.user, args.password)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, BackendError) as e:
         print(f"vproxy top: cannot reach {args.target}: {e}", file=sys.stderr)
         return 1
     tty = sys.stdout.isatty()
@@ -119,7 +110,7 @@ def main(argv: list[str]) -> int:
             shown += 1
     except KeyboardInterrupt:
         pass
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, BackendError) as e:
         print(f"vproxy top: {args.target}: {e}", file=sys.stderr)
         return 1
     finally:
