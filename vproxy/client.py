@@ -112,6 +112,9 @@ class ClientSession(PlainPath, Audited):
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
         self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
+        # (name, nargs) -> may the plain path send it as it is (commands.CommandTable.forwards; a
+        # session whose user limits what it may run narrows it: what it refuses takes the batch path)
+        self.forwards = app.commands.forwards
         # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:

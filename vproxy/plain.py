@@ -120,7 +120,7 @@ class PlainPath:
         box, router = self.outbox, self.app.router
         if box.stuck:
             return 0
-        forwards = self.app.commands.forwards
+        forwards = self.forwards
         key = self.key()
         chans = self.plain_chans
         deadline = None
@@ -180,7 +180,7 @@ class PlainPath:
         replies go out through the outbox, from the loop. Returns how many requests were sent.
         wait False (in the loop, which must never block): stop where the greenlet would wait."""
         box = self.outbox
-        forwards = self.app.commands.forwards
+        forwards = self.forwards
         ch = deadline = None
         track = box.track  # statistics (cmdstats.py): told of the requests sent, a run at a time,
         if track is not None:  # and always before this greenlet may wait (replies come meanwhile)
