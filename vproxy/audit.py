@@ -79,10 +79,19 @@ class Entry:
 
     def __init__(self, batch, idx, name, args, size, s):
         self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
-        user = getattr(s, "user", None)  # users.py: the backend ACL user the client authenticated as
-        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver, user.user if user is not None else None)
+        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver, audit_user(s))
         self.start = time()
         self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
+
+
+def audit_user(s) -> bytes | None:
+    """The user a record names: the proxy user (gate.py), else the backend ACL user the client
+    authenticated as (users.py), else None (vproxy's backend user)."""
+    pu = getattr(s, "proxy_user", None)
+    if pu is not None:
+        return pu.name.encode()
+    user = getattr(s, "user", None)
+    return user.user if user is not None else None
 
 
 class Audited:
@@ -155,9 +164,7 @@ class AuditTrack:
             return
         ch = s.cur  # the plain channel this request was just sent on
         # a tuple, not an Entry: this runs per plain request recorded
-        user = s.user
-        self.entries.append((time(), name, args, len(req[1]), s.db, s.name, s.lib_name, s.lib_ver,
-                             user.user if user is not None else None,
+        self.entries.append((time(), name, args, len(req[1]), s.db, s.name, s.lib_name, s.lib_ver, audit_user(s),
                              ch.pool.addr if ch is not None and ch.pool is not None else None))
 
     def written(self, frames: list) -> None:
@@ -282,6 +289,15 @@ class Audit:
         args = e.args if e.size <= SMALL else self._picked(e.name, e.args)
         self.put((e.start, s.id, s.addr, *e.client, e.db, e.name, args, e.size, target,
                   max(us, 0), outcome, err))
+
+    def refused_auth(self, s, user: bytes | None) -> None:
+        """An AUTH (or HELLO AUTH) the proxy's users refused: recorded when the audit log is on, whatever
+        audit_commands selects (when it selects AUTH, the request's own record says it already). The
+        record names the user tried; the password is never written."""
+        if not self.on or self.table.audits(b"auth", [b"auth"]):
+            return
+        self.put((time(), s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db, b"auth",
+                  [b"AUTH"], 0, None, 0, "refused", "WRONGPASS"))
 
     def finish_plain(self, s, e: tuple, reply: bytes) -> None:
         """finish() of a plain request (AuditTrack): the reply came from its backend."""

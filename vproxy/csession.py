@@ -83,7 +83,7 @@ class ClusterSession(ClientSession):
 
     # ---- dispatch and routing ----
 
-    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+    def dispatch_checked(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
         name = args[0].lower()
         if self.ns is None and self.authed and not self.reads and self.lease is None and self.oneshot is None \
                 and self.stream is None and not self.in_multi:
@@ -119,7 +119,7 @@ class ClusterSession(ClientSession):
                     batch.replies[i] = err
                     return
             return h(self, i, args, raw, batch)
-        super().dispatch(i, args, raw, batch)
+        super().dispatch_checked(i, args, raw, batch)
 
     def audit_target(self, i: int, batch: Batch):
         """audit.py: the Sub of request i (its node once answered, after redirections), "*" when it was
@@ -145,12 +145,13 @@ class ClusterSession(ClientSession):
         table, key = self.app.commands, self.key()
         owners = self.app.router.topology.slot_owners
         deadline = None
+        forwards = self.forwards if self.acl is not None else None  # a proxy user's limits (gate.py)
         self._track_read()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
             pos = _fast_key(table, name, len(args))
-            if not pos:
+            if not pos or (forwards is not None and not forwards(name, len(args))):
                 return k
             slot = key_slot(args[pos])
             addr = owners[slot]
