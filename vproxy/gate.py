@@ -39,6 +39,8 @@ _CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1
              b"spublish": (1, False), b"psubscribe": (1, True)}
 # Keyless commands that work on the selected database (before the table names them @keyspace).
 _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
+# vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
+_OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -222,7 +224,7 @@ class ProxyUser:
             cmd = table.get(name)
             if cmd is not None and sub is not None and cmd.subs and sub in cmd.subs:
                 cmd = cmd.subs[sub]
-            cats = cmd.acl if cmd is not None else frozenset()
+            cats = cmd.acl if cmd is not None else _OWN_CATEGORIES.get(name, frozenset())
             ok = False
             for allow, kind, what in self.commands:
                 if kind == "all" or (kind == "cat" and what in cats) or (kind == "cmd" and what == name) \
