@@ -383,6 +383,37 @@ def start_password_proxy():
         p.stop()
 
 
+class GateProxy(Proxy):
+    """A vproxy with users at the proxy (--users): up when it answers (NOAUTH, or NOPERM for a default user without PROXY);
+    its own clients authenticate as cred (user, password) unless told otherwise."""
+
+    ready_reply = (b"$", b"-NOAUTH", b"-NOPERM")
+
+    def __init__(self, *args, cred=("admin", "adminpw"), **kw):
+        self.cred = cred
+        super().__init__(*args, **kw)
+
+    def client(self, **kw) -> redis.Redis:
+        if self.cred is not None:
+            kw.setdefault("username", self.cred[0])
+            kw.setdefault("password", self.cred[1])
+        return super().client(**kw)
+
+
+@pytest.fixture
+def start_gate():
+    started = []
+
+    def start(*args, **kw):
+        p = GateProxy(*args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
 def restart_server(s: Server) -> None:
     """Start a killed (or stopped) server again on the same port, with a fresh empty data directory."""
     s.stop()  # no-op for the process if already dead; removes the old data directory

@@ -10,12 +10,14 @@ import re
 
 import pytest
 import redis
-from conftest import Proxy, RawClient, Server, wait_for
+from conftest import GateProxy, RawClient, Server, wait_for
 
 from vproxy import resp
 from vproxy.commands import CommandTable
 from vproxy.gate import glob, parse_user
 
+E = RawClient.encode
+NOPERM_KEY = b"-NOPERM No permissions to access a key\r\n"
 # The same rules at the proxy and, as ACL SETUSER, on a direct valkey (valkey 9: db= too).
 RULES = {
     "alice": "on >apw ~app:* +@read -flushall +config|get +acl|whoami",
@@ -40,37 +42,6 @@ SCRIPTS = [
     ("erin", [("SET", "k", "v"), ("FLUSHDB",), ("KEYS", "*"), ("PUBLISH", "news.x", "m"), ("PUBLISH", "sport", "m"),
               ("SELECT", "1"), ("SPUBLISH", "sport", "m"), ("CONFIG", "RESETSTAT"), ("INFO", "keyspace")]),
 ]
-
-
-class GateProxy(Proxy):
-    """A vproxy with users: up when it answers (NOAUTH, or NOPERM for a default user without PROXY);
-    its own clients authenticate as cred (user, password) unless told otherwise."""
-
-    ready_reply = (b"$", b"-NOAUTH", b"-NOPERM")
-
-    def __init__(self, *args, cred=("admin", "adminpw"), **kw):
-        self.cred = cred
-        super().__init__(*args, **kw)
-
-    def client(self, **kw) -> redis.Redis:
-        if self.cred is not None:
-            kw.setdefault("username", self.cred[0])
-            kw.setdefault("password", self.cred[1])
-        return super().client(**kw)
-
-
-@pytest.fixture
-def start_gate():
-    started = []
-
-    def start(*args, **kw):
-        p = GateProxy(*args, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def _users_args(extra: dict | None = None) -> list[str]:
@@ -313,3 +284,30 @@ def test_denials_counted(gated, valkeys):
             assert c.call("FLUSHALL").startswith(b"-NOPERM")
         assert c.call("GET", "app:none") == b"$-1\r\n"
     assert gated.info()["acl_denied"] == before + 3
+
+
+def test_cluster_mode(start_gate):
+    """Cluster mode: the one-key plain path and the batch path check the same rules."""
+    from clusterkit import Cluster
+    cluster = Cluster("valkey", 3, 0)
+    try:
+        p = start_gate("--mode", "cluster", "--backend", cluster.seeds[0], *_users_args())
+        carl = RawClient(p.port)
+        alice = RawClient(p.port)
+        assert carl.call("AUTH", "carl", "cpw") == b"+OK\r\n" and alice.call("AUTH", "alice", "apw") == b"+OK\r\n"
+        keys = [f"w:{j}" for j in range(30)]  # every node
+        carl.send(b"".join(E("SET", k, "v") for k in keys))
+        assert carl.read_n(30) == [b"+OK\r\n"] * 30
+        carl.send(b"".join(E("GET", k) for k in keys[:3]) + E("GET", "r:1") + E("SET", "r:1", "x"))
+        assert carl.read_n(5) == [NOPERM_KEY] * 3 + [b"$-1\r\n", NOPERM_KEY]  # %W~w:*, %R~r:*
+        assert carl.call("MSET", "w:a", "1", "r:b", "2") == NOPERM_KEY  # split across nodes: checked first
+        assert carl.call("MSET", "w:a", "1", "w:b", "2") == b"+OK\r\n"
+        assert carl.call("CONFIG", "GET", "x") == b"-NOPERM User carl has no permissions to run the 'config|get' command\r\n"
+        assert alice.call("GET", "app:1") == b"$-1\r\n" and alice.call("GET", "w:1") == NOPERM_KEY
+        assert alice.call("FLUSHALL") == b"-NOPERM User alice has no permissions to run the 'flushall' command\r\n"
+        full = p.client()
+        assert full.get("w:1") == b"v" and full.get("r:1") is None
+        carl.close()
+        alice.close()
+    finally:
+        cluster.stop()

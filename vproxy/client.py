@@ -285,6 +285,7 @@ class ClientSession(PlainPath, Audited):
             return type(self).forward_plain(self, reqs, wait)
         n = len(reqs)
         if not all(b.ready(n) for b in self.buckets):
+            self.paid = False
             return 0
         for b in self.buckets:
             b.take(n)
@@ -433,22 +434,14 @@ class ClientSession(PlainPath, Audited):
 
     # ---- dispatch ----
 
-    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
-        """One request of the batch path: the proxy user's rights first (gate.py), then dispatch_checked."""
-        acl = self.acl
-        if acl is not None and self.authed:
-            err = acl.check(self, args[0].lower(), args)
-            if err is not None:
-                self.last_cmd = args[0].lower()
-                self.app.stats.acl_denied += 1
-                return self.refuse(batch, i, err)
-        self.dispatch_checked(i, args, raw, batch)
-
-    def dispatch_checked(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch, checked: bool = False) -> None:
+        """One request of the batch path. checked: the proxy user's rights were checked already."""
         name = args[0].lower()
         self.last_cmd = name
         if not self.authed and name not in (b"auth", b"hello", b"quit", b"reset"):
             return self.refuse(batch, i, E.NOAUTH)
+        if self.acl is not None and not checked and self.denied(i, name, args, batch):
+            return
         if self.stream is not None:
             return self.stream_dispatch(i, name, args, raw, batch)
         if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
@@ -478,6 +471,15 @@ class ClientSession(PlainPath, Audited):
             self.side(i, raw, batch)
         else:
             self.refuse(batch, i, E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+
+    def denied(self, i: int, name: bytes, args: list, batch: Batch) -> bool:
+        """The proxy user may not run this request (gate.py): refused with the server's -NOPERM."""
+        err = self.acl.check(self, name, args)
+        if err is None:
+            return False
+        self.app.stats.acl_denied += 1
+        self.refuse(batch, i, err)
+        return True
 
     def refuse(self, batch: Batch, i: int, msg: str) -> None:
         """vproxy answers request i with an error without sending it anywhere (a rejected call)."""

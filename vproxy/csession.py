@@ -83,8 +83,13 @@ class ClusterSession(ClientSession):
 
     # ---- dispatch and routing ----
 
-    def dispatch_checked(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch, checked: bool = False) -> None:
         name = args[0].lower()
+        if self.acl is not None and self.authed and not checked:  # a proxy user's rights first (gate.py)
+            if self.denied(i, name, args, batch):
+                self.last_cmd = name
+                return
+            checked = True
         if self.ns is None and self.authed and not self.reads and self.lease is None and self.oneshot is None \
                 and self.stream is None and not self.in_multi:
             # the common case in one place: a one-key command for the primary, whose channel this
@@ -119,7 +124,7 @@ class ClusterSession(ClientSession):
                     batch.replies[i] = err
                     return
             return h(self, i, args, raw, batch)
-        super().dispatch_checked(i, args, raw, batch)
+        super().dispatch(i, args, raw, batch, checked)
 
     def audit_target(self, i: int, batch: Batch):
         """audit.py: the Sub of request i (its node once answered, after redirections), "*" when it was

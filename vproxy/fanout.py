@@ -237,7 +237,7 @@ def ssubscribe(s, i, args, raw, batch):
         return
     s.lease_addr = s.app.router.topology.owner(slots.pop())
     try:
-        ClientSession.dispatch_checked(s, i, args, raw, batch)
+        ClientSession.dispatch(s, i, args, raw, batch, True)
     finally:
         s.lease_addr = None
 
@@ -247,7 +247,7 @@ def ssubscribe(s, i, args, raw, batch):
 def info(s, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
     if sections and sections <= admin.PROXY_SECTIONS:
-        return ClientSession.dispatch_checked(s, i, args, raw, batch)
+        return ClientSession.dispatch(s, i, args, raw, batch, True)
 
     def merge(frames):
         texts = [_text(resp.decode(f)) for f in frames]
