@@ -311,3 +311,12 @@ def test_cluster_mode(start_gate):
         alice.close()
     finally:
         cluster.stop()
+
+
+def test_conf_example_loads():
+    from pathlib import Path
+
+    from vproxy.config import load
+    cfg = load(["-c", str(Path(__file__).resolve().parent.parent / "conf" / "users.toml")], env={})
+    assert [u.split()[0] for u in cfg.users] == ["admin", "app", "report", "cache", "default"]
+    assert "app-secret" not in repr(cfg.values)

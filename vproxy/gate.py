@@ -159,6 +159,8 @@ class ProxyUser:
                 raise ValueError(f"'{rule}': a rate is >= 0 requests per second")
         elif low == "reset":
             self.__init__(self.name)
+        elif rule[:1] == "(" or low == "clearselectors":
+            raise ValueError(f"'{rule}': selectors are not supported at the proxy")
         else:
             raise ValueError(f"unknown rule '{rule}'")
 
