@@ -155,18 +155,23 @@ def r(proxy, server):
     c.close()
 
 
-@pytest.fixture
-def start_proxy():
+def _started(cls):
+    """A fixture's body: start(*args, **kw) makes a cls (a proxy), each stopped after the test."""
     started = []
 
     def start(*args, **kw):
-        p = Proxy(*args, **kw)
+        p = cls(*args, **kw)
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def start_proxy():
+    yield from _started(Proxy)
 
 
 @pytest.fixture
@@ -402,16 +407,7 @@ class GateProxy(Proxy):
 
 @pytest.fixture
 def start_gate():
-    started = []
-
-    def start(*args, **kw):
-        p = GateProxy(*args, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
+    yield from _started(GateProxy)
 
 
 def restart_server(s: Server) -> None:

@@ -197,8 +197,8 @@ class ClientSession(PlainPath, Audited):
         Plain requests first take the fast path (see outbox.py) while they can."""
         if self.buckets:
             self.pace(len(reqs))
-        if len(reqs) > self.window or self.outbox.left >= self.window:
-            self._pipeline_limited(len(reqs))
+        if len(reqs) > self.max_window or self.outbox.left >= self.max_window:
+            self._pipeline_limited()
         if self.plain():
             done = self.forward_plain(reqs)
             if done == len(reqs):
@@ -313,7 +313,7 @@ class ClientSession(PlainPath, Audited):
             parts.append(f"user {user.name} rate={user.rate:g}/s")
         return ", ".join(parts)
 
-    def _pipeline_limited(self, n: int) -> None:
+    def _pipeline_limited(self) -> None:
         """More requests than max_pipeline at once: they wait for replies (counted, logged)."""
         app = self.app
         app.stats.pipeline_limited += 1
