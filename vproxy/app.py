@@ -92,6 +92,7 @@ class App:
         with its user's new rules; a session whose user is gone or off is closed (as the server
         closes the connections of a deleted user)."""
         cfg = self.cfg
+        self.commands.narrowed.clear()  # the old users' caches
         self.gate = Gate(cfg) if cfg.users else None
         self.commands.set_local(frozenset([b"acl"]) if self.gate is not None else frozenset())
         for s in list(self.clients.values()):

@@ -76,6 +76,7 @@ class CommandTable:
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
         self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
         self._plain: dict[bytes, tuple[int, bool]] = {}  # name -> (arity, may take the plain path)
+        self.narrowed: list[dict] = []  # the same kind of caches of narrower predicates (gate.py): cleared with it
         self.audit_select: frozenset | None = None  # audit on: the classes and names selected
         self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
         self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
@@ -115,10 +116,22 @@ class CommandTable:
         may send (per request: lookup and arity_fits inlined)."""
         spec = self._plain.get(name)
         if spec is None:
-            arity, policy = self.lookup(name)
-            spec = self._plain[name] = (arity, policy is FORWARD and name not in self.audited)
+            spec = self.plain_spec(name)
         arity = spec[0]
         return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
+
+    def plain_spec(self, name: bytes) -> tuple[int, bool]:
+        """(arity, whether the plain path may send it) of a name, cached (forwards' lookup)."""
+        spec = self._plain.get(name)
+        if spec is None:
+            arity, policy = self.lookup(name)
+            spec = self._plain[name] = (arity, policy is FORWARD and name not in self.audited)
+        return spec
+
+    def _clear_plain(self) -> None:
+        self._plain.clear()
+        for cache in self.narrowed:
+            cache.clear()
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""
@@ -138,7 +151,7 @@ class CommandTable:
             self.local_names = names
             self._policies.clear()
             self._specs.clear()
-            self._plain.clear()
+            self._clear_plain()
             self.derived.clear()
 
     def _policy_of(self, name: bytes) -> str:
@@ -183,7 +196,7 @@ class CommandTable:
             names = frozenset(named | {n for n in [*self.commands, *_OWN_CLASSES] if self.classes_of(n) & select})
         self.audit_names = names
         self.audited = names if self.audit_gate else frozenset()
-        self._plain.clear()
+        self._clear_plain()
         self._audits.clear()
         self.derived.clear()
 

@@ -100,7 +100,6 @@ class ProxyUser:
         self.rate = 0.0  # vproxy's `rate=N`: requests per second, all its clients together
         self.bucket: Bucket | None = None
         self._runs: dict = {}  # (name, sub) -> may run (from the command table: cleared by relearn)
-        self._plain: dict = {True: {}, False: {}}  # db allowed? -> name -> may take the plain path
         self.preds: dict = {}  # db allowed? -> the plain path's predicate (see predicate)
 
     # ---- rules ----
@@ -311,23 +310,24 @@ class ProxyUser:
         """The session's `forwards` (plain.py): the table's, narrowed to what needs no check."""
         pred = self.preds.get(db_ok)
         if pred is None:
-            cache, forwards = self._plain[db_ok], table.forwards
+            cache: dict = {}  # name -> (arity, may go unchecked): emptied with the table's own (narrowed)
+            table.narrowed.append(cache)
 
-            def pred(name: bytes, nargs: int) -> bool:
-                ok = cache.get(name)
-                if ok is None:
-                    ok = self.plain_ok(table, name, db_ok)
-                    if len(cache) < 4096:
-                        cache[name] = ok
-                return ok and forwards(name, nargs)
+            def pred(name: bytes, nargs: int) -> bool:  # CommandTable.forwards' shape: one lookup
+                spec = cache.get(name)
+                if spec is None:
+                    arity, ok = table.plain_spec(name)
+                    spec = (arity, ok and self.plain_ok(table, name, db_ok))
+                    if len(cache) < 4096:  # names are the clients'
+                        cache[name] = spec
+                arity = spec[0]
+                return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
             self.preds[db_ok] = pred
         return pred
 
     def relearned(self) -> None:
         """The command table changed (learned from the backend): forget what was derived from it."""
         self._runs.clear()
-        for cache in self._plain.values():
-            cache.clear()
 
 
 _ALL = object()
