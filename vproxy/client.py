@@ -82,6 +82,9 @@ class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
     HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
+    # forward_plain for a session whose proxy user has limits (gate.py), when the class's own does not
+    # ask self.forwards (cluster mode's compiled twin); None: the class's own asks it
+    NARROW_PLAIN = None
     peer = False  # a fleet peer's question (fleet.py), not a client: CLIENT LIST leaves it out
     tls = False  # TLSClient: True
 
@@ -268,12 +271,17 @@ class ClientSession(PlainPath, Audited):
     # ---- limits: request rate (limits.py) and pipeline depth ----
 
     def set_buckets(self) -> None:
-        """The rate buckets this session takes from: its own (client_rate_limit), its user's (rate=N).
-        With any, the plain path's loop callback goes through _forward_plain_paced first."""
+        """The rate buckets this session takes from: its own (client_rate_limit), its user's (rate=N),
+        and the plain path's forward_plain for it: its class's, or NARROW_PLAIN for a proxy user with
+        limits (one that asks the session's forwards), behind _forward_plain_paced with any bucket."""
         user = self.proxy_user
         self.buckets = tuple(b for b in (self.rate_bucket, user.bucket if user is not None else None) if b)
+        narrow = self.NARROW_PLAIN if self.acl is not None else None
+        self.plain_fn = narrow or type(self).forward_plain
         if self.buckets:
             self.forward_plain = self._forward_plain_paced
+        elif narrow is not None:
+            self.forward_plain = narrow.__get__(self, type(self))
         else:
             self.__dict__.pop("forward_plain", None)
 
@@ -282,14 +290,14 @@ class ClientSession(PlainPath, Audited):
         when every bucket holds its tokens now; else it is handed to the greenlet, which sleeps in
         pace() while nothing more is read from the client."""
         if wait:  # the greenlet's call (process): paid in pace
-            return type(self).forward_plain(self, reqs, wait)
+            return self.plain_fn(self, reqs, wait)
         n = len(reqs)
         if not all(b.ready(n) for b in self.buckets):
             self.paid = False
             return 0
         for b in self.buckets:
             b.take(n)
-        done = type(self).forward_plain(self, reqs, wait)
+        done = self.plain_fn(self, reqs, wait)
         self.paid = done < n  # the rest is handed to the greenlet: already paid for
         return done
 
@@ -426,6 +434,7 @@ class ClientSession(PlainPath, Audited):
         self.lease = self.oneshot = None
         if self.user is not None:
             switch(self, None)
+        self.__dict__.pop("forward_plain", None)  # a bound method of its own (set_buckets): no cycle left
         self.app.clients.pop(self.id, None)
         try:
             self.sock.close()

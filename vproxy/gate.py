@@ -316,7 +316,7 @@ class ProxyUser:
             def pred(name: bytes, nargs: int) -> bool:  # CommandTable.forwards' shape: one lookup
                 spec = cache.get(name)
                 if spec is None:
-                    arity, ok = table.plain_spec(name)
+                    _, arity, ok = table.plain_spec(name)
                     spec = (arity, ok and self.plain_ok(table, name, db_ok))
                     if len(cache) < 4096:  # names are the clients'
                         cache[name] = spec
