@@ -16,23 +16,22 @@ import gevent
 from gevent.hub import Waiter, get_hub, getcurrent
 
 # set by the modules whose names these are (bind): mux.channel's hold-mode list and the callback
-# that pushes it, its error class and deadline_after; csession's _fast_key and slots.key_slot
+# that pushes it, its error class and error text; csession's _fast_key and slots.key_slot
 cdef list _touched = None
 cdef object _push_touched = None
 cdef object BackendError = None
-cdef object deadline_after = None
 cdef object fast_key = None
 cdef object key_slot = None
 cdef object backend_unavailable = None
 
 
-def bind(touched=None, push_touched=None, backend_error=None, deadline=None, unavailable=None,
+def bind(touched=None, push_touched=None, backend_error=None, unavailable=None,
          fast_key_of=None, slot_of=None) -> None:
     """The Python objects the twins call, given by the modules that define them."""
-    global _touched, _push_touched, BackendError, deadline_after, backend_unavailable, fast_key, key_slot
+    global _touched, _push_touched, BackendError, backend_unavailable, fast_key, key_slot
     if touched is not None:
         _touched, _push_touched, BackendError = touched, push_touched, backend_error
-        deadline_after, backend_unavailable = deadline, unavailable
+        backend_unavailable = unavailable
     if fast_key_of is not None:
         fast_key, key_slot = fast_key_of, slot_of
 
@@ -290,7 +289,7 @@ def forward_plain(self, list reqs, bint wait=True):
             ch = self._plain_channel(wait)
             if ch is None:
                 break
-            entry = (box, -1, deadline_after(self.app.cfg.command_timeout))
+            entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
             waiters, outbuf = ch.waiters, ch.outbuf
         if box.left >= window or box.out:
             if unsent:
@@ -299,7 +298,7 @@ def forward_plain(self, list reqs, bint wait=True):
             if track is not None and k > told:
                 track.add_many(reqs, told, k)
                 told = k
-            ch.kick()
+            kick(ch)
             if not self._room(wait):
                 break
         if ch.closed:
@@ -314,7 +313,7 @@ def forward_plain(self, list reqs, bint wait=True):
         ch.unsent += unsent
     if k:
         self.last_cmd = name
-        ch.kick()
+        kick(ch)
     if track is not None and k > told:
         track.add_many(reqs, told, k)
     return k
@@ -417,7 +416,7 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
         elif ch.closed:
             return _sent(self, used, k)
         if deadline is None:
-            deadline = deadline_after(self.app.cfg.command_timeout)
+            deadline = deadline_of(self.app.cfg.command_timeout)
         self.last_cmd = name
         seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
         box.next_seq = seq + 1
@@ -433,11 +432,79 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
     return _sent(self, used, n)
 
 
+cdef inline kick(ch):
+    """Channel.kick, inlined."""
+    if not ch.flushing and ch.ready and ch.outbuf:
+        ch.flushing = True
+        ch._loop.run_callback(ch._flush)
+
+
+cdef inline double deadline_of(double seconds):
+    """mux.channel.deadline_after."""
+    return now_monotonic() + seconds if seconds > 0 else 0.0
+
+
 cdef inline void _kick_all(list used):
     for ch in used:
-        ch.kick()
+        kick(ch)
 
 
 cdef Py_ssize_t _sent(self, list used, Py_ssize_t k):
     _kick_all(used)
     return k
+
+
+def forward_plain_ha(self, list reqs, bint wait=True):
+    """PlainPath.forward_plain_ha (bound as HASession.forward_plain)."""
+    cdef Outbox box = <Outbox?>self.outbox
+    cdef Py_ssize_t k, n = PyList_GET_SIZE(reqs), window = self.window, seq
+    cdef tuple req
+    cdef list args, used = []
+    cdef dict chans = self.plain_chans, meta = box.meta
+    if box.stuck:
+        return 0
+    router = self.app.router
+    forwards = self.forwards
+    key = self.key()
+    deadline = None
+    track = box.track
+    if track is not None:
+        track.start(self.last_active)
+    for k in range(n):
+        req = <tuple>reqs[k]
+        args = <list>req[0]
+        raw = req[1]
+        name = args[0].lower()
+        if not forwards(name, PyList_GET_SIZE(args)):
+            return _sent(self, used, k)
+        if router.topology.primary is None:
+            return _sent(self, used, k)  # a failover: the batch path waits for the new primary
+        if box.left >= window or box.out:
+            _kick_all(used)
+            if not self._room(wait):
+                return _sent(self, used, k)
+        try:
+            pool = router.pool_for(name, args, self)
+            ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
+            if ch is None or ch.closed or ch.key != key:
+                ch = chans[pool] = pool.channel(key)
+        except BackendError:
+            return _sent(self, used, k)
+        if deadline is None:
+            deadline = deadline_of(self.app.cfg.command_timeout)
+        self.last_cmd = name
+        seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
+        box.next_seq = seq + 1
+        meta[seq] = (raw, name, key, pool)
+        if track is not None:
+            track.add(req)
+        if ch.closed:  # Channel.submit answers it at once (the error, not sent)
+            ch.submit(raw, box, -2 - seq, deadline)
+            continue
+        box.left += 1
+        ch.waiters.append((box, -2 - seq, deadline))
+        ch.unsent += 1
+        ch.outbuf.append(raw)
+        if ch not in used:
+            used.append(ch)
+    return _sent(self, used, n)

@@ -398,7 +398,7 @@ def deadline_after(seconds: float) -> float:
 from ..outbox import TWIN  # noqa: E402 - after what it binds
 
 if TWIN is not None:
-    TWIN.bind(_touched, _push_touched, BackendError, deadline_after, backend_unavailable)
+    TWIN.bind(_touched, _push_touched, BackendError, backend_unavailable)
     Channel._deliver = TWIN.deliver
     Channel._on_readable = TWIN.channel_on_readable
     Channel._flush = TWIN.channel_flush
