@@ -286,9 +286,11 @@ def forward_plain(self, list reqs, bint wait=True):
         elif not forwards(spec[0], nargs):
             break
         if ch is None:
-            ch = self._plain_channel(wait)
+            ch = current_channel(self)
             if ch is None:
-                break
+                ch = self._plain_channel(wait)
+                if ch is None:
+                    break
             entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
             waiters, outbuf = ch.waiters, ch.outbuf
         if box.left >= window or box.out:
@@ -480,6 +482,19 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
     if track is not None and k > told:
         track.add_many(reqs, told, k)
     return k
+
+
+cdef current_channel(self):
+    """The session's channel when _plain_channel would keep it (open, shared, for its key, on the
+    primary's pool), else None: _plain_channel's common case without its three calls."""
+    ch = self.cur
+    if ch is None or ch.closed or ch.exclusive:
+        return None
+    router = self.app.router
+    addr = router.topology.primary
+    if addr is None or router.pools.get(addr) is not ch.pool or ch.key != self.key():
+        return None
+    return ch
 
 
 cdef inline kick(ch):
