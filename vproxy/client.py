@@ -82,9 +82,6 @@ class ClientSession(PlainPath, Audited):
     """One client connection (runs in its own greenlet)."""
 
     HOLD: tuple | None = None  # the outbox's hold mode (outbox.py): none, replies come in order
-    # forward_plain for a session whose proxy user has limits (gate.py), when the class's own does not
-    # ask self.forwards (cluster mode's compiled twin); None: the class's own asks it
-    NARROW_PLAIN = None
     peer = False  # a fleet peer's question (fleet.py), not a client: CLIENT LIST leaves it out
     tls = False  # TLSClient: True
 
@@ -271,17 +268,13 @@ class ClientSession(PlainPath, Audited):
     # ---- limits: request rate (limits.py) and pipeline depth ----
 
     def set_buckets(self) -> None:
-        """The rate buckets this session takes from: its own (client_rate_limit), its user's (rate=N),
-        and the plain path's forward_plain for it: its class's, or NARROW_PLAIN for a proxy user with
-        limits (one that asks the session's forwards), behind _forward_plain_paced with any bucket."""
+        """The rate buckets this session takes from: its own (client_rate_limit), its user's (rate=N);
+        with any, the plain path's forward_plain (its class's) runs behind _forward_plain_paced."""
         user = self.proxy_user
         self.buckets = tuple(b for b in (self.rate_bucket, user.bucket if user is not None else None) if b)
-        narrow = self.NARROW_PLAIN if self.acl is not None else None
-        self.plain_fn = narrow or type(self).forward_plain
+        self.plain_fn = type(self).forward_plain
         if self.buckets:
             self.forward_plain = self._forward_plain_paced
-        elif narrow is not None:
-            self.forward_plain = narrow.__get__(self, type(self))
         else:
             self.__dict__.pop("forward_plain", None)
 
