@@ -273,51 +273,54 @@ def forward_plain(self, list reqs, bint wait=True):
     track = box.track
     if track is not None:
         track.start(self.last_active)
-    while k < n:
-        req = <tuple>reqs[k]
-        args = <list>req[0]
-        found = PyDict_GetItem(specs, args[0])
-        spec = <tuple>found if found is not NULL else table.plain_spec(args[0])
-        nargs = PyList_GET_SIZE(args)
-        if default:
-            arity = spec[1]
-            if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
-                break
-        elif not forwards(spec[0], nargs):
-            break
-        if ch is None:
-            ch = current_channel(self)
-            if ch is None:
-                ch = self._plain_channel(wait)
-                if ch is None:
+    try:
+        while k < n:
+            req = <tuple>reqs[k]
+            args = <list>req[0]
+            found = PyDict_GetItem(specs, args[0])
+            spec = <tuple>found if found is not NULL else table.plain_spec(args[0])
+            nargs = PyList_GET_SIZE(args)
+            if default:
+                arity = spec[1]
+                if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
                     break
-            entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
-            waiters, outbuf = ch.waiters, ch.outbuf
-        if box.left >= window or box.out:
-            if unsent:
-                ch.unsent += unsent
-                unsent = 0
-            if track is not None and k > told:
-                track.add_many(reqs, told, k)
-                told = k
-            kick(ch)
-            if not self._room(wait):
+            elif not forwards(spec[0], nargs):
                 break
-        if ch.closed:
-            break
-        name = spec[0]
-        waiters.append(entry)
-        outbuf.append(req[1])
-        unsent += 1
-        box.left += 1
-        k += 1
-    if unsent:
-        ch.unsent += unsent
-    if k:
-        self.last_cmd = name
-        kick(ch)
-    if track is not None and k > told:
-        track.add_many(reqs, told, k)
+            if ch is None:
+                ch = current_channel(self)
+                if ch is None:
+                    ch = self._plain_channel(wait)
+                    if ch is None:
+                        break
+                entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
+                waiters, outbuf = ch.waiters, ch.outbuf
+            if box.left >= window or box.out:
+                if unsent:
+                    ch.unsent += unsent
+                    unsent = 0
+                if track is not None and k > told:
+                    track.add_many(reqs, told, k)
+                    told = k
+                kick(ch)
+                if not self._room(wait):
+                    break
+                window = self.window  # _room reads it afresh: the wait may have changed it
+            if ch.closed:
+                break
+            name = spec[0]
+            waiters.append(entry)
+            outbuf.append(req[1])
+            unsent += 1
+            box.left += 1
+            k += 1
+    finally:  # what was queued is counted, sent and told, whatever happened
+        if unsent:
+            ch.unsent += unsent
+        if k:
+            self.last_cmd = name
+            kick(ch)
+        if track is not None and k > told:
+            track.add_many(reqs, told, k)
     return k
 
 
@@ -430,60 +433,65 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
     if track is not None:
         track.start(self.last_active)
     last = None
-    while k < n:
-        req = <tuple>reqs[k]
-        args = <list>req[0]
-        nargs = PyList_GET_SIZE(args)
-        found = PyDict_GetItem(specs, args[0])
-        name = (<tuple>found if found is not NULL else table.plain_spec(args[0]))[0]
-        found = PyDict_GetItem(derived, name)  # _fast_key's cache: (key position, arity)
-        if found is NULL:
-            fast_key(table, name, nargs)
-            found = PyDict_GetItem(derived, name)
-        spec = <tuple>found
-        pos, arity = spec[0], spec[1]
-        if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
-            break
-        if forwards is not None and not forwards(name, nargs):
-            break
-        slot = key_slot(args[pos])
-        addr = owners[slot]
-        found = PyDict_GetItem(lanes, addr)
-        if found is NULL:
-            ch = chans.get(addr)
-            if ch is None or ch.closed or ch.key != key:
-                break  # the batch path opens it
-            lane = lanes[addr] = Lane(ch)
-        else:
-            lane = <Lane>found
-        if box.left >= window or box.out:
-            flush_lanes(lanes)
-            if track is not None and k > told:
-                track.add_many(reqs, told, k)
-                told = k
-            if not self._room(wait):
+    try:
+        while k < n:
+            req = <tuple>reqs[k]
+            args = <list>req[0]
+            nargs = PyList_GET_SIZE(args)
+            found = PyDict_GetItem(specs, args[0])
+            name = (<tuple>found if found is not NULL else table.plain_spec(args[0]))[0]
+            found = PyDict_GetItem(derived, name)  # _fast_key's cache: (key position, arity)
+            if found is NULL:  # not cached (a bounded cache): _fast_key decides, arity included
+                pos = fast_key(table, name, nargs)
+                if not pos:
+                    break
+            else:
+                spec = <tuple>found
+                pos, arity = spec[0], spec[1]
+                if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
+                    break
+            if forwards is not None and not forwards(name, nargs):
                 break
-            lanes.clear()  # the loop ran meanwhile: every channel is looked at again
-            ch = lane.ch
-            if ch.closed:
-                break
-            lane = lanes[addr] = Lane(ch)
-        if deadline is None:
-            deadline = deadline_of(self.app.cfg.command_timeout)
-        seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
-        box.next_seq = seq + 1
-        meta[seq] = (req[1], slot, name, addr)
-        box.left += 1
-        lane.wappend((box, -2 - seq, deadline))
-        lane.oappend(req[1])
-        lane.unsent += 1
-        last = name
-        k += 1
-    flush_lanes(lanes)
-    if k:
-        self.last_cmd = last
-    if track is not None and k > told:
-        track.add_many(reqs, told, k)
+            slot = key_slot(args[pos])
+            addr = owners[slot]
+            found = PyDict_GetItem(lanes, addr)
+            if found is NULL:
+                ch = chans.get(addr)
+                if ch is None or ch.closed or ch.key != key:
+                    break  # the batch path opens it
+                lane = lanes[addr] = Lane(ch)
+            else:
+                lane = <Lane>found
+            if box.left >= window or box.out:
+                flush_lanes(lanes)
+                if track is not None and k > told:
+                    track.add_many(reqs, told, k)
+                    told = k
+                if not self._room(wait):
+                    break
+                window = self.window  # _room reads it afresh: a wait may have changed it (flush)
+                lanes.clear()  # the loop ran meanwhile: every channel is looked at again
+                ch = lane.ch
+                if ch.closed:
+                    break
+                lane = lanes[addr] = Lane(ch)
+            if deadline is None:
+                deadline = deadline_of(self.app.cfg.command_timeout)
+            seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
+            box.next_seq = seq + 1
+            meta[seq] = (req[1], slot, name, addr)
+            box.left += 1
+            lane.wappend((box, -2 - seq, deadline))
+            lane.oappend(req[1])
+            lane.unsent += 1
+            last = name
+            k += 1
+    finally:  # what was queued is counted, sent and told, whatever happened
+        flush_lanes(lanes)
+        if k:
+            self.last_cmd = last
+        if track is not None and k > told:
+            track.add_many(reqs, told, k)
     return k
 
 
@@ -517,9 +525,6 @@ cdef inline void _kick_all(list used):
         kick(ch)
 
 
-cdef Py_ssize_t _sent(self, list used, Py_ssize_t k):
-    _kick_all(used)
-    return k
 
 
 def forward_plain_ha(self, list reqs, bint wait=True):
@@ -538,41 +543,45 @@ def forward_plain_ha(self, list reqs, bint wait=True):
     track = box.track
     if track is not None:
         track.start(self.last_active)
-    for k in range(n):
-        req = <tuple>reqs[k]
-        args = <list>req[0]
-        raw = req[1]
-        name = args[0].lower()
-        if not forwards(name, PyList_GET_SIZE(args)):
-            return _sent(self, used, k)
-        if router.topology.primary is None:
-            return _sent(self, used, k)  # a failover: the batch path waits for the new primary
-        if box.left >= window or box.out:
-            _kick_all(used)
-            if not self._room(wait):
-                return _sent(self, used, k)
-        try:
-            pool = router.pool_for(name, args, self)
-            ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
-            if ch is None or ch.closed or ch.key != key:
-                ch = chans[pool] = pool.channel(key)
-        except BackendError:
-            return _sent(self, used, k)
-        if deadline is None:
-            deadline = deadline_of(self.app.cfg.command_timeout)
-        self.last_cmd = name
-        seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
-        box.next_seq = seq + 1
-        meta[seq] = (raw, name, key, pool)
-        if track is not None:
-            track.add(req)
-        if ch.closed:  # Channel.submit answers it at once (the error, not sent)
-            ch.submit(raw, box, -2 - seq, deadline)
-            continue
-        box.left += 1
-        ch.waiters.append((box, -2 - seq, deadline))
-        ch.unsent += 1
-        ch.outbuf.append(raw)
-        if ch not in used:
-            used.append(ch)
-    return _sent(self, used, n)
+    try:
+        for k in range(n):
+            req = <tuple>reqs[k]
+            args = <list>req[0]
+            raw = req[1]
+            name = args[0].lower()
+            if not forwards(name, PyList_GET_SIZE(args)):
+                return k
+            if router.topology.primary is None:
+                return k  # a failover: the batch path waits for the new primary
+            if box.left >= window or box.out:
+                _kick_all(used)
+                if not self._room(wait):
+                    return k
+                window = self.window  # _room reads it afresh: a wait may have changed it (flush)
+            try:
+                pool = router.pool_for(name, args, self)
+                ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
+                if ch is None or ch.closed or ch.key != key:
+                    ch = chans[pool] = pool.channel(key)
+            except BackendError:
+                return k
+            if deadline is None:
+                deadline = deadline_of(self.app.cfg.command_timeout)
+            self.last_cmd = name
+            seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
+            box.next_seq = seq + 1
+            meta[seq] = (raw, name, key, pool)
+            if track is not None:
+                track.add(req)
+            if ch.closed:  # Channel.submit answers it at once (the error, not sent)
+                ch.submit(raw, box, -2 - seq, deadline)
+                continue
+            box.left += 1
+            ch.waiters.append((box, -2 - seq, deadline))
+            ch.unsent += 1
+            ch.outbuf.append(raw)
+            if ch not in used:
+                used.append(ch)
+    finally:  # what was queued is sent, whatever happened
+        _kick_all(used)
+    return n

@@ -62,6 +62,8 @@ PIPELINE_WINDOW = 64
 WINDOW_BYTES = 4 << 20  # the reply bytes one window should hold: a window of big replies shrinks
 WRITE_CHUNK = 256 << 10  # replies are joined into writes up to this size
 # Commands that change a connection's state: forwarded on a lease, they make it dirty.
+# AUTH inside MULTI when vproxy checks the credentials itself (a proxy password or users): refused
+AUTH_IN_MULTI = "ERR vproxy: AUTH inside MULTI is not supported when vproxy checks the passwords; AUTH before MULTI"
 _STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
 
 
@@ -480,8 +482,28 @@ class ClientSession(PlainPath, Audited):
         if err is None:
             return False
         self.app.stats.acl_denied += 1
-        self.refuse(batch, i, err)
+        if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
+            self.refuse_queued(batch, i, err)
+        else:
+            self.refuse(batch, i, err)
         return True
+
+    def refuse_queued(self, batch: Batch, i: int, msg: str) -> None:
+        """refuse() inside MULTI: as when the server refuses a request at queue time, EXEC then
+        aborts the transaction (-EXECABORT)."""
+        self.refuse(batch, i, msg)
+        self.multi_failed = True  # cluster: txn.exec_ answers EXECABORT
+        lease = self.lease
+        if lease is not None and not lease.ending and lease.channel is not None:
+            # standalone: a request the server refuses at queue time flags its transaction (reply dropped)
+            lease.channel.submit(b"*1\r\n$4\r\nECHO\r\n", None, 0, 0.0)
+
+    def proxy_auth(self, name: bytes, args: list) -> bool:
+        """An AUTH (or HELLO ... AUTH) whose credentials vproxy checks itself (a proxy `password` or
+        `users`): never sent to a server, so it cannot be queued in a transaction."""
+        if not (self.app.cfg.password or self.app.gate is not None):
+            return False
+        return name == b"auth" or (name == b"hello" and any(a.lower() == b"auth" for a in args[2:]))
 
     def refuse(self, batch: Batch, i: int, msg: str) -> None:
         """vproxy answers request i with an error without sending it anywhere (a rejected call)."""
@@ -575,6 +597,8 @@ class ClientSession(PlainPath, Audited):
         if self.lease is None:  # MULTI failed: refuse until EXEC (EXECABORT) or DISCARD
             batch.replies[i] = resp.error("ERR vproxy: MULTI failed, command not queued; send EXEC or DISCARD")
             return
+        if self.proxy_auth(name, args):
+            return self.refuse_queued(batch, i, AUTH_IN_MULTI)
         if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:

@@ -915,7 +915,9 @@ def _fast_key(table, name: bytes, nargs: int) -> int:
         arity, policy = table.lookup(name)
         # an audited command takes the batch path, where its record is made (audit.py)
         pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE and name not in table.audited else 0
-        spec = table.derived[name] = (pos, arity)
+        spec = (pos, arity)
+        if cmd is not None or len(table.derived) < 4096:  # names are the clients': bound the cache
+            table.derived[name] = spec
     pos, arity = spec
     if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
         return 0

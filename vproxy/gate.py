@@ -42,6 +42,9 @@ _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
 # vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
 _OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
 _HEX = re.compile(r"[0-9a-f]{64}")
+# Scripts and functions run their redis.call()s as vproxy's backend user: no rule of the proxy user's
+# applies inside them, so a user with any limit may not run them (no key, db or command check would hold).
+_SCRIPTS = frozenset([b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"])
 
 
 def glob(pattern: bytes) -> re.Pattern:
@@ -68,9 +71,10 @@ def glob(pattern: bytes) -> re.Pattern:
                 if ch == b"\\" and j + 1 < len(body):
                     j += 1
                     ch = body[j:j + 1]
-                elif ch == b"-" and parts and j + 1 < len(body):
-                    parts.append(b"-")
-                    j += 1
+                elif body[j + 1:j + 2] == b"-" and j + 2 < len(body):  # a range; reversed, the server swaps it
+                    lo, hi = sorted((ch, body[j + 2:j + 3]))
+                    parts.append(re.escape(lo) + b"-" + re.escape(hi))
+                    j += 3
                     continue
                 parts.append(re.escape(ch))
                 j += 1
@@ -248,7 +252,7 @@ class ProxyUser:
             sub = args[1].lower()
             if sub not in cmd.subs:
                 sub = None
-        if not self.may_run(table, name, sub):
+        if not self.may_run(table, name, sub) or name in _SCRIPTS:
             shown = name.decode(errors="replace") + ("|" + sub.decode() if sub is not None else "")
             return f"NOPERM User {self.name} has no permissions to run the '{shown}' command"
         if not self.all_keys and not self._keys_ok(cmd, name, sub, args):
@@ -293,7 +297,7 @@ class ProxyUser:
 
     def plain_ok(self, table, name: bytes, db_ok: bool) -> bool:
         """May every request of this name go out unchecked (whatever its arguments)?"""
-        if name == b"acl":
+        if name == b"acl" or name in _SCRIPTS:
             return False
         cmd = table.get(name)
         if cmd is not None and cmd.subs and not self.all_commands:

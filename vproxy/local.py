@@ -6,6 +6,8 @@ or hands the request on (session.forward / pin / block / start_stream).
 
 from __future__ import annotations
 
+import hmac
+
 from . import admin, resp
 from . import errors as E
 from .gate import acl_command, bind, hide_config_secrets
@@ -48,8 +50,8 @@ def reset(s, i, args, raw, batch):
 
 def _check_password(s, user: bytes | None, password: bytes) -> str | None:
     """None when the credentials match the proxy `password`, else the error to answer."""
-    want = s.app.cfg.password
-    if user not in (None, b"default") or password.decode(errors="replace") != want:
+    want = s.app.cfg.password.encode(errors="surrogateescape")
+    if user not in (None, b"default") or not hmac.compare_digest(password, want):  # constant time
         return E.WRONGPASS
     return None
 

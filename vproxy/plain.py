@@ -197,41 +197,44 @@ class PlainPath:
             track.start(self.last_active)
         told = k = 0
         name = None
-        for args, raw in reqs:
-            spec = specs.get(args[0]) or table.plain_spec(args[0])
-            nargs = len(args)
-            if default:
-                arity = spec[1]
-                if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
+        try:
+            for args, raw in reqs:
+                spec = specs.get(args[0]) or table.plain_spec(args[0])
+                nargs = len(args)
+                if default:
+                    arity = spec[1]
+                    if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
+                        break
+                elif not forwards(spec[0], nargs):
                     break
-            elif not forwards(spec[0], nargs):
-                break
-            if ch is None:  # the first plain request: its channel (none is opened for other requests)
-                ch = self._plain_channel(wait)  # nothing sent yet in this call: nothing to tell first
-                if ch is None:
+                if ch is None:  # the first plain request: its channel (none is opened for other requests)
+                    ch = self._plain_channel(wait)  # nothing sent yet in this call: nothing to tell first
+                    if ch is None:
+                        break
+                    entry = (box, -1, deadline_after(self.app.cfg.command_timeout))
+                    waiters, outbuf = ch.waiters, ch.outbuf
+                if box.left >= window or box.out:  # no room now (see _room): tell, send, then maybe wait
+                    if track is not None and k > told:
+                        track.add_many(reqs, told, k)
+                        told = k
+                    ch.kick()
+                    if not self._room(wait):
+                        break
+                    window = self.window  # _room reads it afresh: the wait may have changed it
+                if ch.closed:
                     break
-                entry = (box, -1, deadline_after(self.app.cfg.command_timeout))
-                waiters, outbuf = ch.waiters, ch.outbuf
-            if box.left >= window or box.out:  # no room now (see _room): tell, send, then maybe wait
-                if track is not None and k > told:
-                    track.add_many(reqs, told, k)
-                    told = k
+                name = spec[0]
+                waiters.append(entry)
+                outbuf.append(raw)
+                ch.unsent += 1
+                box.left += 1
+                k += 1
+        finally:  # what was queued is sent and told, whatever happened
+            if k:
+                self.last_cmd = name
                 ch.kick()
-                if not self._room(wait):
-                    break
-            if ch.closed:
-                break
-            name = spec[0]
-            waiters.append(entry)
-            outbuf.append(raw)
-            ch.unsent += 1
-            box.left += 1
-            k += 1
-        if k:
-            self.last_cmd = name
-            ch.kick()
-        if track is not None and k > told:
-            track.add_many(reqs, told, k)
+            if track is not None and k > told:
+                track.add_many(reqs, told, k)
         return k
 
     def _plain_channel(self, wait: bool):

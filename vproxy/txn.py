@@ -21,7 +21,7 @@ from time import monotonic
 import gevent
 
 from . import resp
-from .client import _STATEFUL
+from .client import _STATEFUL, AUTH_IN_MULTI
 from .errors import BackendError
 from .local import LOCAL, _apply_select
 from .mux.channel import Batch, deadline_after
@@ -81,6 +81,8 @@ def queue(s, i, name, args, raw, batch):
     if name == b"watch":
         batch.replies[i] = resp.error("ERR WATCH inside MULTI is not allowed")
         return
+    if s.proxy_auth(name, args):
+        return s.refuse_queued(batch, i, AUTH_IN_MULTI)
     cmd = s.app.commands.get(name)
     if cmd is None or not cmd.arity_ok(len(args)):
         s.multi_failed = True
