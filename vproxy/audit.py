@@ -30,6 +30,7 @@ import sys
 from collections import deque
 from time import monotonic, time
 
+import gevent
 from gevent.hub import get_hub
 from loguru import logger
 
@@ -215,6 +216,7 @@ class Audit:
         self._spawned = 0.0
         self._watcher = self._timer = None
         self._armed = False
+        self._restarting = False
 
     # ---- control (PROXY AUDIT, start-up) ----
 
@@ -362,16 +364,13 @@ class Audit:
     def flush(self) -> None:
         """The batch, in one non-blocking write on the pipe (the loop timer, or a big batch)."""
         self._armed = False
-        if self.proc is None:  # the writer died: a new one, at most one a second
+        if self.proc is None:  # the writer died: a new one (from a greenlet: Popen waits), at most one a second
             if self.closing or not self.dir:
                 return
-            if monotonic() - self._spawned < 1.0:
-                return self._arm()
-            try:
-                self._spawn()
-            except OSError as e:
-                logger.error("audit: cannot start the writer process: {}", e)
-                return self._arm()
+            if not self._restarting and monotonic() - self._spawned >= 1.0:
+                self._restarting = True
+                gevent.spawn(self._restart)
+            return self._arm()
         if self._rest and not self._write_rest():
             if self.buf:  # the pipe is still full
                 n, self.buf = len(self.buf), []
@@ -407,6 +406,15 @@ class Audit:
         if self._rest:
             self._arm()
         return not self._rest
+
+    def _restart(self) -> None:
+        try:
+            if self.proc is None and not self.closing:
+                self._spawn()
+        except OSError as e:
+            logger.error("audit: cannot start the writer process: {}", e)
+        finally:
+            self._restarting = False
 
     def _spawn(self) -> None:
         """Start the writer process: the records pipe as its stdin, the status pipe as its stdout."""
@@ -492,7 +500,6 @@ class Audit:
     def close(self, timeout: float = 2.0) -> None:
         """Hand what is queued to the writer (for up to timeout seconds), close its pipe and wait
         for it to write and exit (it is killed past the timeout)."""
-        import gevent
         from gevent.socket import wait_write
 
         self.closing = True

@@ -1,0 +1,126 @@
+"""The audit log's writer process (vproxy/auditwriter.py): records reach it, a dead one is replaced,
+it ends with the proxy, and a writer that does not keep up costs records, never clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+import pytest
+from conftest import Proxy, RawClient, Server, wait_for
+
+
+@pytest.fixture(scope="module")
+def valkey():
+    s = Server("valkey")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def audited(valkey, tmp_path):
+    started = []
+
+    def start(*args, **kw):
+        p = Proxy("--backend", valkey.addr, "--audit-dir", str(tmp_path / "audit"), *args, **kw)
+        p.dir = tmp_path / "audit"
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def keys_written(p) -> list:
+    path = p.dir / "audit.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["keys"][0] for r in recs if r["command"] == "set"]
+
+
+def test_records_reach_the_writer_process_and_a_killed_one_is_replaced(audited):
+    p = audited()
+    c = p.client()
+    c.set("w:1", "v")
+    wait_for(lambda: keys_written(p) == ["w:1"], what="the first record")
+    info = p.info()
+    pid = info["audit_writer_pid"]
+    assert pid and parent_of(pid) == p.proc.pid and info["audit_writer_restarts"] == 0
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: p.info()["audit_writer_restarts"] == 1, what="the writer's death noticed")
+    c.set("w:2", "v")  # recorded by the new writer (started at most a second later)
+    wait_for(lambda: keys_written(p) == ["w:1", "w:2"], what="the record after the restart")
+    new = p.info()["audit_writer_pid"]
+    assert new not in (0, pid) and parent_of(new) == p.proc.pid
+    c.close()
+
+
+def test_the_writer_ends_with_the_proxy_even_when_it_is_killed(audited):
+    p = audited()
+    c = p.client()
+    c.set("end:1", "v")
+    wait_for(lambda: keys_written(p) == ["end:1"], what="a record")
+    pid = p.info()["audit_writer_pid"]
+    c.close()
+    p.proc.kill()  # no shutdown: the writer sees EOF on its pipe
+    p.proc.wait(10)
+    wait_for(lambda: gone(pid), what="the writer process to exit")
+
+    q = audited()  # a graceful stop: what was queued is written before the writer exits
+    c = q.client()
+    pipe = c.pipeline(transaction=False)
+    for i in range(2000):
+        pipe.set(f"end:{i}", "v")
+    pipe.execute()
+    pid = q.info()["audit_writer_pid"]
+    c.close()
+    q.stop()
+    assert gone(pid)
+    assert keys_written(q)[-2000:] == [f"end:{i}" for i in range(2000)]
+
+
+def test_a_full_pipe_drops_records_without_blocking_other_clients(audited):
+    """The writer stopped (SIGSTOP): its pipe fills; batches are dropped and counted, memory stays
+    bounded, and another client's requests are answered as before."""
+    p = audited("--audit-commands", "all", "--audit-queue", "10000000")
+    pid = p.info()["audit_writer_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.kill, pid, signal.SIGCONT)
+        c = p.client()
+        other = stack.enter_context(RawClient(p.port))
+        pipe = c.pipeline(transaction=False)
+        big = "x" * 200
+        for rnd in range(4):
+            for i in range(10000):
+                pipe.set(f"full:{rnd}:{i}:{big}", "v")  # keys are recorded: ~300 bytes a record
+            assert pipe.execute() == [True] * 10000
+            t = time.monotonic()
+            assert other.call("PING") == b"+PONG\r\n"
+            assert time.monotonic() - t < 2
+        info = p.info()
+        assert info["audit_dropped"] > 0 and info["audit_records"] <= 1  # (the first INFO's record)
+        assert info["audit_queued"] < 40000  # what the pipe holds (~1 MB): the rest dropped
+    queued = p.info()["audit_queued"]
+    wait_for(lambda: p.info()["audit_records"] >= queued, what="the records in the pipe written")
+    wait_for(lambda: p.info()["audit_queued"] <= 1, what="nothing left queued but the last INFO's record")
+    c.close()
