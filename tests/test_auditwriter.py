@@ -124,3 +124,49 @@ def test_a_full_pipe_drops_records_without_blocking_other_clients(audited):
     wait_for(lambda: p.info()["audit_records"] >= queued, what="the records in the pipe written")
     wait_for(lambda: p.info()["audit_queued"] <= 1, what="nothing left queued but the last INFO's record")
     c.close()
+
+
+def test_cluster_plain_path_records_a_redirected_request_at_the_node_that_answered(tmp_path):
+    """Cluster mode: recorded writes take the plain path (numbered sends); one that meets a MOVED
+    (its slot moved behind the proxy's back) is held, recovered by the batch path, and recorded
+    once, with the node that answered."""
+    from clusterkit import Cluster
+    from vproxy.slots import key_slot
+
+    cluster = Cluster("valkey", 3)
+    d = tmp_path / "cluster"
+    p = None
+    try:
+        p = Proxy("--mode", "cluster", "--backend", cluster.seeds[0], "--audit-dir", str(d),
+                  "--topology-refresh", "600")
+        r = p.client(client_name="mover")
+        key = "{audmv}k"
+        src = cluster.owner(key)
+        dst = next(n for n in cluster.primaries if n is not src)
+        r.set(key, "v")  # opens the session's channel to src
+        r.delete(key)
+        slot = key_slot(key.encode())
+        for n in cluster.primaries:  # the (now empty) slot moves to dst; the proxy does not know yet
+            n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(dst))
+        wait_for(lambda: cluster.owner(key) is dst, what="the slot owned by dst")
+        pipe = r.pipeline(transaction=False)
+        pipe.set(key, "w").set(key, "x")
+        assert pipe.execute() == [True, True]
+        assert dst.client().get(key) == b"x"
+        wait_for(lambda: len(records(d, "mover")) == 4, what="the four records")
+        got = [(x["command"], x["backend"], x["outcome"]) for x in records(d, "mover")]
+        assert got == [("set", src.addr, "ok"), ("del", src.addr, "ok"), ("set", dst.addr, "ok"),
+                       ("set", dst.addr, "ok")]
+        r.close()
+    finally:
+        if p is not None:
+            p.stop()
+        cluster.stop()
+
+
+def records(d, client_name: str) -> list:
+    path = d / "audit.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [x for x in recs if x["client_name"] == client_name]

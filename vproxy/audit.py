@@ -59,13 +59,22 @@ def who(s) -> tuple:
 class Entry:
     """A recorded request between dispatch and its reply (the batch path)."""
 
-    __slots__ = ("args", "batch", "idx", "name", "size", "start", "target", "who")
+    __slots__ = ("args", "batch", "idx", "name", "rec", "size", "start", "target", "who")
 
     def __init__(self, batch, idx, name, args, size, s):
         self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
         self.who = who(s)
         self.start = time()
         self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
+        self.rec = None
+
+    @classmethod
+    def held(cls, batch, idx: int, rec: list) -> Entry:
+        """A plain request whose reply was held (HA, cluster: see AuditTrack.drop): its record, made
+        when it was sent, is completed by the batch path."""
+        e = cls.__new__(cls)
+        e.batch, e.idx, e.rec, e.target = batch, idx, rec, rec[7]
+        return e
 
 
 class Audited:
@@ -103,33 +112,54 @@ class Audited:
 
 
 class AuditTrack:
-    """Standalone mode: an outbox's `track` (the interface of cmdstats.Track, which it wraps) that
-    records the plain path's requests: each plain request as it is sent (add_many: a record with
-    its reply's fields still empty), its reply as it is written (written: the record completed and
-    queued), in order. So recorded commands keep the plain path there; in the HA and cluster modes
-    (replies held and recovered, a node per request) they take the batch path."""
+    """An outbox's `track` (the interface of cmdstats.Track, which it wraps) that records the plain
+    path's requests: each plain request as it is sent (add_many, add: a record with its reply's
+    fields still empty), its reply as it is written (written: the record completed and queued), in
+    order. So recorded commands keep the plain path. In the HA and cluster modes (hold mode: a
+    sequence number and a node per request, outbox.py) the node is in the outbox's `meta` of the
+    request; a held reply (MOVED, a failover) leaves the plain path (drop), and its record goes with
+    it to the batch that recovers it (Entry.held)."""
 
-    __slots__ = ("audit", "entries", "inner", "session")
+    __slots__ = ("audit", "entries", "inner", "now", "session", "who")
 
     def __init__(self, audit, session, inner):
         self.audit, self.session, self.inner = audit, session, inner
         self.entries: deque = deque()  # per plain request in flight: its record (a list), or None
+        self.who = None  # the client's part of the records of this read (None: not made yet)
+        self.now = 0.0
 
     def start(self, t0: float) -> None:
+        self.who = None  # a new read: the session may have changed since (SELECT, CLIENT SETNAME ...)
         if self.inner is not None:
             self.inner.start(t0)
 
     def add(self, req: tuple) -> None:
-        self.add_many((req,), 0, 1)
+        """Hold mode (Outbox.send): one request, whose node is in the outbox's meta."""
+        if self.inner is not None:
+            self.inner.add(req)
+        args, raw = req
+        audit = self.audit
+        p = (audit.table.derived.get(_PLANS) or audit.plans()).get(args[0])
+        if p is None:
+            p = audit.plan(args[0])
+        if p is False:
+            return self.entries.append(None)
+        if self.who is None:
+            self.who, self.now = who(self.session), time()
+        box = self.session.outbox
+        target = box.meta[box.next_seq - 1][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
+        if not isinstance(target, (tuple, str)):
+            target = target.addr
+        self._note(p, args, raw, target)
 
     def add_many(self, reqs, start: int, end: int) -> None:
-        """reqs[start:end] were sent on the session's channel: their records, but for the reply."""
+        """Standalone: reqs[start:end] were sent on the session's channel."""
         if self.inner is not None:
             self.inner.add_many(reqs, start, end)
         audit = self.audit
         plans = audit.table.derived.get(_PLANS) or audit.plans()
         entries = self.entries
-        w = None
+        target = False
         for i in range(start, end):
             args, raw = reqs[i]
             p = plans.get(args[0])
@@ -138,20 +168,27 @@ class AuditTrack:
             if p is False:
                 entries.append(None)
                 continue
-            if w is None:  # the first recorded one of this read: what the others share
+            if target is False:  # the first recorded one of this call: what the others share
                 s = self.session
-                w, now = who(s), time()
+                if self.who is None:
+                    self.who, self.now = who(s), time()
                 ch = s.cur  # the plain channel these requests were just sent on
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
-            name, keys = p
-            if keys is None:  # a container, movable keys, values: asked per request
-                if not audit.table.audits(name, args):
-                    entries.append(None)
-                    continue
-                sub, ks, values = audit.pick(name, args)
-                entries.append([now, w, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values])
+            if p[1] is not None:  # the common case, inline
+                entries.append([self.now, self.who, p[0], None, args[p[1]], len(args), len(raw), target, 0.0, OK,
+                                None, None])
             else:
-                entries.append([now, w, name, None, args[keys], len(args), len(raw), target, 0.0, OK, None, None])
+                self._note(p, args, raw, target)
+
+    def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
+        name, keys = p
+        if keys is not None:
+            sub, ks, values = None, args[keys], None
+        elif self.audit.table.audits(name, args):  # a container, movable keys, values: asked per request
+            sub, ks, values = self.audit.pick(name, args)
+        else:
+            return self.entries.append(None)
+        self.entries.append([self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values])
 
     def written(self, frames: list) -> None:
         if self.inner is not None:
@@ -175,8 +212,14 @@ class AuditTrack:
             self.audit.put_many(recs)
 
     def drop(self, n: int) -> list:
-        for _ in range(min(n, len(self.entries))):
-            self.entries.popleft()
+        """n held replies leave the plain path for the session's new batch (PlainPath.held_stats):
+        their records go with them, completed when the batch writes their replies."""
+        s, entries = self.session, self.entries
+        batch = s.batch
+        for j in range(min(n, len(entries))):
+            e = entries.popleft()
+            if e is not None and batch is not None:
+                s.audits.append(Entry.held(batch, j, e))
         return self.inner.drop(n) if self.inner is not None else []
 
 
@@ -228,7 +271,7 @@ class Audit:
         if self.proc is None:
             self._spawn()
         self.on = True
-        self.table.select_audit(frozenset(self.classes), gate=self.cfg.mode != "standalone")
+        self.table.select_audit(frozenset(self.classes), gate=False)  # AuditTrack records the plain path
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
@@ -324,6 +367,10 @@ class Audit:
             outcome = REFUSED if target is None and not reply.startswith(b"-ERR vproxy: backend") else ERROR
         else:
             outcome, err = OK, None
+        if e.rec is not None:  # noted on the plain path (AuditTrack.drop)
+            rec = e.rec
+            rec[7], rec[8], rec[9], rec[10] = target, time(), outcome, err
+            return self.put(rec)
         sub, keys, values = self.pick(e.name, e.args)
         self.put([e.start, e.who, e.name, sub, keys, len(e.args), e.size, target, time(), outcome, err, values])
 

@@ -84,6 +84,7 @@ class Writer:
         self._who: dict = {}  # a client's part of a line
         self._names: dict = {}  # command -> its JSON text
         self._addrs: dict = {}  # backend address -> its JSON text
+        self._last = (None, None, None, None, None)  # the last record's (who, name, target, sub, _mid)
 
     @property
     def path(self) -> str:
@@ -196,13 +197,38 @@ class Writer:
                 pass
 
     def line(self, r) -> str:
-        """One record as a JSON line (by hand, with the client's part cached: ~4x faster than
-        json.dumps of a dict)."""
+        """One record as a JSON line, by hand (~4x faster than json.dumps of a dict). What the
+        records of one read share (the client, the command, the backend: one object each in the
+        batch, as the proxy made them) is formatted once for them all (`_mid`)."""
         start, who, name, sub, keys, argc, size, target, end, outcome, err, values = r
         sec = int(start)
         day = self._day
         if day[0] != sec:
             day = self._day = (sec, strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec)))
+        last = self._last
+        if who is not last[0] or name is not last[1] or target is not last[2] or sub is not last[3]:
+            last = self._last = (who, name, target, sub, self._mid(who, name, target, sub))
+        secret = self.secret
+        if secret is not None:
+            ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
+        elif len(keys) == 1:
+            ks = _js(keys[0].decode("utf-8", "backslashreplace"))
+        else:
+            ks = ",".join(_js(_text(k)) for k in keys)
+        us = int((end - start) * 1e6)
+        line = (f'{{"ts":"{day[1]}.{int((start - sec) * 1e6):06d}Z",{last[4][0]}"keys":[{ks}],"argc":{argc},'
+                f'"bytes":{size},{last[4][1]}"latency_us":{us if us > 0 else 0},"outcome":"{OUTCOMES[outcome]}",'
+                f'"error":{_js(err) if err else "null"}')
+        if secret is None and values is None:
+            return line + "}\n"
+        if secret is not None:
+            line += ',"keys_hashed":true'
+        if values is not None:
+            line += ',"args":[' + ",".join(_js(_text(v)) for v in values) + "]"
+        return line + "}\n"
+
+    def _mid(self, who, name, target, sub) -> tuple:
+        """The parts of a line from the client's fields to the subcommand, and the backend's."""
         w = self._who.get(who)
         if w is None:
             if len(self._who) > 10000:
@@ -212,13 +238,6 @@ class Writer:
                 f'"node":{_js(self.node)},"client_id":{cid},"client_addr":{_js(fmt_addr(addr))},'
                 f'"client_name":{_js(_text(cname))},"lib_name":{_js(_text(lib))},"lib_ver":{_js(_text(ver))},'
                 f'"user":{_js(_text(user) if user is not None else self.default_user)},"db":{db}')
-        secret = self.secret
-        if secret is not None:
-            ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
-        elif len(keys) == 1:
-            ks = _js(keys[0].decode("utf-8", "backslashreplace"))
-        else:
-            ks = ",".join(_js(_text(k)) for k in keys)
         cmd = self._names.get(name)
         if cmd is None:
             cmd = self._names[name] = _js(_text(name))
@@ -228,19 +247,8 @@ class Writer:
             if len(self._addrs) > 10000 or len(self._names) > 10000:  # names are the clients': bound them
                 self._addrs.clear()
                 self._names.clear()
-        us = int((end - start) * 1e6)
-        line = (f'{{"ts":"{day[1]}.{int((start - sec) * 1e6):06d}Z",{w},'
-                f'"command":{cmd},"subcommand":{_js(_text(sub)) if sub else "null"},'
-                f'"keys":[{ks}],"argc":{argc},"bytes":{size},"backend":{backend},'
-                f'"latency_us":{us if us > 0 else 0},"outcome":"{OUTCOMES[outcome]}",'
-                f'"error":{_js(err) if err else "null"}')
-        if secret is None and values is None:
-            return line + "}\n"
-        if secret is not None:
-            line += ',"keys_hashed":true'
-        if values is not None:
-            line += ',"args":[' + ",".join(_js(_text(v)) for v in values) + "]"
-        return line + "}\n"
+        return (f'{w},"command":{cmd},"subcommand":{_js(_text(sub)) if sub else "null"},',
+                f'"backend":{backend},')
 
 
 class Frames:
