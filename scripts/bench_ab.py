@@ -68,6 +68,20 @@ def start(src: str, backend_args: list[str], extra: list[str]) -> tuple[subproce
     return proc, port
 
 
+def proxy_info(port: int) -> dict:
+    """INFO proxy of a vproxy, as text fields."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"INFO proxy\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 2 + int(data[1:data.index(b"\r\n")]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    lines = data.decode(errors="replace").split("\r\n")[1:]
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
 def kid_cpu(kids: dict) -> str:
     """The child processes' CPU per request (when there is any), as a suffix."""
     a, b = statistics.median(kids["A"]), statistics.median(kids["B"])
@@ -127,6 +141,11 @@ def main(argv=None) -> int:
                       f"(rounds {' '.join(f'{x:.2f}' for x in ratios)}); CPU us/req A "
                       f"{statistics.median(cpu['A']):.2f}, B {statistics.median(cpu['B']):.2f}"
                       f"{kid_cpu(kids)}", flush=True)
+        for name, (proc, port) in procs.items():  # the audit log's figures, when it is on
+            info = proxy_info(port)
+            if "audit_enabled" in info and info["audit_enabled"] == "1":
+                print(f"# {name}: " + ", ".join(f"{k} {info[k]}" for k in ("audit_records", "audit_dropped",
+                                                                            "audit_write_errors")), flush=True)
     finally:
         stack.close()
     return 0

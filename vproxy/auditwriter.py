@@ -20,12 +20,14 @@ import hashlib
 import hmac
 import marshal
 import os
+import queue
 import re
 import select
 import shutil
 import signal
 import struct
 import sys
+import threading
 from json.encoder import encode_basestring as _js
 from time import gmtime, strftime, time
 
@@ -37,6 +39,7 @@ HEADER = struct.Struct("<I")
 #    outcome (OUTCOMES index), error code or None, values or None]
 #   who = (client id, address, client name, lib name, lib version, user or None, db)
 OUTCOMES = ("ok", "error", "refused", "sent")
+_STOP = object()  # the housekeeper's last chore
 
 
 def key_hash(secret: bytes, key: bytes) -> str:
@@ -85,6 +88,7 @@ class Writer:
         self._names: dict = {}  # command -> its JSON text
         self._addrs: dict = {}  # backend address -> its JSON text
         self._last = (None, None, None, None, None)  # the last record's (who, name, target, sub, _mid)
+        self._chores = self._housekeeper = None  # rotated files to compress, expiry (later)
 
     @property
     def path(self) -> str:
@@ -112,9 +116,39 @@ class Writer:
         try:
             if self._fd >= 0 and self.rotate_age and now - self._opened >= self.rotate_age:
                 self.rotate()
-            self.expire(now)
+            self.later(None)
         except OSError as e:
             self.fail(e, 0)
+
+    def later(self, path: str | None) -> None:
+        """Hand a rotated file (to compress, then expire the old ones) or None (expire only) to the
+        housekeeper thread: gzip takes seconds on a big file, and meanwhile the records must go on
+        being read from the pipe (zlib lets go of the GIL while it compresses)."""
+        if self._chores is None:
+            self._chores = queue.SimpleQueue()
+            self._housekeeper = threading.Thread(target=self._housekeep, name="audit-housekeeper", daemon=True)
+            self._housekeeper.start()
+        self._chores.put(path)
+
+    def _housekeep(self) -> None:
+        while True:
+            path = self._chores.get()
+            if path is _STOP:
+                return
+            try:
+                if path is not None and self.compress:
+                    gzip_file(path)
+                self.expire(time())
+            except OSError as e:
+                self.errors += 1
+                self.last_error = str(e)
+
+    def finish(self) -> None:
+        """At EOF: the file closed, the housekeeper's chores done."""
+        self.close()
+        if self._housekeeper is not None:
+            self._chores.put(_STOP)
+            self._housekeeper.join()
 
     def write(self, data: bytes) -> None:
         if self._fd < 0:
@@ -157,9 +191,7 @@ class Writer:
         stamp = strftime("%Y%m%dT%H%M%S", gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
         rotated = os.path.join(self.dir, f"audit-{stamp}.jsonl")
         os.rename(self.path, rotated)
-        if self.compress:
-            gzip_file(rotated)
-        self.expire(now)
+        self.later(rotated)
 
     def recover(self) -> None:
         """After a crash: half-done compressions are finished or undone."""
@@ -310,7 +342,7 @@ def main() -> int:
                 reported = status
                 os.write(wfd, frame(status))
     if writer is not None:
-        writer.close()
+        writer.finish()
         os.write(wfd, frame((writer.written, writer.failed, writer.errors, writer.last_error)))
     return 0
 
