@@ -46,6 +46,7 @@ _REDACT = {b"auth": 1, b"migrate": 1, b"acl": 3, b"config": 3}
 OK, ERROR, REFUSED, SENT = range(4)  # a record's outcome (auditwriter.OUTCOMES)
 FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to the writer
 FLUSH_AT = 2048  # records: a batch this big goes at once
+CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
 PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
 _PLANS = "audit plans"  # CommandTable.derived: name as sent -> its plan (Audit.plan); emptied when the table changes
 
@@ -252,7 +253,7 @@ class Audit:
         self.proc = None  # the writer process
         self.closing = False
         self._wfd = self._rfd = -1  # the records pipe (ours: the write end), the status pipe (the read end)
-        self._rest = b""  # what a partial write left of a batch: the next write starts with it
+        self._rest = memoryview(b"")  # what a partial write left of a frame: the next write starts with it
         self._frames = Frames()
         self._status = (0, 0, 0, "")  # the writer's last report: (written, failed records, errors, last error)
         self._base = [0, 0, 0]  # the same, of the writers that died
@@ -390,7 +391,7 @@ class Audit:
                 return
             recs = recs[:room]
         buf += recs
-        if len(buf) >= FLUSH_AT:
+        if len(buf) >= FLUSH_AT and not self._rest:  # (a rest: the pipe is full, the timer tries again)
             self.flush()
         elif not self._armed:
             self._arm()
@@ -409,7 +410,8 @@ class Audit:
         self._timer.start(self.flush)
 
     def flush(self) -> None:
-        """The batch, in one non-blocking write on the pipe (the loop timer, or a big batch)."""
+        """The batch, in non-blocking writes on the pipe (the loop timer, or a big batch). When the
+        pipe is full the records wait here (put() bounds them: audit_queue) and the timer tries again."""
         self._armed = False
         if self.proc is None:  # the writer died: a new one (from a greenlet: Popen waits), at most one a second
             if self.closing or not self.dir:
@@ -418,41 +420,19 @@ class Audit:
                 self._restarting = True
                 gevent.spawn(self._restart)
             return self._arm()
-        if self._rest and not self._write_rest():
-            if self.buf:  # the pipe is still full
-                n, self.buf = len(self.buf), []
-                self._drop(n, "the writer's pipe is full")
-            return
-        buf = self.buf
-        if not buf:
-            return
-        self.buf = []
-        data = frame(buf)
-        try:
-            k = os.write(self._wfd, data)
-        except BlockingIOError:
-            return self._drop(len(buf), "the writer's pipe is full")
-        except OSError:  # the writer is gone (EPIPE): the status pipe's EOF says so too
-            self._drop(len(buf), "the writer is gone")
-            return self._lost()
-        self.inflight += len(buf)
-        if k < len(data):
-            self._rest = data[k:]
-            self._arm()
-
-    def _write_rest(self) -> bool:
-        """The rest of a partly written batch; True once it is all written."""
-        try:
-            k = os.write(self._wfd, self._rest)
-        except BlockingIOError:
-            k = 0
-        except OSError:
-            self._lost()
-            return False
-        self._rest = self._rest[k:]
-        if self._rest:
-            self._arm()
-        return not self._rest
+        while (self._rest or self.buf) and self.proc is not None:
+            if not self._rest:
+                buf = self.buf
+                part, self.buf = (buf, []) if len(buf) <= CHUNK else (buf[:CHUNK], buf[CHUNK:])
+                self._rest = memoryview(frame(part))
+                self.inflight += len(part)
+            try:
+                k = os.write(self._wfd, self._rest)
+            except BlockingIOError:  # the pipe is full: again in FLUSH_EVERY
+                return self._arm()
+            except OSError:  # the writer is gone (EPIPE): the status pipe's EOF says so too
+                return self._lost()
+            self._rest = self._rest[k:]
 
     def _restart(self) -> None:
         try:
@@ -535,7 +515,7 @@ class Audit:
         for i in range(3):
             self._base[i] += self._status[i]
         self._status = (0, 0, 0, "")
-        lost, self.inflight, self._rest = self.inflight, 0, b""
+        lost, self.inflight, self._rest = self.inflight, 0, memoryview(b"")
         self.dropped += lost
         if self.closing:
             return
@@ -556,7 +536,7 @@ class Audit:
         if proc is None:
             return
         deadline = monotonic() + timeout
-        data, self._rest = self._rest + (frame(self.buf) if self.buf else b""), b""
+        data, self._rest = bytes(self._rest) + (frame(self.buf) if self.buf else b""), memoryview(b"")
         self.inflight += len(self.buf)
         self.buf = []
         while data and self.proc is not None and monotonic() < deadline:
