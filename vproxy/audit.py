@@ -159,7 +159,7 @@ class AuditTrack:
             self.inner.add_many(reqs, start, end)
         audit = self.audit
         plans = audit.table.derived.get(_PLANS) or audit.plans()
-        entries = self.entries
+        add = self.entries.append
         target = False
         for i in range(start, end):
             args, raw = reqs[i]
@@ -167,17 +167,18 @@ class AuditTrack:
             if p is None:
                 p = audit.plan(args[0])
             if p is False:
-                entries.append(None)
+                add(None)
                 continue
             if target is False:  # the first recorded one of this call: what the others share
                 s = self.session
                 if self.who is None:
                     self.who, self.now = who(s), time()
+                w, now = self.who, self.now
                 ch = s.cur  # the plain channel these requests were just sent on
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
-            if p[1] is not None:  # the common case, inline
-                entries.append([self.now, self.who, p[0], None, args[p[1]], len(args), len(raw), target, 0.0, OK,
-                                None, None])
+            keys = p[1]
+            if keys is not None:  # the common case, inline (0: OK)
+                add([now, w, p[0], None, args[keys], len(args), len(raw), target, 0.0, 0, None, None])
             else:
                 self._note(p, args, raw, target)
 

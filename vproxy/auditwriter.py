@@ -97,7 +97,7 @@ class Writer:
     def batch(self, recs: list) -> None:
         """Write one batch of records (one write); a failure costs the batch, counted."""
         try:
-            data = "".join(map(self.line, recs)).encode()
+            data = self.lines(recs).encode()
             self.write(data)
             self.written += len(recs)
         except OSError as e:
@@ -227,6 +227,40 @@ class Writer:
                 os.unlink(os.path.join(self.dir, n))
             except FileNotFoundError:
                 pass
+
+    def lines(self, recs: list) -> str:
+        """The JSON lines of a batch: line() with the common case inline (one key, no values, no
+        hashed keys: the loop's own locals; ~30% less than line() per record)."""
+        if self.secret is not None:
+            return "".join(map(self.line, recs))
+        out = []
+        add = out.append
+        line = self.line
+        day_sec, day = self._day
+        last = self._last
+        mid = last[4]
+        for r in recs:
+            start, who, name, sub, keys, argc, size, target, end, outcome, err, values = r
+            if values is not None or len(keys) != 1:
+                self._day, self._last = (day_sec, day), last
+                add(line(r))
+                day_sec, day = self._day
+                last = self._last
+                mid = last[4]
+                continue
+            sec = int(start)
+            if day_sec != sec:
+                day_sec, day = sec, strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec))
+            if who is not last[0] or name is not last[1] or target is not last[2] or sub is not last[3]:
+                mid = self._mid(who, name, target, sub)
+                last = (who, name, target, sub, mid)
+            us = int((end - start) * 1e6)
+            add(f'{{"ts":"{day}.{int((start - sec) * 1e6):06d}Z",{mid[0]}"keys":['
+                f'{_js(keys[0].decode("utf-8", "backslashreplace"))}],"argc":{argc},"bytes":{size},{mid[1]}'
+                f'"latency_us":{us if us > 0 else 0},"outcome":"{OUTCOMES[outcome]}",'
+                f'"error":{_js(err) if err else "null"}}}\n')
+        self._day, self._last = (day_sec, day), last
+        return "".join(out)
 
     def line(self, r) -> str:
         """One record as a JSON line, by hand (~4x faster than json.dumps of a dict). What the
