@@ -119,7 +119,7 @@ def test_a_writer_that_stops_reading_costs_records_not_clients(audited):
             assert other.call("PING") == b"+PONG\r\n"
             assert time.monotonic() - t < 2
         info = p.info()
-        assert info["audit_queued"] == 20000 and info["audit_records"] <= 1  # (the first INFO's record)
+        assert info["audit_queued"] == 20000 and info["audit_records"] < 10  # (the start-up's INFO records)
         assert info["audit_dropped"] >= 40000 - 20000
     wait_for(lambda: p.info()["audit_records"] >= 20000, what="the queued records written")
     wait_for(lambda: p.info()["audit_queued"] <= 1, what="nothing left queued but the last INFO's record")
