@@ -377,15 +377,17 @@ def test_info_and_version_say_which_parser_runs(proxy, server, start_proxy):
 
     built = "compiled" if importlib.util.find_spec("vproxy._resp") else "pure"
     stats = "compiled" if importlib.util.find_spec("vproxy._stats") else "pure"
+    plain = "compiled" if importlib.util.find_spec("vproxy._plain") else "pure"
     forced = os.environ.get("VPROXY_PURE") == "1"
     assert proxy.info()["proxy_impl"] == ("pure" if forced else built)
     assert proxy.info()["proxy_stats_impl"] == ("pure" if forced else stats)
+    assert proxy.info()["proxy_plain_impl"] == ("pure" if forced else plain)
     info = start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()
-    assert (info["proxy_impl"], info["proxy_stats_impl"]) == ("pure", "pure")
-    for pure, impl, st in (("1", "pure", "pure"), ("", built, stats)):
+    assert (info["proxy_impl"], info["proxy_stats_impl"], info["proxy_plain_impl"]) == ("pure",) * 3
+    for pure, impl, st, pl in (("1", "pure", "pure", "pure"), ("", built, stats, plain)):
         out = subprocess.run([sys.executable, "-m", "vproxy", "--version"], capture_output=True, text=True, check=False,
                              env={**os.environ, "VPROXY_PURE": pure}, timeout=30)
-        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl}, statistics: {st})\n", out
+        assert out.returncode == 0 and out.stdout == f"vproxy 0.1.0 (parser: {impl}, statistics: {st}, plain path: {pl})\n", out
 
 
 def test_info_proxy_counts_connected_clients(proxy):

@@ -6,7 +6,7 @@ import os
 import resource
 from time import monotonic, time
 
-from . import __version__, cmdstats, resp
+from . import __version__, cmdstats, outbox, resp
 from . import errors as E
 from .users import user_name
 
@@ -27,6 +27,7 @@ def proxy_section(app) -> str:
         "proxy_version": __version__,
         "proxy_impl": resp.IMPL,  # the RESP parser and framer: "compiled" (vproxy/_resp.pyx) or "pure"
         "proxy_stats_impl": cmdstats.IMPL if app.cmdstats.enabled else "off",  # vproxy/_stats.pyx or pure
+        "proxy_plain_impl": outbox.IMPL,  # the plain path's per-request code: vproxy/_plain.pyx or pure
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),

@@ -51,9 +51,9 @@ def _dump_greenlets() -> None:
 
 def version_text() -> str:
     """`vproxy --version`: the release, and which RESP parser runs (the compiled twin or pure Python)."""
-    from . import __version__, cmdstats, resp
+    from . import __version__, cmdstats, outbox, resp
 
-    return f"vproxy {__version__} (parser: {resp.IMPL}, statistics: {cmdstats.IMPL})"
+    return f"vproxy {__version__} (parser: {resp.IMPL}, statistics: {cmdstats.IMPL}, plain path: {outbox.IMPL})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from .mux import busy
 from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .cmdstats import Track
-from .outbox import Outbox
+from .outbox import TWIN, Outbox
 from .audit import Audited, AuditTrack
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
@@ -663,6 +663,10 @@ class HASession(ClientSession):
     def __init__(self, app, sock: socket.socket, addr):
         super().__init__(app, sock, addr)
         self.plain_chans: dict = {}  # pool -> this session's shared channel there
+
+
+if TWIN is not None:  # the compiled twin of forward_plain_ha (vproxy/_plain.pyx, chosen in outbox.py)
+    HASession.forward_plain = TWIN.forward_plain_ha
 
 
 class TLSClient:

@@ -75,6 +75,9 @@ class CommandTable:
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
         self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
         self._plain: dict[bytes, tuple[int, bool]] = {}  # name -> (arity, may take the plain path)
+        # a request's name as the client spelled it -> (lower-case name, arity, may take the plain
+        # path): the plain path's one dict lookup per request (plain_spec)
+        self.plain_specs: dict[bytes, tuple[bytes, int, bool]] = {}
         self.audit_select: frozenset | None = None  # audit on: the classes and names selected
         self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
         self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
@@ -105,7 +108,9 @@ class CommandTable:
         spec = self._specs.get(name)
         if spec is None:
             cmd = self.commands.get(name)
-            spec = self._specs[name] = (cmd.arity if cmd is not None else 0, self._policy_of(name))
+            spec = (cmd.arity if cmd is not None else 0, self._policy_of(name))
+            if cmd is not None or len(self._specs) < 1024:  # any name a client makes up: bounded
+                self._specs[name] = spec
         return spec
 
     def forwards(self, name: bytes, nargs: int) -> bool:
@@ -114,9 +119,22 @@ class CommandTable:
         spec = self._plain.get(name)
         if spec is None:
             arity, policy = self.lookup(name)
-            spec = self._plain[name] = (arity, policy is FORWARD and name not in self.audited)
+            spec = (arity, policy is FORWARD and name not in self.audited)
+            if name in self.commands or len(self._plain) < 1024:
+                self._plain[name] = spec
         arity = spec[0]
         return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
+
+    def plain_spec(self, raw: bytes) -> tuple[bytes, int, bool]:
+        """(lower-case name, arity, may take the plain path) of a command name as a client spelled it
+        (what forwards() decides, with the arity left to check). Cached in plain_specs, up to a
+        bound (a client may spell names in any case, or make them up)."""
+        name = raw.lower()
+        arity, policy = self.lookup(name)
+        spec = (name, arity, policy is FORWARD and name not in self.audited)
+        if len(self.plain_specs) < 4096:
+            self.plain_specs[raw] = spec
+        return spec
 
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""
@@ -171,6 +189,7 @@ class CommandTable:
         self.audit_names = names
         self.audited = names if self.audit_gate else frozenset()
         self._plain.clear()
+        self.plain_specs.clear()
         self._audits.clear()
         self.derived.clear()
 

@@ -28,6 +28,7 @@ from .keyspec import CONTAINER_KEY, key_positions
 from .mux import busy
 from .mux.channel import TIMED_OUT, Batch, deadline_after
 from .mux.lease import Lease
+from .outbox import TWIN
 from .slots import key_slot
 from .users import DRYRUN, dryrun
 
@@ -926,3 +927,7 @@ def _addr(text: bytes) -> tuple[str, int]:
 # Requests the cluster session answers before (or instead of) the standalone dispatch.
 PRE = {**fanout.PRE, **txn.PRE, b"select": dbns.select}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}
+
+if TWIN is not None:  # the compiled twin of forward_plain (vproxy/_plain.pyx, chosen in outbox.py)
+    TWIN.bind(fast_key_of=_fast_key, slot_of=key_slot)
+    ClusterSession.forward_plain = TWIN.forward_plain_cluster

@@ -13,6 +13,8 @@ overtake each other; and the client greenlet stops reading while too much is unw
 
 from __future__ import annotations
 
+import os
+
 from gevent.hub import Waiter, get_hub, getcurrent
 
 
@@ -211,3 +213,18 @@ class Outbox:
             self.watcher.stop()
             self.watcher.close()
             self.watcher = None
+
+
+# ---- the compiled twin of the plain path (vproxy/_plain.pyx) when it is built, unless VPROXY_PURE=1 ----
+# Its Outbox replaces the class above; plain.py and mux/channel.py take its forward_plain and
+# deliver from TWIN (None: the pure-Python references run). IMPL says which.
+PureOutbox = Outbox
+TWIN = None
+IMPL = "pure"
+if os.environ.get("VPROXY_PURE") != "1":
+    try:
+        from . import _plain as TWIN  # noqa: F401 - read by plain.py, csession.py, mux/channel.py
+        from ._plain import Outbox  # noqa: F811 - the point: replace the pure one
+        IMPL = "compiled"
+    except ImportError:  # not built: the class above
+        pass

@@ -21,6 +21,7 @@ from gevent.hub import Waiter, get_hub, getcurrent
 
 from .errors import BackendError
 from .mux.channel import Batch, deadline_after
+from .outbox import TWIN
 
 
 STUCK = object()  # handed to a parked client greenlet: its outbox holds replies it must sort out
@@ -178,34 +179,57 @@ class PlainPath:
     def forward_plain(self, reqs: list, wait: bool = True) -> int:
         """Send the leading run of plain forwarded requests on the client's shared channel; their
         replies go out through the outbox, from the loop. Returns how many requests were sent.
-        wait False (in the loop, which must never block): stop where the greenlet would wait."""
+        wait False (in the loop, which must never block): stop where the greenlet would wait.
+
+        Per request: one dict lookup for the name (CommandTable.plain_spec), the arity, the room,
+        and two appends to the channel's queues (Channel.submit inlined: every request of the
+        run shares one waiter entry); the channel's send is scheduled once per run (Channel.kick).
+        vproxy/_plain.pyx is the compiled twin of this method."""
         box = self.outbox
+        table = self.app.commands
+        specs = table.plain_specs
         forwards = self.forwards
-        ch = deadline = None
+        default = forwards == table.forwards  # else the session's user narrows what may go (users.py)
+        window = self.window
+        ch = entry = waiters = outbuf = None
         track = box.track  # statistics (cmdstats.py): told of the requests sent, a run at a time,
         if track is not None:  # and always before this greenlet may wait (replies come meanwhile)
             track.start(self.last_active)
         told = k = 0
+        name = None
         for args, raw in reqs:
-            name = args[0].lower()
-            if not forwards(name, len(args)):
+            spec = specs.get(args[0]) or table.plain_spec(args[0])
+            nargs = len(args)
+            if default:
+                arity = spec[1]
+                if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
+                    break
+            elif not forwards(spec[0], nargs):
                 break
             if ch is None:  # the first plain request: its channel (none is opened for other requests)
                 ch = self._plain_channel(wait)  # nothing sent yet in this call: nothing to tell first
                 if ch is None:
                     break
-                deadline = deadline_after(self.app.cfg.command_timeout)
-            if box.left >= self.window or box.out:  # no room now (see _room): tell, then maybe wait
+                entry = (box, -1, deadline_after(self.app.cfg.command_timeout))
+                waiters, outbuf = ch.waiters, ch.outbuf
+            if box.left >= window or box.out:  # no room now (see _room): tell, send, then maybe wait
                 if track is not None and k > told:
                     track.add_many(reqs, told, k)
                     told = k
+                ch.kick()
                 if not self._room(wait):
                     break
             if ch.closed:
                 break
-            self.last_cmd = name
-            ch.submit(raw, box, -1, deadline)
+            name = spec[0]
+            waiters.append(entry)
+            outbuf.append(raw)
+            ch.unsent += 1
+            box.left += 1
             k += 1
+        if k:
+            self.last_cmd = name
+            ch.kick()
         if track is not None and k > told:
             track.add_many(reqs, told, k)
         return k
@@ -227,3 +251,8 @@ class PlainPath:
             return None
         return ch
 
+
+
+if TWIN is not None:  # the compiled twins (vproxy/_plain.pyx, chosen in outbox.py)
+    PlainPath._on_readable = TWIN.on_readable
+    PlainPath.forward_plain = TWIN.forward_plain

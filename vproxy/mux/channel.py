@@ -153,6 +153,13 @@ class Channel:
             self.flushing = True
             self._loop.run_callback(self._flush)
 
+    def kick(self) -> None:
+        """What is queued (by callers that append to waiters and outbuf themselves, counting unsent)
+        goes out from a loop callback, as submit() schedules it."""
+        if not self.flushing and self.ready and self.outbuf:
+            self.flushing = True
+            self._loop.run_callback(self._flush)
+
     def send_raw(self, raw: bytes) -> None:
         """Queue bytes whose replies nobody waits for through FIFO (stream mode)."""
         if not self.closed:
@@ -385,3 +392,13 @@ def _push_touched() -> None:
 
 def deadline_after(seconds: float) -> float:
     return monotonic() + seconds if seconds > 0 else 0.0
+
+
+# The compiled twins of _deliver, _on_readable and _flush (vproxy/_plain.pyx, chosen in outbox.py) when it is built.
+from ..outbox import TWIN  # noqa: E402 - after what it binds
+
+if TWIN is not None:
+    TWIN.bind(_touched, _push_touched, BackendError, backend_unavailable)
+    Channel._deliver = TWIN.deliver
+    Channel._on_readable = TWIN.channel_on_readable
+    Channel._flush = TWIN.channel_flush

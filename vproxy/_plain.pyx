@@ -1,0 +1,510 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The compiled twin of the plain path's per-request code (the Python references: outbox.Outbox,
+plain.PlainPath.forward_plain, csession.ClusterSession.forward_plain and mux.channel.Channel._deliver).
+
+What the twins save is the interpreter's work per request: the outbox is a cdef class whose
+counters are C integers, and the loops over a read's requests and a read's replies run in C, with
+the channels' and batches' Python attributes reached through the C API. The logic is the
+reference's, line for line; tests run both (VPROXY_PURE=1 picks the references).
+"""
+
+from cpython.list cimport PyList_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+
+import gevent
+from gevent.hub import Waiter, get_hub, getcurrent
+
+# set by the modules whose names these are (bind): mux.channel's hold-mode list and the callback
+# that pushes it, its error class and error text; csession's _fast_key and slots.key_slot
+cdef list _touched = None
+cdef object _push_touched = None
+cdef object BackendError = None
+cdef object fast_key = None
+cdef object key_slot = None
+cdef object backend_unavailable = None
+
+
+def bind(touched=None, push_touched=None, backend_error=None, unavailable=None,
+         fast_key_of=None, slot_of=None) -> None:
+    """The Python objects the twins call, given by the modules that define them."""
+    global _touched, _push_touched, BackendError, backend_unavailable, fast_key, key_slot
+    if touched is not None:
+        _touched, _push_touched, BackendError = touched, push_touched, backend_error
+        backend_unavailable = unavailable
+    if fast_key_of is not None:
+        fast_key, key_slot = fast_key_of, slot_of
+
+
+cdef extern from "time.h":
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+cdef inline double now_monotonic() noexcept:
+    """time.monotonic(), as CPython computes it on Linux."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class Outbox:
+    """outbox.Outbox (the reference: its docstrings say what each method does)."""
+
+    cdef public bint closed, stuck, touched
+    cdef public object held, hold, hub, meta, on_overflow, on_stuck, out, pending, raw, slots
+    cdef public object track, waiter, watcher
+    cdef public Py_ssize_t left, limit, next_seq, write_seq
+
+    def __init__(self, sock, hold=None):
+        self.raw = sock._sock
+        self.hold = hold
+        self.slots = {}
+        self.meta = {}
+        self.next_seq = self.write_seq = 0
+        self.held = []
+        self.stuck = False
+        self.on_stuck = None
+        self.limit = 0
+        self.on_overflow = None
+        self.left = 0
+        self.pending = []
+        self.out = b""
+        self.watcher = None
+        self.waiter = None
+        self.closed = False
+        self.hub = get_hub()
+        self.touched = False
+        self.track = None
+
+    cpdef bint idle(self):
+        return not self.left and not self.out and not self.pending and not self.touched
+
+    def take(self, frame):
+        self.pending.append(frame)
+        self.left -= 1
+
+    def fail(self, Py_ssize_t idx, frame, sent):
+        if idx == -1:
+            self.take(frame)
+        else:
+            self.slots[-2 - idx] = (frame, sent)
+            self.left -= 1
+        self.push()
+
+    cpdef push(self):
+        cdef list pending
+        self.touched = False
+        if self.hold is not None:
+            self._sort()
+        pending = self.pending
+        if pending:
+            if self.track is not None:
+                self.track.written(pending)
+            data = pending[0] if PyList_GET_SIZE(pending) == 1 else b"".join(pending)
+            del pending[:]
+            if self.out:
+                self.out += data
+                if self.limit and len(self.out) > self.limit:
+                    self._overflow()
+            elif not self.closed:
+                self._send(data)
+        if self.waiter is not None and self.idle():
+            self._wake()
+
+    cdef _sort(self):
+        cdef dict slots = self.slots, meta = self.meta
+        cdef Py_ssize_t seq = self.write_seq
+        cdef bint newly = False
+        hold = self.hold
+        while not self.stuck and seq in slots:
+            f = slots.pop(seq)
+            m = meta.pop(seq)
+            seq += 1
+            fact = None
+            if type(f) is tuple:
+                f, fact = f
+            if fact is not None or (f[:1] == b"-" and f.startswith(hold)):
+                self.stuck = newly = True
+                self.held.append((f, fact, m))
+            else:
+                self.pending.append(f)
+        self.write_seq = seq
+        if newly and self.on_stuck is not None:
+            self.on_stuck()
+
+    def send(self, ch, req, meta, deadline):
+        cdef Py_ssize_t seq = self.next_seq
+        self.next_seq = seq + 1
+        self.meta[seq] = meta
+        if self.track is not None:
+            self.track.add(req)
+        ch.submit(req[1], self, -2 - seq, deadline)
+
+    def held_all(self):
+        held, self.held = self.held, []
+        for seq in range(self.write_seq, self.next_seq):
+            f = self.slots.pop(seq)
+            m = self.meta.pop(seq)
+            held.append((*f, m) if type(f) is tuple else (f, None, m))
+        self.write_seq = self.next_seq
+        self.stuck = False
+        return held
+
+    cdef _send(self, data):
+        cdef Py_ssize_t n
+        try:
+            n = self.raw.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.closed = True
+            return
+        if n < len(data):
+            self.out = data[n:]
+            if self.limit and len(self.out) > self.limit:
+                return self._overflow()
+            if self.watcher is None:
+                self.watcher = self.hub.loop.io(self.raw.fileno(), 2)
+            self.watcher.start(self._on_writable)
+
+    cdef _overflow(self):
+        size = len(self.out)
+        self.close()
+        if self.on_overflow is not None:
+            self.on_overflow(size)
+
+    def _on_writable(self):
+        out, self.out = self.out, b""
+        self.watcher.stop()
+        if not self.closed:
+            self._send(out)
+        if self.waiter is not None and self.idle():
+            self._wake()
+
+    cdef _wake(self):
+        w, self.waiter = self.waiter, None
+        if getcurrent() is self.hub:
+            w.switch(None)
+        else:
+            self.hub.loop.run_callback(w.switch, None)
+
+    def wait_idle(self):
+        while not self.idle() and not self.closed:
+            w = self.waiter = Waiter()
+            try:
+                w.get()
+            finally:
+                if self.waiter is w:
+                    self.waiter = None
+
+    def close(self):
+        self.closed = True
+        del self.pending[:]
+        del self.held[:]
+        self.slots.clear()
+        self.meta.clear()
+        self.out = b""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
+
+
+def deliver(self, list frames, bint in_hub):
+    """Channel._deliver (bound as that method)."""
+    waiters = self.waiters
+    cdef list boxes = []
+    cdef Outbox box
+    cdef Py_ssize_t idx, left
+    cdef tuple w
+    try:
+        for frame in frames:
+            if not waiters:
+                raise BackendError("reply with no request waiting for it")
+            w = <tuple>waiters.popleft()
+            batch = w[0]
+            idx = w[1]
+            if idx < 0:
+                box = <Outbox>batch
+                if idx == -1:
+                    box.pending.append(frame)
+                else:
+                    box.slots[-2 - idx] = frame
+                box.left -= 1
+                if not box.touched:
+                    box.touched = True
+                    boxes.append(box)
+            elif batch is not None:
+                batch.replies[idx] = frame
+                left = batch.left - 1
+                batch.left = left
+                if not left:
+                    batch.done(in_hub)
+                    if self.closed:
+                        return
+    finally:
+        for box in boxes:
+            if box.hold is None:
+                box.push()
+            else:
+                if not _touched:
+                    self._loop.run_callback(_push_touched)
+                _touched.append(box)
+
+
+def forward_plain(self, list reqs, bint wait=True):
+    """PlainPath.forward_plain (bound as that method)."""
+    cdef Outbox box = <Outbox?>self.outbox
+    cdef Py_ssize_t k = 0, told = 0, nargs, arity, n = PyList_GET_SIZE(reqs)
+    cdef Py_ssize_t window = self.window, unsent = 0
+    cdef tuple req, spec
+    cdef list args, outbuf = None
+    cdef PyObject *found
+    table = self.app.commands
+    cdef dict specs = table.plain_specs
+    forwards = self.forwards
+    cdef bint default = forwards == table.forwards
+    ch = entry = waiters = name = None
+    track = box.track
+    if track is not None:
+        track.start(self.last_active)
+    while k < n:
+        req = <tuple>reqs[k]
+        args = <list>req[0]
+        found = PyDict_GetItem(specs, args[0])
+        spec = <tuple>found if found is not NULL else table.plain_spec(args[0])
+        nargs = PyList_GET_SIZE(args)
+        if default:
+            arity = spec[1]
+            if not spec[2] or (arity and (nargs != arity if arity > 0 else nargs < -arity)):
+                break
+        elif not forwards(spec[0], nargs):
+            break
+        if ch is None:
+            ch = self._plain_channel(wait)
+            if ch is None:
+                break
+            entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
+            waiters, outbuf = ch.waiters, ch.outbuf
+        if box.left >= window or box.out:
+            if unsent:
+                ch.unsent += unsent
+                unsent = 0
+            if track is not None and k > told:
+                track.add_many(reqs, told, k)
+                told = k
+            kick(ch)
+            if not self._room(wait):
+                break
+        if ch.closed:
+            break
+        name = spec[0]
+        waiters.append(entry)
+        outbuf.append(req[1])
+        unsent += 1
+        box.left += 1
+        k += 1
+    if unsent:
+        ch.unsent += unsent
+    if k:
+        self.last_cmd = name
+        kick(ch)
+    if track is not None and k > told:
+        track.add_many(reqs, told, k)
+    return k
+
+
+def on_readable(self):
+    """PlainPath._on_readable (bound as that method)."""
+    try:
+        data = self.sock._sock.recv(65536)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        return self._hand(None)
+    self.last_active = now_monotonic()
+    try:
+        reqs = self.parser.feed(data)
+        if not reqs:
+            return
+        self.app.stats.commands += len(reqs)
+        done = self.forward_plain(reqs, False)
+    except Exception as e:  # ProtocolError, or a bug: the greenlet says it or logs it
+        return self._hand(e)
+    if done < len(reqs):
+        self._hand(reqs[done:] if done else reqs)
+
+
+def channel_on_readable(self):
+    """Channel._on_readable (bound as that method)."""
+    try:
+        data = self.conn.sock._sock.recv(262144)
+        if not data:
+            return self.abort(backend_unavailable(self.conn.name, "connection closed by backend"))
+        frames = self.conn.framer.feed(data)
+        if frames:
+            deliver(self, frames, True)
+    except BlockingIOError:
+        pass
+    except (OSError, AttributeError, BackendError, ValueError) as e:
+        why = e if isinstance(e, BackendError) else "connection lost"
+        self.abort(backend_unavailable(self.conn.name, str(why)))
+
+
+def channel_flush(self):
+    """Channel._flush (bound as that method)."""
+    cdef list outbuf = self.outbuf
+    cdef Py_ssize_t sent
+    if self.closed or not outbuf:
+        self.flushing = False
+        return
+    data = b"".join(outbuf) if PyList_GET_SIZE(outbuf) > 1 else outbuf[0]
+    del outbuf[:]
+    self.unsent = 0
+    try:
+        sent = self.conn.sock._sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except (OSError, AttributeError):
+        return self.abort(backend_unavailable(self.conn.name, "connection lost while sending"))
+    if sent < len(data):
+        self.writer = gevent.spawn(self._drain, data[sent:])
+    else:
+        self.flushing = False
+
+
+def forward_plain_cluster(self, list reqs, bint wait=True):
+    """ClusterSession.forward_plain (bound as that method)."""
+    cdef Outbox box = <Outbox?>self.outbox
+    cdef Py_ssize_t k, n = PyList_GET_SIZE(reqs), window = self.window, seq, pos, slot
+    cdef tuple req
+    cdef list args, used = []
+    cdef dict chans, meta = box.meta
+    if self.ns is not None or self.reads or box.stuck:
+        return 0
+    table, key = self.app.commands, self.key()
+    owners = self.app.router.topology.slot_owners
+    chans = self.chans
+    deadline = None
+    track = box.track
+    if track is not None:
+        track.start(self.last_active)
+    for k in range(n):
+        req = <tuple>reqs[k]
+        args = <list>req[0]
+        raw = req[1]
+        name = args[0].lower()
+        pos = fast_key(table, name, PyList_GET_SIZE(args))
+        if not pos:
+            return _sent(self, used, k)
+        slot = key_slot(args[pos])
+        addr = owners[slot]
+        ch = chans.get(addr)
+        if ch is None or ch.closed or ch.key != key:
+            return _sent(self, used, k)  # the batch path opens it
+        if box.left >= window or box.out:
+            _kick_all(used)
+            if not self._room(wait) or ch.closed:
+                return _sent(self, used, k)
+        elif ch.closed:
+            return _sent(self, used, k)
+        if deadline is None:
+            deadline = deadline_of(self.app.cfg.command_timeout)
+        self.last_cmd = name
+        seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
+        box.next_seq = seq + 1
+        meta[seq] = (raw, slot, name, addr)
+        if track is not None:
+            track.add(req)
+        box.left += 1
+        ch.waiters.append((box, -2 - seq, deadline))
+        ch.unsent += 1
+        ch.outbuf.append(raw)
+        if ch not in used:
+            used.append(ch)
+    return _sent(self, used, n)
+
+
+cdef inline kick(ch):
+    """Channel.kick, inlined."""
+    if not ch.flushing and ch.ready and ch.outbuf:
+        ch.flushing = True
+        ch._loop.run_callback(ch._flush)
+
+
+cdef inline double deadline_of(double seconds):
+    """mux.channel.deadline_after."""
+    return now_monotonic() + seconds if seconds > 0 else 0.0
+
+
+cdef inline void _kick_all(list used):
+    for ch in used:
+        kick(ch)
+
+
+cdef Py_ssize_t _sent(self, list used, Py_ssize_t k):
+    _kick_all(used)
+    return k
+
+
+def forward_plain_ha(self, list reqs, bint wait=True):
+    """PlainPath.forward_plain_ha (bound as HASession.forward_plain)."""
+    cdef Outbox box = <Outbox?>self.outbox
+    cdef Py_ssize_t k, n = PyList_GET_SIZE(reqs), window = self.window, seq
+    cdef tuple req
+    cdef list args, used = []
+    cdef dict chans = self.plain_chans, meta = box.meta
+    if box.stuck:
+        return 0
+    router = self.app.router
+    forwards = self.forwards
+    key = self.key()
+    deadline = None
+    track = box.track
+    if track is not None:
+        track.start(self.last_active)
+    for k in range(n):
+        req = <tuple>reqs[k]
+        args = <list>req[0]
+        raw = req[1]
+        name = args[0].lower()
+        if not forwards(name, PyList_GET_SIZE(args)):
+            return _sent(self, used, k)
+        if router.topology.primary is None:
+            return _sent(self, used, k)  # a failover: the batch path waits for the new primary
+        if box.left >= window or box.out:
+            _kick_all(used)
+            if not self._room(wait):
+                return _sent(self, used, k)
+        try:
+            pool = router.pool_for(name, args, self)
+            ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
+            if ch is None or ch.closed or ch.key != key:
+                ch = chans[pool] = pool.channel(key)
+        except BackendError:
+            return _sent(self, used, k)
+        if deadline is None:
+            deadline = deadline_of(self.app.cfg.command_timeout)
+        self.last_cmd = name
+        seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
+        box.next_seq = seq + 1
+        meta[seq] = (raw, name, key, pool)
+        if track is not None:
+            track.add(req)
+        if ch.closed:  # Channel.submit answers it at once (the error, not sent)
+            ch.submit(raw, box, -2 - seq, deadline)
+            continue
+        box.left += 1
+        ch.waiters.append((box, -2 - seq, deadline))
+        ch.unsent += 1
+        ch.outbuf.append(raw)
+        if ch not in used:
+            used.append(ch)
+    return _sent(self, used, n)
