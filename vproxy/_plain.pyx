@@ -286,9 +286,11 @@ def forward_plain(self, list reqs, bint wait=True):
         elif not forwards(spec[0], nargs):
             break
         if ch is None:
-            ch = self._plain_channel(wait)
+            ch = current_channel(self)
             if ch is None:
-                break
+                ch = self._plain_channel(wait)
+                if ch is None:
+                    break
             entry = (box, -1, deadline_of(self.app.cfg.command_timeout))
             waiters, outbuf = ch.waiters, ch.outbuf
         if box.left >= window or box.out:
@@ -380,56 +382,119 @@ def channel_flush(self):
         self.flushing = False
 
 
+cdef class Lane:
+    """forward_plain_cluster's view of one channel during a call: its queues' append methods and
+    how many requests it was given (Channel.unsent is counted up once, by flush_lanes)."""
+    cdef object ch, wappend, oappend
+    cdef Py_ssize_t unsent
+
+    def __cinit__(self, ch):
+        self.ch = ch
+        self.wappend = ch.waiters.append
+        self.oappend = ch.outbuf.append
+        self.unsent = 0
+
+
+cdef void flush_lanes(dict lanes) except *:
+    """What the lanes were given goes out (Channel.unsent counted, the send scheduled)."""
+    cdef Lane lane
+    for lane in lanes.values():
+        if lane.unsent:
+            lane.ch.unsent += lane.unsent
+            lane.unsent = 0
+            kick(lane.ch)
+
+
 def forward_plain_cluster(self, list reqs, bint wait=True):
-    """ClusterSession.forward_plain (bound as that method)."""
+    """ClusterSession.forward_plain (bound as that method). Per request: the name and key position
+    from the table's caches, the slot, the owner's lane (one per node, validated once per call and
+    again after a wait), a sequence number and the two appends; the statistics are told a run at a
+    time (Track.add_many, in send order, which is the order the replies are written in)."""
     cdef Outbox box = <Outbox?>self.outbox
-    cdef Py_ssize_t k, n = PyList_GET_SIZE(reqs), window = self.window, seq, pos, slot
-    cdef tuple req
-    cdef list args, used = []
-    cdef dict chans, meta = box.meta
+    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, seq, pos, slot
+    cdef Py_ssize_t nargs, arity
+    cdef tuple req, spec
+    cdef list args
+    cdef dict meta = box.meta, lanes = {}, chans, specs, derived
+    cdef Lane lane
+    cdef PyObject *found
     if self.ns is not None or self.reads or box.stuck:
         return 0
     table, key = self.app.commands, self.key()
+    specs, derived = table.plain_specs, table.derived
     owners = self.app.router.topology.slot_owners
     chans = self.chans
     deadline = None
     track = box.track
     if track is not None:
         track.start(self.last_active)
-    for k in range(n):
+    last = None
+    while k < n:
         req = <tuple>reqs[k]
         args = <list>req[0]
-        raw = req[1]
-        name = args[0].lower()
-        pos = fast_key(table, name, PyList_GET_SIZE(args))
-        if not pos:
-            return _sent(self, used, k)
+        nargs = PyList_GET_SIZE(args)
+        found = PyDict_GetItem(specs, args[0])
+        name = (<tuple>found if found is not NULL else table.plain_spec(args[0]))[0]
+        found = PyDict_GetItem(derived, name)  # _fast_key's cache: (key position, arity)
+        if found is NULL:
+            fast_key(table, name, nargs)
+            found = PyDict_GetItem(derived, name)
+        spec = <tuple>found
+        pos, arity = spec[0], spec[1]
+        if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
+            break
         slot = key_slot(args[pos])
         addr = owners[slot]
-        ch = chans.get(addr)
-        if ch is None or ch.closed or ch.key != key:
-            return _sent(self, used, k)  # the batch path opens it
+        found = PyDict_GetItem(lanes, addr)
+        if found is NULL:
+            ch = chans.get(addr)
+            if ch is None or ch.closed or ch.key != key:
+                break  # the batch path opens it
+            lane = lanes[addr] = Lane(ch)
+        else:
+            lane = <Lane>found
         if box.left >= window or box.out:
-            _kick_all(used)
-            if not self._room(wait) or ch.closed:
-                return _sent(self, used, k)
-        elif ch.closed:
-            return _sent(self, used, k)
+            flush_lanes(lanes)
+            if track is not None and k > told:
+                track.add_many(reqs, told, k)
+                told = k
+            if not self._room(wait):
+                break
+            lanes.clear()  # the loop ran meanwhile: every channel is looked at again
+            ch = lane.ch
+            if ch.closed:
+                break
+            lane = lanes[addr] = Lane(ch)
         if deadline is None:
             deadline = deadline_of(self.app.cfg.command_timeout)
-        self.last_cmd = name
         seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
         box.next_seq = seq + 1
-        meta[seq] = (raw, slot, name, addr)
-        if track is not None:
-            track.add(req)
+        meta[seq] = (req[1], slot, name, addr)
         box.left += 1
-        ch.waiters.append((box, -2 - seq, deadline))
-        ch.unsent += 1
-        ch.outbuf.append(raw)
-        if ch not in used:
-            used.append(ch)
-    return _sent(self, used, n)
+        lane.wappend((box, -2 - seq, deadline))
+        lane.oappend(req[1])
+        lane.unsent += 1
+        last = name
+        k += 1
+    flush_lanes(lanes)
+    if k:
+        self.last_cmd = last
+    if track is not None and k > told:
+        track.add_many(reqs, told, k)
+    return k
+
+
+cdef current_channel(self):
+    """The session's channel when _plain_channel would keep it (open, shared, for its key, on the
+    primary's pool), else None: _plain_channel's common case without its three calls."""
+    ch = self.cur
+    if ch is None or ch.closed or ch.exclusive:
+        return None
+    router = self.app.router
+    addr = router.topology.primary
+    if addr is None or router.pools.get(addr) is not ch.pool or ch.key != self.key():
+        return None
+    return ch
 
 
 cdef inline kick(ch):
