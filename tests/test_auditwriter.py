@@ -148,7 +148,8 @@ def test_cluster_plain_path_records_a_redirected_request_at_the_node_that_answer
         r.set(key, "v")  # opens the session's channel to src
         r.delete(key)
         slot = key_slot(key.encode())
-        for n in cluster.primaries:  # the (now empty) slot moves to dst; the proxy does not know yet
+        # the (now empty) slot moves to dst (told first, as in a migration); the proxy does not know yet
+        for n in [dst, src] + [n for n in cluster.primaries if n not in (src, dst)]:
             n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(dst))
         wait_for(lambda: cluster.owner(key) is dst, what="the slot owned by dst")
         pipe = r.pipeline(transaction=False)
@@ -160,6 +161,19 @@ def test_cluster_plain_path_records_a_redirected_request_at_the_node_that_answer
         assert got == [("set", src.addr, "ok"), ("del", src.addr, "ok"), ("set", dst.addr, "ok"),
                        ("set", dst.addr, "ok")]
         r.close()
+
+        w = p.client(client_name="spread")  # a channel to every node, then a pipeline on the plain path
+        keys = [f"sp:{n}" for n in range(30)]
+        for k in keys:
+            w.set(k, "1")
+        pipe = w.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(k, "2")
+        assert pipe.execute() == [True] * 30
+        wait_for(lambda: len(records(d, "spread")) == 60, what="the sixty records")
+        got = [(x["keys"][0], x["backend"]) for x in records(d, "spread")][30:]
+        assert got == [(k, cluster.owner(k).addr) for k in keys]
+        w.close()
     finally:
         if p is not None:
             p.stop()

@@ -138,6 +138,10 @@ class AuditTrack:
         """Hold mode (Outbox.send): one request, whose node is in the outbox's meta."""
         if self.inner is not None:
             self.inner.add(req)
+        self._numbered(req, self.session.outbox.next_seq - 1)
+
+    def _numbered(self, req: tuple, seq: int) -> None:
+        """A request sent with sequence number seq (hold mode): its node is in the outbox's meta."""
         args, raw = req
         audit = self.audit
         p = (audit.table.derived.get(_PLANS) or audit.plans()).get(args[0])
@@ -147,16 +151,22 @@ class AuditTrack:
             return self.entries.append(None)
         if self.who is None:
             self.who, self.now = who(self.session), time()
-        box = self.session.outbox
-        target = box.meta[box.next_seq - 1][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
+        target = self.session.outbox.meta[seq][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
         if not isinstance(target, (tuple, str)):
             target = target.addr
         self._note(p, args, raw, target)
 
     def add_many(self, reqs, start: int, end: int) -> None:
-        """Standalone: reqs[start:end] were sent on the session's channel."""
+        """reqs[start:end] were just sent: standalone, on the session's channel; in hold mode (the
+        compiled cluster plain path tells a run at a time) as the last end - start numbered ones."""
         if self.inner is not None:
             self.inner.add_many(reqs, start, end)
+        box = self.session.outbox
+        if box.hold is not None:
+            base = box.next_seq - (end - start)
+            for j in range(end - start):
+                self._numbered(reqs[start + j], base + j)
+            return
         audit = self.audit
         plans = audit.table.derived.get(_PLANS) or audit.plans()
         add = self.entries.append
