@@ -155,18 +155,23 @@ def r(proxy, server):
     c.close()
 
 
-@pytest.fixture
-def start_proxy():
+def _started(cls):
+    """A fixture's body: start(*args, **kw) makes a cls (a proxy), each stopped after the test."""
     started = []
 
     def start(*args, **kw):
-        p = Proxy(*args, **kw)
+        p = cls(*args, **kw)
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def start_proxy():
+    yield from _started(Proxy)
 
 
 @pytest.fixture
@@ -381,6 +386,28 @@ def start_password_proxy():
     yield start
     for p in started:
         p.stop()
+
+
+class GateProxy(Proxy):
+    """A vproxy with users at the proxy (--users): up when it answers (NOAUTH, or NOPERM for a default user without PROXY);
+    its own clients authenticate as cred (user, password) unless told otherwise."""
+
+    ready_reply = (b"$", b"-NOAUTH", b"-NOPERM")
+
+    def __init__(self, *args, cred=("admin", "adminpw"), **kw):
+        self.cred = cred
+        super().__init__(*args, **kw)
+
+    def client(self, **kw) -> redis.Redis:
+        if self.cred is not None:
+            kw.setdefault("username", self.cred[0])
+            kw.setdefault("password", self.cred[1])
+        return super().client(**kw)
+
+
+@pytest.fixture
+def start_gate():
+    yield from _started(GateProxy)
 
 
 def restart_server(s: Server) -> None:

@@ -422,6 +422,7 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
         return 0
     table, key = self.app.commands, self.key()
     specs, derived = table.plain_specs, table.derived
+    forwards = self.forwards if self.acl is not None else None  # a proxy user's limits (gate.py)
     owners = self.app.router.topology.slot_owners
     chans = self.chans
     deadline = None
@@ -442,6 +443,8 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
         spec = <tuple>found
         pos, arity = spec[0], spec[1]
         if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
+            break
+        if forwards is not None and not forwards(name, nargs):
             break
         slot = key_slot(args[pos])
         addr = owners[slot]

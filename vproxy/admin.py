@@ -40,6 +40,10 @@ def proxy_section(app) -> str:
         "tls_connected_clients": sum(1 for c in app.clients.values() if c.tls),
         "tls_handshake_failures": app.stats.tls_handshake_failures,
         "output_limit_disconnects": app.stats.output_limit_disconnects,
+        "proxy_users": len(app.gate.users) if app.gate is not None else 0,
+        "acl_denied": app.stats.acl_denied,
+        "rate_limited": app.stats.rate_limited,
+        "pipeline_limited": app.stats.pipeline_limited,
         "backend_users": len(app.user_sessions),  # client ACL users with sessions (users.py)
         "backend_connections_shared": counts["shared"],
         "backend_connections_pinned": counts["pinned"],
@@ -347,7 +351,7 @@ def proxy_command(s, args: list) -> bytes:
     if sub == b"config" and len(args) == 4 and args[2].lower() == b"get":
         pattern = args[3].decode(errors="replace").lower()
         items = {k: v for k, v in app.cfg.values.items() if pattern in ("*", k) and "password" not in k
-                 and "secret" not in k}
+                 and "secret" not in k and k != "users"}
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
     if sub == b"audit":
         return audit_command(s, args[2:])

@@ -16,6 +16,7 @@ from .commands import CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
 from .errors import BackendError, ConfigError
+from .gate import Gate, bind
 from .mux.backend import BackendConn
 from .ratelog import RateLog
 from .router import Router
@@ -51,7 +52,9 @@ class App:
         self.serving = Event()  # set once clients may be served (see start)
         self.user_sessions: dict = {}  # Credentials -> sessions running as that backend user (users.py)
         self.users_gone = False  # a user lost its last session: the janitor closes its connections
-        self.limit_log = RateLog()  # clients dropped by a limit (client_output_buffer_limit)
+        self.limit_log = RateLog()  # clients dropped or slowed by a limit (output buffer, rate, pipeline)
+        self.gate: Gate | None = None  # users at the proxy (gate.py), when `users` is set
+        self.set_gate()
         self.tls_failures = RateLog()  # failed TLS handshakes of clients, logged at most once per 5 s
         # bound first: a taken address must fail the start before an embedded server exists
         self.listener = Listener(self)
@@ -83,6 +86,28 @@ class App:
             self.listener.session_class = HASession
         if self.peer_listener is not None:
             self.peer_listener.session_class = self.listener.session_class
+
+    def set_gate(self) -> None:
+        """Users at the proxy from the settings (start, reload). On reload every session runs at once
+        with its user's new rules; a session whose user is gone or off is closed (as the server
+        closes the connections of a deleted user)."""
+        cfg = self.cfg
+        self.commands.narrowed.clear()  # the old users' caches
+        self.gate = Gate(cfg) if cfg.users else None
+        self.commands.set_local(frozenset([b"acl"]) if self.gate is not None else frozenset())
+        for s in list(self.clients.values()):
+            old = getattr(s, "proxy_user", None)
+            if self.gate is None:
+                if old is not None:
+                    bind(s, None)
+            elif not s.authed:
+                self.gate.start(s)
+            else:  # the same user with its new rules (a session from before the gate: the default user)
+                new = self.gate.users.get(old.name if old is not None else "default")
+                if new is not None and new.enabled:
+                    bind(s, new)
+                else:
+                    _close_client(s)
 
     def _join_fleet(self) -> None:
         """fleet = true: a listener for the peers' questions and the heartbeats (fleet.py)."""
@@ -187,6 +212,8 @@ class App:
 
     def _learn_from(self, conn: BackendConn) -> None:
         n = self.commands.learn(conn.call("COMMAND"))
+        if self.gate is not None:
+            self.gate.relearned()
         info = conn.call("INFO", "server")
         if isinstance(info, bytes):
             fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)

@@ -53,8 +53,17 @@ _PLANS = "audit plans"  # CommandTable.derived: name as sent -> its plan (Audit.
 
 def who(s) -> tuple:
     """The client's part of a record: (client id, address, name, lib name, lib version, user, db)."""
-    user = s.user  # users.py: the backend ACL user the client authenticated as
-    return (s.id, s.addr, s.name, s.lib_name, s.lib_ver, user.user if user is not None else None, s.db)
+    return (s.id, s.addr, s.name, s.lib_name, s.lib_ver, audit_user(s), s.db)
+
+
+def audit_user(s) -> bytes | None:
+    """The user a record names: the proxy user (gate.py), else the backend ACL user the client
+    authenticated as (users.py), else None (vproxy's backend user)."""
+    pu = getattr(s, "proxy_user", None)
+    if pu is not None:
+        return pu.name.encode()
+    user = getattr(s, "user", None)
+    return user.user if user is not None else None
 
 
 class Entry:
@@ -385,6 +394,16 @@ class Audit:
             return self.put(rec)
         sub, keys, values = self.pick(e.name, e.args)
         self.put([e.start, e.who, e.name, sub, keys, len(e.args), e.size, target, time(), outcome, err, values])
+
+    def refused_auth(self, s, user: bytes | None) -> None:
+        """An AUTH (or HELLO AUTH) the proxy's users refused: recorded when the audit log is on, whatever
+        audit_commands selects (when it selects AUTH, the request's own record says it already). The
+        record names the user tried; the password is never written."""
+        if not self.on or self.table.audits(b"auth", [b"auth"]):
+            return
+        now = time()
+        self.put([now, (s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db), b"auth", None, [], 1,
+                  0, None, now, REFUSED, "WRONGPASS", None])
 
     def put(self, rec: list) -> None:
         if self.inflight + len(self.buf) >= self.max_queue:

@@ -25,6 +25,7 @@ from json.encoder import encode_basestring as _js
 from time import monotonic
 
 from .audit import ACTIVE, ROTATED, key_hash
+from .twins import pure
 
 PROGRESS_MIN = 8 << 20  # inputs at least this big get a progress bar (when stderr is a terminal)
 _REL = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -288,7 +289,7 @@ def _loads(data: bytes):
 
 _decode = json.JSONDecoder().raw_decode
 PARSER = "json"
-if os.environ.get("VPROXY_PURE") != "1":  # VPROXY_PURE=1: the json module (as for resp.py's parser)
+if not pure():  # VPROXY_PURE=1: the json module (as for resp.py's parser)
     try:  # orjson parses ~4x faster when it is installed (optional, as hiredis is for redis-py)
         from orjson import loads as _loads
 

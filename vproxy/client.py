@@ -17,6 +17,7 @@ import socket
 from itertools import count
 from time import monotonic, time
 
+import gevent
 from gevent.event import Event
 from gevent.hub import Waiter, get_hub
 from gevent.lock import Semaphore
@@ -33,6 +34,7 @@ from .mux.lease import Lease
 from .cmdstats import Track
 from .outbox import TWIN, Outbox
 from .audit import Audited, AuditTrack
+from .limits import Bucket
 from .plain import STUCK, PlainPath
 from .sockio import recv_nowait, recv_ready, send_all
 from .users import DRYRUN, backend_auth, dryrun, switch
@@ -53,8 +55,9 @@ _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
 _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b"tracking", b"off")}
-# Requests of one client in flight at once: bounds the replies vproxy holds for one client (a client
-# pipelining thousands of GETs of big values) and what it queues ahead of others on a shared connection.
+# Requests of one client in flight at once (setting max_pipeline): bounds the replies vproxy holds for one
+# client (a client pipelining thousands of GETs of big values) and what it queues ahead of others on a
+# shared connection.
 PIPELINE_WINDOW = 64
 WINDOW_BYTES = 4 << 20  # the reply bytes one window should hold: a window of big replies shrinks
 WRITE_CHUNK = 256 << 10  # replies are joined into writes up to this size
@@ -111,10 +114,15 @@ class ClientSession(PlainPath, Audited):
         self.batch: Batch | None = None
         self.early: list[bytes] = []  # bytes read while waiting on a pinned connection
         self.early_bytes = 0
-        self.window = PIPELINE_WINDOW  # requests in flight at once (see process)
+        self.max_window = self.window = cfg.max_pipeline  # requests in flight at once (see process)
         # (name, nargs) -> may the plain path send it as it is (commands.CommandTable.forwards; a
         # session whose user limits what it may run narrows it: what it refuses takes the batch path)
         self.forwards = app.commands.forwards
+        self.proxy_user = self.acl = None  # gate.py: the proxy user, and the same when it has limits
+        self.rate_bucket = Bucket(cfg.client_rate_limit, cfg.client_rate_burst or cfg.client_rate_limit) \
+            if cfg.client_rate_limit else None
+        self.buckets: tuple = ()  # limits.py: the buckets each read batch takes from
+        self.paid = False  # the requests handed from the loop were paid for there (see pace)
         # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:
@@ -128,6 +136,10 @@ class ClientSession(PlainPath, Audited):
             self.outbox.track = AuditTrack(app.audit, self, self.outbox.track)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)
+        if app.gate is not None:  # users at the proxy: the default user, or nobody until AUTH
+            app.gate.start(self)
+        elif self.rate_bucket is not None:
+            self.set_buckets()
 
     @property
     def authed(self) -> bool:
@@ -183,6 +195,10 @@ class ClientSession(PlainPath, Audited):
         so what vproxy holds for one client is bounded (a window shrinks when its replies are big),
         and a client that does not read its replies stops being read (its greenlet waits in send).
         Plain requests first take the fast path (see outbox.py) while they can."""
+        if self.buckets:
+            self.pace(len(reqs))
+        if len(reqs) > self.max_window or self.outbox.left >= self.max_window:
+            self._pipeline_limited()
         if self.plain():
             done = self.forward_plain(reqs)
             if done == len(reqs):
@@ -241,13 +257,69 @@ class ClientSession(PlainPath, Audited):
         if size <= WRITE_CHUNK:
             if out:
                 self.write(b"".join(out))
-            if self.window < PIPELINE_WINDOW:
-                self.window = min(PIPELINE_WINDOW, self.window * 2)
+            if self.window < self.max_window:
+                self.window = min(self.max_window, self.window * 2)
             return
-        self.window = max(1, min(PIPELINE_WINDOW, len(out) * WINDOW_BYTES // size))
+        self.window = max(1, min(self.max_window, len(out) * WINDOW_BYTES // size))
         if upto == len(replies):
             batch.replies = [None] * upto  # the frames live in `out` alone: each is freed once written
         self._write_chunked(out)
+
+    # ---- limits: request rate (limits.py) and pipeline depth ----
+
+    def set_buckets(self) -> None:
+        """The rate buckets this session takes from: its own (client_rate_limit), its user's (rate=N);
+        with any, the plain path's forward_plain (its class's) runs behind _forward_plain_paced."""
+        user = self.proxy_user
+        self.buckets = tuple(b for b in (self.rate_bucket, user.bucket if user is not None else None) if b)
+        self.plain_fn = type(self).forward_plain
+        if self.buckets:
+            self.forward_plain = self._forward_plain_paced
+        else:
+            self.__dict__.pop("forward_plain", None)
+
+    def _forward_plain_paced(self, reqs: list, wait: bool = True) -> int:
+        """forward_plain behind the rate buckets: in the loop (wait False) a read batch goes on only
+        when every bucket holds its tokens now; else it is handed to the greenlet, which sleeps in
+        pace() while nothing more is read from the client."""
+        if wait:  # the greenlet's call (process): paid in pace
+            return self.plain_fn(self, reqs, wait)
+        n = len(reqs)
+        if not all(b.ready(n) for b in self.buckets):
+            self.paid = False
+            return 0
+        for b in self.buckets:
+            b.take(n)
+        done = self.plain_fn(self, reqs, wait)
+        self.paid = done < n  # the rest is handed to the greenlet: already paid for
+        return done
+
+    def pace(self, n: int) -> None:
+        """Take n tokens from every bucket; sleep off a debt (the client's socket is not read meanwhile)."""
+        if self.paid:
+            self.paid = False
+            return
+        wait = max(b.take(n) for b in self.buckets)
+        if wait > 0:
+            app = self.app
+            app.stats.rate_limited += 1
+            app.limit_log.log("rate", "INFO", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) slowed down: "
+                              f"over its request rate ({self._rate_said()})")
+            gevent.sleep(wait)
+
+    def _rate_said(self) -> str:
+        user = self.proxy_user
+        parts = [f"client_rate_limit {self.app.cfg.client_rate_limit:g}/s"] if self.rate_bucket else []
+        if user is not None and user.bucket is not None:
+            parts.append(f"user {user.name} rate={user.rate:g}/s")
+        return ", ".join(parts)
+
+    def _pipeline_limited(self) -> None:
+        """More requests than max_pipeline at once: they wait for replies (counted, logged)."""
+        app = self.app
+        app.stats.pipeline_limited += 1
+        app.limit_log.log("pipeline", "INFO", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) pipelines past "
+                          f"max_pipeline ({self.max_window}): not read until its replies are written")
 
     def output_overflow(self, size: int) -> None:
         """The client left more reply bytes unread than client_output_buffer_limit: it is dropped."""
@@ -355,6 +427,7 @@ class ClientSession(PlainPath, Audited):
         self.lease = self.oneshot = None
         if self.user is not None:
             switch(self, None)
+        self.__dict__.pop("forward_plain", None)  # a bound method of its own (set_buckets): no cycle left
         self.app.clients.pop(self.id, None)
         try:
             self.sock.close()
@@ -363,11 +436,14 @@ class ClientSession(PlainPath, Audited):
 
     # ---- dispatch ----
 
-    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch, checked: bool = False) -> None:
+        """One request of the batch path. checked: the proxy user's rights were checked already."""
         name = args[0].lower()
         self.last_cmd = name
         if not self.authed and name not in (b"auth", b"hello", b"quit", b"reset"):
             return self.refuse(batch, i, E.NOAUTH)
+        if self.acl is not None and not checked and self.denied(i, name, args, batch):
+            return
         if self.stream is not None:
             return self.stream_dispatch(i, name, args, raw, batch)
         if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
@@ -397,6 +473,15 @@ class ClientSession(PlainPath, Audited):
             self.side(i, raw, batch)
         else:
             self.refuse(batch, i, E.refused(name.decode(), C.REFUSE_WHY.get(name, "unsafe")))
+
+    def denied(self, i: int, name: bytes, args: list, batch: Batch) -> bool:
+        """The proxy user may not run this request (gate.py): refused with the server's -NOPERM."""
+        err = self.acl.check(self, name, args)
+        if err is None:
+            return False
+        self.app.stats.acl_denied += 1
+        self.refuse(batch, i, err)
+        return True
 
     def refuse(self, batch: Batch, i: int, msg: str) -> None:
         """vproxy answers request i with an error without sending it anywhere (a rejected call)."""
@@ -496,7 +581,7 @@ class ClientSession(PlainPath, Audited):
                 self.multi_select = self._db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
-            elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password:
+            elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password and self.app.gate is None:
                 self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
         self.submit(self.lease.channel, i, raw, batch)
 
@@ -571,7 +656,7 @@ class ClientSession(PlainPath, Audited):
             return
         ch.send_raw(raw)
         if name == b"auth" and not st.multi and (self.proto == 3 or st.kind != "sub") and 2 <= len(args) <= 3 \
-                and not self.app.cfg.password:  # the stream's connection answers; the session follows
+                and not self.app.cfg.password and self.app.gate is None:  # the stream's connection answers
             backend_auth(self, args[1] if len(args) == 3 else None, args[-1])
         if self._stream_multi(st, name):
             return

@@ -21,10 +21,11 @@ integer operations and one list increment.
 from __future__ import annotations
 
 import heapq
-import os
 from collections import deque
 from operator import itemgetter
 from time import monotonic, time
+
+from .twins import twin
 
 SUB = 32  # buckets per power of two (above 2 * SUB)
 NBUCKETS = SUB * 30  # up to ~2**34 us (4.7 hours); longer is counted in the last bucket
@@ -424,10 +425,7 @@ class Track:
 
 # ---- the compiled twin (vproxy/_stats.pyx) when it is built: same interface, C integers and arrays ----
 PureCommandStat, PureTrack = CommandStat, Track
-IMPL = "pure"
-if os.environ.get("VPROXY_PURE") != "1":
-    try:
-        from ._stats import CommandStat, Track
-        IMPL = "compiled"
-    except ImportError:  # not built: the classes above
-        pass
+_twin = twin("_stats")
+IMPL = "pure" if _twin is None else "compiled"
+if _twin is not None:
+    CommandStat, Track = _twin.CommandStat, _twin.Track

@@ -54,6 +54,7 @@ class Command:
     step: int = 0
     acl: frozenset = frozenset()  # ACL categories ("@dangerous" ...): empty in the built-in table
     subs: dict | None = None  # container commands: lower-case subcommand -> Command (learned only)
+    specs: tuple = ()  # key specs (learned only): (flags, begin index or None, lastkey or None, keystep)
 
     def arity_ok(self, nargs: int) -> bool:
         return arity_fits(self.arity, nargs)
@@ -78,11 +79,13 @@ class CommandTable:
         # a request's name as the client spelled it -> (lower-case name, arity, may take the plain
         # path): the plain path's one dict lookup per request (plain_spec)
         self.plain_specs: dict[bytes, tuple[bytes, int, bool]] = {}
+        self.narrowed: list[dict] = []  # caches of narrower predicates (gate.py): emptied with those
         self.audit_select: frozenset | None = None  # audit on: the classes and names selected
         self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
         self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
         self.audit_gate = True
         self._audits: dict = {}  # (name, subcommand) -> recorded?
+        self.local_names: frozenset = frozenset()  # more names vproxy answers (ACL with proxy users)
 
     def get(self, name: bytes) -> Command | None:
         return self.commands.get(name)
@@ -136,6 +139,12 @@ class CommandTable:
             self.plain_specs[raw] = spec
         return spec
 
+    def _clear_plain(self) -> None:
+        self._plain.clear()
+        self.plain_specs.clear()
+        for cache in self.narrowed:
+            cache.clear()
+
     def policy(self, name: bytes, args: list[bytes]) -> str:
         """How vproxy must run this request (see the constants above)."""
         p = self._policies.get(name)
@@ -148,7 +157,18 @@ class CommandTable:
             return SIDE if len(args) > 1 and (name, args[1].lower()) in SIDE_SUBCOMMANDS else FORWARD
         return p
 
+    def set_local(self, names: frozenset) -> None:
+        """These names are answered by vproxy too (gate.py: ACL, with users at the proxy)."""
+        if names != self.local_names:
+            self.local_names = names
+            self._policies.clear()
+            self._specs.clear()
+            self._clear_plain()
+            self.derived.clear()
+
     def _policy_of(self, name: bytes) -> str:
+        if name in self.local_names:
+            return LOCAL
         p = POLICY.get(name)
         if p is not None:
             return p
@@ -188,8 +208,7 @@ class CommandTable:
             names = frozenset(named | {n for n in [*self.commands, *_OWN_CLASSES] if self.classes_of(n) & select})
         self.audit_names = names
         self.audited = names if self.audit_gate else frozenset()
-        self._plain.clear()
-        self.plain_specs.clear()
+        self._clear_plain()
         self._audits.clear()
         self.derived.clear()
 
@@ -277,5 +296,36 @@ def _from_entry(entry) -> Command | None:
             sub = _from_entry(e)
             if sub is not None:
                 subs[sub.name.rpartition("|")[2].encode()] = sub
+    specs = _key_specs(entry[8]) if len(entry) > 8 and isinstance(entry[8], list) else ()
     return Command(_text(name).lower(), int(arity), frozenset(_text(f) for f in flags),
-                   int(first), int(last), int(step), acl, subs)
+                   int(first), int(last), int(step), acl, subs, specs)
+
+
+def _pairs(v) -> dict:
+    """A RESP2 flat [name, value, ...] list (or a RESP3 map) as a dict with str keys."""
+    if isinstance(v, dict):
+        return {_text(k): x for k, x in v.items()}
+    if isinstance(v, list):
+        return {_text(v[j]): v[j + 1] for j in range(0, len(v) - 1, 2)}
+    return {}
+
+
+def _key_specs(raw: list) -> tuple:
+    """COMMAND's key specifications: per spec its flags (lower-case: rw, access, insert ...) and, for
+    the usual index + range kind, where its keys are (the gate's read/write checks: gate.key_perm)."""
+    out = []
+    for spec in raw:
+        d = _pairs(spec)
+        flags = frozenset(_text(f).lower() for f in d.get("flags", []) or [])
+        begin, find = _pairs(d.get("begin_search")), _pairs(d.get("find_keys"))
+        index = last = step = None
+        try:
+            if _text(begin.get("type", "")) == "index":
+                index = int(_pairs(begin.get("spec")).get("index"))
+            if _text(find.get("type", "")) == "range":
+                r = _pairs(find.get("spec"))
+                last, step = int(r.get("lastkey")), int(r.get("keystep"))
+        except (TypeError, ValueError):
+            index = last = None
+        out.append((flags, index, last, step))
+    return tuple(out)

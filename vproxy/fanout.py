@@ -18,6 +18,7 @@ from binascii import hexlify
 from . import admin, dbns, resp
 from . import errors as E
 from .client import ClientSession
+from .gate import hide_config_secrets
 from .local import append_proxy_sections
 from .slots import key_slot
 
@@ -184,6 +185,7 @@ def config(s, i, args, raw, batch):
         admin.reset_stats(s.app)
     if sub in (b"set", b"resetstat"):
         return fan(s, i, args, batch, first)
+    hide_config_secrets(s, i, args)
     one(s, i, args, raw, batch)
 
 
@@ -235,7 +237,7 @@ def ssubscribe(s, i, args, raw, batch):
         return
     s.lease_addr = s.app.router.topology.owner(slots.pop())
     try:
-        ClientSession.dispatch(s, i, args, raw, batch)
+        ClientSession.dispatch(s, i, args, raw, batch, True)
     finally:
         s.lease_addr = None
 
@@ -245,7 +247,7 @@ def ssubscribe(s, i, args, raw, batch):
 def info(s, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
     if sections and sections <= admin.PROXY_SECTIONS:
-        return ClientSession.dispatch(s, i, args, raw, batch)
+        return ClientSession.dispatch(s, i, args, raw, batch, True)
 
     def merge(frames):
         texts = [_text(resp.decode(f)) for f in frames]

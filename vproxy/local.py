@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import admin, resp
 from . import errors as E
+from .gate import acl_command, bind, hide_config_secrets
 from .users import backend_auth, switch
 
 _BAD_NAME = frozenset(range(0, 33)) | {127}
@@ -40,6 +41,8 @@ def reset(s, i, args, raw, batch):
     s.no_evict = s.no_touch = False
     s.authed = not s.app.cfg.password
     switch(s, None)  # the server's RESET deauthenticates to the default user too
+    if s.app.gate is not None:
+        s.app.gate.start(s)
     _reply(batch, i, b"+RESET\r\n")
 
 
@@ -52,8 +55,15 @@ def _check_password(s, user: bytes | None, password: bytes) -> str | None:
 
 
 def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
-    """None when the credentials are accepted, else the error frame to answer. With a proxy
-    `password`, vproxy is the gate; without one, the backend's ACL decides (users.py)."""
+    """None when the credentials are accepted, else the error frame to answer. With proxy `users`
+    (gate.py) or a proxy `password`, vproxy is the gate; without, the backend's ACL decides (users.py)."""
+    gate = s.app.gate
+    if gate is not None:
+        err = gate.authenticate(s, user, password)
+        if err:
+            s.app.stats.auth_failures += 1
+            s.app.audit.refused_auth(s, user)
+        return resp.error(err) if err else None
     if s.app.cfg.password:
         err = _check_password(s, user, password)
         err = resp.error(err) if err else None
@@ -150,6 +160,8 @@ def select(s, i, args, raw, batch):
         s.db = db
         return s.forward(i, raw, batch)
     s.db = db
+    if s.proxy_user is not None:  # the plain path's predicate depends on whether the db is allowed
+        bind(s, s.proxy_user)
     _reply(batch, i, resp.OK)
 
 
@@ -361,6 +373,7 @@ def config(s, i, args, raw, batch):
     """CONFIG goes to the server; CONFIG RESETSTAT resets the proxy's statistics too."""
     if len(args) == 2 and args[1].lower() == b"resetstat":
         admin.reset_stats(s.app)
+    hide_config_secrets(s, i, args)
     s.forward(i, raw, batch)
 
 
@@ -368,5 +381,5 @@ LOCAL = {
     b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
     b"select": select, b"info": info, b"exec": exec_, b"discard": exec_, b"unwatch": unwatch,
     b"unsubscribe": unsubscribe, b"punsubscribe": unsubscribe, b"sunsubscribe": unsubscribe,
-    b"client": client, b"proxy": proxy, b"config": config,
+    b"client": client, b"proxy": proxy, b"config": config, b"acl": acl_command,
 }

@@ -13,9 +13,9 @@ overtake each other; and the client greenlet stops reading while too much is unw
 
 from __future__ import annotations
 
-import os
-
 from gevent.hub import Waiter, get_hub, getcurrent
+
+from .twins import twin
 
 
 class Outbox:
@@ -219,12 +219,7 @@ class Outbox:
 # Its Outbox replaces the class above; plain.py and mux/channel.py take its forward_plain and
 # deliver from TWIN (None: the pure-Python references run). IMPL says which.
 PureOutbox = Outbox
-TWIN = None
-IMPL = "pure"
-if os.environ.get("VPROXY_PURE") != "1":
-    try:
-        from . import _plain as TWIN  # noqa: F401 - read by plain.py, csession.py, mux/channel.py
-        from ._plain import Outbox  # noqa: F811 - the point: replace the pure one
-        IMPL = "compiled"
-    except ImportError:  # not built: the class above
-        pass
+TWIN = twin("_plain")
+IMPL = "pure" if TWIN is None else "compiled"
+if TWIN is not None:
+    Outbox = TWIN.Outbox

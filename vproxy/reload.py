@@ -17,7 +17,7 @@ from loguru import logger
 from .config import SETTINGS, load
 from .errors import ConfigError
 
-_SECRET = ("password",)
+_SECRET = ("password", "users")
 
 
 def reload(app) -> dict:
@@ -65,5 +65,7 @@ def _apply(app, names: set) -> None:
         stats.slow_s = us / 1e6 if us >= 0 else None
     if "slowlog_max_len" in names:
         stats.slowlog.entries = deque(stats.slowlog.entries, maxlen=cfg.slowlog_max_len)
+    if names & {"users", "password"}:
+        app.set_gate()
     if "hotkeys_sample" in names:
         stats.keys.sample = cfg.hotkeys_sample  # sessions that connect from now on

@@ -15,12 +15,12 @@ the end of this module unless VPROXY_PURE=1 (IMPL says which runs).
 
 from __future__ import annotations
 
-import os
 import re
 
 import hiredis
 
 from .errors import ProtocolError
+from .twins import twin
 
 CRLF = b"\r\n"
 _STAR, _DOLLAR = 42, 36
@@ -503,10 +503,7 @@ def value(v, proto: int) -> bytes:
 # runs both), less CPU per request. The pure classes above stay the reference and the fallback.
 
 PureRequestParser, PureReplyFramer = RequestParser, ReplyFramer
-IMPL = "pure"
-if os.environ.get("VPROXY_PURE") != "1":
-    try:
-        from ._resp import ReplyFramer, RequestParser  # noqa: F811 - the point: replace the pure ones
-        IMPL = "compiled"
-    except ImportError:  # not built (no compiler or no Cython at install time): pure Python
-        pass
+_twin = twin("_resp")
+IMPL = "pure" if _twin is None else "compiled"
+if _twin is not None:
+    RequestParser, ReplyFramer = _twin.RequestParser, _twin.ReplyFramer

@@ -7,8 +7,9 @@ the first '{' and the first '}' after it when that text is not empty, modulo 163
 
 from __future__ import annotations
 
-import os
 from binascii import crc_hqx
+
+from .twins import twin
 
 SLOTS = 16384
 
@@ -33,8 +34,4 @@ def key_slot(key: bytes) -> int:
 # The compiled twin (vproxy/_resp.pyx) when it is built, as for the parser (resp.IMPL): same answers
 # (tests/test_slots.py compares them), without the slicing and the two calls per key.
 pure_key_slot = key_slot
-if os.environ.get("VPROXY_PURE") != "1":
-    try:
-        from ._resp import key_slot  # noqa: F811 - the point: replace the pure one
-    except ImportError:  # not built, or built before it had key_slot
-        pass
+key_slot = getattr(twin("_resp"), "key_slot", pure_key_slot)  # (a build older than key_slot: the pure one)

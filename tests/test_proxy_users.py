@@ -1,0 +1,322 @@
+"""Users at the proxy (setting `users`, gate.py): vproxy is the gate. Every rule against a real
+valkey-server, replies byte for byte as a direct connection with the same ACL SETUSER gives them;
+AUTH counted and audited; backend credentials never shown; the plain path kept where nothing needs
+a check."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import redis
+from conftest import GateProxy, RawClient, Server, wait_for
+
+from vproxy import resp
+from vproxy.commands import CommandTable
+from vproxy.gate import glob, parse_user
+
+E = RawClient.encode
+NOPERM_KEY = b"-NOPERM No permissions to access a key\r\n"
+# The same rules at the proxy and, as ACL SETUSER, on a direct valkey (valkey 9: db= too).
+RULES = {
+    "alice": "on >apw ~app:* +@read -flushall +config|get +acl|whoami",
+    "carl": "on >cpw %R~r:* %W~w:* +@all -config",
+    "dana": "on >dpw allkeys +@all db=1,2",
+    "erin": "on >epw allkeys +@all -@dangerous &news.* resetdbs db=0",
+    "off1": "off >opw allkeys +@all",
+}
+ADMIN = "admin on >adminpw allkeys allcommands allchannels"
+# (user, requests): each request's reply must be the direct server's, byte for byte
+SCRIPTS = [
+    ("alice", [("GET", "app:1"), ("GET", "other"), ("SET", "app:1", "v"), ("FLUSHALL",),
+               ("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "SET", "maxmemory", "0"), ("ACL", "WHOAMI"),
+               ("MGET", "app:1", "app:2"), ("MGET", "app:1", "x"), ("KEYS", "*"), ("PING",), ("DEL", "app:1"),
+               ("PUBLISH", "news.a", "m")]),
+    ("carl", [("SET", "w:1", "v"), ("GET", "w:1"), ("SET", "r:1", "v"), ("GET", "r:1"),
+              ("COPY", "r:1", "w:2"), ("COPY", "w:1", "r:2"), ("EXISTS", "w:1"), ("LMOVE", "r:1", "w:1", "LEFT", "LEFT"),
+              ("SET", "w:3", "v", "GET"), ("CONFIG", "GET", "x"), ("ACL", "WHOAMI"), ("DEL", "w:1")]),
+    ("dana", [("GET", "a"), ("PING",), ("DBSIZE",), ("SELECT", "3"), ("SELECT", "1"), ("SET", "a", "1"),
+              ("GET", "a"), ("SWAPDB", "1", "2"), ("SWAPDB", "1", "5"), ("MOVE", "a", "2"), ("MOVE", "a", "7"),
+              ("COPY", "a", "b", "DB", "9"), ("FLUSHALL",), ("FLUSHDB",), ("ACL", "WHOAMI")]),
+    ("erin", [("SET", "k", "v"), ("FLUSHDB",), ("KEYS", "*"), ("PUBLISH", "news.x", "m"), ("PUBLISH", "sport", "m"),
+              ("SELECT", "1"), ("SPUBLISH", "sport", "m"), ("CONFIG", "RESETSTAT"), ("INFO", "keyspace")]),
+]
+
+
+def _users_args(extra: dict | None = None) -> list[str]:
+    out = []
+    for name, rules in {**RULES, **(extra or {})}.items():
+        out += ["--users", f"{name} {rules}"]
+    return out + ["--users", ADMIN]
+
+
+@pytest.fixture(scope="module")
+def valkeys():
+    backend, direct = Server("valkey"), Server("valkey")
+    c = direct.client()
+    for name, rules in RULES.items():
+        c.execute_command("ACL", "SETUSER", name, *rules.split())
+    yield backend, direct
+    backend.stop()
+    direct.stop()
+
+
+@pytest.fixture(scope="module")
+def gated(valkeys):
+    p = GateProxy("--backend", valkeys[0].addr, *_users_args())
+    yield p
+    p.stop()
+
+
+def _flush(*servers):
+    for s in servers:
+        s.client().flushall()
+
+
+def _session(port: int, user: str, requests) -> list[bytes]:
+    with RawClient(port) as c:
+        assert c.call("AUTH", user, RULES[user].split()[1][1:]) == b"+OK\r\n"
+        return [c.call(*req) for req in requests]
+
+
+@pytest.mark.parametrize("user,requests", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_replies_are_the_servers_byte_for_byte(gated, valkeys, user, requests):
+    backend, direct = valkeys
+    _flush(backend, direct)
+    want = _session(direct.port, user, requests)
+    got = _session(gated.port, user, requests)
+    for req, w, g in zip(requests, want, got):
+        assert g == w, f"{user} {req}: proxy {g!r}, server {w!r}"
+    assert any(w.startswith(b"-NOPERM") for w in want)  # each script meets a refusal
+    assert any(not w.startswith(b"-") for w in want)  # and an allowed request
+
+
+def test_noperm_texts_exactly(gated, valkeys):
+    _flush(valkeys[0])
+    with RawClient(gated.port) as c:
+        assert c.call("AUTH", "alice", "apw") == b"+OK\r\n"
+        assert c.call("FLUSHALL") == b"-NOPERM User alice has no permissions to run the 'flushall' command\r\n"
+        assert c.call("GET", "nope") == b"-NOPERM No permissions to access a key\r\n"
+        assert c.call("AUTH", "dana", "dpw") == b"+OK\r\n"
+        assert c.call("GET", "a") == b"-NOPERM No permissions to access database\r\n"
+
+
+def test_auth_failures_and_disabled_users(gated, valkeys):
+    before = gated.info()["auth_failures"]
+    with RawClient(gated.port) as c:
+        assert c.call("PING") == b"-NOAUTH Authentication required.\r\n"
+        wrong = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+        assert c.call("AUTH", "alice", "bad") == wrong
+        assert c.call("AUTH", "nosuch", "x") == wrong
+        assert c.call("AUTH", "off1", "opw") == wrong  # off: refused, as on the server
+        assert c.call("AUTH", "apw") == wrong  # the default user: not defined, no password
+        assert c.call("HELLO", "3", "AUTH", "alice", "bad").startswith(b"-WRONGPASS")
+        assert c.call("PING") == b"-NOAUTH Authentication required.\r\n"
+        assert c.call("HELLO", "3", "AUTH", "alice", "apw").startswith(b"%")
+        assert c.call("GET", "app:x") == b"_\r\n"
+    assert gated.info()["auth_failures"] == before + 5
+
+
+def test_redis_py_clients(gated, valkeys):
+    _flush(valkeys[0])
+    for proto in (2, 3):
+        c = gated.client(username="carl", password="cpw", protocol=proto)
+        assert c.set("w:a", "1") is True
+        with pytest.raises(redis.exceptions.NoPermissionError, match="No permissions to access a key"):
+            c.get("w:a")
+        with pytest.raises(redis.exceptions.NoPermissionError, match=re.escape("'config|get' command")):
+            c.config_get("maxmemory")
+        assert c.acl_whoami() in ("carl", b"carl")  # redis-py decodes it in RESP2 only
+        assert "user=carl" in c.execute_command("CLIENT", "INFO").decode()
+        c.close()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        gated.client(username="carl", password="nope").ping()
+
+
+def test_acl_commands_answer_from_the_proxy_users(gated):
+    c = gated.client()
+    assert sorted(c.acl_users()) == sorted(["admin", *RULES])
+    listed = [x.decode() for x in c.execute_command("ACL", "LIST")]
+    alice = next(x for x in listed if x.startswith("user alice "))
+    assert "apw" not in " ".join(listed) and "#" in alice and "~app:*" in alice and "-flushall" in alice
+    with pytest.raises(redis.exceptions.ResponseError, match="not available through the proxy"):
+        c.execute_command("ACL", "SETUSER", "mallory", "on", ">x", "+@all")
+    assert c.execute_command("ACL", "WHOAMI") == b"admin"
+    assert c.execute_command("ACL", "GETUSER", "nosuch") is None
+
+
+def test_default_user_from_password(valkeys, start_gate):
+    """`password` with `users`: the default user's password, full rights; the named users beside it."""
+    p = start_gate("--backend", valkeys[0].addr, "--password", "dpass", "--users", "ro on >ro ~* +@read",
+                   cred=(None, "dpass"))
+    c = p.client()
+    assert c.set("k", "v") and c.execute_command("ACL", "WHOAMI") == b"default"
+    ro = p.client(username="ro", password="ro")
+    assert ro.get("k") == b"v"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        ro.set("k", "w")
+
+
+def test_nopass_default_user_needs_no_auth(valkeys, start_gate):
+    p = start_gate("--backend", valkeys[0].addr, "--users", "default on nopass ~pub:* +@read +ping",
+                   "--users", ADMIN)
+    c = p.client(username=None, password=None)  # no AUTH: the default user
+    assert c.ping() is True and c.get("pub:x") is None
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        c.set("pub:x", "1")
+    assert p.client(username="admin", password="adminpw").set("pub:x", "1") is True
+    assert c.get("pub:x") == b"1"
+
+
+def test_backend_password_is_never_shown(start_server, start_gate, tmp_path):
+    secret = "b4ckend-s3cret"
+    backend = start_server("valkey")
+    backend.client().config_set("requirepass", secret)
+    log = tmp_path / "vproxy.log"
+    p = start_gate("--backend", backend.addr, "--backend-password", secret, "--log-level", "DEBUG",
+                   "--users", "app on >app-pw allkeys allcommands allchannels", "--users", ADMIN,
+                   log_path=log, cred=("app", "app-pw"))
+    c = p.client()
+    seen = []
+    for req in (("CONFIG", "GET", "*"), ("CONFIG", "GET", "requirepass"), ("CLIENT", "LIST"), ("INFO", "everything"),
+                ("ACL", "LIST"), ("ACL", "GETUSER", "app"), ("PROXY", "CONFIG", "GET", "*"), ("PROXY", "INFO")):
+        seen.append(repr(c.execute_command(*req)))
+    config = c.config_get("requirepass")
+    assert config["requirepass"] not in ("", secret)  # there is one, and it is hidden
+    with RawClient(p.port) as raw:  # RESP3 too
+        assert raw.call("HELLO", "3", "AUTH", "app", "app-pw").startswith(b"%")
+        seen.append(repr(raw.call("CONFIG", "GET", "requirepass")))
+    text = "\n".join(seen)
+    assert secret not in text and "app-pw" not in text
+    p.stop()
+    logged = log.read_text()
+    assert "learned" in logged  # the log was written
+    assert secret not in logged and "app-pw" not in logged and "adminpw" not in logged
+
+
+def test_refused_auth_is_audited(valkeys, start_gate, tmp_path):
+    p = start_gate("--backend", valkeys[0].addr, "--audit-dir", str(tmp_path), "--users", ADMIN)
+    with RawClient(p.port) as c:
+        assert c.call("AUTH", "admin", "guess").startswith(b"-WRONGPASS")
+
+    def refused():
+        path = tmp_path / "audit.jsonl"
+        recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in recs if r["command"] == "auth" and r["outcome"] == "refused"]
+    recs = wait_for(refused, what="the refused AUTH's record")
+    assert recs[0]["user"] == "admin" and recs[0]["error"] == "WRONGPASS"
+    assert "guess" not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_reload_applies_new_rules_to_live_sessions(valkeys, start_gate, tmp_path):
+    conf = tmp_path / "v.toml"
+    conf.write_text(f'backend = ["{valkeys[0].addr}"]\n[users]\nadmin = "{ADMIN.split(" ", 1)[1]}"\n'
+                    'bob = "on >bpw ~* +@all"\n')
+    p = start_gate("-c", str(conf))
+    admin = p.client()
+    bob = p.client(username="bob", password="bpw")
+    assert bob.set("k", "v") is True
+    conf.write_text(conf.read_text().replace('bob = "on >bpw ~* +@all"', 'bob = "on >bpw ~* +@read"'))
+    assert admin.execute_command("PROXY", "RELOAD")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        bob.set("k", "w")  # the same connection: its user's new rules
+    assert bob.get("k") == b"v"
+
+
+# ---- the rules themselves, and the plain path's predicate (unit) ----
+
+@pytest.fixture(scope="module")
+def table(valkeys):
+    t = CommandTable()
+    with RawClient(valkeys[0].port) as c:
+        assert t.learn(resp.decode(c.call("COMMAND"))) > 200
+    return t
+
+
+def test_plain_path_kept_for_allkeys_users(table):
+    """What an allkeys user may run goes out on the plain path unchecked; what it may not, and what
+    needs a key, database or channel check, takes the batch path."""
+    u = parse_user("u on >x allkeys +@all -flushall -debug")
+    fwd = u.predicate(table, True)
+    assert fwd(b"get", 2) and fwd(b"set", 3) and fwd(b"mget", 4) and fwd(b"ping", 1)
+    assert not fwd(b"flushall", 1) and not fwd(b"acl", 2) and not fwd(b"publish", 3)  # channels: none
+    assert not fwd(b"get", 5)  # a wrong arity: the table's own answer (batch path)
+    keyed = parse_user("k on >x ~app:* +@all").predicate(table, True)
+    assert not keyed(b"get", 2) and keyed(b"ping", 1) and keyed(b"echo", 2)
+    dbs = parse_user("d on >x allkeys +@all db=1")
+    assert dbs.predicate(table, True)(b"get", 2) and not dbs.predicate(table, False)(b"get", 2)
+    assert not dbs.predicate(table, True)(b"move", 3) and dbs.predicate(table, False)(b"ping", 1)
+    assert parse_user("all on nopass allkeys allchannels allcommands").everything
+
+
+def test_rules_parse_and_describe():
+    u = parse_user("x on >pw #" + "a" * 64 + " nopass resetpass >p2 ~a* %R~b* %W~c* resetkeys ~d* "
+                   "+@read -get +config|get allchannels db=0,3 rate=10")
+    assert u.enabled and not u.nopass and len(u.hashes) == 1 and u.rate == 10
+    assert u.describe().split()[2:] == ["~d*", "&*", "db=0,3", "-@all", "+@read", "-get", "+config|get", "rate=10"]
+    for bad in ("x on +@nosuch", "x on %X~a", "x on db=a", "x on #123", "x on whatever"):
+        with pytest.raises(ValueError):
+            parse_user(bad)
+    assert glob(b"a[b-c]?\\*").match(b"ac1*") and not glob(b"a[^b]").match(b"ab")
+
+
+def test_users_setting_keeps_only_hashes(tmp_path):
+    from vproxy.config import load
+    conf = tmp_path / "v.toml"
+    conf.write_text('[users]\nalice = "on >clear-text ~* +@all"\n')
+    cfg = load(["-c", str(conf)], env={})
+    assert "clear-text" not in repr(cfg.values) and cfg.users[0].startswith("alice on #")
+    env = load([], env={"VPROXY_USERS": "a on >x db=0,1; b off"})
+    assert [u.split()[0] for u in env.users] == ["a", "b"] and "db=0,1" in env.users[0]
+    from vproxy.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown rule"):
+        load(["--users", "a on bogus"], env={})
+    with pytest.raises(ConfigError, match="not both"):
+        load(["--users", "default on nopass", "--password", "x"], env={})
+
+
+def test_denials_counted(gated, valkeys):
+    before = gated.info()["acl_denied"]
+    with RawClient(gated.port) as c:
+        assert c.call("AUTH", "alice", "apw") == b"+OK\r\n"
+        for _ in range(3):
+            assert c.call("FLUSHALL").startswith(b"-NOPERM")
+        assert c.call("GET", "app:none") == b"$-1\r\n"
+    assert gated.info()["acl_denied"] == before + 3
+
+
+def test_cluster_mode(start_gate):
+    """Cluster mode: the one-key plain path and the batch path check the same rules."""
+    from clusterkit import Cluster
+    cluster = Cluster("valkey", 3, 0)
+    try:
+        p = start_gate("--mode", "cluster", "--backend", cluster.seeds[0], *_users_args())
+        carl = RawClient(p.port)
+        alice = RawClient(p.port)
+        assert carl.call("AUTH", "carl", "cpw") == b"+OK\r\n" and alice.call("AUTH", "alice", "apw") == b"+OK\r\n"
+        keys = [f"w:{j}" for j in range(30)]  # every node
+        carl.send(b"".join(E("SET", k, "v") for k in keys))
+        assert carl.read_n(30) == [b"+OK\r\n"] * 30
+        carl.send(b"".join(E("GET", k) for k in keys[:3]) + E("GET", "r:1") + E("SET", "r:1", "x"))
+        assert carl.read_n(5) == [NOPERM_KEY] * 3 + [b"$-1\r\n", NOPERM_KEY]  # %W~w:*, %R~r:*
+        assert carl.call("MSET", "w:a", "1", "r:b", "2") == NOPERM_KEY  # split across nodes: checked first
+        assert carl.call("MSET", "w:a", "1", "w:b", "2") == b"+OK\r\n"
+        assert carl.call("CONFIG", "GET", "x") == b"-NOPERM User carl has no permissions to run the 'config|get' command\r\n"
+        assert alice.call("GET", "app:1") == b"$-1\r\n" and alice.call("GET", "w:1") == NOPERM_KEY
+        assert alice.call("FLUSHALL") == b"-NOPERM User alice has no permissions to run the 'flushall' command\r\n"
+        full = p.client()
+        assert full.get("w:1") == b"v" and full.get("r:1") is None
+        carl.close()
+        alice.close()
+    finally:
+        cluster.stop()
+
+
+def test_conf_example_loads():
+    from pathlib import Path
+
+    from vproxy.config import load
+    cfg = load(["-c", str(Path(__file__).resolve().parent.parent / "conf" / "users.toml")], env={})
+    assert [u.split()[0] for u in cfg.users] == ["admin", "app", "report", "cache", "default"]
+    assert "app-secret" not in repr(cfg.values)

@@ -1,0 +1,556 @@
+"""Users at the proxy: vproxy is the gate; named users with Redis ACL rules, checked before a request leaves.
+
+    setting `users` ("alice on >pw ~app:* +@read db=0") and `password` (the default user's)
+        -> Gate: ProxyUser by name (passwords held as SHA-256 hashes only)
+    AUTH / HELLO AUTH -> Gate.authenticate -> bind(session, user):
+        session.proxy_user  the user (ACL WHOAMI, CLIENT LIST user=, audit records)
+        session.acl         the user when it has anything to check, else None (nothing to do)
+        session.forwards    what the plain path may send unchecked (a per-name cache of the user's)
+    batch path: ClientSession.dispatch -> ProxyUser.check(session, name, args) -> -NOPERM text or None
+
+Every session of a gated proxy runs on the backend as vproxy's own backend user; the proxy users
+exist only here. The checks follow the server's (valkey 9 / Redis 7): the database first (valkey's
+`db=`), then the command (with its subcommand and ACL categories from the learned COMMAND table),
+then the keys (positions from keyspec.py, read/write from the learned key specs), then channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+from . import errors as E
+from . import resp
+from .keyspec import CONTAINER_KEY, key_positions
+from .limits import Bucket
+
+NOPERM_KEY = "NOPERM No permissions to access a key"
+NOPERM_DB = "NOPERM No permissions to access database"
+NOPERM_CHANNEL = "NOPERM No permissions to access a channel"
+R, W = 1, 2
+CATEGORIES = frozenset(["keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap",
+                        "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
+                        "dangerous", "connection", "transaction", "scripting"])
+# Commands no rule can deny (the server's no_auth flag): a session can always authenticate and leave.
+_NO_AUTH = frozenset([b"auth", b"hello", b"quit", b"reset"])
+# Commands whose arguments name channels: position of the first, and whether they are patterns.
+_CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1, False),
+             b"spublish": (1, False), b"psubscribe": (1, True)}
+# Keyless commands that work on the selected database (before the table names them @keyspace).
+_DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
+# vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
+_OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def glob(pattern: bytes) -> re.Pattern:
+    """The server's glob (stringmatchlen): * ? [abc] [^a-z] and \\ escapes, as a compiled regex."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i:i + 1]
+        i += 1
+        if c == b"*":
+            out.append(b".*")
+        elif c == b"?":
+            out.append(b".")
+        elif c == b"\\" and i < n:
+            out.append(re.escape(pattern[i:i + 1]))
+            i += 1
+        elif c == b"[" and pattern.find(b"]", i) > 0:
+            end = pattern.find(b"]", i)
+            body, i = pattern[i:end], end + 1
+            neg = body[:1] == b"^"
+            parts = []
+            j = 1 if neg else 0
+            while j < len(body):
+                ch = body[j:j + 1]
+                if ch == b"\\" and j + 1 < len(body):
+                    j += 1
+                    ch = body[j:j + 1]
+                elif ch == b"-" and parts and j + 1 < len(body):
+                    parts.append(b"-")
+                    j += 1
+                    continue
+                parts.append(re.escape(ch))
+                j += 1
+            out.append(b"[" + (b"^" if neg else b"") + b"".join(parts) + b"]" if parts else b"(?!)")
+        else:
+            out.append(re.escape(c))
+    return re.compile(b"".join(out) + b"\\Z", re.S)
+
+
+def sha256(password: bytes) -> str:
+    return hashlib.sha256(password).hexdigest()
+
+
+class ProxyUser:
+    """One configured user: its rules parsed (see parse), and what it may do."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.enabled = False
+        self.nopass = False
+        self.hashes: list[str] = []
+        self.commands: list = []  # (allow, kind, what) in order: kind all | cat | cmd | sub
+        self.keys: list = []  # (perms, regex, text)
+        self.channels: list | None = []  # regexes; None: every channel
+        self.channel_text: list[str] = []
+        self.dbs: frozenset | None = None  # None: every database
+        self.rate = 0.0  # vproxy's `rate=N`: requests per second, all its clients together
+        self.bucket: Bucket | None = None
+        self._runs: dict = {}  # (name, sub) -> may run (from the command table: cleared by relearn)
+        self.preds: dict = {}  # db allowed? -> the plain path's predicate (see predicate)
+
+    # ---- rules ----
+
+    def apply(self, rule: str) -> None:
+        """One rule, in Redis ACL syntax (plus db=, alldbs, resetdbs as valkey 9, and rate=N)."""
+        low = rule.lower()
+        if low in ("on", "off"):
+            self.enabled = low == "on"
+        elif low == "nopass":
+            self.nopass, self.hashes = True, []
+        elif low == "resetpass":
+            self.nopass, self.hashes = False, []
+        elif rule[:1] in (">", "<"):
+            h = sha256(rule[1:].encode())
+            self._password(rule[0] == ">", h)
+        elif rule[:1] in ("#", "!"):
+            if not _HEX.fullmatch(rule[1:].lower()):
+                raise ValueError(f"'{rule[0]}' must be followed by a SHA-256 hash (64 hex digits)")
+            self._password(rule[0] == "#", rule[1:].lower())
+        elif low in ("allcommands", "+@all", "nocommands", "-@all"):
+            self.commands.append((low in ("allcommands", "+@all"), "all", None))
+        elif rule[:2] in ("+@", "-@"):
+            if low[2:] not in CATEGORIES:
+                raise ValueError(f"unknown command category '{rule[2:]}'")
+            self.commands.append((rule[0] == "+", "cat", "@" + low[2:]))
+        elif rule[:1] in ("+", "-") and len(rule) > 1:
+            name, _, sub = low[1:].encode().partition(b"|")
+            self.commands.append((rule[0] == "+", "sub" if sub else "cmd", (name, sub) if sub else name))
+        elif low == "allkeys":
+            self._key("~*")
+        elif low == "resetkeys":
+            self.keys = []
+        elif rule[:1] == "~" or rule[:1] == "%":
+            self._key(rule)
+        elif low == "allchannels":
+            self.channels, self.channel_text = None, ["&*"]
+        elif low == "resetchannels":
+            self.channels, self.channel_text = [], []
+        elif rule[:1] == "&":
+            if rule == "&*":
+                self.channels, self.channel_text = None, ["&*"]
+            elif self.channels is not None:
+                self.channels.append(glob(rule[1:].encode()))
+                self.channel_text.append(rule)
+        elif low in ("alldbs", "resetdbs"):
+            self.dbs = None if low == "alldbs" else frozenset()
+        elif low.startswith("db="):
+            dbs = [int(d) for d in low[3:].split(",") if d.strip().isdigit()]
+            if len(dbs) != len(low[3:].split(",")):
+                raise ValueError(f"'{rule}': db= takes database numbers separated by commas (db=0,1)")
+            self.dbs = (self.dbs or frozenset()) | frozenset(dbs)
+        elif low.startswith("rate="):
+            self.rate = float(low[5:])
+            if self.rate < 0:
+                raise ValueError(f"'{rule}': a rate is >= 0 requests per second")
+        elif low == "reset":
+            self.__init__(self.name)
+        elif rule[:1] == "(" or low == "clearselectors":
+            raise ValueError(f"'{rule}': selectors are not supported at the proxy")
+        else:
+            raise ValueError(f"unknown rule '{rule}'")
+
+    def _password(self, add: bool, h: str) -> None:
+        if add:
+            self.nopass = False
+            if h not in self.hashes:
+                self.hashes.append(h)
+        elif h in self.hashes:
+            self.hashes.remove(h)
+
+    def _key(self, rule: str) -> None:
+        perms, _, pattern = rule.partition("~")
+        flags = perms[1:].upper() if perms else "RW"
+        if perms and (perms[:1] != "%" or not flags or set(flags) - {"R", "W"}):
+            raise ValueError(f"'{rule}': key permissions are ~pattern, %R~pattern, %W~pattern or %RW~pattern")
+        bits = (R if "R" in flags else 0) | (W if "W" in flags else 0)
+        text = ("~" if bits == R | W else f"%{flags}~") + pattern
+        self.keys.append((bits, glob(pattern.encode()), text))
+
+    def describe(self) -> str:
+        """The rules as ACL LIST shows them (passwords as their hashes)."""
+        parts = ["on" if self.enabled else "off"]
+        parts += ["nopass"] if self.nopass else [f"#{h}" for h in self.hashes]
+        parts += [k[2] for k in self.keys]
+        parts += self.channel_text or ["resetchannels"]
+        if self.dbs is not None:
+            parts.append("db=" + ",".join(str(d) for d in sorted(self.dbs)) if self.dbs else "resetdbs")
+        cmds = []
+        for allow, kind, what in self.commands:
+            sign = "+" if allow else "-"
+            if kind == "all":
+                cmds = [f"{sign}@all"]  # the later rules start over from here
+            elif kind == "cat":
+                cmds.append(sign + what)
+            else:
+                cmds.append(sign + (what.decode() if kind == "cmd" else b"|".join(what).decode()))
+        parts += cmds if cmds and cmds[0] in ("+@all", "-@all") else ["-@all", *cmds]
+        if self.rate:
+            parts.append(f"rate={self.rate:g}")
+        return " ".join(parts)
+
+    # ---- what it may do ----
+
+    @property
+    def everything(self) -> bool:
+        """Nothing to check: every command, key, channel and database."""
+        return (self.all_commands and self.all_keys and self.channels is None and self.dbs is None)
+
+    @property
+    def all_commands(self) -> bool:
+        return bool(self.commands) and self.commands[-1][:2] == (True, "all")
+
+    @property
+    def all_keys(self) -> bool:
+        return any(bits == R | W and rx.pattern == b".*\\Z" for bits, rx, _ in self.keys)
+
+    def may_run(self, table, name: bytes, sub: bytes | None) -> bool:
+        """The command rules, replayed in order for this command (cached per command and subcommand)."""
+        key = (name, sub)
+        ok = self._runs.get(key)
+        if ok is None:
+            cmd = table.get(name)
+            if cmd is not None and sub is not None and cmd.subs and sub in cmd.subs:
+                cmd = cmd.subs[sub]
+            cats = cmd.acl if cmd is not None else _OWN_CATEGORIES.get(name, frozenset())
+            ok = False
+            for allow, kind, what in self.commands:
+                if kind == "all" or (kind == "cat" and what in cats) or (kind == "cmd" and what == name) \
+                        or (kind == "sub" and what == key):
+                    ok = allow
+            if len(self._runs) < 4096:  # names are the clients': bound the cache
+                self._runs[key] = ok
+        return ok
+
+    def check(self, s, name: bytes, args: list) -> str | None:
+        """None when the session may run this request, else the server's -NOPERM text."""
+        table = s.app.commands
+        cmd = table.get(name)
+        if self.dbs is not None and not self._db_ok(cmd, name, args, s.db):
+            return NOPERM_DB
+        if name in _NO_AUTH or (cmd is not None and "no_auth" in cmd.flags):
+            return None
+        sub = None
+        if cmd is not None and cmd.subs and len(args) > 1:
+            sub = args[1].lower()
+            if sub not in cmd.subs:
+                sub = None
+        if not self.may_run(table, name, sub):
+            shown = name.decode(errors="replace") + ("|" + sub.decode() if sub is not None else "")
+            return f"NOPERM User {self.name} has no permissions to run the '{shown}' command"
+        if not self.all_keys and not self._keys_ok(cmd, name, sub, args):
+            return NOPERM_KEY
+        if self.channels is not None and name in _CHANNELS and not self._channels_ok(name, args):
+            return NOPERM_CHANNEL
+        return None
+
+    def _keys_ok(self, cmd, name: bytes, sub, args: list) -> bool:
+        positions = key_positions(cmd, name, args)
+        if positions is None:  # keys only the server could tell: refused rather than guessed
+            return False
+        spec_cmd = cmd.subs[sub] if sub is not None and name in CONTAINER_KEY else cmd
+        for pos in positions:
+            need = key_perm(spec_cmd, name, pos, args)
+            key = args[pos]
+            if not any(bits & need == need and rx.match(key) for bits, rx, _ in self.keys):
+                return False
+        return True
+
+    def _channels_ok(self, name: bytes, args: list) -> bool:
+        first, literal = _CHANNELS[name]
+        chans = args[first:first + 1] if name in (b"publish", b"spublish") else args[first:]
+        if literal:  # a pattern subscription needs that very pattern allowed, as on the server
+            return all(any(t == "&" + c.decode(errors="replace") for t in self.channel_text) for c in chans)
+        return all(any(rx.match(c) for rx in self.channels) for c in chans)
+
+    def _db_ok(self, cmd, name: bytes, args: list, db: int) -> bool:
+        dbs = self.dbs
+        target = _CROSS_DB.get(name)
+        if target is not None:
+            wanted = target(args)
+            if wanted is _ALL:
+                return False
+            if any(d not in dbs for d in wanted):
+                return False
+            if name in (b"select", b"swapdb"):
+                return True
+        return db in dbs or not db_scoped(cmd, name)
+
+    # ---- the plain path ----
+
+    def plain_ok(self, table, name: bytes, db_ok: bool) -> bool:
+        """May every request of this name go out unchecked (whatever its arguments)?"""
+        if name == b"acl":
+            return False
+        cmd = table.get(name)
+        if cmd is not None and cmd.subs and not self.all_commands:
+            return False  # subcommands may be ruled apart
+        if not self.may_run(table, name, None):
+            return False
+        if not self.all_keys and has_keys(cmd, name):
+            return False
+        if self.dbs is not None and (name in _CROSS_DB or (not db_ok and db_scoped(cmd, name))):
+            return False
+        return self.channels is None or name not in _CHANNELS
+
+    def predicate(self, table, db_ok: bool):
+        """The session's `forwards` (plain.py): the table's, narrowed to what needs no check."""
+        pred = self.preds.get(db_ok)
+        if pred is None:
+            cache: dict = {}  # name -> (arity, may go unchecked): emptied with the table's own (narrowed)
+            table.narrowed.append(cache)
+
+            def pred(name: bytes, nargs: int) -> bool:  # CommandTable.forwards' shape: one lookup
+                spec = cache.get(name)
+                if spec is None:
+                    _, arity, ok = table.plain_spec(name)
+                    spec = (arity, ok and self.plain_ok(table, name, db_ok))
+                    if len(cache) < 4096:  # names are the clients'
+                        cache[name] = spec
+                arity = spec[0]
+                return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
+            self.preds[db_ok] = pred
+        return pred
+
+    def relearned(self) -> None:
+        """The command table changed (learned from the backend): forget what was derived from it."""
+        self._runs.clear()
+
+
+_ALL = object()
+
+
+def _int_arg(args: list, i: int) -> list:
+    n = resp.string2ll(args[i]) if len(args) > i else None
+    return [] if n is None else [n]
+
+
+def _copy_db(args: list) -> list:
+    low = [a.lower() for a in args]
+    return _int_arg(args, low.index(b"db") + 1) if b"db" in low[3:] else []
+
+
+# Commands that name other databases: the ones they need (as valkey checks them).
+_CROSS_DB = {
+    b"select": lambda a: _int_arg(a, 1),
+    b"swapdb": lambda a: _int_arg(a, 1) + _int_arg(a, 2),
+    b"move": lambda a: _int_arg(a, 2),
+    b"copy": _copy_db,
+    b"flushall": lambda a: _ALL,
+}
+
+
+def has_keys(cmd, name: bytes) -> bool:
+    if cmd is None:
+        return True  # unknown to the table: checked (the server will say what it is)
+    return cmd.first_key > 0 or "movablekeys" in cmd.flags or name in CONTAINER_KEY or bool(cmd.specs)
+
+
+def db_scoped(cmd, name: bytes) -> bool:
+    """Does the command work on the selected database (its keys, or the keyspace)?"""
+    return has_keys(cmd, name) or name in _DB_KEYLESS or (cmd is not None and "@keyspace" in cmd.acl)
+
+
+def key_perm(cmd, name: bytes, pos: int, args: list) -> int:
+    """What a key at argument pos needs: R (the key spec says access), W (insert, update, delete),
+    both, or neither (any matching pattern will do), as the server's ACLSelectorCheckKey."""
+    specs = cmd.specs if cmd is not None else ()
+    if not specs:  # the built-in table: the command's flags
+        flags = cmd.flags if cmd is not None else frozenset()
+        return (W if "write" in flags else 0) | (R if "readonly" in flags else 0)
+    vary = _VARIABLE.get(name)
+    if vary is not None:  # flags that depend on the arguments (the server's own getkeys functions)
+        return vary([a.lower() for a in args[2:]])
+    nargs, loose, union = len(args), 0, 0
+    for flags, index, last, step in specs:
+        need = (R if "access" in flags else 0) | (W if flags & _WRITES else 0)
+        if index is not None and last is not None:
+            end = index + last if last >= 0 else nargs + last
+            if index <= pos <= end and (pos - index) % (step or 1) == 0:
+                return need
+        else:
+            loose |= need  # a keyword or key-count spec (STORE key, numkeys): not placed here
+        union |= need
+    return loose or union
+
+
+_VARIABLE = {
+    b"set": lambda rest: R | W if b"get" in rest else W,
+    b"bitfield": lambda rest: R | W if b"set" in rest or b"incrby" in rest else R,
+}
+_WRITES = frozenset(["insert", "update", "delete"])
+
+
+class Gate:
+    """The proxy's users (setting `users`, and `password` as the default user's)."""
+
+    def __init__(self, cfg):
+        self.users: dict[str, ProxyUser] = {}
+        for line in cfg.users:
+            user = parse_user(line)
+            self.users[user.name] = user
+        if cfg.password and "default" not in self.users:
+            d = ProxyUser("default")
+            for rule in ("on", "#" + sha256(cfg.password.encode()), "allkeys", "allchannels", "allcommands"):
+                d.apply(rule)
+            self.users["default"] = d
+        for user in self.users.values():
+            if user.rate:
+                user.bucket = Bucket(user.rate, user.rate)
+
+    def start(self, s) -> None:
+        """A new (or RESET) session: the default user when it needs no password, else not authenticated."""
+        d = self.users.get("default")
+        if d is not None and d.enabled and d.nopass:
+            bind(s, d)
+            s.authed = True
+        else:
+            bind(s, None)
+            s.authed = False
+
+    def authenticate(self, s, user: bytes | None, password: bytes) -> str | None:
+        """None when accepted (the session now runs as that user), else the error to answer."""
+        u = self.users.get("default" if user is None else user.decode(errors="replace"))
+        if u is None or not u.enabled:
+            return E.WRONGPASS
+        if not u.nopass:
+            h = sha256(password)
+            if not any(hmac.compare_digest(h, x) for x in u.hashes):
+                return E.WRONGPASS
+        bind(s, u)
+        return None
+
+    def relearned(self) -> None:
+        for u in self.users.values():
+            u.relearned()
+
+
+def bind(s, user: ProxyUser | None) -> None:
+    """The session runs as user (None: nobody yet): its checks and its plain-path predicate."""
+    s.proxy_user = user
+    s.acl = None if user is None or user.everything else user
+    table = s.app.commands
+    if s.acl is None:
+        s.forwards = table.forwards
+    else:
+        s.forwards = user.predicate(table, user.dbs is None or s.db in user.dbs)
+    s.set_buckets()
+
+
+def parse_user(line: str) -> ProxyUser:
+    """'alice on >secret ~app:* +@read' -> ProxyUser (ValueError naming the bad rule)."""
+    words = str(line).split()
+    if not words:
+        raise ValueError("an empty user")
+    user = ProxyUser(words[0])
+    for rule in words[1:]:
+        user.apply(rule)
+    return user
+
+
+def normalize(lines: list) -> list:
+    """The `users` setting as kept: each line checked, its clear-text passwords (>pw, <pw) replaced by
+    their hashes (#hash, !hash), so that no clear-text password stays in the settings."""
+    out, names = [], set()
+    for line in lines:
+        words = str(line).split()
+        try:
+            parse_user(line)
+        except ValueError as e:
+            raise ValueError(f"user '{words[0] if words else ''}': {e}") from None
+        if words[0] in names:
+            raise ValueError(f"user '{words[0]}' is defined twice")
+        names.add(words[0])
+        out.append(" ".join([words[0]] + [_hashed(w) for w in words[1:]]))
+    return out
+
+
+def _hashed(rule: str) -> str:
+    if rule[:1] == ">":
+        return "#" + sha256(rule[1:].encode())
+    if rule[:1] == "<":
+        return "!" + sha256(rule[1:].encode())
+    return rule
+
+
+# ---- ACL ... answered from the proxy's users ----
+
+_ACL_OWN = frozenset([b"setuser", b"deluser", b"load", b"save", b"log", b"dryrun"])
+
+
+def acl_command(s, i, args, raw, batch) -> None:
+    """ACL WHOAMI / USERS / LIST / GETUSER from the proxy's users; the rest of ACL that would touch the
+    backend's users is refused (CAT, GENPASS, HELP go to the backend)."""
+    gate = s.app.gate
+    if gate is None:
+        return s.forward(i, raw, batch, b"acl", args)
+    sub = args[1].lower() if len(args) > 1 else b""
+    users = gate.users
+    if sub == b"whoami" and len(args) == 2:
+        batch.replies[i] = resp.bulk(s.proxy_user.name if s.proxy_user is not None else "default")
+    elif sub == b"users" and len(args) == 2:
+        batch.replies[i] = resp.value(sorted(users), s.proto)
+    elif sub == b"list" and len(args) == 2:
+        batch.replies[i] = resp.value([f"user {n} {users[n].describe()}" for n in sorted(users)], s.proto)
+    elif sub == b"getuser" and len(args) == 3:
+        u = users.get(args[2].decode(errors="replace"))
+        batch.replies[i] = resp.null(s.proto) if u is None else resp.value(_getuser(u), s.proto)
+    elif sub in _ACL_OWN:
+        s.refuse(batch, i, f"ERR vproxy: users are vproxy's configuration (setting 'users'): ACL "
+                           f"{sub.decode(errors='replace').upper()} is not available through the proxy")
+    else:
+        s.forward(i, raw, batch, b"acl", args)
+
+
+def _getuser(u: ProxyUser) -> dict:
+    words = u.describe().split()
+    return {
+        "flags": ["on" if u.enabled else "off"] + (["nopass"] if u.nopass else []),
+        "passwords": list(u.hashes),
+        "commands": " ".join(w for w in words if w[:1] in "+-"),
+        "keys": " ".join(k[2] for k in u.keys),
+        "channels": " ".join(u.channel_text),
+        "databases": "alldbs" if u.dbs is None else ",".join(str(d) for d in sorted(u.dbs)),
+        "selectors": [],
+    }
+
+
+# ---- the backend's secrets: never shown to a proxy user ----
+
+_SECRET_CONFIG = frozenset([b"requirepass", b"masterauth", b"masteruser", b"tls-key-file-pass",
+                            b"tls-client-key-file-pass"])
+HIDDEN = b"(hidden by vproxy)"
+
+
+def hide_config_secrets(s, i: int, args: list) -> None:
+    """CONFIG GET through a gated proxy: the backend's passwords (requirepass, masterauth ...) are
+    vproxy's secrets, not its users': their values are replaced in the reply."""
+    if s.app.gate is not None and len(args) > 2 and args[1].lower() == b"get":
+        s.post.append((i, _hide))
+
+
+def _hide(frame: bytes) -> bytes:
+    if frame[:1] not in (b"*", b"%") or not any(n in frame for n in _SECRET_CONFIG):
+        return frame
+    v = resp.decode(frame)
+    if isinstance(v, dict):
+        return resp.value({k: HIDDEN if k in _SECRET_CONFIG and x else x for k, x in v.items()}, 3)
+    if isinstance(v, list):
+        for j in range(0, len(v) - 1, 2):
+            if v[j] in _SECRET_CONFIG and v[j + 1]:
+                v[j + 1] = HIDDEN
+        return resp.value(v, 2)
+    return frame
