@@ -32,6 +32,22 @@ from conftest import free_port, stop_process, wait_for  # noqa: E402
 KEYSPACE = ("-r", "100000")
 
 
+def children_cpu(pid: int) -> float:
+    """CPU seconds of pid's living child processes (the audit log's writer process, for one)."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return 0.0
+    for k in kids:
+        try:
+            total += cpu_seconds(k)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 def start(src: str, backend_args: list[str], extra: list[str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=src)
@@ -50,6 +66,26 @@ def start(src: str, backend_args: list[str], extra: list[str]) -> tuple[subproce
             return False
     wait_for(up, 30, what=f"vproxy from {src}")
     return proc, port
+
+
+def proxy_info(port: int) -> dict:
+    """INFO proxy of a vproxy, as text fields."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"INFO proxy\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 2 + int(data[1:data.index(b"\r\n")]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    lines = data.decode(errors="replace").split("\r\n")[1:]
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def kid_cpu(kids: dict) -> str:
+    """The child processes' CPU per request (when there is any), as a suffix."""
+    a, b = statistics.median(kids["A"]), statistics.median(kids["B"])
+    return f"; child processes A {a:.2f}, B {b:.2f}" if a or b else ""
 
 
 def main(argv=None) -> int:
@@ -91,18 +127,25 @@ def main(argv=None) -> int:
                 continue
             n = args.requests * mult
             for cmd in ("GET", "SET"):
-                ratios, cpu = [], {"A": [], "B": []}
+                ratios, cpu, kids = [], {"A": [], "B": []}, {"A": [], "B": []}
                 for r in range(args.rounds):
                     rps = {}
                     for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
                         proc, port = procs[name]
-                        c0 = cpu_seconds(proc.pid)
+                        c0, k0 = cpu_seconds(proc.pid), children_cpu(proc.pid)
                         rps[name] = run_redis_benchmark(port, clients, pipeline, n, cmd, KEYSPACE)["rps"]
                         cpu[name].append((cpu_seconds(proc.pid) - c0) * 1e6 / n)
+                        kids[name].append((children_cpu(proc.pid) - k0) * 1e6 / n)
                     ratios.append(rps["B"] / rps["A"])
                 print(f"{label:8} {cmd}: B/A throughput {statistics.median(ratios):.3f} "
                       f"(rounds {' '.join(f'{x:.2f}' for x in ratios)}); CPU us/req A "
-                      f"{statistics.median(cpu['A']):.2f}, B {statistics.median(cpu['B']):.2f}", flush=True)
+                      f"{statistics.median(cpu['A']):.2f}, B {statistics.median(cpu['B']):.2f}"
+                      f"{kid_cpu(kids)}", flush=True)
+        for name, (proc, port) in procs.items():  # the audit log's figures, when it is on
+            info = proxy_info(port)
+            if "audit_enabled" in info and info["audit_enabled"] == "1":
+                print(f"# {name}: " + ", ".join(f"{k} {info[k]}" for k in ("audit_records", "audit_dropped",
+                                                                            "audit_write_errors")), flush=True)
     finally:
         stack.close()
     return 0

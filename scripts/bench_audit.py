@@ -4,7 +4,7 @@
     python scripts/bench_audit.py                 # 500,000 records, ~1 minute
     python scripts/bench_audit.py --records 100000 --repeat 1
 
-It writes records with the proxy's own writer code (vproxy.audit.Audit._line) into a temp
+It writes records with the audit writer's own code (vproxy.auditwriter.Writer.lines) into a temp
 directory, as vproxy leaves them: rotated, gzipped files plus the active audit.jsonl, then runs the
 reader (vproxy.auditquery.main, in this process, output to /dev/null) over them: every record as
 JSON, a table, a filtered query, and --summary. It prints records read per second for each (best
@@ -27,9 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vproxy import auditquery
-from vproxy.audit import Audit
-from vproxy.commands import CommandTable
-from vproxy.config import load
+from vproxy.auditwriter import OUTCOMES, Writer
 
 COMMANDS = [(b"set", 3), (b"del", 2), (b"hset", 4), (b"lpush", 3), (b"expire", 3), (b"incr", 2),
             (b"get", 2), (b"flushdb", 1)]
@@ -38,20 +36,21 @@ CLIENTS = [(i, (f"10.0.{i % 7}.{i}", 40000 + i), b"app-%d" % (i % 5)) for i in r
 
 def generate(d: str, n: int, files: int) -> int:
     """n records over `files` files (the last one the active, uncompressed); returns total bytes."""
-    cfg = load(["--audit-dir", d])
-    audit = Audit(cfg, CommandTable(), "bench-node:7777")
+    writer = Writer({"dir": d, "node": "bench-node:7777", "default_user": "default", "secret": None,
+                     "rotate_size": 0, "rotate_age": 0, "keep_seconds": 0, "keep_files": 0, "compress": True})
     rnd = random.Random(7)
     start = time.time() - n / 1000  # 1,000 records per second
     per = -(-n // files)
-    lines = []
+    recs = []
     for i in range(n):
         name, argc = rnd.choice(COMMANDS)
         cid, addr, cname = rnd.choice(CLIENTS)
-        args = [name] + [b"user:%d" % rnd.randrange(100000)] + [b"v" * 20] * (argc - 2)
-        outcome, err = ("error", "WRONGTYPE") if i % 97 == 0 else ("ok", None)
-        rec = (start + i / 1000, cid, addr, cname, b"redis-py", b"5.0.1", None, 0, name, args[:argc], 40 + argc * 10,
-               ("10.0.0.5", 6379), rnd.randrange(50, 3000), outcome, err)
-        lines.append(audit._line(rec))
+        keys = [b"user:%d" % rnd.randrange(100000)] if argc > 1 else []
+        outcome, err = (OUTCOMES.index("error"), "WRONGTYPE") if i % 97 == 0 else (0, None)
+        t = start + i / 1000
+        recs.append([t, (cid, addr, cname, b"redis-py", b"5.0.1", None, 0), name, None, keys, argc, 40 + argc * 10,
+                     ("10.0.0.5", 6379), t + rnd.randrange(50, 3000) / 1e6, outcome, err, None])
+    lines = writer.lines(recs).splitlines(keepends=True)
     total = 0
     for f in range(files):
         chunk = "".join(lines[f * per:(f + 1) * per]).encode()

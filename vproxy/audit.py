@@ -1,87 +1,59 @@
-"""The audit log: one JSON line per recorded request, written off the request path, rotated and kept.
+"""The audit log: one JSON line per recorded request, made on the proxy, written by a child process.
 
-    ClientSession.process (batch path; recorded commands never take the plain path: CommandTable.audited)
-      -> Audit.begin (selected? then an Entry: time, db, command, args) -> dispatch -> Entry.target
-      -> ClientSession.flush: the reply is known -> Audit.finish -> a record tuple
-      -> Audit.put: a bounded deque (full: dropped and counted, a rate-limited log line)
-      -> writer thread (a native thread, not a greenlet): JSON lines -> DIR/audit.jsonl, one write
-         per batch; past the size or age limit: renamed audit-<UTC>.jsonl, gzipped, old ones deleted
+    standalone plain path: AuditTrack (the outbox's track) notes each request as it is sent (add_many)
+      and makes its record as its reply is written (written)
+    batch path (ClientSession.process): Audit.begin (an Entry) -> dispatch -> ClientSession.flush
+      -> Audit.finish (the record)
+    -> Audit.put / put_many: the record, a small list (auditwriter.RECORD), joins the current batch
+       (bounded: past audit_queue records queued or in the pipe, dropped and counted)
+    -> every 10 ms (a loop timer): the batch, marshalled, in one non-blocking write on a pipe
+       (full: the batch is dropped and counted; the loop never waits)
+    -> the writer process (python -m vproxy.auditwriter): JSON lines, rotation, gzip, retention;
+       it reports what it wrote on a second pipe, read by a loop watcher
 
-Why a native thread and not loguru's `enqueue`: loguru's queue is unbounded (a slow disk would grow
-memory), its locks are the monkey-patched gevent ones (not safe in a native thread) and its global
-logger would mix audit records into the log's sinks. The deque is thread-safe (append and popleft
-are atomic), so the event loop never takes a lock and never waits for the disk: the writer polls.
+Why a process: formatting a JSON line, writing and compressing cost ~2.5 us per record, which a
+thread would take from the proxy's own core and GIL. Why not fork: the proxy runs gevent (a fork
+would copy its hub and greenlets); the child is a fresh interpreter that imports the standard
+library only. It ends when its pipe closes (vproxy stopped or died); if it dies first, vproxy
+counts the records it had not written as dropped, logs it, and starts a new one (at most one a
+second): `audit_writer_restarts` in INFO proxy.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import hmac
+import fcntl
+import marshal
 import os
-import re
-import shutil
 import socket
+import subprocess
+import sys
 from collections import deque
-from json.encoder import encode_basestring as _js
-from time import gmtime, monotonic, strftime, time
+from time import monotonic, time
 
-from gevent import monkey
+import gevent
+from gevent.hub import get_hub
 from loguru import logger
 
+from .auditwriter import ACTIVE, ROTATED, Frames, frame, key_hash  # noqa: F401 - ACTIVE, ROTATED: auditquery's
 from .config import check_classes, parse_amounts
 from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
 from .ratelog import RateLog
 
-ACTIVE = "audit.jsonl"
-ROTATED = re.compile(r"^audit-(\d{8}T\d{6}\.\d{6}Z)\.jsonl(\.gz)?$")
 _OWN_CONTAINERS = (b"proxy",)  # vproxy's own commands with subcommands (CommandTable.subcommand)
-SMALL = 512  # a request up to this size is queued as it is (its keys picked out by the writer)
 VALUE_MAX = 256  # audit_values: bytes kept of each argument (the rest is counted, not written)
 # arguments from this position on may hold secrets (passwords): written as "(redacted)"
 _REDACT = {b"auth": 1, b"migrate": 1, b"acl": 3, b"config": 3}
-
-_sleep = monkey.get_original("time", "sleep")
-_start_thread = monkey.get_original("_thread", "start_new_thread")
-
-
-def key_hash(secret: bytes, key: bytes) -> str:
-    """The keyed hash written instead of a key (audit_hash_keys): HMAC-SHA256, 16 hex digits."""
-    return hmac.new(secret, key, hashlib.sha256).hexdigest()[:16]
+OK, ERROR, REFUSED, SENT = range(4)  # a record's outcome (auditwriter.OUTCOMES)
+FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to the writer
+FLUSH_AT = 2048  # records: a batch this big goes at once
+CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
+PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
+_PLANS = "audit plans"  # CommandTable.derived: name as sent -> its plan (Audit.plan); emptied when the table changes
 
 
-def _text(b) -> str:
-    return b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else str(b)
-
-
-def _fmt_addr(addr) -> str:
-    if not addr:
-        return ""
-    if isinstance(addr, str):
-        return addr
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _Picked:
-    """What a record needs of a request's arguments (picked on the loop for big requests)."""
-
-    __slots__ = ("argc", "keys", "sub", "values")
-
-    def __init__(self, sub, keys, values, argc):
-        self.sub, self.keys, self.values, self.argc = sub, keys, values, argc
-
-
-class Entry:
-    """A recorded request between dispatch and its reply."""
-
-    __slots__ = ("args", "batch", "client", "db", "idx", "name", "size", "start", "target")
-
-    def __init__(self, batch, idx, name, args, size, s):
-        self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
-        self.db, self.client = s.db, (s.name, s.lib_name, s.lib_ver, audit_user(s))
-        self.start = time()
-        self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
+def who(s) -> tuple:
+    """The client's part of a record: (client id, address, name, lib name, lib version, user, db)."""
+    return (s.id, s.addr, s.name, s.lib_name, s.lib_ver, audit_user(s), s.db)
 
 
 def audit_user(s) -> bytes | None:
@@ -94,9 +66,30 @@ def audit_user(s) -> bytes | None:
     return user.user if user is not None else None
 
 
+class Entry:
+    """A recorded request between dispatch and its reply (the batch path)."""
+
+    __slots__ = ("args", "batch", "idx", "name", "rec", "size", "start", "target", "who")
+
+    def __init__(self, batch, idx, name, args, size, s):
+        self.batch, self.idx, self.name, self.args, self.size = batch, idx, name, args, size
+        self.who = who(s)
+        self.start = time()
+        self.target = None  # where it went: an address, a cluster Sub (its address when answered), None
+        self.rec = None
+
+    @classmethod
+    def held(cls, batch, idx: int, rec: list) -> Entry:
+        """A plain request whose reply was held (HA, cluster: see AuditTrack.drop): its record, made
+        when it was sent, is completed by the batch path."""
+        e = cls.__new__(cls)
+        e.batch, e.idx, e.rec, e.target = batch, idx, rec, rec[7]
+        return e
+
+
 class Audited:
-    """Mixin of ClientSession: recorded requests (never on the plain path: CommandTable.audited) are
-    noted as they are dispatched and recorded when their replies are written (flush)."""
+    """Mixin of ClientSession: recorded requests on the batch path are noted as they are dispatched
+    and recorded when their replies are written (flush)."""
 
     def _dispatch_audited(self, part: list, batch) -> None:
         """dispatch, noting each recorded request and where it went; recorded in flush."""
@@ -122,70 +115,138 @@ class Audited:
         audit, keep = self.app.audit, []
         for e in self.audits:
             if e.batch is batch and e.idx < upto:
-                audit.finish(self, e, batch.replies[e.idx])
+                audit.finish(e, batch.replies[e.idx])
             elif e.batch is batch or e.batch is self.batch:
                 keep.append(e)
         self.audits[:] = keep
 
 
 class AuditTrack:
-    """Standalone mode: an outbox's `track` (the interface of cmdstats.Track, which it wraps) that
-    records the plain path's requests: each plain request as it is sent (add), its reply as it is
-    written (written), in order. So recorded commands keep the plain path there; in the HA and
-    cluster modes (replies held and recovered, a node per request) they take the batch path."""
+    """An outbox's `track` (the interface of cmdstats.Track, which it wraps) that records the plain
+    path's requests: each plain request as it is sent (add_many, add: a record with its reply's
+    fields still empty), its reply as it is written (written: the record completed and queued), in
+    order. So recorded commands keep the plain path. In the HA and cluster modes (hold mode: a
+    sequence number and a node per request, outbox.py) the node is in the outbox's `meta` of the
+    request; a held reply (MOVED, a failover) leaves the plain path (drop), and its record goes with
+    it to the batch that recovers it (Entry.held)."""
 
-    __slots__ = ("audit", "entries", "inner", "session", "table")
+    __slots__ = ("audit", "entries", "inner", "now", "session", "who")
 
     def __init__(self, audit, session, inner):
-        self.audit, self.session, self.inner, self.table = audit, session, inner, audit.table
-        self.entries: deque = deque()  # per plain request in flight: its Entry, or None (not recorded)
+        self.audit, self.session, self.inner = audit, session, inner
+        self.entries: deque = deque()  # per plain request in flight: its record (a list), or None
+        self.who = None  # the client's part of the records of this read (None: not made yet)
+        self.now = 0.0
 
     def start(self, t0: float) -> None:
+        self.who = None  # a new read: the session may have changed since (SELECT, CLIENT SETNAME ...)
         if self.inner is not None:
             self.inner.start(t0)
 
     def add(self, req: tuple) -> None:
+        """Hold mode (Outbox.send): one request, whose node is in the outbox's meta."""
         if self.inner is not None:
             self.inner.add(req)
-        self._entry(req)
+        self._numbered(req, self.session.outbox.next_seq - 1)
 
-    def add_many(self, reqs: list, start: int, end: int) -> None:
+    def _numbered(self, req: tuple, seq: int) -> None:
+        """A request sent with sequence number seq (hold mode): its node is in the outbox's meta."""
+        args, raw = req
+        audit = self.audit
+        p = (audit.table.derived.get(_PLANS) or audit.plans()).get(args[0])
+        if p is None:
+            p = audit.plan(args[0])
+        if p is False:
+            return self.entries.append(None)
+        if self.who is None:
+            self.who, self.now = who(self.session), time()
+        target = self.session.outbox.meta[seq][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
+        if not isinstance(target, (tuple, str)):
+            target = target.addr
+        self._note(p, args, raw, target)
+
+    def add_many(self, reqs, start: int, end: int) -> None:
+        """reqs[start:end] were just sent: standalone, on the session's channel; in hold mode (the
+        compiled cluster plain path tells a run at a time) as the last end - start numbered ones."""
         if self.inner is not None:
             self.inner.add_many(reqs, start, end)
-        for i in range(start, end):
-            self._entry(reqs[i])
-
-    def _entry(self, req: tuple) -> None:
-        args = req[0]
-        name = args[0].lower()
-        s = self.session
-        if not self.audit.on or name not in self.table.audit_names or not self.table.audits(name, args):
-            self.entries.append(None)
+        box = self.session.outbox
+        if box.hold is not None:
+            base = box.next_seq - (end - start)
+            for j in range(end - start):
+                self._numbered(reqs[start + j], base + j)
             return
-        ch = s.cur  # the plain channel this request was just sent on
-        # a tuple, not an Entry: this runs per plain request recorded
-        self.entries.append((time(), name, args, len(req[1]), s.db, s.name, s.lib_name, s.lib_ver, audit_user(s),
-                             ch.pool.addr if ch is not None and ch.pool is not None else None))
+        audit = self.audit
+        plans = audit.table.derived.get(_PLANS) or audit.plans()
+        add = self.entries.append
+        target = False
+        for i in range(start, end):
+            args, raw = reqs[i]
+            p = plans.get(args[0])
+            if p is None:
+                p = audit.plan(args[0])
+            if p is False:
+                add(None)
+                continue
+            if target is False:  # the first recorded one of this call: what the others share
+                s = self.session
+                if self.who is None:
+                    self.who, self.now = who(s), time()
+                w, now = self.who, self.now
+                ch = s.cur  # the plain channel these requests were just sent on
+                target = ch.pool.addr if ch is not None and ch.pool is not None else None
+            keys = p[1]
+            if keys is not None:  # the common case, inline (0: OK)
+                add([now, w, p[0], None, args[keys], len(args), len(raw), target, 0.0, 0, None, None])
+            else:
+                self._note(p, args, raw, target)
+
+    def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
+        name, keys = p
+        if keys is not None:
+            sub, ks, values = None, args[keys], None
+        elif self.audit.table.audits(name, args):  # a container, movable keys, values: asked per request
+            sub, ks, values = self.audit.pick(name, args)
+        else:
+            return self.entries.append(None)
+        self.entries.append([self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values])
 
     def written(self, frames: list) -> None:
         if self.inner is not None:
             self.inner.written(frames)
-        entries, audit, s = self.entries, self.audit, self.session
+        entries = self.entries
+        recs = None
         for f in frames:
             if not entries:
-                return
+                break
             e = entries.popleft()
-            if e is not None:
-                audit.finish_plain(s, e, f)
+            if e is None:
+                continue
+            if recs is None:
+                recs, now = [], time()
+            e[8] = now
+            c = f[:1]
+            if c == b"-" or c == b"!":
+                e[9], e[10] = ERROR, _error_code(f)
+            recs.append(e)
+        if recs is not None:
+            self.audit.put_many(recs)
 
     def drop(self, n: int) -> list:
-        for _ in range(min(n, len(self.entries))):
-            self.entries.popleft()
+        """n held replies leave the plain path for the session's new batch (PlainPath.held_stats):
+        their records go with them, completed when the batch writes their replies."""
+        s, entries = self.session, self.entries
+        batch = s.batch
+        for j in range(min(n, len(entries))):
+            e = entries.popleft()
+            if e is not None and batch is not None:
+                s.audits.append(Entry.held(batch, j, e))
         return self.inner.drop(n) if self.inner is not None else []
 
 
 class Audit:
-    """The audit log of one proxy process: selection, the queue, the writer thread's state."""
+    """The audit log of one proxy process: selection, records, the batch on its way to the writer
+    process, and that process."""
 
     def __init__(self, cfg, table, node: str):
         self.cfg, self.table = cfg, table
@@ -197,9 +258,6 @@ class Audit:
         self.classes = list(cfg.audit_commands)
         self.on = False
         self.max_queue = cfg.audit_queue
-        self.queue: deque = deque()
-        self.dropped = self.written = self.errors = 0
-        self.last_error = ""
         self.secret = cfg.audit_hash_secret.encode() if cfg.audit_hash_keys else None
         self.values = cfg.audit_values
         rot = parse_amounts(cfg.audit_rotation)
@@ -207,31 +265,34 @@ class Audit:
         ret = parse_amounts(cfg.audit_retention)
         self.keep_seconds, self.keep_files = ret.get("seconds", 0), ret.get("files", 0)
         self.compress = cfg.audit_compress
-        self.stopping = self.stopped = False
-        self.started = False
         self.log = RateLog()
-        self._errors_logged = 0
-        self._fd = -1
-        self._size = 0
-        self._opened = 0.0
-        self._day = (0, "")
-        self._who: dict = {}  # the writer's cache: a client's part of a line
-        self._specs: dict = {}  # command -> its fixed key range (first, last, step), None: ask keyspec
-        self._names: dict = {}  # command -> its JSON text
-        self._addrs: dict = {}  # backend address -> its JSON text
+        self.buf: list = []  # records not yet handed to the writer process
+        self.inflight = 0  # records handed to it that it has not reported (written or failed)
+        self.dropped = 0  # records dropped here (queue or pipe full, the writer lost)
+        self.restarts = 0  # writer processes started again after one died
+        self.proc = None  # the writer process
+        self.closing = False
+        self._wfd = self._rfd = -1  # the records pipe (ours: the write end), the status pipe (the read end)
+        self._rest = memoryview(b"")  # what a partial write left of a frame: the next write starts with it
+        self._frames = Frames()
+        self._status = (0, 0, 0, "")  # the writer's last report: (written, failed records, errors, last error)
+        self._base = [0, 0, 0]  # the same, of the writers that died
+        self._spawned = 0.0
+        self._watcher = self._timer = None
+        self._armed = False
+        self._restarting = False
 
     # ---- control (PROXY AUDIT, start-up) ----
 
     def start(self) -> None:
-        """Start recording (needs audit_dir); the writer thread starts on first use."""
+        """Start recording (needs audit_dir); the writer process starts with the first start."""
         if not self.dir:
             raise ValueError("no audit directory: start vproxy with --audit-dir DIR (setting audit_dir)")
         os.makedirs(self.dir, exist_ok=True)
-        if not self.started:
-            self.started = True
-            _start_thread(self._run, ())
+        if self.proc is None:
+            self._spawn()
         self.on = True
-        self.table.select_audit(frozenset(self.classes), gate=self.cfg.mode != "standalone")
+        self.table.select_audit(frozenset(self.classes), gate=False)  # AuditTrack records the plain path
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
@@ -248,22 +309,66 @@ class Audit:
     def path(self) -> str:
         return os.path.join(self.dir, ACTIVE) if self.dir else ""
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what is queued (for up to timeout seconds), then stop the writer."""
-        self.stopping = True
-        deadline = monotonic() + timeout
-        import gevent
+    @property
+    def written(self) -> int:
+        return self._base[0] + self._status[0]
 
-        while self.started and not self.stopped and monotonic() < deadline:
-            gevent.sleep(0.01)
+    @property
+    def errors(self) -> int:
+        return self._base[2] + self._status[2]
 
     def fields(self) -> dict:
         """INFO `# Proxy` lines."""
+        self._on_status()
         return {"audit_enabled": int(self.on), "audit_dir": self.dir or "none",
                 "audit_commands": ",".join(self.classes), "audit_records": self.written,
-                "audit_queued": len(self.queue), "audit_dropped": self.dropped, "audit_write_errors": self.errors}
+                "audit_queued": self.inflight + len(self.buf),
+                "audit_dropped": self.dropped + self._base[1] + self._status[1],
+                "audit_write_errors": self.errors,
+                "audit_writer_pid": self.proc.pid if self.proc is not None else 0,
+                "audit_writer_restarts": self.restarts}
 
-    # ---- the request path (ClientSession.process and flush) ----
+    # ---- records (the request path) ----
+
+    def plans(self) -> dict:
+        d = self.table.derived
+        p = d.get(_PLANS)
+        if p is None:
+            p = d[_PLANS] = {}
+        return p
+
+    def plan(self, sent: bytes):
+        """What recording a request named `sent` (as the client spelled it) takes: False (never
+        recorded), (name, slice) (always recorded, its keys are args[slice]) or (name, None)
+        (recorded or not by its arguments: table.audits and pick per request). Cached per name
+        until the table changes (CommandTable.derived)."""
+        name = sent.lower()
+        table = self.table
+        if name not in table.audit_names:
+            p = False
+        else:
+            rng = None if self.values else _simple_keys(table.get(name), name)
+            if rng is not None and table.audits(name, [name]):
+                first, last, step = rng
+                p = (name, slice(first, None if last == -1 else last + 1, step))
+            else:
+                p = (name, None)
+        plans = self.plans()
+        if len(plans) < 4096:  # names are the client's: bound the cache
+            plans[sent] = p
+        return p
+
+    def pick(self, name: bytes, args: list) -> tuple:
+        """(subcommand, keys, values): what a record needs of the arguments."""
+        table = self.table
+        rng = None if self.values else _simple_keys(table.get(name), name)
+        if rng is not None:
+            first, last, step = rng
+            return None, args[first:len(args) + last + 1 if last < 0 else last + 1:step], None
+        sub = table.subcommand(name, args)
+        pos = key_positions(table.get(name), name, args) or ()
+        keys = [args[p] for p in pos if p < len(args)]
+        return sub, keys, _values(name, args, pos, self.secret) if self.values else None
 
     def begin(self, s, batch, idx: int, args: list, raw: bytes) -> Entry | None:
         name = args[0].lower()
@@ -271,24 +376,24 @@ class Audit:
             return None
         return Entry(batch, idx, name, args, len(raw), s)
 
-    def finish(self, s, e: Entry, reply) -> None:
-        """The reply is known (None: streamed to the client): make the record and queue it. The
-        keys and values are picked out in the writer thread, from the request's arguments when they
-        are small (SMALL bytes); a big request's are picked out here, so the queue never holds it."""
-        us = int((time() - e.start) * 1e6)
+    def finish(self, e: Entry, reply) -> None:
+        """The reply is known (None: streamed to the client): make the record and queue it."""
         target = e.target
         if target is not None and not isinstance(target, (tuple, str)):
             target = target.addr  # a cluster Sub: where it was last sent (after MOVED/ASK)
         if reply is None:
-            outcome, err = "sent", None
+            outcome, err = SENT, None
         elif reply[:1] == b"-" or (reply[:1] == b"!"):
             err = _error_code(reply)
-            outcome = "refused" if target is None and not reply.startswith(b"-ERR vproxy: backend") else "error"
+            outcome = REFUSED if target is None and not reply.startswith(b"-ERR vproxy: backend") else ERROR
         else:
-            outcome, err = "ok", None
-        args = e.args if e.size <= SMALL else self._picked(e.name, e.args)
-        self.put((e.start, s.id, s.addr, *e.client, e.db, e.name, args, e.size, target,
-                  max(us, 0), outcome, err))
+            outcome, err = OK, None
+        if e.rec is not None:  # noted on the plain path (AuditTrack.drop)
+            rec = e.rec
+            rec[7], rec[8], rec[9], rec[10] = target, time(), outcome, err
+            return self.put(rec)
+        sub, keys, values = self.pick(e.name, e.args)
+        self.put([e.start, e.who, e.name, sub, keys, len(e.args), e.size, target, time(), outcome, err, values])
 
     def refused_auth(self, s, user: bytes | None) -> None:
         """An AUTH (or HELLO AUTH) the proxy's users refused: recorded when the audit log is on, whatever
@@ -296,243 +401,199 @@ class Audit:
         record names the user tried; the password is never written."""
         if not self.on or self.table.audits(b"auth", [b"auth"]):
             return
-        self.put((time(), s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db, b"auth",
-                  [b"AUTH"], 0, None, 0, "refused", "WRONGPASS"))
+        now = time()
+        self.put([now, (s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db), b"auth", None, [], 1,
+                  0, None, now, REFUSED, "WRONGPASS", None])
 
-    def finish_plain(self, s, e: tuple, reply: bytes) -> None:
-        """finish() of a plain request (AuditTrack): the reply came from its backend."""
-        start, name, args, size, db, cname, lib, ver, user, target = e
-        c = reply[:1]
-        if c == b"-" or c == b"!":
-            outcome, err = "error", _error_code(reply)
-        else:
-            outcome, err = "ok", None
-        self.put((start, s.id, s.addr, cname, lib, ver, user, db, name, args if size <= SMALL else self._picked(name, args),
-                  size, target, max(int((time() - start) * 1e6), 0), outcome, err))
+    def put(self, rec: list) -> None:
+        if self.inflight + len(self.buf) >= self.max_queue:
+            return self._drop(1, "the writer is behind")
+        self.buf.append(rec)
+        if not self._armed:
+            self._arm()
 
-    def _picked(self, name: bytes, args: list):
-        """(subcommand, keys, values): what a record needs of the arguments."""
-        cmd = self.table.get(name)
-        spec = self._specs.get(name)
-        if spec is None or spec[0] is not cmd:  # (the table learned since: a new Command)
-            spec = self._specs[name] = (cmd, _simple_keys(cmd, name))
-        if spec[1] is not None and not self.values:  # a fixed key range: a slice (most commands)
-            first, last, step = spec[1]
-            return _Picked(None, args[first:len(args) + last + 1 if last < 0 else last + 1:step], None, len(args))
-        sub = self.table.subcommand(name, args)
-        pos = key_positions(self.table.get(name), name, args) or ()
-        keys = [args[p] for p in pos if p < len(args)]
-        values = _values(name, args, pos, self.secret) if self.values else None
-        return _Picked(sub, keys, values, len(args))
+    def put_many(self, recs: list) -> None:
+        buf = self.buf
+        room = self.max_queue - self.inflight - len(buf)
+        if len(recs) > room:
+            self._drop(len(recs) - max(room, 0), "the writer is behind")
+            if room <= 0:
+                return
+            recs = recs[:room]
+        buf += recs
+        if len(buf) >= FLUSH_AT and not self._rest:  # (a rest: the pipe is full, the timer tries again)
+            self.flush()
+        elif not self._armed:
+            self._arm()
 
-    def put(self, rec: tuple) -> None:
-        q = self.queue
-        if len(q) >= self.max_queue:
-            self.dropped += 1
-            self.log.log("dropped", "WARNING", f"audit: the writer is behind ({len(q)} records queued): "
-                         f"records dropped, {self.dropped} so far (INFO proxy audit_dropped)")
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        self.log.log("dropped", "WARNING", f"audit: {why} ({self.inflight + len(self.buf)} records queued): "
+                     f"records dropped, {self.dropped} so far (INFO proxy audit_dropped)")
+
+    # ---- the hand-over to the writer process ----
+
+    def _arm(self) -> None:
+        self._armed = True
+        if self._timer is None:
+            self._timer = get_hub().loop.timer(FLUSH_EVERY)
+        self._timer.start(self.flush)
+
+    def flush(self) -> None:
+        """The batch, in non-blocking writes on the pipe (the loop timer, or a big batch). When the
+        pipe is full the records wait here (put() bounds them: audit_queue) and the timer tries again."""
+        self._armed = False
+        if self.proc is None:  # the writer died: a new one (from a greenlet: Popen waits), at most one a second
+            if self.closing or not self.dir:
+                return
+            if not self._restarting and monotonic() - self._spawned >= 1.0:
+                self._restarting = True
+                gevent.spawn(self._restart)
+            return self._arm()
+        while (self._rest or self.buf) and self.proc is not None:
+            if not self._rest:
+                buf = self.buf
+                part, self.buf = (buf, []) if len(buf) <= CHUNK else (buf[:CHUNK], buf[CHUNK:])
+                self._rest = memoryview(frame(part))
+                self.inflight += len(part)
+            try:
+                k = os.write(self._wfd, self._rest)
+            except BlockingIOError:  # the pipe is full: again in FLUSH_EVERY
+                return self._arm()
+            except OSError:  # the writer is gone (EPIPE): the status pipe's EOF says so too
+                return self._lost()
+            self._rest = self._rest[k:]
+
+    def _restart(self) -> None:
+        try:
+            if self.proc is None and not self.closing:
+                self._spawn()
+        except OSError as e:
+            logger.error("audit: cannot start the writer process: {}", e)
+        finally:
+            self._restarting = False
+
+    def _spawn(self) -> None:
+        """Start the writer process: the records pipe as its stdin, the status pipe as its stdout."""
+        self._spawned = monotonic()
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vproxy.auditwriter"], stdin=r1, stdout=w2,
+                                         close_fds=True, env=env)
+        except BaseException:
+            for fd in (w1, r2):
+                os.close(fd)
+            raise
+        finally:
+            os.close(r1)
+            os.close(w2)
+        try:
+            fcntl.fcntl(w1, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError):  # not Linux, or a lower limit: the default size (64 KB)
+            pass
+        self._wfd, self._rfd = w1, r2
+        self._frames = Frames()
+        self._status = (0, 0, 0, "")
+        os.write(w1, frame({"dir": os.path.abspath(self.dir), "node": self.node, "default_user": self.default_user,
+                            "secret": self.secret, "rotate_size": self.rotate_size, "rotate_age": self.rotate_age,
+                            "keep_seconds": self.keep_seconds, "keep_files": self.keep_files,
+                            "compress": self.compress}))
+        os.set_blocking(w1, False)
+        os.set_blocking(r2, False)
+        self._watcher = get_hub().loop.io(r2, 1)
+        self._watcher.start(self._on_status)
+
+    def _on_status(self) -> None:
+        """The writer's reports (a loop watcher): records written free their place in the queue."""
+        if self._rfd < 0:
             return
-        q.append(rec)
-        if self.errors != self._errors_logged:
-            self._errors_logged = self.errors
-            self.log.log("error", "ERROR", f"audit: cannot write {self.path}: {self.last_error} "
+        try:
+            data = os.read(self._rfd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._lost()
+        last = None
+        for f in self._frames.feed(data):
+            last = marshal.loads(f)
+        if last is None:
+            return
+        old = self._status
+        self.inflight = max(0, self.inflight - (last[0] + last[1] - old[0] - old[1]))
+        self._status = last
+        if last[2] != old[2]:
+            self.log.log("error", "ERROR", f"audit: cannot write {self.path}: {last[3]} "
                          f"({self.errors} write errors; their records are lost)")
 
-    # ---- the writer thread ----
-
-    def _run(self) -> None:
-        """Native thread: drain the queue into the file; rotate, compress, expire. Never logs (the
-        loop does, from put): loguru's locks are gevent's here."""
-        try:
-            self._recover()
-        except OSError as e:
-            self._failed(e, 0)
-        last_tick = 0.0
-        q = self.queue
-        while True:
-            if not q:
-                if self.stopping:
-                    break
-                _sleep(0.01)
-                now = time()
-                if now - last_tick >= 1.0:
-                    last_tick = now
-                    self._tick(now)
-                continue
-            n = min(len(q), 4096)
-            recs = [q.popleft() for _ in range(n)]
-            try:
-                data = "".join(map(self._line, recs)).encode()
-                self._write(data)
-                self.written += n
-            except OSError as e:
-                self._failed(e, n)
-                _sleep(0.1)
-            except Exception as e:  # noqa: BLE001 - a bug must cost these records, not the writer thread
-                self._failed(OSError(f"cannot format records: {e!r}"), n)
-            if len(q) < 4096 and not self.stopping:
-                _sleep(0.01)  # let records gather: fewer, bigger writes, fewer GIL hand-overs
-        self._close_file()
-        self.stopped = True
-
-    def _failed(self, e: OSError, n: int) -> None:
-        self.errors += 1
-        self.dropped += n
-        self.last_error = str(e)
-        self._close_file()
-
-    def _tick(self, now: float) -> None:
-        try:
-            if self._fd >= 0 and self.rotate_age and now - self._opened >= self.rotate_age:
-                self._rotate()
-            self._expire(now)
-        except OSError as e:
-            self._failed(e, 0)
-
-    def _write(self, data: bytes) -> None:
-        if self._fd < 0:
-            self._open()
-        view = memoryview(data)
-        while view:
-            k = os.write(self._fd, view)
-            view = view[k:]
-        self._size += len(data)
-        if self.rotate_size and self._size >= self.rotate_size:
-            self._rotate()
-
-    def _open(self) -> None:
-        path = self.path
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)  # a FIFO blocks here: the test's slow disk
-        try:
-            st = os.fstat(fd)
-            self._size = st.st_size
-            if st.st_size:  # a crash may have cut the last line: end it, so that the next one stands alone
-                with open(path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        os.write(fd, b"\n")
-        except OSError:
-            pass
-        self._fd, self._opened = fd, time()
-
-    def _close_file(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
-
-    def _rotate(self) -> None:
-        """audit.jsonl -> audit-<UTC now>.jsonl (then .gz); the next write opens a new audit.jsonl."""
-        self._close_file()
-        now = time()
-        stamp = strftime("%Y%m%dT%H%M%S", gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-        rotated = os.path.join(self.dir, f"audit-{stamp}.jsonl")
-        os.rename(self.path, rotated)
-        if self.compress:
-            _gzip(rotated)
-        self._expire(now)
-
-    def _recover(self) -> None:
-        """After a crash: half-done compressions are finished or undone."""
-        for name in os.listdir(self.dir):
-            path = os.path.join(self.dir, name)
-            if name.endswith(".gz.tmp"):
-                os.unlink(path)
-        for name in os.listdir(self.dir):
-            m = ROTATED.match(name)
-            if m and not m.group(2):
-                path = os.path.join(self.dir, name)
-                if os.path.exists(path + ".gz"):
-                    os.unlink(path)  # compressed already, the crash came before the unlink
-                elif self.compress:
-                    _gzip(path)
-
-    def _expire(self, now: float) -> None:
-        """Delete rotated files older than the retention, and beyond its count."""
-        if not (self.keep_seconds or self.keep_files):
+    def _lost(self) -> None:
+        """The writer process is gone (EOF on its status pipe): what it had not written is lost."""
+        if self.proc is None:
             return
-        rotated = sorted(n for n in os.listdir(self.dir) if ROTATED.match(n))
-        doomed = set()
-        if self.keep_files and len(rotated) > self.keep_files:
-            doomed.update(rotated[:len(rotated) - self.keep_files])
-        if self.keep_seconds:
-            for n in rotated:
-                try:
-                    if now - os.stat(os.path.join(self.dir, n)).st_mtime > self.keep_seconds:
-                        doomed.add(n)
-                except FileNotFoundError:
-                    pass
-        for n in doomed:
+        proc, self.proc = self.proc, None
+        self._watcher.stop()
+        self._watcher = None
+        for fd in (self._wfd, self._rfd):
+            if fd >= 0:
+                os.close(fd)
+        self._wfd = self._rfd = -1
+        for i in range(3):
+            self._base[i] += self._status[i]
+        self._status = (0, 0, 0, "")
+        lost, self.inflight, self._rest = self.inflight, 0, memoryview(b"")
+        self.dropped += lost
+        if self.closing:
+            return
+        self.restarts += 1
+        logger.error("audit: the writer process (pid {}) exited ({}): {} records not written; starting a new one",
+                     proc.pid, proc.poll(), lost)
+        self._arm()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Hand what is queued to the writer (for up to timeout seconds), close its pipe and wait
+        for it to write and exit (it is killed past the timeout)."""
+        from gevent.socket import wait_write
+
+        self.closing = True
+        if self._timer is not None:
+            self._timer.stop()
+        proc = self.proc
+        if proc is None:
+            return
+        deadline = monotonic() + timeout
+        data, self._rest = bytes(self._rest) + (frame(self.buf) if self.buf else b""), memoryview(b"")
+        self.inflight += len(self.buf)
+        self.buf = []
+        while data and self.proc is not None and monotonic() < deadline:
             try:
-                os.unlink(os.path.join(self.dir, n))
-            except FileNotFoundError:
-                pass
+                data = data[os.write(self._wfd, data):]
+            except BlockingIOError:
+                try:
+                    wait_write(self._wfd, timeout=max(0.01, deadline - monotonic()))
+                except Exception:  # noqa: BLE001 - the timeout: the rest is lost
+                    break
+            except OSError:
+                break
+        if self._wfd >= 0:
+            os.close(self._wfd)  # EOF: the writer writes what it has and exits
+            self._wfd = -1
+        while proc.poll() is None and monotonic() < deadline:
+            gevent.sleep(0.01)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        while self.proc is not None:  # its last report, then EOF
+            self._on_status_blocking()
 
-    def _line(self, r: tuple) -> str:
-        """One record as a JSON line (by hand, with the client's part cached: ~4x faster than
-        json.dumps of a dict)."""
-        start, cid, addr, cname, lib, ver, user, db, name, args, size, target, us, outcome, err = r
-        if type(args) is _Picked:
-            keys, sub, argc, values = args.keys, args.sub, args.argc, args.values
-        else:
-            spec = self._specs.get(name)
-            if spec is not None and spec[1] is not None and not self.values and spec[0] is self.table.get(name):
-                first, last, step = spec[1]  # the common case, inline: a fixed key range
-                keys, sub, argc, values = args[first:len(args) + last + 1 if last < 0 else last + 1:step], None, \
-                    len(args), None
-            else:
-                picked = self._picked(name, args)
-                keys, sub, argc, values = picked.keys, picked.sub, picked.argc, picked.values
-        sec = int(start)
-        day = self._day
-        if day[0] != sec:
-            day = self._day = (sec, strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec)))
-        who = self._who.get((cid, cname, lib, ver, user, db))
-        if who is None:
-            if len(self._who) > 10000:
-                self._who.clear()
-            who = self._who[(cid, cname, lib, ver, user, db)] = (
-                f'"node":{_js(self.node)},"client_id":{cid},"client_addr":{_js(_fmt_addr(addr))},'
-                f'"client_name":{_js(_text(cname))},"lib_name":{_js(_text(lib))},"lib_ver":{_js(_text(ver))},'
-                f'"user":{_js(_text(user) if user is not None else self.default_user)},"db":{db}')
-        secret = self.secret
-        if secret is not None:
-            ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
-        elif len(keys) == 1:
-            ks = _js(keys[0].decode("utf-8", "backslashreplace"))
-        else:
-            ks = ",".join(_js(_text(k)) for k in keys)
-        cmd = self._names.get(name)
-        if cmd is None:
-            cmd = self._names[name] = _js(_text(name))
-        backend = self._addrs.get(target)
-        if backend is None:
-            backend = self._addrs[target] = _js(_fmt_addr(target))
-            if len(self._addrs) > 10000 or len(self._names) > 10000:  # names are the clients': bound them
-                self._addrs.clear()
-                self._names.clear()
-        line = (f'{{"ts":"{day[1]}.{int((start - sec) * 1e6):06d}Z",{who},'
-                f'"command":{cmd},"subcommand":{_js(_text(sub)) if sub else "null"},'
-                f'"keys":[{ks}],"argc":{argc},"bytes":{size},"backend":{backend},'
-                f'"latency_us":{us},"outcome":"{outcome}","error":{_js(err) if err else "null"}')
-        if secret is None and values is None:
-            return line + "}\n"
-        if secret is not None:
-            line += ',"keys_hashed":true'
-        if values is not None:
-            line += ',"args":[' + ",".join(_js(_text(v)) for v in values) + "]"
-        return line + "}\n"
-
-
-def _gzip(path: str) -> None:
-    """path -> path.gz, crash-safe: written as .gz.tmp, renamed, then the original removed."""
-    tmp = path + ".gz.tmp"
-    with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.rename(tmp, path + ".gz")
-    os.unlink(path)
+    def _on_status_blocking(self) -> None:
+        if self._rfd >= 0:
+            os.set_blocking(self._rfd, True)
+        self._on_status()
 
 
 def _error_code(reply: bytes) -> str:

@@ -177,6 +177,7 @@ class ClusterSession(ClientSession):
         held = box.held_all()
         batch = self.batch = Batch(len(held))
         self.held_stats(batch, len(held))
+        audits = {e.idx: e for e in self.audits if e.batch is batch}  # held records (audit.AuditTrack.drop)
         for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
             batch.replies[j] = frame
             if fact is not None:
@@ -185,6 +186,8 @@ class ClusterSession(ClientSession):
             sub = Sub(batch, j, raw, slot, name)
             sub.addr = addr
             self.inflight.append(sub)
+            if j in audits:
+                audits[j].target = sub  # the node that answers in the end (after MOVED/ASK)
         self.settle()
         self.flush(batch, len(held))
 
@@ -913,7 +916,7 @@ def _fast_key(table, name: bytes, nargs: int) -> int:
     if spec is None:
         cmd = table.get(name)
         arity, policy = table.lookup(name)
-        # an audited command takes the batch path, where its record is made (audit.py)
+        # table.audited: recorded names kept off the plain path (empty: audit.AuditTrack records it there)
         pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE and name not in table.audited else 0
         spec = (pos, arity)
         if cmd is not None or len(table.derived) < 4096:  # names are the clients': bound the cache
