@@ -102,6 +102,49 @@ def test_noperm_texts_exactly(gated, valkeys):
         assert c.call("GET", "a") == b"-NOPERM No permissions to access database\r\n"
 
 
+def test_refused_in_multi_aborts_exec_like_the_server(gated, valkeys):
+    """A request the rules refuse while MULTI queues makes EXEC abort, as the server's own refusal
+    does: nothing of the transaction runs."""
+    backend, direct = valkeys
+    _flush(backend, direct)
+    reqs = [("MULTI",), ("SET", "w:1", "v"), ("GET", "w:1"), ("EXEC",)]
+    want, got = _session(direct.port, "carl", reqs), _session(gated.port, "carl", reqs)
+    assert got == want and want[3].startswith(b"-EXECABORT")
+    assert direct.client().get("w:1") is None and backend.client().get("w:1") is None
+
+
+def test_scripts_refused_to_users_with_limits(gated, valkeys):
+    """A script's redis.call()s would run with vproxy's own rights, past every key, command and
+    database rule: a user with limits may not run scripts or functions; a user without may."""
+    backend, _ = valkeys
+    _flush(backend)
+    backend.client().set("other", "secret")
+    with RawClient(gated.port) as c:
+        assert c.call("AUTH", "carl", "cpw") == b"+OK\r\n"
+        for req in (("EVAL", "return redis.call('get','other')", "0"),
+                    ("EVAL", "return redis.call('set','other','x')", "0"),
+                    ("EVAL_RO", "return 1", "0"), ("FCALL", "f", "0")):
+            got = c.call(*req)
+            assert got.startswith(b"-NOPERM User carl has no permissions to run the '" + req[0].lower().encode()), got
+    assert backend.client().get("other") == b"secret"
+    with RawClient(gated.port) as c:
+        assert c.call("AUTH", "admin", "adminpw") == b"+OK\r\n"
+        assert c.call("EVAL", "return redis.call('get','other')", "0") == b"$6\r\nsecret\r\n"
+
+
+def test_auth_inside_multi_is_refused_and_never_reaches_the_backend(gated, valkeys):
+    backend, _ = valkeys
+    backend.client().execute_command("ACL", "LOG", "RESET")
+    with RawClient(gated.port) as c:
+        assert c.call("AUTH", "dana", "dpw") == b"+OK\r\n"
+        assert c.call("MULTI") == b"+OK\r\n"
+        assert c.call("AUTH", "admin", "adminpw").startswith(b"-ERR vproxy: AUTH inside MULTI")
+        assert c.call("HELLO", "3", "AUTH", "admin", "adminpw").startswith(b"-ERR vproxy: AUTH inside MULTI")
+        assert c.call("EXEC").startswith(b"-EXECABORT")
+        assert c.call("ACL", "WHOAMI") == b"$4\r\ndana\r\n"
+    assert backend.client().execute_command("ACL", "LOG") == []
+
+
 def test_auth_failures_and_disabled_users(gated, valkeys):
     before = gated.info()["auth_failures"]
     with RawClient(gated.port) as c:
@@ -259,6 +302,7 @@ def test_rules_parse_and_describe():
         with pytest.raises(ValueError):
             parse_user(bad)
     assert glob(b"a[b-c]?\\*").match(b"ac1*") and not glob(b"a[^b]").match(b"ab")
+    assert glob(b"[z-a]x").match(b"mx") and not glob(b"[c-a]x").match(b"dx")  # reversed: swapped, as the server
 
 
 def test_users_setting_keeps_only_hashes(tmp_path):
@@ -305,7 +349,11 @@ def test_cluster_mode(start_gate):
         assert carl.call("CONFIG", "GET", "x") == b"-NOPERM User carl has no permissions to run the 'config|get' command\r\n"
         assert alice.call("GET", "app:1") == b"$-1\r\n" and alice.call("GET", "w:1") == NOPERM_KEY
         assert alice.call("FLUSHALL") == b"-NOPERM User alice has no permissions to run the 'flushall' command\r\n"
+        assert [carl.call("MULTI"), carl.call("SET", "w:{t}", "v"), carl.call("GET", "w:{t}")] == \
+            [b"+OK\r\n", b"+QUEUED\r\n", NOPERM_KEY]
+        assert carl.call("EXEC").startswith(b"-EXECABORT")  # as the server: refused while queueing
         full = p.client()
+        assert full.get("w:{t}") is None
         assert full.get("w:1") == b"v" and full.get("r:1") is None
         carl.close()
         alice.close()
