@@ -268,7 +268,7 @@ def forward_plain(self, list reqs, bint wait=True):
     table = self.app.commands
     cdef dict specs = table.plain_specs
     forwards = self.forwards
-    cdef bint default = forwards == table.forwards
+    cdef bint default = self.acl is None  # else a proxy user's limits narrow what may go (gate.py)
     ch = entry = waiters = name = None
     track = box.track
     if track is not None:
@@ -520,20 +520,18 @@ cdef inline double deadline_of(double seconds):
     return now_monotonic() + seconds if seconds > 0 else 0.0
 
 
-cdef inline void _kick_all(list used):
-    for ch in used:
-        kick(ch)
-
-
 
 
 def forward_plain_ha(self, list reqs, bint wait=True):
-    """PlainPath.forward_plain_ha (bound as HASession.forward_plain)."""
+    """PlainPath.forward_plain_ha (bound as HASession.forward_plain): as forward_plain_cluster, with
+    the pool the router picks per request (the primary, or a replica for a read) for the node."""
     cdef Outbox box = <Outbox?>self.outbox
-    cdef Py_ssize_t k, n = PyList_GET_SIZE(reqs), window = self.window, seq
+    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, seq
     cdef tuple req
-    cdef list args, used = []
-    cdef dict chans = self.plain_chans, meta = box.meta
+    cdef list args
+    cdef dict chans = self.plain_chans, meta = box.meta, lanes = {}
+    cdef Lane lane
+    cdef PyObject *found
     if box.stuck:
         return 0
     router = self.app.router
@@ -543,45 +541,55 @@ def forward_plain_ha(self, list reqs, bint wait=True):
     track = box.track
     if track is not None:
         track.start(self.last_active)
+    last = None
     try:
-        for k in range(n):
+        while k < n:
             req = <tuple>reqs[k]
             args = <list>req[0]
-            raw = req[1]
             name = args[0].lower()
             if not forwards(name, PyList_GET_SIZE(args)):
-                return k
+                break
             if router.topology.primary is None:
-                return k  # a failover: the batch path waits for the new primary
+                break  # a failover: the batch path waits for the new primary
             if box.left >= window or box.out:
-                _kick_all(used)
+                flush_lanes(lanes)
+                if track is not None and k > told:
+                    track.add_many(reqs, told, k)
+                    told = k
                 if not self._room(wait):
-                    return k
+                    break
                 window = self.window  # _room reads it afresh: a wait may have changed it (flush)
+                lanes.clear()  # the loop ran meanwhile: every channel is looked at again
             try:
                 pool = router.pool_for(name, args, self)
+            except BackendError:
+                break
+            found = PyDict_GetItem(lanes, pool)
+            if found is NULL:
                 ch = chans.get(pool)  # one channel per pool: requests to one server keep their order
                 if ch is None or ch.closed or ch.key != key:
-                    ch = chans[pool] = pool.channel(key)
-            except BackendError:
-                return k
+                    try:
+                        ch = chans[pool] = pool.channel(key)
+                    except BackendError:
+                        break
+                lane = lanes[pool] = Lane(ch)
+            else:
+                lane = <Lane>found
             if deadline is None:
                 deadline = deadline_of(self.app.cfg.command_timeout)
-            self.last_cmd = name
             seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
             box.next_seq = seq + 1
-            meta[seq] = (raw, name, key, pool)
-            if track is not None:
-                track.add(req)
-            if ch.closed:  # Channel.submit answers it at once (the error, not sent)
-                ch.submit(raw, box, -2 - seq, deadline)
-                continue
+            meta[seq] = (req[1], name, key, pool)
             box.left += 1
-            ch.waiters.append((box, -2 - seq, deadline))
-            ch.unsent += 1
-            ch.outbuf.append(raw)
-            if ch not in used:
-                used.append(ch)
-    finally:  # what was queued is sent, whatever happened
-        _kick_all(used)
-    return n
+            lane.wappend((box, -2 - seq, deadline))
+            lane.oappend(req[1])
+            lane.unsent += 1
+            last = name
+            k += 1
+    finally:  # what was queued is counted, sent and told, whatever happened
+        flush_lanes(lanes)
+        if k:
+            self.last_cmd = last
+        if track is not None and k > told:
+            track.add_many(reqs, told, k)
+    return k

@@ -60,6 +60,10 @@ class Command:
         return arity_fits(self.arity, nargs)
 
 
+# Entries at most in each cache keyed by command names as clients send them (they may make names
+# up, or spell them in any case): past that, lookups are answered uncached.
+NAME_CACHE = 4096
+
 def arity_fits(arity: int, nargs: int) -> bool:
     """nargs (the name included) fits arity: >0 exactly, <0 at least -arity, 0 (unknown) any."""
     return not arity or (nargs == arity if arity > 0 else nargs >= -arity)
@@ -75,15 +79,13 @@ class CommandTable:
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
         self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
-        self._plain: dict[bytes, tuple[int, bool]] = {}  # name -> (arity, may take the plain path)
+        self.audit_plans: dict = {}  # name as sent -> what recording it takes (audit.Audit.plan)
         # a request's name as the client spelled it -> (lower-case name, arity, may take the plain
         # path): the plain path's one dict lookup per request (plain_spec)
         self.plain_specs: dict[bytes, tuple[bytes, int, bool]] = {}
         self.narrowed: list[dict] = []  # caches of narrower predicates (gate.py): emptied with those
         self.audit_select: frozenset | None = None  # audit on: the classes and names selected
         self.audit_names: frozenset | _Everything = frozenset()  # names the audit records
-        self.audited: frozenset | _Everything = frozenset()  # of those, the ones kept off the plain path
-        self.audit_gate = True
         self._audits: dict = {}  # (name, subcommand) -> recorded?
         self.local_names: frozenset = frozenset()  # more names vproxy answers (ACL with proxy users)
 
@@ -102,6 +104,7 @@ class CommandTable:
             self._policies.clear()
             self._specs.clear()
             self.derived.clear()
+            self.audit_plans.clear()
             self.learned = True
             self.select_audit(self.audit_select)
         return len(table)
@@ -112,21 +115,16 @@ class CommandTable:
         if spec is None:
             cmd = self.commands.get(name)
             spec = (cmd.arity if cmd is not None else 0, self._policy_of(name))
-            if cmd is not None or len(self._specs) < 1024:  # any name a client makes up: bounded
+            if cmd is not None or len(self._specs) < NAME_CACHE:
                 self._specs[name] = spec
         return spec
 
     def forwards(self, name: bytes, nargs: int) -> bool:
         """A plain forward (policy FORWARD) with an arity the server accepts: what the plain path
-        may send (per request: lookup and arity_fits inlined)."""
-        spec = self._plain.get(name)
-        if spec is None:
-            arity, policy = self.lookup(name)
-            spec = (arity, policy is FORWARD and name not in self.audited)
-            if name in self.commands or len(self._plain) < 1024:
-                self._plain[name] = spec
-        arity = spec[0]
-        return spec[1] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
+        may send (plain.py inlines it: plain_specs, then the arity)."""
+        spec = self.plain_specs.get(name) or self.plain_spec(name)
+        arity = spec[1]
+        return spec[2] and (not arity or (nargs == arity if arity > 0 else nargs >= -arity))
 
     def plain_spec(self, raw: bytes) -> tuple[bytes, int, bool]:
         """(lower-case name, arity, may take the plain path) of a command name as a client spelled it
@@ -134,13 +132,12 @@ class CommandTable:
         bound (a client may spell names in any case, or make them up)."""
         name = raw.lower()
         arity, policy = self.lookup(name)
-        spec = (name, arity, policy is FORWARD and name not in self.audited)
-        if len(self.plain_specs) < 4096:
+        spec = (name, arity, policy is FORWARD)
+        if len(self.plain_specs) < NAME_CACHE:
             self.plain_specs[raw] = spec
         return spec
 
     def _clear_plain(self) -> None:
-        self._plain.clear()
         self.plain_specs.clear()
         for cache in self.narrowed:
             cache.clear()
@@ -165,6 +162,7 @@ class CommandTable:
             self._specs.clear()
             self._clear_plain()
             self.derived.clear()
+            self.audit_plans.clear()
 
     def _policy_of(self, name: bytes) -> str:
         if name in self.local_names:
@@ -192,13 +190,10 @@ class CommandTable:
             return frozenset().union(_classes(cmd, name), *(_classes(c, name) for c in cmd.subs.values()))
         return _classes(cmd, name)
 
-    def select_audit(self, select: frozenset | None, gate: bool | None = None) -> None:
-        """Record the requests of these classes and names (None: audit off). gate: the recorded
-        names are kept off the plain path (`audited`); False when the plain path records them
-        itself (standalone: audit.AuditTrack). None: as before."""
+    def select_audit(self, select: frozenset | None) -> None:
+        """Record the requests of these classes and names (None: audit off). Recorded requests keep
+        the plain path: audit.AuditTrack records them there."""
         self.audit_select = select
-        if gate is not None:
-            self.audit_gate = gate
         if not select:
             names = frozenset()
         elif "all" in select:
@@ -207,10 +202,10 @@ class CommandTable:
             named = {n.encode().split(b"|")[0] for n in select if n not in AUDIT_CLASSES}
             names = frozenset(named | {n for n in [*self.commands, *_OWN_CLASSES] if self.classes_of(n) & select})
         self.audit_names = names
-        self.audited = names if self.audit_gate else frozenset()
         self._clear_plain()
         self._audits.clear()
         self.derived.clear()
+        self.audit_plans.clear()
 
     def audits(self, name: bytes, args: list) -> bool:
         """Whether this request is recorded (its subcommand decides for a container command)."""
@@ -224,7 +219,7 @@ class CommandTable:
             names = {name.decode(errors="replace")} | ({f"{name.decode()}|{sub.decode(errors='replace')}"}
                                                        if sub else set())
             hit = "all" in select or bool(names & select) or bool(self.classes_of(name, sub) & select)
-            if len(self._audits) < 4096:  # subcommand names are the client's: bound the cache
+            if len(self._audits) < NAME_CACHE:  # subcommand names are the client's
                 self._audits[key] = hit
         return hit
 

@@ -916,10 +916,9 @@ def _fast_key(table, name: bytes, nargs: int) -> int:
     if spec is None:
         cmd = table.get(name)
         arity, policy = table.lookup(name)
-        # table.audited: recorded names kept off the plain path (empty: audit.AuditTrack records it there)
-        pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE and name not in table.audited else 0
+        pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE else 0
         spec = (pos, arity)
-        if cmd is not None or len(table.derived) < 4096:  # names are the clients': bound the cache
+        if cmd is not None or len(table.derived) < C.NAME_CACHE:
             table.derived[name] = spec
     pos, arity = spec
     if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):

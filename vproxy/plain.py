@@ -189,7 +189,7 @@ class PlainPath:
         table = self.app.commands
         specs = table.plain_specs
         forwards = self.forwards
-        default = forwards == table.forwards  # else the session's user narrows what may go (users.py)
+        default = self.acl is None  # else a proxy user's limits narrow what may go (gate.py)
         window = self.window
         ch = entry = waiters = outbuf = None
         track = box.track  # statistics (cmdstats.py): told of the requests sent, a run at a time,

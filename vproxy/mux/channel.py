@@ -22,6 +22,7 @@ from loguru import logger
 
 from .. import resp
 from ..errors import BackendError, backend_timeout, backend_unavailable
+from ..twins import twin
 from .backend import AuthError, BackendConn, Credentials
 
 # What Batch.lost says of a request whose connection failed: False, never sent (safe to send again);
@@ -394,8 +395,8 @@ def deadline_after(seconds: float) -> float:
     return monotonic() + seconds if seconds > 0 else 0.0
 
 
-# The compiled twins of _deliver, _on_readable and _flush (vproxy/_plain.pyx, chosen in outbox.py) when it is built.
-from ..outbox import TWIN  # noqa: E402 - after what it binds
+# The compiled twins of _deliver, _on_readable and _flush (vproxy/_plain.pyx) when it is built.
+TWIN = twin("_plain")
 
 if TWIN is not None:
     TWIN.bind(_touched, _push_touched, BackendError, backend_unavailable)
