@@ -174,6 +174,32 @@ def start_proxy():
     yield from _started(Proxy)
 
 
+@pytest.fixture(scope="module")
+def valkey():
+    """A valkey-server of the module's own (tests that must not share the session's server)."""
+    s = Server("valkey")
+    yield s
+    s.stop()
+
+
+AUDIT_NODE = "node-a"  # the --audit-node of the audited fixture's proxies
+
+
+@pytest.fixture
+def audited(valkey, tmp_path):
+    """start(*args, sub=dir name, cls=proxy class, password=...): a vproxy in front of `valkey` (flushed
+    first) with an audit dir of its own under tmp_path (p.dir); each stopped after the test."""
+    def make(*args, sub="audit", cls=Proxy, **kw):
+        d = tmp_path / sub
+        pre = (kw.pop("password"),) if "password" in kw else ()
+        p = cls(*pre, *args, "--backend", valkey.addr, "--audit-dir", str(d), "--audit-node", AUDIT_NODE, **kw)
+        p.dir = d
+        return p
+
+    valkey.client().flushall()
+    yield from _started(make)
+
+
 @pytest.fixture
 def start_server():
     started = []

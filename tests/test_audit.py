@@ -17,35 +17,8 @@ from datetime import datetime, timezone
 
 import pytest
 import redis
-from conftest import PasswordProxy, Proxy, RawClient, Server, wait_for
-
-NODE = "node-a"
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    s = Server("valkey")
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def audited(valkey, tmp_path):
-    """Start vproxy processes with an audit dir of their own (stopped after the test)."""
-    started = []
-
-    def start(*args, sub="audit", cls=Proxy, **kw):
-        d = tmp_path / sub
-        pre = (kw.pop("password"),) if "password" in kw else ()
-        p = cls(*pre, *args, "--backend", valkey.addr, "--audit-dir", str(d), "--audit-node", NODE, **kw)
-        p.dir = d
-        started.append(p)
-        return p
-
-    valkey.client().flushall()
-    yield start
-    for p in started:
-        p.stop()
+from conftest import AUDIT_NODE as NODE
+from conftest import PasswordProxy, Proxy, RawClient, wait_for
 
 
 def audit_cli(*args, check=True, env=None) -> subprocess.CompletedProcess:

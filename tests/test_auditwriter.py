@@ -9,30 +9,7 @@ import os
 import signal
 import time
 
-import pytest
-from conftest import Proxy, RawClient, Server, wait_for
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    s = Server("valkey")
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def audited(valkey, tmp_path):
-    started = []
-
-    def start(*args, **kw):
-        p = Proxy("--backend", valkey.addr, "--audit-dir", str(tmp_path / "audit"), *args, **kw)
-        p.dir = tmp_path / "audit"
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
+from conftest import Proxy, RawClient, wait_for
 
 
 def gone(pid: int) -> bool:

@@ -3,18 +3,9 @@ knows every command vproxy splits, routes by keys or handles by name."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import Server
 
 from vproxy import algebra, builtin_commands, dbns, fanout, keyspec, split, txn
 from vproxy import commands as C
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    s = Server("valkey")
-    yield s
-    s.stop()
 
 
 def _text(v) -> str:

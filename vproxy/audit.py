@@ -34,7 +34,8 @@ import gevent
 from gevent.hub import get_hub
 from loguru import logger
 
-from .auditwriter import ACTIVE, ROTATED, Frames, frame, key_hash  # noqa: F401 - ACTIVE, ROTATED: auditquery's
+from .auditwriter import ACTIVE, Frames, frame, key_hash
+from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
 from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
 from .ratelog import RateLog
@@ -48,7 +49,6 @@ FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to th
 FLUSH_AT = 2048  # records: a batch this big goes at once
 CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
 PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
-_PLANS = "audit plans"  # CommandTable.derived: name as sent -> its plan (Audit.plan); emptied when the table changes
 
 
 def who(s) -> tuple:
@@ -153,7 +153,7 @@ class AuditTrack:
         """A request sent with sequence number seq (hold mode): its node is in the outbox's meta."""
         args, raw = req
         audit = self.audit
-        p = (audit.table.derived.get(_PLANS) or audit.plans()).get(args[0])
+        p = audit.table.audit_plans.get(args[0])
         if p is None:
             p = audit.plan(args[0])
         if p is False:
@@ -177,7 +177,7 @@ class AuditTrack:
                 self._numbered(reqs[start + j], base + j)
             return
         audit = self.audit
-        plans = audit.table.derived.get(_PLANS) or audit.plans()
+        plans = audit.table.audit_plans
         add = self.entries.append
         target = False
         for i in range(start, end):
@@ -292,7 +292,7 @@ class Audit:
         if self.proc is None:
             self._spawn()
         self.on = True
-        self.table.select_audit(frozenset(self.classes), gate=False)  # AuditTrack records the plain path
+        self.table.select_audit(frozenset(self.classes))
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
@@ -330,18 +330,11 @@ class Audit:
 
     # ---- records (the request path) ----
 
-    def plans(self) -> dict:
-        d = self.table.derived
-        p = d.get(_PLANS)
-        if p is None:
-            p = d[_PLANS] = {}
-        return p
-
     def plan(self, sent: bytes):
         """What recording a request named `sent` (as the client spelled it) takes: False (never
         recorded), (name, slice) (always recorded, its keys are args[slice]) or (name, None)
         (recorded or not by its arguments: table.audits and pick per request). Cached per name
-        until the table changes (CommandTable.derived)."""
+        until the table changes (CommandTable.audit_plans)."""
         name = sent.lower()
         table = self.table
         if name not in table.audit_names:
@@ -353,8 +346,8 @@ class Audit:
                 p = (name, slice(first, None if last == -1 else last + 1, step))
             else:
                 p = (name, None)
-        plans = self.plans()
-        if len(plans) < 4096:  # names are the client's: bound the cache
+        plans = self.table.audit_plans
+        if len(plans) < NAME_CACHE:  # names are the client's: bound the cache
             plans[sent] = p
         return p
 

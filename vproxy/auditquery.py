@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 from json.encoder import encode_basestring as _js
 from time import monotonic
 
-from .audit import ACTIVE, ROTATED, key_hash
+from .auditwriter import ACTIVE, ROTATED, key_hash
 from .twins import pure
 
 PROGRESS_MIN = 8 << 20  # inputs at least this big get a progress bar (when stderr is a terminal)

@@ -58,7 +58,6 @@ _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b
 # Requests of one client in flight at once (setting max_pipeline): bounds the replies vproxy holds for one
 # client (a client pipelining thousands of GETs of big values) and what it queues ahead of others on a
 # shared connection.
-PIPELINE_WINDOW = 64
 WINDOW_BYTES = 4 << 20  # the reply bytes one window should hold: a window of big replies shrinks
 WRITE_CHUNK = 256 << 10  # replies are joined into writes up to this size
 # Commands that change a connection's state: forwarded on a lease, they make it dirty.
@@ -305,8 +304,8 @@ class ClientSession(PlainPath, Audited):
         if wait > 0:
             app = self.app
             app.stats.rate_limited += 1
-            app.limit_log.log("rate", "INFO", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) slowed down: "
-                              f"over its request rate ({self._rate_said()})")
+            app.limit_log.log("rate", "INFO", lambda: f"client {self.id} ({self.addr[0]}:{self.addr[1]}) slowed "
+                              f"down: over its request rate ({self._rate_said()})")
             gevent.sleep(wait)
 
     def _rate_said(self) -> str:
@@ -320,8 +319,8 @@ class ClientSession(PlainPath, Audited):
         """More requests than max_pipeline at once: they wait for replies (counted, logged)."""
         app = self.app
         app.stats.pipeline_limited += 1
-        app.limit_log.log("pipeline", "INFO", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) pipelines past "
-                          f"max_pipeline ({self.max_window}): not read until its replies are written")
+        app.limit_log.log("pipeline", "INFO", lambda: f"client {self.id} ({self.addr[0]}:{self.addr[1]}) pipelines "
+                          f"past max_pipeline ({self.max_window}): not read until its replies are written")
 
     def output_overflow(self, size: int) -> None:
         """The client left more reply bytes unread than client_output_buffer_limit: it is dropped."""

@@ -23,13 +23,16 @@ class RateLog:
         self.last: dict[str, float] = {}  # kind -> when its last line was written
         self.held: dict[str, int] = {}  # kind -> lines held back since then
 
-    def log(self, kind: str, level: str, text: str) -> None:
+    def log(self, kind: str, level: str, text) -> None:
+        """text: the line, or a callable that makes it (called only when the line is written)."""
         now = monotonic()
         last = self.last.get(kind)
         if last is not None and now - last < self.every:
             self.held[kind] = self.held.get(kind, 0) + 1
             return
         self.last[kind] = now
+        if callable(text):
+            text = text()
         held = self.held.pop(kind, 0)
         if held:
             text += f" (and {held} more like it since the last such line)"
