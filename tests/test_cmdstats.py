@@ -169,6 +169,11 @@ def test_slowlog_catches_a_slow_request_with_its_client(c, proxy):
     assert len(entries) == 3 and all(e[3][0] == b"BLPOP" for e in entries)
     assert entries[0][0] > entries[1][0] > entries[2][0]  # newest first, ids grow
     assert entries[0][3][1] == b"v" * 128 + b"... (172 more bytes)"  # cut as the server cuts it
+    huge = ["h" * 9000] + [f"k{i}" for i in range(39)]  # over 8 KB: cut when recorded, not when shown
+    assert c.blpop(huge, 0.045) is None
+    shown = c.execute_command("PROXY", "SLOWLOG", "GET", "1")[0][3]
+    assert shown[:2] == [b"BLPOP", b"h" * 128 + b"... (8872 more bytes)"]
+    assert len(shown) == 32 and shown[-1] == b"... (11 more arguments)"  # 42 arguments: 31 shown
     assert c.execute_command("PROXY", "SLOWLOG", "RESET") == b"OK"
     assert c.execute_command("PROXY", "SLOWLOG", "LEN") == 0
     with pytest.raises(redis.ResponseError, match="count should be"):
@@ -241,13 +246,13 @@ def _rows(reply) -> list[dict]:
 
 
 def test_hot_and_big_keys(c):
-    for i in range(128 * 30):  # hotkeys_sample is 128: 30 samples
-        c.get("hot:1" if i % 4 else f"cold:{i}")
+    for i in range(128 * 30):  # hotkeys_sample is 128: 30 samples, 4 in 5 of them hot:1 whatever the
+        c.get("hot:1" if i % 5 else f"cold:{i}")  # sampling counter's phase (5 and 128 are coprime)
     c.set("big:1", "x" * 50_000)
     c.get("big:1")
     hot = _rows(c.execute_command("PROXY", "HOTKEYS", "3"))
     assert hot[0][b"key"] == b"hot:1"
-    assert 128 * 30 * 0.75 * 0.6 <= hot[0][b"requests"] <= 128 * 30 * 0.75 * 1.4  # scaled back, sampled
+    assert 128 * 30 * 0.8 * 0.6 <= hot[0][b"requests"] <= 128 * 30 * 0.8 * 1.4  # scaled back, sampled
     assert len(hot) <= 3
     big = _rows(c.execute_command("PROXY", "BIGKEYS"))
     kinds = {(b[b"kind"], b[b"command"]) for b in big if b[b"key"] == b"big:1"}

@@ -376,7 +376,7 @@ def _slowlog(app, args: list, proto: int) -> bytes:
             n = resp.string2ll(args[1])
             if n is None or n < -1:
                 return resp.error("ERR count should be greater than or equal to -1")
-        return resp.value([list(e) for e in log.get(None if n == -1 else n)], proto)
+        return resp.value(log.get(None if n == -1 else n), proto)
     return resp.error("ERR syntax error: PROXY SLOWLOG GET [count] | LEN | RESET")
 
 

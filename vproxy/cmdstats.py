@@ -345,10 +345,21 @@ class SlowLog:
         self.entries: deque = deque(maxlen=maxlen)
         self.next_id = 0
 
+    RAW_KEPT = 8192  # a request up to this size is kept as it is and shown when asked for
+
     def add(self, session, raw: bytes, seconds: float) -> None:
+        """Cheap: under overload every request can be slower than the threshold, so an entry keeps
+        the request's bytes (or, for a big one, its cut arguments) and is shown when asked for."""
         if self.entries.maxlen == 0:
             return
-        from .resp import PureRequestParser  # the slow path: one request's bytes, parsed again
+        shown = raw if len(raw) <= self.RAW_KEPT else self._show(raw)
+        self.entries.appendleft((self.next_id, int(time()), int(seconds * 1e6), shown,
+                                 session.addr, session.name))
+        self.next_id += 1
+
+    def _show(self, raw: bytes) -> list:
+        """A request's arguments as SLOWLOG shows them: at most 32, each cut to 128 bytes."""
+        from .resp import PureRequestParser  # one request's bytes, parsed again
 
         try:
             args = PureRequestParser().feed(raw)[0][0]
@@ -358,14 +369,16 @@ class SlowLog:
                  % (len(a) - self.MAX_ARG_LEN) for a in args[:self.MAX_ARGS]]
         if len(args) > self.MAX_ARGS:
             shown[-1] = b"... (%d more arguments)" % (len(args) - self.MAX_ARGS + 1)
-        host, port = session.addr[:2] if session.addr else ("", 0)
-        self.entries.appendleft((self.next_id, int(time()), int(seconds * 1e6), shown,
-                                 f"{host}:{port}".encode(), session.name))
-        self.next_id += 1
+        return shown
 
     def get(self, n: int | None = 10) -> list:
+        """The newest n entries (all when n is None): [id, time, us, arguments, b'host:port', name]."""
         items = list(self.entries)
-        return items if n is None or n < 0 else items[:n]
+        if n is not None and n >= 0:
+            items = items[:n]
+        return [[i, t, us, self._show(shown) if type(shown) is bytes else shown,
+                 ("%s:%s" % addr[:2] if addr else ":0").encode(), name]
+                for i, t, us, shown, addr, name in items]
 
     def reset(self) -> None:
         self.entries.clear()
