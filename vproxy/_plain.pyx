@@ -56,15 +56,16 @@ cdef class Outbox:
     """outbox.Outbox (the reference: its docstrings say what each method does)."""
 
     cdef public bint closed, stuck, touched
-    cdef public object held, hold, hub, meta, on_overflow, on_stuck, out, pending, raw, slots
+    cdef public object held, hold, hub, on_overflow, on_stuck, out, pending, raw
+    cdef public list frames, meta
     cdef public object track, waiter, watcher
     cdef public Py_ssize_t left, limit, next_seq, write_seq
 
     def __init__(self, sock, hold=None):
         self.raw = sock._sock
         self.hold = hold
-        self.slots = {}
-        self.meta = {}
+        self.frames = []
+        self.meta = []
         self.next_seq = self.write_seq = 0
         self.held = []
         self.stuck = False
@@ -92,9 +93,17 @@ cdef class Outbox:
         if idx == -1:
             self.take(frame)
         else:
-            self.slots[-2 - idx] = (frame, sent)
+            self.put(-2 - idx, (frame, sent))
             self.left -= 1
         self.push()
+
+    cpdef put(self, Py_ssize_t seq, frame):
+        cdef Py_ssize_t pos = seq - self.write_seq
+        if 0 <= pos < PyList_GET_SIZE(self.frames):
+            self.frames[pos] = frame
+
+    def meta_of(self, Py_ssize_t seq):
+        return self.meta[seq - self.write_seq]
 
     cpdef push(self):
         cdef list pending
@@ -117,14 +126,14 @@ cdef class Outbox:
             self._wake()
 
     cdef _sort(self):
-        cdef dict slots = self.slots, meta = self.meta
-        cdef Py_ssize_t seq = self.write_seq
+        cdef list frames = self.frames, meta = self.meta
+        cdef Py_ssize_t i = 0, n = PyList_GET_SIZE(frames)
         cdef bint newly = False
         hold = self.hold
-        while not self.stuck and seq in slots:
-            f = slots.pop(seq)
-            m = meta.pop(seq)
-            seq += 1
+        while not self.stuck and i < n and frames[i] is not None:
+            f = frames[i]
+            m = meta[i]
+            i += 1
             fact = None
             if type(f) is tuple:
                 f, fact = f
@@ -133,24 +142,28 @@ cdef class Outbox:
                 self.held.append((f, fact, m))
             else:
                 self.pending.append(f)
-        self.write_seq = seq
+        if i:
+            del frames[:i]
+            del meta[:i]
+            self.write_seq += i
         if newly and self.on_stuck is not None:
             self.on_stuck()
 
     def send(self, ch, req, meta, deadline):
         cdef Py_ssize_t seq = self.next_seq
         self.next_seq = seq + 1
-        self.meta[seq] = meta
+        self.meta.append(meta)
+        self.frames.append(None)
         if self.track is not None:
             self.track.add(req)
         ch.submit(req[1], self, -2 - seq, deadline)
 
     def held_all(self):
         held, self.held = self.held, []
-        for seq in range(self.write_seq, self.next_seq):
-            f = self.slots.pop(seq)
-            m = self.meta.pop(seq)
+        for f, m in zip(self.frames, self.meta):
             held.append((*f, m) if type(f) is tuple else (f, None, m))
+        del self.frames[:]
+        del self.meta[:]
         self.write_seq = self.next_seq
         self.stuck = False
         return held
@@ -206,8 +219,8 @@ cdef class Outbox:
         self.closed = True
         del self.pending[:]
         del self.held[:]
-        self.slots.clear()
-        self.meta.clear()
+        del self.frames[:]
+        del self.meta[:]
         self.out = b""
         if self.watcher is not None:
             self.watcher.stop()
@@ -234,7 +247,7 @@ def deliver(self, list frames, bint in_hub):
                 if idx == -1:
                     box.pending.append(frame)
                 else:
-                    box.slots[-2 - idx] = frame
+                    box.put(-2 - idx, frame)
                 box.left -= 1
                 if not box.touched:
                     box.touched = True
@@ -418,7 +431,8 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
     cdef Py_ssize_t nargs, arity
     cdef tuple req, spec
     cdef list args
-    cdef dict meta = box.meta, lanes = {}, chans, specs, derived
+    cdef dict lanes = {}, chans, specs, derived
+    cdef list meta = box.meta, frames = box.frames
     cdef Lane lane
     cdef PyObject *found
     if self.ns is not None or self.reads or box.stuck:
@@ -479,7 +493,8 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
                 deadline = deadline_of(self.app.cfg.command_timeout)
             seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
             box.next_seq = seq + 1
-            meta[seq] = (req[1], slot, name, addr)
+            meta.append((req[1], slot, name, addr))
+            frames.append(None)
             box.left += 1
             lane.wappend((box, -2 - seq, deadline))
             lane.oappend(req[1])
@@ -529,7 +544,8 @@ def forward_plain_ha(self, list reqs, bint wait=True):
     cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, seq
     cdef tuple req
     cdef list args
-    cdef dict chans = self.plain_chans, meta = box.meta, lanes = {}
+    cdef dict chans = self.plain_chans, lanes = {}
+    cdef list meta = box.meta, frames = box.frames
     cdef Lane lane
     cdef PyObject *found
     if box.stuck:
@@ -579,7 +595,8 @@ def forward_plain_ha(self, list reqs, bint wait=True):
                 deadline = deadline_of(self.app.cfg.command_timeout)
             seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
             box.next_seq = seq + 1
-            meta[seq] = (req[1], name, key, pool)
+            meta.append((req[1], name, key, pool))
+            frames.append(None)
             box.left += 1
             lane.wappend((box, -2 - seq, deadline))
             lane.oappend(req[1])

@@ -160,7 +160,7 @@ class AuditTrack:
             return self.entries.append(None)
         if self.who is None:
             self.who, self.now = who(self.session), time()
-        target = self.session.outbox.meta[seq][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
+        target = self.session.outbox.meta_of(seq)[3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
         if not isinstance(target, (tuple, str)):
             target = target.addr
         self._note(p, args, raw, target)

@@ -42,8 +42,8 @@ class Outbox:
         "on_stuck",
         "out",
         "pending",
+        "frames",
         "raw",
-        "slots",
         "stuck",
         "touched",
         "track",
@@ -55,8 +55,11 @@ class Outbox:
     def __init__(self, sock, hold: tuple | None = None):
         self.raw = sock._sock  # the plain socket under gevent's: never blocks, never parks
         self.hold = hold
-        self.slots: dict = {}  # hold: seq -> reply (or (error, sent fact)) not written yet
-        self.meta: dict = {}  # hold: seq -> what the session said of the request
+        # hold: a ring of the numbered requests not written yet, seq write_seq at index 0: each one's
+        # reply (None until it is in; (error, sent fact) for a failed connection) and what the
+        # session said of it
+        self.frames: list = []
+        self.meta: list = []
         self.next_seq = self.write_seq = 0  # hold: the next request's seq; the next one to write
         self.held: list = []  # (frame, sent fact or None, meta) from the first one held on
         self.stuck = False
@@ -87,9 +90,19 @@ class Outbox:
         if idx == -1:
             self.take(frame)
         else:
-            self.slots[-2 - idx] = (frame, sent)
+            self.put(-2 - idx, (frame, sent))
             self.left -= 1
         self.push()
+
+    def put(self, seq: int, frame) -> None:
+        """Hold mode: the reply of request seq is in (dropped when the client has left: close())."""
+        pos = seq - self.write_seq
+        if 0 <= pos < len(self.frames):
+            self.frames[pos] = frame
+
+    def meta_of(self, seq: int):
+        """Hold mode: what the session said of request seq (not written yet)."""
+        return self.meta[seq - self.write_seq]
 
     def push(self) -> None:
         """Write what came in: one send; what the socket does not take waits for the write watcher."""
@@ -113,12 +126,12 @@ class Outbox:
 
     def _sort(self) -> None:
         """With `hold`: the replies whose turn has come go to `pending`, up to one that is held."""
-        slots, meta, hold = self.slots, self.meta, self.hold
-        seq = self.write_seq
+        frames, meta, hold = self.frames, self.meta, self.hold
+        i, n = 0, len(frames)
         newly = False
-        while not self.stuck and seq in slots:
-            f, m = slots.pop(seq), meta.pop(seq)
-            seq += 1
+        while not self.stuck and i < n and frames[i] is not None:
+            f, m = frames[i], meta[i]
+            i += 1
             fact = None
             if type(f) is tuple:
                 f, fact = f
@@ -127,7 +140,9 @@ class Outbox:
                 self.held.append((f, fact, m))
             else:
                 self.pending.append(f)
-        self.write_seq = seq
+        if i:
+            del frames[:i], meta[:i]
+            self.write_seq += i
         if newly and self.on_stuck is not None:
             self.on_stuck()
 
@@ -136,7 +151,8 @@ class Outbox:
         one, noted for the statistics (track); meta is what the session will need if its reply is held."""
         seq = self.next_seq
         self.next_seq = seq + 1
-        self.meta[seq] = meta
+        self.meta.append(meta)
+        self.frames.append(None)
         if self.track is not None:
             self.track.add(req)
         ch.submit(req[1], self, -2 - seq, deadline)
@@ -145,9 +161,10 @@ class Outbox:
         """Once every reply is in (left == 0): the held one and all after it, in order; the outbox
         is then empty and no longer stuck."""
         held, self.held = self.held, []
-        for seq in range(self.write_seq, self.next_seq):
-            f, m = self.slots.pop(seq), self.meta.pop(seq)
+        for f, m in zip(self.frames, self.meta):
             held.append((*f, m) if type(f) is tuple else (f, None, m))
+        self.frames.clear()
+        self.meta.clear()
         self.write_seq = self.next_seq
         self.stuck = False
         return held
@@ -206,7 +223,7 @@ class Outbox:
         self.closed = True
         self.pending.clear()
         self.held.clear()
-        self.slots.clear()
+        self.frames.clear()
         self.meta.clear()
         self.out = b""
         if self.watcher is not None:

@@ -308,7 +308,7 @@ class Channel:
                     if idx == -1:
                         batch.pending.append(frame)
                     else:
-                        batch.slots[-2 - idx] = frame
+                        batch.put(-2 - idx, frame)
                     batch.left -= 1
                     if not batch.touched:
                         batch.touched = True
