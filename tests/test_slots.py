@@ -25,16 +25,16 @@ def test_range():
 
 
 def test_compiled_twin_agrees():
-    """The compiled key_slot (vproxy/_resp.pyx) gives the pure one's slot for every key shape."""
+    """The compiled key_slot (vproxy/_plain.pyx) gives the pure one's slot for every key shape."""
     import random
 
     import pytest
 
     from vproxy import slots
     try:
-        from vproxy._resp import key_slot as compiled
+        from vproxy._plain import key_slot as compiled
     except ImportError:
-        pytest.skip("the compiled twin vproxy/_resp.pyx is not built")
+        pytest.skip("the compiled twin vproxy/_plain.pyx is not built")
     rng = random.Random(7)
     keys = [b"", b"{", b"}", b"{}", b"{}x", b"x{}", b"{a}", b"a{b}c{d}", b"{{a}}", b"}{a}", b"\x00{\xff}",
             "straße", bytearray(b"foo"), memoryview(b"{tag}x")]

@@ -9,7 +9,9 @@ reference's, line for line; tests run both (VPROXY_PURE=1 picks the references).
 """
 
 from cpython.list cimport PyList_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from libc.string cimport memchr
 from cpython.object cimport PyObject
 
 import gevent
@@ -21,19 +23,18 @@ cdef list _touched = None
 cdef object _push_touched = None
 cdef object BackendError = None
 cdef object fast_key = None
-cdef object key_slot = None
 cdef object backend_unavailable = None
 
 
 def bind(touched=None, push_touched=None, backend_error=None, unavailable=None,
-         fast_key_of=None, slot_of=None) -> None:
+         fast_key_of=None) -> None:
     """The Python objects the twins call, given by the modules that define them."""
-    global _touched, _push_touched, BackendError, backend_unavailable, fast_key, key_slot
+    global _touched, _push_touched, BackendError, backend_unavailable, fast_key
     if touched is not None:
         _touched, _push_touched, BackendError = touched, push_touched, backend_error
         backend_unavailable = unavailable
     if fast_key_of is not None:
-        fast_key, key_slot = fast_key_of, slot_of
+        fast_key = fast_key_of
 
 
 cdef extern from "time.h":
@@ -50,6 +51,48 @@ cdef inline double now_monotonic() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# ---- slots.key_slot, compiled: CRC16 (XMODEM) of the key or its hash tag, in one pass over bytes ----
+
+cdef unsigned short CRC16[256]
+
+
+cdef void _crc16_table() noexcept:
+    cdef unsigned int i, j, crc
+    for i in range(256):
+        crc = i << 8
+        for j in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        CRC16[i] = crc & 0xFFFF
+
+
+_crc16_table()
+
+
+cdef inline Py_ssize_t slot_of(bytes key) noexcept:
+    """The cluster slot of a key (hash tags honoured); forward_plain_cluster calls it in C."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(key)
+    cdef const unsigned char *open_
+    cdef const unsigned char *close
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(key), i
+    cdef unsigned int crc = 0
+    open_ = <const unsigned char *>memchr(p, 123, n)  # '{'
+    if open_ != NULL:
+        close = <const unsigned char *>memchr(open_ + 1, 125, n - (open_ + 1 - p))  # '}'
+        if close != NULL and close > open_ + 1:
+            p = open_ + 1
+            n = close - p
+    for i in range(n):
+        crc = ((crc << 8) & 0xFFFF) ^ CRC16[((crc >> 8) ^ p[i]) & 0xFF]
+    return crc & 0x3FFF
+
+
+def key_slot(key):
+    """slots.key_slot: the cluster slot of a key (hash tags honoured)."""
+    if type(key) is not bytes:
+        key = key.encode() if isinstance(key, str) else bytes(key)
+    return slot_of(key)
 
 
 cdef class Outbox:
@@ -129,6 +172,7 @@ cdef class Outbox:
         cdef list frames = self.frames, meta = self.meta
         cdef Py_ssize_t i = 0, n = PyList_GET_SIZE(frames)
         cdef bint newly = False
+        cdef bytes fb
         hold = self.hold
         while not self.stuck and i < n and frames[i] is not None:
             f = frames[i]
@@ -137,7 +181,9 @@ cdef class Outbox:
             fact = None
             if type(f) is tuple:
                 f, fact = f
-            if fact is not None or (f[:1] == b"-" and f.startswith(hold)):
+            fb = f  # a reply is bytes (typed: checked)
+            if fact is not None or (PyBytes_GET_SIZE(fb) and PyBytes_AS_STRING(fb)[0] == 45  # '-'
+                                    and fb.startswith(hold)):
                 self.stuck = newly = True
                 self.held.append((f, fact, m))
             else:
@@ -230,16 +276,17 @@ cdef class Outbox:
 
 def deliver(self, list frames, bint in_hub):
     """Channel._deliver (bound as that method)."""
-    waiters = self.waiters
+    popleft = self.waiters.popleft
     cdef list boxes = []
     cdef Outbox box
     cdef Py_ssize_t idx, left
     cdef tuple w
     try:
         for frame in frames:
-            if not waiters:
-                raise BackendError("reply with no request waiting for it")
-            w = <tuple>waiters.popleft()
+            try:
+                w = <tuple>popleft()
+            except IndexError:
+                raise BackendError("reply with no request waiting for it") from None
             batch = w[0]
             idx = w[1]
             if idx < 0:
@@ -431,6 +478,7 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
     cdef Py_ssize_t nargs, arity
     cdef tuple req, spec
     cdef list args
+    cdef bytes karg
     cdef dict lanes = {}, chans, specs, derived
     cdef list meta = box.meta, frames = box.frames
     cdef Lane lane
@@ -466,7 +514,8 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
                     break
             if forwards is not None and not forwards(name, nargs):
                 break
-            slot = key_slot(args[pos])
+            karg = args[pos]  # bytes, from the parser (typed: checked)
+            slot = slot_of(karg)
             addr = owners[slot]
             found = PyDict_GetItem(lanes, addr)
             if found is NULL:

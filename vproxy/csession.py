@@ -936,5 +936,5 @@ PRE = {**fanout.PRE, **txn.PRE, b"select": dbns.select}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}
 
 if TWIN is not None:  # the compiled twin of forward_plain (vproxy/_plain.pyx, chosen in outbox.py)
-    TWIN.bind(fast_key_of=_fast_key, slot_of=key_slot)
+    TWIN.bind(fast_key_of=_fast_key)
     ClusterSession.forward_plain = TWIN.forward_plain_cluster

@@ -31,7 +31,7 @@ def key_slot(key: bytes) -> int:
     return crc_hqx(hash_part(key), 0) & 0x3FFF
 
 
-# The compiled twin (vproxy/_resp.pyx) when it is built, as for the parser (resp.IMPL): same answers
+# The compiled twin (vproxy/_plain.pyx, where the cluster plain path calls it in C) when it is built, as for the parser (resp.IMPL): same answers
 # (tests/test_slots.py compares them), without the slicing and the two calls per key.
 pure_key_slot = key_slot
-key_slot = getattr(twin("_resp"), "key_slot", pure_key_slot)  # (a build older than key_slot: the pure one)
+key_slot = getattr(twin("_plain"), "key_slot", pure_key_slot)  # (a build older than key_slot: the pure one)
