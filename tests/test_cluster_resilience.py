@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from clusterkit import Cluster
 from conftest import BACKENDS, Proxy, RawClient, wait_for
+from ha_kit import record
 
 from vproxy.slots import key_slot
 
@@ -163,9 +164,11 @@ def test_primary_killed_under_load(replicated):
         load = Load(p, f"{{{tag}}}x", threads=3, keys=50)
         other = Load(p, "plain", threads=2, keys=50)  # keys on every node
         wait_for(lambda: load.ops > 200 and other.ops > 200, 20, "load to start")
+        t0 = time.monotonic()
         victim.kill()
         alive = [n for n in cluster.nodes if n is not victim]
         wait_for(lambda: cluster.owner(f"{{{tag}}}") is not victim, 30, "a replica to take over")
+        switched = time.monotonic() - t0
         before = load.ops
         wait_for(lambda: load.ops > before + 200, 30, "writes to the failed shard to resume")
         load.finish()
@@ -176,6 +179,8 @@ def test_primary_killed_under_load(replicated):
         timeouts = [e for e in load.errors + other.errors if e.startswith("timeout")]
         assert not timeouts, timeouts  # a request vproxy never answered (it once happened: a lost split reply)
         assert max(load.slowest, other.slowest) < 15 + 5  # held at most primary_wait (+ command_timeout)
+        record("cluster", fault="kill", backend=cluster.kind, switch_s=round(switched, 3),
+               slowest_s=round(max(load.slowest, other.slowest), 3), errors=len(load.errors + other.errors))
         c = p.client()
         assert c.set(f"{{{tag}}}after", 1) and c.get(f"{{{tag}}}after") == b"1"
         assert alive
