@@ -49,6 +49,7 @@ FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to th
 FLUSH_AT = 2048  # records: a batch this big goes at once
 CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
 PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
+ATTACH_EVERY = 0.05  # seconds between tries to put the AuditTrack on clients that were busy at PROXY AUDIT ON
 
 
 def who(s) -> tuple:
@@ -132,9 +133,10 @@ class AuditTrack:
 
     __slots__ = ("audit", "entries", "inner", "now", "session", "who")
 
-    def __init__(self, audit, session, inner):
+    def __init__(self, audit, session, inner, inflight: int = 0):
+        """inflight: plain requests already in flight (see Audit.attach): not recorded."""
         self.audit, self.session, self.inner = audit, session, inner
-        self.entries: deque = deque()  # per plain request in flight: its record (a list), or None
+        self.entries: deque = deque([None] * inflight)  # per plain request in flight: its record (a list), or None
         self.who = None  # the client's part of the records of this read (None: not made yet)
         self.now = 0.0
 
@@ -244,6 +246,9 @@ class AuditTrack:
         return self.inner.drop(n) if self.inner is not None else []
 
 
+TRACKS = (AuditTrack,)  # the AuditTrack classes (the pure one, and its compiled twin when built)
+
+
 class Audit:
     """The audit log of one proxy process: selection, records, the batch on its way to the writer
     process, and that process."""
@@ -281,6 +286,8 @@ class Audit:
         self._watcher = self._timer = None
         self._armed = False
         self._restarting = False
+        self.clients: dict = {}  # the proxy's clients (App.clients): their outbox tracks
+        self._waiting: list = []  # clients that get their AuditTrack once their greenlet parks (attach)
 
     # ---- control (PROXY AUDIT, start-up) ----
 
@@ -293,12 +300,55 @@ class Audit:
             self._spawn()
         self.on = True
         self.table.select_audit(frozenset(self.classes))
+        self._attach_all()
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
         self.on = False
         self.table.select_audit(None)
+        self._waiting = []
+        for s in list(self.clients.values()):  # each plain path's track as it was (cmdstats.Track or None)
+            track = s.outbox.track
+            if isinstance(track, TRACKS):
+                s.outbox.track = track.inner
         logger.info("audit log off")
+
+    # ---- the plain paths' tracks (AuditTrack on each client's outbox while the log is on) ----
+
+    def attach(self, s) -> bool:
+        """Put an AuditTrack on client s's outbox (PROXY AUDIT ON); False: not now. Safe while its
+        greenlet is parked in _intake: the loop sends its plain requests then, and reads the track
+        afresh each time, whereas a forward_plain running in the greenlet tells the track it read
+        when it began. The requests already in flight are not recorded (inflight)."""
+        box = s.outbox
+        if isinstance(box.track, TRACKS) or s.closing:
+            return True
+        if s.intake is None and not getattr(s, "tls", False):  # (TLS clients have no plain path)
+            return False
+        if box.hold is None:
+            inflight = box.left + len(box.pending)
+        else:
+            inflight = box.next_seq - box.write_seq + len(box.pending) + len(box.held)
+        box.track = AuditTrack(self, s, box.track, inflight)
+        return True
+
+    def _attach_all(self) -> None:
+        """Every client records from now on: at once, or as soon as its greenlet parks (a timer
+        tries again every ATTACH_EVERY while some have not)."""
+        self._waiting = [s for s in self.clients.values() if not self.attach(s)]
+        if self._waiting:
+            get_hub().loop.timer(ATTACH_EVERY).start(self._attach_waiting)
+
+    def _attach_waiting(self) -> None:
+        if not self.on or not self._waiting:
+            return
+        self._waiting = [s for s in self._waiting if self.clients.get(s.id) is s and not self.attach(s)]
+        if self._waiting:
+            get_hub().loop.timer(ATTACH_EVERY).start(self._attach_waiting)
+
+    def tracked(self) -> int:
+        """Clients whose plain-path requests are recorded (an AuditTrack on their outbox)."""
+        return sum(1 for s in list(self.clients.values()) if isinstance(s.outbox.track, TRACKS))
 
     def set_classes(self, classes: list) -> None:
         self.classes = check_classes(classes)
@@ -326,7 +376,7 @@ class Audit:
                 "audit_dropped": self.dropped + self._base[1] + self._status[1],
                 "audit_write_errors": self.errors,
                 "audit_writer_pid": self.proc.pid if self.proc is not None else 0,
-                "audit_writer_restarts": self.restarts}
+                "audit_writer_restarts": self.restarts, "audit_clients": self.tracked()}
 
     # ---- records (the request path) ----
 
