@@ -12,8 +12,9 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ("_resp", "_stats", "_plain", "_auditfmt")  # vproxy/<name>.pyx: the parser and framer, the
-# per-command statistics, the plain path's per-request code, the audit writer's line formatting
+MODULES = ("_resp", "_stats", "_plain", "_audit", "_auditfmt")  # vproxy/<name>.pyx: the parser and
+# framer, the per-command statistics, the plain path's per-request code, the audit log's recorder
+# (audit.AuditTrack) and its writer's line formatting
 # what Cython makes of them (ignored by git, shipped in sdists)
 GENERATED = {name: f"vproxy/{name}.c" for name in MODULES}
 

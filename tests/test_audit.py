@@ -514,3 +514,25 @@ def test_audit_off_takes_the_recorder_off_every_client_and_on_puts_it_back(audit
     wait_for(lambda: got() == want, what="the records after ON, each with its own outcome")
     for c in (ctl, a, b):
         c.close()
+
+
+def test_records_follow_the_clients_changes_between_reads(audited):
+    """One request per read: each record has the client's name, database and user as they were
+    when that request came, though its plain-path records share what did not change."""
+    p = audited()
+    c = p.client()
+    t0 = now_iso()
+    c.set("r:1", "v")
+    c.set("r:2", "v")
+    c.client_setname("n1")
+    c.set("r:3", "v")
+    c.execute_command("SELECT", "3")
+    c.set("r:4", "v")
+    c.execute_command("CLIENT", "SETINFO", "LIB-NAME", "mylib")
+    c.set("r:5", "v")
+    want = [("r:1", "", 0, "redis-py"), ("r:2", "", 0, "redis-py"), ("r:3", "n1", 0, "redis-py"),
+            ("r:4", "n1", 3, "redis-py"), ("r:5", "n1", 3, "mylib")]
+    got = lambda: [(x["keys"][0], x["client_name"], x["db"], x["lib_name"])  # noqa: E731
+                   for x in query(p.dir, "--since", t0, "--command", "set")]
+    wait_for(lambda: got() == want, what="the SETs' records")
+    c.close()

@@ -39,6 +39,7 @@ from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
 from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
 from .ratelog import RateLog
+from .twins import twin
 
 _OWN_CONTAINERS = (b"proxy",)  # vproxy's own commands with subcommands (CommandTable.subcommand)
 VALUE_MAX = 256  # audit_values: bytes kept of each argument (the rest is counted, not written)
@@ -131,7 +132,7 @@ class AuditTrack:
     request; a held reply (MOVED, a failover) leaves the plain path (drop), and its record goes with
     it to the batch that recovers it (Entry.held)."""
 
-    __slots__ = ("audit", "entries", "inner", "now", "session", "who")
+    __slots__ = ("audit", "entries", "inner", "kept", "now", "session", "src", "who")
 
     def __init__(self, audit, session, inner, inflight: int = 0):
         """inflight: plain requests already in flight (see Audit.attach): not recorded."""
@@ -139,6 +140,8 @@ class AuditTrack:
         self.entries: deque = deque([None] * inflight)  # per plain request in flight: its record (a list), or None
         self.who = None  # the client's part of the records of this read (None: not made yet)
         self.now = 0.0
+        self.kept = None  # the last `who` made, kept while the session cannot have changed (_who)
+        self.src = (None, None, None)  # what it was made with: the session's batch, proxy user, backend user
 
     def start(self, t0: float) -> None:
         self.who = None  # a new read: the session may have changed since (SELECT, CLIENT SETNAME ...)
@@ -161,7 +164,7 @@ class AuditTrack:
         if p is False:
             return self.entries.append(None)
         if self.who is None:
-            self.who, self.now = who(self.session), time()
+            self.who, self.now = self._who(), time()
         target = self.session.outbox.meta[seq][3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
         if not isinstance(target, (tuple, str)):
             target = target.addr
@@ -193,7 +196,7 @@ class AuditTrack:
             if target is False:  # the first recorded one of this call: what the others share
                 s = self.session
                 if self.who is None:
-                    self.who, self.now = who(s), time()
+                    self.who, self.now = self._who(), time()
                 w, now = self.who, self.now
                 ch = s.cur  # the plain channel these requests were just sent on
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
@@ -202,6 +205,19 @@ class AuditTrack:
                 add([now, w, p[0], None, args[keys], len(args), len(raw), target, 0.0, 0, None, None])
             else:
                 self._note(p, args, raw, target)
+
+    def _who(self) -> tuple:
+        """who(session), the same tuple as last time while the session cannot have changed: what
+        changes it (SELECT, CLIENT SETNAME, HELLO, AUTH ...) never takes the plain path, and every
+        run of the batch path makes a new session.batch (a reload of the proxy users may rebind
+        proxy_user, a backend re-AUTH user). One tuple for a client's records also makes them
+        smaller in the hand-over (marshal writes it once a batch) and cheaper for the writer."""
+        s = self.session
+        src = self.src
+        if self.kept is None or s.batch is not src[0] or s.proxy_user is not src[1] or s.user is not src[2]:
+            self.src = (s.batch, s.proxy_user, s.user)
+            self.kept = who(s)
+        return self.kept
 
     def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
         name, keys = p
@@ -244,9 +260,6 @@ class AuditTrack:
             if e is not None and batch is not None:
                 s.audits.append(Entry.held(batch, j, e))
         return self.inner.drop(n) if self.inner is not None else []
-
-
-TRACKS = (AuditTrack,)  # the AuditTrack classes (the pure one, and its compiled twin when built)
 
 
 class Audit:
@@ -677,3 +690,13 @@ def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
         else:
             out.append(a)
     return out
+
+
+# ---- the compiled twin of AuditTrack (vproxy/_audit.pyx) when it is built, unless VPROXY_PURE=1 ----
+PureAuditTrack = AuditTrack
+_twin = twin("_audit")
+IMPL = "pure" if _twin is None else "compiled"
+if _twin is not None:
+    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT)
+    AuditTrack = _twin.AuditTrack
+TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox
