@@ -7,13 +7,19 @@ it as its reply is written (written). Here the loops over a read's requests and 
 run in C: the records in flight are a list walked by index (not a deque), the time is read from
 the C clock once per read and once per push (one float shared by their records), a reply's first
 byte is compared as a C char, and the completed records join the audit's batch directly while
-there is room (Audit.put_many otherwise). tests/test_audit*.py run both (VPROXY_PURE=1).
+there is room (Audit.put_many otherwise). A record and its keys' list are taken off the garbage
+collector's lists (they hold no cycle: times, bytes, tuples of them): thousands of them wait for
+the writer at any time, and would otherwise be walked by its passes and promoted into the old
+generations (setting off full collections). tests/test_audit*.py run both (VPROXY_PURE=1).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_SIZE
 from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void *op)
 
 cdef extern from "time.h":
     ctypedef long time_t
@@ -131,8 +137,11 @@ cdef class AuditTrack:
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
             if keys is not None:
-                q.append([now, w, p[0], None, args[keys], PyList_GET_SIZE(args), len(req[1]), target,
-                          0.0, OK, None, None])
+                ks = args[keys]
+                PyObject_GC_UnTrack(<void *>ks)
+                rec = [now, w, p[0], None, ks, PyList_GET_SIZE(args), len(req[1]), target, 0.0, OK, None, None]
+                PyObject_GC_UnTrack(<void *>rec)
+                q.append(rec)
             else:
                 self._note(p, args, req[1], target)
 
@@ -153,7 +162,9 @@ cdef class AuditTrack:
         else:
             self.q.append(None)
             return
-        self.q.append([self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values])
+        rec = [self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values]
+        PyObject_GC_UnTrack(<void *>rec)  # (see add_many)
+        self.q.append(rec)
 
     def written(self, list frames):
         cdef list q = self.q, recs = None, e
