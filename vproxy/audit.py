@@ -490,9 +490,11 @@ class Audit:
     # ---- the hand-over to the writer process ----
 
     def _arm(self) -> None:
+        """flush() in FLUSH_EVERY. A new timer each time: a libev timer started again after it
+        fired keeps what was left of its delay then (about nothing), so a reused one fired every
+        loop iteration or so: five times as many, smaller batches, each a wake-up of the writer."""
         self._armed = True
-        if self._timer is None:
-            self._timer = get_hub().loop.timer(FLUSH_EVERY)
+        self._timer = get_hub().loop.timer(FLUSH_EVERY)
         self._timer.start(self.flush)
 
     def flush(self) -> None:
