@@ -1,5 +1,6 @@
-"""Build the optional compiled twins: the RESP parser and framer (vproxy/_resp.pyx) and the
-per-command statistics (vproxy/_stats.pyx).
+"""Build the optional compiled twins: the RESP parser and framer (vproxy/_resp.pyx), the
+per-command statistics (vproxy/_stats.pyx), the plain path (vproxy/_plain.pyx), and the audit log's
+recorder and line formatter (vproxy/_audit.pyx, vproxy/_auditfmt.pyx).
 
 Everything else lives in pyproject.toml. Where Cython or a C compiler is missing, or the compile
 fails, the build warns and goes on without it: vproxy then runs its pure-Python parser and framer
