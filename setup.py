@@ -1,5 +1,6 @@
-"""Build the optional compiled twins: the RESP parser and framer (vproxy/_resp.pyx) and the
-per-command statistics (vproxy/_stats.pyx).
+"""Build the optional compiled twins: the RESP parser and framer (vproxy/_resp.pyx), the
+per-command statistics (vproxy/_stats.pyx), the plain path (vproxy/_plain.pyx), and the audit log's
+recorder and line formatter (vproxy/_audit.pyx, vproxy/_auditfmt.pyx).
 
 Everything else lives in pyproject.toml. Where Cython or a C compiler is missing, or the compile
 fails, the build warns and goes on without it: vproxy then runs its pure-Python parser and framer
@@ -12,8 +13,9 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ("_resp", "_stats", "_plain")  # vproxy/<name>.pyx: the parser and framer, the per-command
-# statistics, the plain path's per-request code
+MODULES = ("_resp", "_stats", "_plain", "_audit", "_auditfmt")  # vproxy/<name>.pyx: the parser and
+# framer, the per-command statistics, the plain path's per-request code, the audit log's recorder
+# (audit.AuditTrack) and its writer's line formatting
 # what Cython makes of them (ignored by git, shipped in sdists)
 GENERATED = {name: f"vproxy/{name}.c" for name in MODULES}
 

@@ -53,7 +53,7 @@ def generate(d: str, n: int, files: int) -> int:
     lines = writer.lines(recs).splitlines(keepends=True)
     total = 0
     for f in range(files):
-        chunk = "".join(lines[f * per:(f + 1) * per]).encode()
+        chunk = b"".join(lines[f * per:(f + 1) * per])
         if f == files - 1:
             path = os.path.join(d, "audit.jsonl")
             with open(path, "wb") as out:

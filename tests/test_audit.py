@@ -465,3 +465,74 @@ def test_records_name_the_backend_acl_user(audited, valkey):
     finally:
         admin.execute_command("ACL", "DELUSER", "auditor")
         admin.close()
+
+
+def audit_status(c) -> dict:
+    status = c.execute_command("PROXY", "AUDIT", "STATUS")
+    return dict(zip(status[::2], status[1::2])) if isinstance(status, list) else status
+
+
+def set_calls(c) -> int:
+    return c.execute_command("INFO", "proxy_commandstats")["cmdstat_set"]["calls"]
+
+
+def test_audit_off_takes_the_recorder_off_every_client_and_on_puts_it_back(audited):
+    """PROXY AUDIT OFF leaves each client's plain path as it was without the audit log (its
+    statistics still counted), ON records every client again, those connected meanwhile too,
+    and their pipelined requests get their own outcomes."""
+    p = audited()
+    ctl, a = p.client(), p.client(client_name="a")
+    t0 = now_iso()
+    a.set("on:1", "v")
+    wait_for(lambda: [x["keys"] for x in query(p.dir, "--since", t0)] == [["on:1"]], what="a's first record")
+
+    def clients() -> int:
+        return len(ctl.client_list())
+
+    wait_for(lambda: int(audit_status(ctl)[b"audit_clients"]) == clients(), what="every client recorded")
+    assert ctl.execute_command("PROXY", "AUDIT", "OFF") == b"OK"
+    assert audit_status(ctl)[b"audit_clients"] == b"0"
+    calls = set_calls(ctl)
+    a.set("off:1", "v")  # not recorded, but counted by the plain path's statistics
+    b = p.client(client_name="b")  # connected while off
+    b.set("off:2", "v")
+    assert set_calls(ctl) == calls + 2
+    assert audit_status(ctl)[b"audit_clients"] == b"0"
+
+    assert ctl.execute_command("PROXY", "AUDIT", "ON") == b"OK"
+    wait_for(lambda: int(audit_status(ctl)[b"audit_clients"]) == clients(), what="every client recorded again")
+    for c, name in ((b, "b"), (a, "a")):
+        pipe = c.pipeline(transaction=False)
+        pipe.set(f"{name}:1", "v").incr(f"{name}:1").set(f"{name}:2", "v")
+        assert pipe.execute(raise_on_error=False)[0] is True
+    assert set_calls(ctl) == calls + 6
+    got = lambda: [(x["client_name"], x["command"], x["keys"], x["outcome"], x["error"])  # noqa: E731
+                   for x in query(p.dir, "--since", t0) if x["client_name"] and x["keys"] != ["on:1"]]
+    want = [("b", "set", ["b:1"], "ok", None), ("b", "incrby", ["b:1"], "error", "ERR"),
+            ("b", "set", ["b:2"], "ok", None), ("a", "set", ["a:1"], "ok", None),
+            ("a", "incrby", ["a:1"], "error", "ERR"), ("a", "set", ["a:2"], "ok", None)]
+    wait_for(lambda: got() == want, what="the records after ON, each with its own outcome")
+    for c in (ctl, a, b):
+        c.close()
+
+
+def test_records_follow_the_clients_changes_between_reads(audited):
+    """One request per read: each record has the client's name, database and user as they were
+    when that request came, though its plain-path records share what did not change."""
+    p = audited()
+    c = p.client()
+    t0 = now_iso()
+    c.set("r:1", "v")
+    c.set("r:2", "v")
+    c.client_setname("n1")
+    c.set("r:3", "v")
+    c.execute_command("SELECT", "3")
+    c.set("r:4", "v")
+    c.execute_command("CLIENT", "SETINFO", "LIB-NAME", "mylib")
+    c.set("r:5", "v")
+    want = [("r:1", "", 0, "redis-py"), ("r:2", "", 0, "redis-py"), ("r:3", "n1", 0, "redis-py"),
+            ("r:4", "n1", 3, "redis-py"), ("r:5", "n1", 3, "mylib")]
+    got = lambda: [(x["keys"][0], x["client_name"], x["db"], x["lib_name"])  # noqa: E731
+                   for x in query(p.dir, "--since", t0, "--command", "set")]
+    wait_for(lambda: got() == want, what="the SETs' records")
+    c.close()

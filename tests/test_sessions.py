@@ -382,8 +382,13 @@ def test_info_and_version_say_which_parser_runs(proxy, server, start_proxy):
     assert proxy.info()["proxy_impl"] == ("pure" if forced else built)
     assert proxy.info()["proxy_stats_impl"] == ("pure" if forced else stats)
     assert proxy.info()["proxy_plain_impl"] == ("pure" if forced else plain)
+    recorder = "compiled" if importlib.util.find_spec("vproxy._audit") else "pure"
+    fmt = "compiled" if importlib.util.find_spec("vproxy._auditfmt") else "pure"
+    audit = "pure" if forced else recorder if recorder == fmt else f"{recorder},{fmt}"
+    assert proxy.info()["proxy_audit_impl"] == audit
     info = start_proxy("--backend", server.addr, env={"VPROXY_PURE": "1"}).info()
-    assert (info["proxy_impl"], info["proxy_stats_impl"], info["proxy_plain_impl"]) == ("pure",) * 3
+    assert (info["proxy_impl"], info["proxy_stats_impl"], info["proxy_plain_impl"], info["proxy_audit_impl"]) \
+        == ("pure",) * 4
     for pure, impl, st, pl in (("1", "pure", "pure", "pure"), ("", built, stats, plain)):
         out = subprocess.run([sys.executable, "-m", "vproxy", "--version"], capture_output=True, text=True, check=False,
                              env={**os.environ, "VPROXY_PURE": pure}, timeout=30)

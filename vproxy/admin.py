@@ -6,7 +6,7 @@ import os
 import resource
 from time import monotonic, time
 
-from . import __version__, cmdstats, outbox, resp
+from . import __version__, audit, auditfmt, cmdstats, outbox, resp
 from . import errors as E
 from .users import user_name
 
@@ -28,6 +28,8 @@ def proxy_section(app) -> str:
         "proxy_impl": resp.IMPL,  # the RESP parser and framer: "compiled" (vproxy/_resp.pyx) or "pure"
         "proxy_stats_impl": cmdstats.IMPL if app.cmdstats.enabled else "off",  # vproxy/_stats.pyx or pure
         "proxy_plain_impl": outbox.IMPL,  # the plain path's per-request code: vproxy/_plain.pyx or pure
+        # the audit log's recorder (vproxy/_audit.pyx) and its writer's formatter (vproxy/_auditfmt.pyx)
+        "proxy_audit_impl": audit.IMPL if audit.IMPL == auditfmt.IMPL else f"{audit.IMPL},{auditfmt.IMPL}",
         "proxy_mode": app.cfg.mode,
         "proxy_pid": os.getpid(),
         "proxy_uptime_in_seconds": int(monotonic() - app.started),

@@ -75,6 +75,7 @@ class App:
             raise
         self.router = Router(cfg, Topology(cfg.mode, self.seeds[0] if cfg.mode == "standalone" else None))
         self.audit = Audit(cfg, self.commands, cfg.audit_node)
+        self.audit.clients = self.clients  # PROXY AUDIT ON/OFF: each client's plain path records or not
         if cfg.audit_dir:
             self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)

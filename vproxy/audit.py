@@ -39,6 +39,7 @@ from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
 from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
 from .ratelog import RateLog
+from .twins import twin
 
 _OWN_CONTAINERS = (b"proxy",)  # vproxy's own commands with subcommands (CommandTable.subcommand)
 VALUE_MAX = 256  # audit_values: bytes kept of each argument (the rest is counted, not written)
@@ -49,6 +50,7 @@ FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to th
 FLUSH_AT = 2048  # records: a batch this big goes at once
 CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
 PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
+ATTACH_EVERY = 0.05  # seconds between tries to put the AuditTrack on clients that were busy at PROXY AUDIT ON
 
 
 def who(s) -> tuple:
@@ -130,13 +132,16 @@ class AuditTrack:
     request; a held reply (MOVED, a failover) leaves the plain path (drop), and its record goes with
     it to the batch that recovers it (Entry.held)."""
 
-    __slots__ = ("audit", "entries", "inner", "now", "session", "who")
+    __slots__ = ("audit", "entries", "inner", "kept", "now", "session", "src", "who")
 
-    def __init__(self, audit, session, inner):
+    def __init__(self, audit, session, inner, inflight: int = 0):
+        """inflight: plain requests already in flight (see Audit.attach): not recorded."""
         self.audit, self.session, self.inner = audit, session, inner
-        self.entries: deque = deque()  # per plain request in flight: its record (a list), or None
+        self.entries: deque = deque([None] * inflight)  # per plain request in flight: its record (a list), or None
         self.who = None  # the client's part of the records of this read (None: not made yet)
         self.now = 0.0
+        self.kept = None  # the last `who` made, kept while the session cannot have changed (_who)
+        self.src = (None, None, None)  # what it was made with: the session's batch, proxy user, backend user
 
     def start(self, t0: float) -> None:
         self.who = None  # a new read: the session may have changed since (SELECT, CLIENT SETNAME ...)
@@ -159,7 +164,7 @@ class AuditTrack:
         if p is False:
             return self.entries.append(None)
         if self.who is None:
-            self.who, self.now = who(self.session), time()
+            self.who, self.now = self._who(), time()
         target = self.session.outbox.meta_of(seq)[3]  # HA: (raw, name, key, pool); cluster: (raw, slot, name, addr)
         if not isinstance(target, (tuple, str)):
             target = target.addr
@@ -191,7 +196,7 @@ class AuditTrack:
             if target is False:  # the first recorded one of this call: what the others share
                 s = self.session
                 if self.who is None:
-                    self.who, self.now = who(s), time()
+                    self.who, self.now = self._who(), time()
                 w, now = self.who, self.now
                 ch = s.cur  # the plain channel these requests were just sent on
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
@@ -200,6 +205,19 @@ class AuditTrack:
                 add([now, w, p[0], None, args[keys], len(args), len(raw), target, 0.0, 0, None, None])
             else:
                 self._note(p, args, raw, target)
+
+    def _who(self) -> tuple:
+        """who(session), the same tuple as last time while the session cannot have changed: what
+        changes it (SELECT, CLIENT SETNAME, HELLO, AUTH ...) never takes the plain path, and every
+        run of the batch path makes a new session.batch (a reload of the proxy users may rebind
+        proxy_user, a backend re-AUTH user). One tuple for a client's records also makes them
+        smaller in the hand-over (marshal writes it once a batch) and cheaper for the writer."""
+        s = self.session
+        src = self.src
+        if self.kept is None or s.batch is not src[0] or s.proxy_user is not src[1] or s.user is not src[2]:
+            self.src = (s.batch, s.proxy_user, s.user)
+            self.kept = who(s)
+        return self.kept
 
     def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
         name, keys = p
@@ -281,6 +299,8 @@ class Audit:
         self._watcher = self._timer = None
         self._armed = False
         self._restarting = False
+        self.clients: dict = {}  # the proxy's clients (App.clients): their outbox tracks
+        self._waiting: list = []  # clients that get their AuditTrack once their greenlet parks (attach)
 
     # ---- control (PROXY AUDIT, start-up) ----
 
@@ -293,12 +313,55 @@ class Audit:
             self._spawn()
         self.on = True
         self.table.select_audit(frozenset(self.classes))
+        self._attach_all()
         logger.info("audit log on: {} ({})", self.path, ",".join(self.classes))
 
     def stop(self) -> None:
         self.on = False
         self.table.select_audit(None)
+        self._waiting = []
+        for s in list(self.clients.values()):  # each plain path's track as it was (cmdstats.Track or None)
+            track = s.outbox.track
+            if isinstance(track, TRACKS):
+                s.outbox.track = track.inner
         logger.info("audit log off")
+
+    # ---- the plain paths' tracks (AuditTrack on each client's outbox while the log is on) ----
+
+    def attach(self, s) -> bool:
+        """Put an AuditTrack on client s's outbox (PROXY AUDIT ON); False: not now. Safe while its
+        greenlet is parked in _intake: the loop sends its plain requests then, and reads the track
+        afresh each time, whereas a forward_plain running in the greenlet tells the track it read
+        when it began. The requests already in flight are not recorded (inflight)."""
+        box = s.outbox
+        if isinstance(box.track, TRACKS) or s.closing:
+            return True
+        if s.intake is None and not getattr(s, "tls", False):  # (TLS clients have no plain path)
+            return False
+        if box.hold is None:
+            inflight = box.left + len(box.pending)
+        else:
+            inflight = box.next_seq - box.write_seq + len(box.pending) + len(box.held)
+        box.track = AuditTrack(self, s, box.track, inflight)
+        return True
+
+    def _attach_all(self) -> None:
+        """Every client records from now on: at once, or as soon as its greenlet parks (a timer
+        tries again every ATTACH_EVERY while some have not)."""
+        self._waiting = [s for s in self.clients.values() if not self.attach(s)]
+        if self._waiting:
+            get_hub().loop.timer(ATTACH_EVERY).start(self._attach_waiting)
+
+    def _attach_waiting(self) -> None:
+        if not self.on or not self._waiting:
+            return
+        self._waiting = [s for s in self._waiting if self.clients.get(s.id) is s and not self.attach(s)]
+        if self._waiting:
+            get_hub().loop.timer(ATTACH_EVERY).start(self._attach_waiting)
+
+    def tracked(self) -> int:
+        """Clients whose plain-path requests are recorded (an AuditTrack on their outbox)."""
+        return sum(1 for s in list(self.clients.values()) if isinstance(s.outbox.track, TRACKS))
 
     def set_classes(self, classes: list) -> None:
         self.classes = check_classes(classes)
@@ -326,7 +389,7 @@ class Audit:
                 "audit_dropped": self.dropped + self._base[1] + self._status[1],
                 "audit_write_errors": self.errors,
                 "audit_writer_pid": self.proc.pid if self.proc is not None else 0,
-                "audit_writer_restarts": self.restarts}
+                "audit_writer_restarts": self.restarts, "audit_clients": self.tracked()}
 
     # ---- records (the request path) ----
 
@@ -427,9 +490,11 @@ class Audit:
     # ---- the hand-over to the writer process ----
 
     def _arm(self) -> None:
+        """flush() in FLUSH_EVERY. A new timer each time: a libev timer started again after it
+        fired keeps what was left of its delay then (about nothing), so a reused one fired every
+        loop iteration or so: five times as many, smaller batches, each a wake-up of the writer."""
         self._armed = True
-        if self._timer is None:
-            self._timer = get_hub().loop.timer(FLUSH_EVERY)
+        self._timer = get_hub().loop.timer(FLUSH_EVERY)
         self._timer.start(self.flush)
 
     def flush(self) -> None:
@@ -627,3 +692,13 @@ def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
         else:
             out.append(a)
     return out
+
+
+# ---- the compiled twin of AuditTrack (vproxy/_audit.pyx) when it is built, unless VPROXY_PURE=1 ----
+PureAuditTrack = AuditTrack
+_twin = twin("_audit")
+IMPL = "pure" if _twin is None else "compiled"
+if _twin is not None:
+    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT)
+    AuditTrack = _twin.AuditTrack
+TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox

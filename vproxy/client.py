@@ -133,7 +133,7 @@ class ClientSession(PlainPath, Audited):
             self.outbox.on_overflow = self.output_overflow
         if app.cmdstats.enabled:
             self.outbox.track = Track(app.cmdstats, self)
-        if app.audit.dir:  # the plain path records (audit.py)
+        if app.audit.on:  # the plain path records (audit.py; PROXY AUDIT ON/OFF puts it on or takes it off)
             self.outbox.track = AuditTrack(app.audit, self, self.outbox.track)
         self.intake: Waiter | None = None  # the greenlet parked in _intake
         self.reader = None  # the loop's read watcher on the client socket (see _intake)

@@ -1,0 +1,143 @@
+"""The audit record's JSON line: one definition of the format, for the writer process (auditwriter.py).
+
+    a record (a list, see auditwriter.RECORD) -> Formatter.lines -> one JSON line per record, as bytes
+
+This pure-Python Formatter is the reference and the fallback; vproxy/_auditfmt.pyx is its compiled
+twin (picked through twins.py, as the other twins are), which writes the same bytes straight into
+one buffer. tests/test_auditfmt.py holds them to byte-identical output. The parts of a line that
+the records of one read share (the client, the command, the backend) are formatted by the
+functions below once for them all, by both. Only the standard library: the writer process imports
+this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from json.encoder import encode_basestring as js
+from time import gmtime, strftime
+
+from .twins import twin
+
+OUTCOMES = ("ok", "error", "refused", "sent")  # a record's outcome (audit.OK, ERROR, REFUSED, SENT)
+CACHE_MAX = 10000  # entries of each part cache (client, command, backend); names are the clients': bounded
+
+
+def key_hash(secret: bytes, key: bytes) -> str:
+    """The keyed hash written instead of a key (audit_hash_keys): HMAC-SHA256, 16 hex digits."""
+    return hmac.new(secret, key, hashlib.sha256).hexdigest()[:16]
+
+
+def text(b) -> str:
+    """A client's bytes as text: invalid UTF-8 as \\xNN escapes (the JSON then escapes the backslash)."""
+    return b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else str(b)
+
+
+def fmt_addr(addr) -> str:
+    if not addr:
+        return ""
+    if isinstance(addr, str):
+        return addr
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def day_text(sec: int) -> str:
+    """A record's time to the second (the microseconds follow)."""
+    return strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec))
+
+
+def who_part(who: tuple, node: str, default_user: str) -> str:
+    """The line's fields from node to db: who = (client id, address, name, lib, version, user, db)."""
+    cid, addr, cname, lib, ver, user, db = who
+    return (f'"node":{js(node)},"client_id":{cid},"client_addr":{js(fmt_addr(addr))},'
+            f'"client_name":{js(text(cname))},"lib_name":{js(text(lib))},"lib_ver":{js(text(ver))},'
+            f'"user":{js(text(user) if user is not None else default_user)},"db":{db}')
+
+
+def sub_part(sub) -> str:
+    return js(text(sub)) if sub else "null"
+
+
+def value_part(v) -> str:
+    """A key or an argument as a JSON string."""
+    return js(text(v))
+
+
+class Formatter:
+    """Records -> JSON lines, the fields always in this order:
+
+        {"ts", node .. db (who_part), "command", "subcommand", "keys", "argc", "bytes", "backend",
+         "latency_us", "outcome", "error"[, "keys_hashed"][, "args"]}
+
+    The reference of vproxy/_auditfmt.pyx: change both together (tests/test_auditfmt.py)."""
+
+    def __init__(self, node: str, default_user: str, secret: bytes | None):
+        self.node, self.default_user, self.secret = node, default_user, secret
+        self._day = (None, "")  # (second, its text): records come in time order
+        self._last = (None, None, None, None, None)  # the last record's (who, name, target, sub, parts)
+        self._who: dict = {}
+        self._names: dict = {}
+        self._addrs: dict = {}
+
+    def line(self, r) -> bytes:
+        return self.lines((r,))
+
+    def lines(self, recs) -> bytes:
+        out = []
+        add = out.append
+        secret = self.secret
+        day_sec, day = self._day
+        last = self._last
+        mid = last[4]
+        for start, who, name, sub, keys, argc, size, target, end, outcome, err, values in recs:
+            sec = int(start)
+            if day_sec != sec:
+                day_sec, day = sec, day_text(sec)
+            if who is not last[0] or name is not last[1] or target is not last[2] or sub is not last[3]:
+                mid = self._mid(who, name, target, sub)
+                last = (who, name, target, sub, mid)
+            if secret is not None:
+                ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
+            elif len(keys) == 1:
+                ks = value_part(keys[0])
+            else:
+                ks = ",".join(map(value_part, keys))
+            us = int((end - start) * 1e6)
+            line = (f'{{"ts":"{day}.{int((start - sec) * 1e6):06d}Z",{mid[0]}"keys":[{ks}],"argc":{argc},'
+                    f'"bytes":{size},{mid[1]}"latency_us":{us if us > 0 else 0},"outcome":"{OUTCOMES[outcome]}",'
+                    f'"error":{js(err) if err else "null"}')
+            if secret is not None:
+                line += ',"keys_hashed":true'
+            if values is not None:
+                line += ',"args":[' + ",".join(map(value_part, values)) + "]"
+            add(line + "}\n")
+        self._day, self._last = (day_sec, day), last
+        return "".join(out).encode()
+
+    def _mid(self, who, name, target, sub) -> tuple:
+        """The parts of a line from the client's fields to the subcommand, and the backend's."""
+        w = self._who.get(who)
+        if w is None:
+            if len(self._who) > CACHE_MAX:
+                self._who.clear()
+            w = self._who[who] = who_part(who, self.node, self.default_user)
+        cmd = self._names.get(name)
+        if cmd is None:
+            if len(self._names) > CACHE_MAX:
+                self._names.clear()
+            cmd = self._names[name] = value_part(name)
+        backend = self._addrs.get(target)
+        if backend is None:
+            if len(self._addrs) > CACHE_MAX:
+                self._addrs.clear()
+            backend = self._addrs[target] = js(fmt_addr(target))
+        return f'{w},"command":{cmd},"subcommand":{sub_part(sub)},', f'"backend":{backend},'
+
+
+# ---- the compiled twin (vproxy/_auditfmt.pyx) when it is built: same interface, one buffer ----
+PureFormatter = Formatter
+_twin = twin("_auditfmt")
+IMPL = "pure" if _twin is None else "compiled"
+if _twin is not None:
+    Formatter = _twin.Formatter
