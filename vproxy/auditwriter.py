@@ -31,6 +31,8 @@ import threading
 from json.encoder import encode_basestring as _js
 from time import gmtime, strftime, time
 
+from . import hostport
+
 ACTIVE = "audit.jsonl"
 ROTATED = re.compile(r"^audit-(\d{8}T\d{6}\.\d{6}Z)\.jsonl(\.gz)?$")
 HEADER = struct.Struct("<I")
@@ -49,15 +51,6 @@ def key_hash(secret: bytes, key: bytes) -> str:
 
 def _text(b) -> str:
     return b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else str(b)
-
-
-def fmt_addr(addr) -> str:
-    if not addr:
-        return ""
-    if isinstance(addr, str):
-        return addr
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def gzip_file(path: str) -> None:
@@ -301,7 +294,7 @@ class Writer:
                 self._who.clear()
             cid, addr, cname, lib, ver, user, db = who
             w = self._who[who] = (
-                f'"node":{_js(self.node)},"client_id":{cid},"client_addr":{_js(fmt_addr(addr))},'
+                f'"node":{_js(self.node)},"client_id":{cid},"client_addr":{_js(hostport.show(addr))},'
                 f'"client_name":{_js(_text(cname))},"lib_name":{_js(_text(lib))},"lib_ver":{_js(_text(ver))},'
                 f'"user":{_js(_text(user) if user is not None else self.default_user)},"db":{db}')
         cmd = self._names.get(name)
@@ -309,7 +302,7 @@ class Writer:
             cmd = self._names[name] = _js(_text(name))
         backend = self._addrs.get(target)
         if backend is None:
-            backend = self._addrs[target] = _js(fmt_addr(target))
+            backend = self._addrs[target] = _js(hostport.show(target))
             if len(self._addrs) > 10000 or len(self._names) > 10000:  # names are the clients': bound them
                 self._addrs.clear()
                 self._names.clear()

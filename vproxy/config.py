@@ -10,17 +10,8 @@ from typing import Any, Callable
 
 import toml
 
+from . import hostport
 from .errors import ConfigError
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    """'host:port', '[::1]:port' or ':port' -> (host, port)."""
-    text = str(text).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
 
 
 def _positive(v):
@@ -45,7 +36,7 @@ def _one_of(*choices):
 
 def _addrs(v):
     for a in v:
-        parse_addr(a)
+        hostport.parse(a)
     return v
 
 
@@ -130,9 +121,9 @@ def _percentiles(v: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT). Empty: no plain "
-            "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and parse_addr(v) and v),
+            "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and hostport.parse(v) and v),
     Setting("tls_listen", str, "", "Address TLS clients connect to (HOST:PORT), beside 'listen' or instead "
-            "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and parse_addr(v) and v),
+            "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and hostport.parse(v) and v),
     Setting("tls_cert_file", str, "", "PEM certificate (chain) vproxy shows TLS clients (read again on "
             "every reload, as are all the TLS files).", reloadable=True),
     Setting("tls_key_file", str, "", "PEM private key of 'tls_cert_file'.", reloadable=True),
@@ -292,9 +283,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fleet_interval", float, 1.0, "Seconds between fleet heartbeats; a node silent for three "
             "intervals has left.", check=_positive, reloadable=True),
     Setting("fleet_listen", str, "", "HOST:PORT where this node answers its peers (RESP). Empty: the "
-            "listen host, a free port.", check=lambda v: (parse_addr(v) and v) if v else v),
+            "listen host, a free port.", check=lambda v: (hostport.parse(v) and v) if v else v),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
-            "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
+            "/healthz, /readyz. Empty: off.", check=lambda v: (hostport.parse(v) and v) if v else v),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m", "sentinel": "-s"}

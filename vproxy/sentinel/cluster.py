@@ -17,7 +17,7 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
-from .. import resp, tls
+from .. import hostport, resp, tls
 from ..errors import BackendError
 from .topology import SLOTS, ClusterTopology, Shard
 
@@ -113,7 +113,7 @@ class ClusterMonitor:
             try:
                 shards, slots = self.read_map(addr)
             except (OSError, BackendError, ValueError, TypeError, IndexError) as e:
-                self.last_error = f"{addr[0]}:{addr[1]}: {e}"
+                self.last_error = f"{hostport.fmt(addr)}: {e}"
                 continue
             covered = sum(1 for s in slots if s >= 0)
             if best is None or covered > best[0]:

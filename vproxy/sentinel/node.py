@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import gevent
 import hiredis
 
-from .. import resp, tls
+from .. import hostport, resp, tls
 from ..sockio import close_quietly
 
 
@@ -22,11 +22,6 @@ class NodeError(Exception):
 
 class NodeBusy(NodeError):
     """The node answered -BUSY: a script or function runs past busy-reply-threshold. It is alive."""
-
-
-def fmt_addr(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class NodeLink:
@@ -44,12 +39,12 @@ class NodeLink:
         """Send without reading (SUBSCRIBE: its replies are read as pushes)."""
         try:
             if self.sock is None:
-                with gevent.Timeout(self.timeout, NodeError(f"{fmt_addr(self.addr)}: connect timed out")):
+                with gevent.Timeout(self.timeout, NodeError(f"{hostport.fmt(self.addr)}: connect timed out")):
                     self._connect()
             self.sock.sendall(resp.encode_request(args))
         except OSError as e:
             self.close()
-            raise NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise NodeError(f"{hostport.fmt(self.addr)}: {e}") from None
 
     def call(self, *args):
         """One command; its decoded reply (a server error raises NodeError)."""
@@ -58,18 +53,18 @@ class NodeLink:
     def pipeline(self, cmds: list) -> list:
         """Several commands in one round trip; decoded replies in order."""
         try:
-            with gevent.Timeout(self.timeout, NodeError(f"{fmt_addr(self.addr)}: no answer in {self.timeout:g}s")):
+            with gevent.Timeout(self.timeout, NodeError(f"{hostport.fmt(self.addr)}: no answer in {self.timeout:g}s")):
                 if self.sock is None:
                     self._connect()
                 self.sock.sendall(b"".join(resp.encode_request(c) for c in cmds))
                 frames = self._read(len(cmds))
         except (OSError, ValueError, NodeError) as e:
             self.close()
-            raise e if isinstance(e, NodeError) else NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise e if isinstance(e, NodeError) else NodeError(f"{hostport.fmt(self.addr)}: {e}") from None
         out = [resp.decode(f) for f in frames]
         for v in out:
             if isinstance(v, hiredis.ReplyError):
-                raise (NodeBusy if str(v).startswith("BUSY") else NodeError)(f"{fmt_addr(self.addr)}: {v}")
+                raise (NodeBusy if str(v).startswith("BUSY") else NodeError)(f"{hostport.fmt(self.addr)}: {v}")
         return out
 
     def _connect(self) -> None:
@@ -84,14 +79,14 @@ class NodeLink:
             self.sock.sendall(resp.encode_request(auth))
             v = resp.decode(self._read(1)[0])
             if isinstance(v, hiredis.ReplyError):
-                raise NodeError(f"{fmt_addr(self.addr)}: AUTH failed: {v}")
+                raise NodeError(f"{hostport.fmt(self.addr)}: AUTH failed: {v}")
 
     def _read(self, n: int) -> list[bytes]:
         frames = self.pending
         while len(frames) < n:
             data = self.sock.recv(65536)
             if not data:
-                raise NodeError(f"{fmt_addr(self.addr)}: connection closed")
+                raise NodeError(f"{hostport.fmt(self.addr)}: connection closed")
             frames += self.framer.feed(data)
         self.pending = frames[n:]
         return frames[:n]
@@ -99,13 +94,13 @@ class NodeLink:
     def read_push(self, timeout: float | None):
         """Stream mode (after SUBSCRIBE): the next pushed message, or None when timeout passes first."""
         if self.sock is None:
-            raise NodeError(f"{fmt_addr(self.addr)}: not connected")
+            raise NodeError(f"{hostport.fmt(self.addr)}: not connected")
         try:
             with gevent.Timeout(timeout, False):
                 return resp.decode(self._read(1)[0])
         except (OSError, ValueError, NodeError) as e:
             self.close()
-            raise NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise NodeError(f"{hostport.fmt(self.addr)}: {e}") from None
         return None
 
     def close(self) -> None:
