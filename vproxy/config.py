@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import toml
 
-from . import hostport
+from . import aclrules, hostport
 from .errors import ConfigError
 
 
@@ -102,8 +102,7 @@ class Setting:
 
 
 def _users(v: list) -> list:
-    from .gate import normalize  # the rules' parser lives with the checks
-    return normalize(v)
+    return aclrules.normalize(v)
 
 
 def _workers(v: str) -> str:
