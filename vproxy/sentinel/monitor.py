@@ -72,8 +72,7 @@ class HAMonitor:
     def link(self, addr: tuple[str, int]) -> NodeLink:
         link = self.links.get(addr)
         if link is None:
-            link = self.links[addr] = NodeLink(addr, self.probe_timeout, self.cfg.backend_username,
-                                               self.cfg.backend_password, self.cfg)
+            link = self.links[addr] = NodeLink(addr, self.probe_timeout, self.cfg)
         return link
 
     def probe_all(self, addrs) -> dict[tuple[str, int], NodeInfo]:

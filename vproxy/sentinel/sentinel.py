@@ -85,8 +85,7 @@ class SentinelMonitor(HAMonitor):
     def slink(self, addr) -> NodeLink:
         link = self.slinks.get(addr)
         if link is None:
-            link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username,
-                                                self.cfg.sentinel_password, self.cfg)
+            link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg, "sentinel")
         return link
 
     def learn_sentinels(self, peers) -> None:
@@ -106,8 +105,7 @@ class SentinelMonitor(HAMonitor):
     def watch(self, addr) -> None:
         """Subscribe to one sentinel's events; one about our master wakes the monitor."""
         while not self.stopped:
-            link = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username, self.cfg.sentinel_password,
-                            self.cfg)
+            link = NodeLink(addr, self.probe_timeout, self.cfg, "sentinel")
             try:
                 link.send("SUBSCRIBE", *EVENTS)
                 while not self.stopped:
