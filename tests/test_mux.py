@@ -49,6 +49,21 @@ def pool(node):
     p.close()
 
 
+def connected(pool):
+    """The pool's shared channel for (db 0, RESP2), once a PING has gone through it."""
+    ch = pool.channel((0, 2))
+    warm = Batch(1)
+    ch.submit(E([b"PING"]), warm, 0, deadline_after(30))
+    warm.wait()
+    assert warm.replies == [b"+PONG\r\n"]
+    return ch
+
+
+def sent(ch) -> bool:
+    """Every queued request has been handed to the kernel."""
+    return ch.unsent == 0 and not ch.flushing
+
+
 def test_replies_go_to_their_waiters_in_order(pool):
     """Three clients' requests interleaved on one shared connection: each reply lands in the slot of
     the request it answers, and the server ran them in submit order (the counter rises with it)."""
@@ -87,20 +102,17 @@ def test_a_batch_spread_over_two_connections_keeps_its_order(pool, node):
 
 
 def test_abort_answers_every_waiter_and_says_what_was_sent(pool, node):
-    ch = pool.channel((0, 2))
-    warm = Batch(1)
-    ch.submit(E([b"PING"]), warm, 0, deadline_after(30))
-    warm.wait()  # connected
+    ch = connected(pool)
     node.pause()  # the server reads nothing more: requests stay unanswered
     try:
-        sent = [Batch(2) for _ in range(3)]
+        batches = [Batch(2) for _ in range(3)]
         d = deadline_after(30)
-        for b in sent:
+        for b in batches:
             ch.submit(E([b"PING"]), b, 0, d)
             ch.submit(E([b"GET", b"k"]), b, 1, d)
-        until(lambda: not ch.flushing and ch.unsent == 0, "the requests to be handed to the kernel")
+        until(lambda: sent(ch), "the requests to be handed to the kernel")
         ch.abort("ERR vproxy: test abort")
-        for b in sent:
+        for b in batches:
             assert b.left == 0 and b.replies == [b"-ERR vproxy: test abort\r\n"] * 2
             assert b.lost == {0: True, 1: True}  # sent: the server may have run them
         assert ch.closed and not ch.waiters
@@ -108,7 +120,7 @@ def test_abort_answers_every_waiter_and_says_what_was_sent(pool, node):
         ch.submit(E([b"PING"]), late, 0, d)  # after the abort: answered at once, never sent
         assert late.left == 0 and late.lost == {0: False} and b"connection closed" in late.replies[0]
         ch.abort("ERR again")  # idempotent: nobody is answered twice
-        assert sent[0].replies[0] == b"-ERR vproxy: test abort\r\n"
+        assert batches[0].replies[0] == b"-ERR vproxy: test abort\r\n"
     finally:
         node.resume()
 
@@ -130,15 +142,12 @@ def test_requests_queued_before_the_connection_is_up_are_unsent(pool, node):
 
 
 def test_timeout_records_timed_out(pool, node):
-    ch = pool.channel((0, 2))
-    warm = Batch(1)
-    ch.submit(E([b"PING"]), warm, 0, deadline_after(30))
-    warm.wait()
+    ch = connected(pool)
     node.pause()
     try:
         b = Batch(1)
         ch.submit(E([b"PING"]), b, 0, deadline_after(30))
-        until(lambda: ch.unsent == 0 and not ch.flushing, "the request to be sent")
+        until(lambda: sent(ch), "the request to be sent")
         ch.timeout()
         assert b.lost == {0: TIMED_OUT} and b"did not answer within 30s" in b.replies[0]
     finally:
@@ -146,16 +155,13 @@ def test_timeout_records_timed_out(pool, node):
 
 
 def test_a_killed_backend_answers_every_waiter(pool, node):
-    ch = pool.channel((0, 2))
-    warm = Batch(1)
-    ch.submit(E([b"PING"]), warm, 0, deadline_after(30))
-    warm.wait()
+    ch = connected(pool)
     node.pause()  # so that nothing is answered before the kill
     b = Batch(5)
     d = deadline_after(30)
     for i in range(5):
         ch.submit(E([b"INCR", b"n"]), b, i, d)
-    until(lambda: ch.unsent == 0 and not ch.flushing, "the requests to be sent")
+    until(lambda: sent(ch), "the requests to be sent")
     node.kill()
     b.wait()  # the reader sees the connection close: every waiter answered, none left hanging
     assert all(r.startswith(b"-ERR vproxy: backend 127.0.0.1:%d unavailable" % node.port) for r in b.replies)
