@@ -20,7 +20,7 @@ import hmac
 
 from . import errors as E
 from . import resp
-from .aclrules import CATEGORIES, R, W, Rules, glob, normalize, parse, sha256  # noqa: F401 (gate's names)
+from .aclrules import R, W, Rules, parse, sha256
 from .keyspec import CONTAINER_KEY, key_positions
 from .limits import Bucket
 

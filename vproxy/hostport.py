@@ -25,7 +25,8 @@ def parse_node(text) -> tuple[str, int]:
 
 
 def fmt(addr) -> str:
-    """(host, port) -> 'host:port', '[v6]:port' for an IPv6 host; extra items (a unix socket's) are ignored."""
+    """(host, port) -> "host:port", or "[v6]:port" for an IPv6 host (the flow and scope of an IPv6
+    socket address's 4-tuple are left out)."""
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
