@@ -42,7 +42,11 @@ class HAMonitor:
         self.no_primary_since = 0.0
         self.last_outage = self.total_outage = 0.0
         self.source = ""
-        self.probe_timeout = max(0.5, min(self.cfg.connect_timeout, self.cfg.topology_refresh))
+
+    @property
+    def probe_timeout(self) -> float:
+        """Seconds a probe may take (from connect_timeout and topology_refresh, as a reload leaves them)."""
+        return max(0.5, min(self.cfg.connect_timeout, self.cfg.topology_refresh))
 
     # ---- the loop ----
 
@@ -73,6 +77,7 @@ class HAMonitor:
         link = self.links.get(addr)
         if link is None:
             link = self.links[addr] = NodeLink(addr, self.probe_timeout, self.cfg)
+        link.timeout = self.probe_timeout
         return link
 
     def probe_all(self, addrs) -> dict[tuple[str, int], NodeInfo]:

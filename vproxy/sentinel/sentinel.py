@@ -86,6 +86,7 @@ class SentinelMonitor(HAMonitor):
         link = self.slinks.get(addr)
         if link is None:
             link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg, "sentinel")
+        link.timeout = self.probe_timeout
         return link
 
     def learn_sentinels(self, peers) -> None:
