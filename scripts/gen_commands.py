@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vproxy import resp
+from vproxy import hostport, resp
 from vproxy.builtin_commands import entries
-from vproxy.config import parse_addr
 from vproxy.embedded import EmbeddedValkey
 
 
@@ -43,7 +42,7 @@ def table(reply: list) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        print(table(command_reply(parse_addr(sys.argv[1]))))
+        print(table(command_reply(hostport.parse(sys.argv[1]))))
     else:
         server = EmbeddedValkey()
         try:

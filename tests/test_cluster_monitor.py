@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from clusterkit import Cluster
 
-from vproxy.config import parse_addr
+from vproxy import hostport
 from vproxy.sentinel.cluster import ClusterMonitor
 from vproxy.sentinel.topology import SLOTS, Topology
 from vproxy.slots import key_slot
@@ -22,7 +22,7 @@ class FakeRouter:
 def _monitor(seeds):
     cfg = SimpleNamespace(connect_timeout=2.0, backend_username="", backend_password="", topology_refresh=1.0,
                           backend_tls=False)
-    app = SimpleNamespace(cfg=cfg, seeds=[parse_addr(s) for s in seeds], router=FakeRouter())
+    app = SimpleNamespace(cfg=cfg, seeds=[hostport.parse(s) for s in seeds], router=FakeRouter())
     return ClusterMonitor(app), app
 
 

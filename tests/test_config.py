@@ -97,3 +97,13 @@ def test_deployment_examples_load(tmp_path):
     flags = shlex.split(exec_start.split("=", 1)[1])[1:]
     cfg = load([f if f != "/etc/vproxy/vproxy.toml" else str(conf) for f in flags], env={})
     assert cfg.workers == "auto"
+
+
+def test_short_flags_are_declared_on_their_settings():
+    """A setting's short flag is a field of the setting: the parser and the reference read the same one."""
+    from vproxy.config import SETTINGS
+    short = {s.name: s.flag for s in SETTINGS if s.flag}
+    assert short == {"listen": "-l", "mode": "-m", "backend": "-b", "sentinel": "-s"}
+    cfg = load(["-m", "sentinel", "-s", "127.0.0.1:26379", "--master", "m", "-l", ":7000"], env={})
+    assert (cfg.mode, cfg.sentinel, cfg.listen) == ("sentinel", ["127.0.0.1:26379"], ":7000")
+    assert "| `--listen`, `-l` |" in reference_markdown()

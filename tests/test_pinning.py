@@ -4,6 +4,7 @@ MONITOR, CLIENT TRACKING, CLIENT REPLY; the max_pinned limit; pinned connections
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -602,3 +603,39 @@ def test_hello_inside_multi_applies_after_exec(raw, server):
     c.send(E("MULTI") + E("HELLO", "3") + E("EXEC"))
     assert c.read_n(3)[2].startswith(b"*1\r\n%")
     assert c.call("HGETALL", "hm") == b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+
+
+def test_subscribe_then_hang_up_leaks_no_backend_connection(proxy, server):
+    """A client that subscribes and disconnects at once must not leave a backend connection open."""
+    wait_for(lambda: proxy_stats(proxy)["backend_connections_pinned"] == 0, what="no pins")
+    reused = proxy_stats(proxy)["backend_connections_idle_pinned"]  # kept connections: no connect
+    d = server.client(protocol=2)  # one probe connection, kept
+    before = d.info("clients")["connected_clients"]
+    accepted = d.info("stats")["total_connections_received"]
+    for i in range(20):
+        s = socket.create_connection(("127.0.0.1", proxy.port))
+        s.sendall(E("SUBSCRIBE", f"ch{i}"))
+        s.close()
+    # the proxy opened a backend connection for each (dropped before or after it was up) ...
+    wait_for(lambda: d.info("stats")["total_connections_received"] >= accepted + 20 - reused, what="backend connects")
+    wait_for(lambda: proxy_stats(proxy)["backend_connections_pinned"] == 0, what="pins released")
+    # ... and every one of them is closed on the backend too
+    wait_for(lambda: d.info("clients")["connected_clients"] <= before + 2, what="backend connections closed")
+    d.close()
+
+
+def test_failed_multi_applies_no_queued_command(server, start_proxy):
+    """MULTI refused (max_pinned reached): the commands behind it must not run outside a transaction."""
+    server.client().flushall()
+    p = start_proxy("--backend", server.addr, "--max-pinned", "1")
+    with RawClient(p.port) as a, RawClient(p.port) as b:
+        assert a.call("WATCH", "w") == b"+OK\r\n"  # holds the one pinned connection
+        b.send(E("MULTI") + E("SET", "t", "1") + E("EXEC"))
+        multi, queued, exec_ = b.read_n(3)
+        assert multi.startswith(b"-ERR") and queued.startswith(b"-ERR") and exec_.startswith(b"-EXECABORT")
+        assert server.client().get("t") is None
+        assert b.call("SET", "t", "2") == b"+OK\r\n"  # the failed transaction is over
+        assert a.call("UNWATCH") == b"+OK\r\n"
+        assert b.call("MULTI") == b"+OK\r\n"  # and a new one works
+        assert b.call("INCR", "t") == b"+QUEUED\r\n"
+        assert b.call("EXEC") == b"*1\r\n:3\r\n"

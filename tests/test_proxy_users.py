@@ -13,8 +13,9 @@ import redis
 from conftest import GateProxy, RawClient, Server, wait_for
 
 from vproxy import resp
+from vproxy.aclrules import glob
 from vproxy.commands import CommandTable
-from vproxy.gate import glob, parse_user
+from vproxy.gate import parse_user
 
 E = RawClient.encode
 NOPERM_KEY = b"-NOPERM No permissions to access a key\r\n"

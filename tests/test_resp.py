@@ -7,6 +7,8 @@ same random streams."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vproxy import resp
@@ -381,7 +383,6 @@ def test_framers_agree_on_random_streams():
 def test_corpus_streams_agree():
     """tests/corpus/*.resp (what test_resp_corpus sends to servers) parsed alike, however split."""
     import random
-    from pathlib import Path
 
     rnd = random.Random(7)
     for f in sorted((Path(__file__).parent / "corpus").glob("*.resp")):
@@ -393,3 +394,92 @@ def test_corpus_streams_agree():
             runs = [_run(cls(), data, sizes) for cls in (resp.PureRequestParser, compiled.RequestParser)]
             assert runs[0] == runs[1], f.name
             assert [r for step in runs[0][:-1] for r in step[1]] == whole[0][1]
+
+
+# ---- the corpus, big payloads, every RESP3 type: each implementation on its own ----
+
+CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.resp"))
+
+
+@pytest.mark.parametrize("cls", PARSERS)
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_corpus_stream_gives_its_count_of_requests(cls, path):
+    """tests/corpus/NAME.resp holds NAME.n requests (one reply each): whole, byte by byte, in 7s."""
+    data, n = path.read_bytes(), int(path.with_suffix(".n").read_text())
+    whole, err, p = parse(cls, data)
+    assert err is None and len(whole) == n and not p.buf
+    assert parse(cls, data, chunks=[1] * len(data))[0] == whole
+    assert parse(cls, data, chunks=[7] * (len(data) // 7 + 1))[0] == whole
+
+
+@pytest.mark.parametrize("cls", PARSERS)
+def test_big_bulk_request_in_socket_sized_chunks(cls):
+    """A 3 MB argument arriving 64 KB at a time: one request, the argument intact, nothing left over."""
+    big = bytes(range(256)) * (3 * 4096)
+    data = E("SET", "k", big) + E("GET", "k")
+    got, err, p = parse(cls, data, chunks=[65536] * (len(data) // 65536 + 1))
+    assert err is None and [a for a, _ in got] == [[b"SET", b"k", big], [b"GET", b"k"]]
+    assert got[0][1] == E("SET", "k", big) and not p.buf
+
+
+@pytest.mark.parametrize("cls", PARSERS)
+def test_inline_quoting(cls):
+    """Inline requests split as the server's sdssplitargs: quotes group, escapes in double quotes."""
+    got, err, _ = parse(cls, b'SET k "a\\nb\\x41\\"" \'c\\\'d\'\r\n\tGET\t k \r\n')
+    assert err is None and [a for a, _ in got] == [[b"SET", b"k", b'a\nbA"', b"c'd"], [b"GET", b"k"]]
+
+
+RESP3_REPLIES = [
+    b"!21\r\nSYNTAX invalid syntax\r\n",  # blob error
+    b",inf\r\n", b",-inf\r\n", b",nan\r\n", b",3.0e-2\r\n", b"#f\r\n", b"%0\r\n", b"~0\r\n", b">0\r\n",
+    b"*3\r\n$-1\r\n_\r\n*-1\r\n",  # nulls inside an array
+    b"*2\r\n-ERR one failed\r\n:1\r\n",  # an error inside an array (EXEC)
+    b"%2\r\n~1\r\n:1\r\n*0\r\n$1\r\nk\r\n%1\r\n+a\r\n=7\r\ntxt:xyz\r\n",  # aggregates as map keys and values
+    b"|2\r\n+a\r\n:1\r\n+b\r\n:2\r\n*1\r\n:7\r\n",  # attributes, then the reply they describe
+    b">4\r\n$8\r\npmessage\r\n$2\r\np*\r\n$2\r\npc\r\n$1\r\nm\r\n",  # a push between replies
+    b"$" + b"%d" % (2 << 20) + b"\r\n" + b"\r\n" * (1 << 20) + b"\r\n",  # 2 MB of CRLFs as a payload
+    b"*10000\r\n" + b":1\r\n" * 10000,
+]
+
+
+@pytest.mark.parametrize("cls", FRAMERS)
+def test_framer_cuts_resp3_types_and_big_replies(cls):
+    stream = b"".join(RESP3_REPLIES)
+    assert cls().feed(stream) == RESP3_REPLIES
+    f = cls()
+    frames = [fr for pos in range(0, len(stream), 4093) for fr in f.feed(stream[pos:pos + 4093])]
+    assert frames == RESP3_REPLIES and not f.buf
+
+
+@pytest.mark.parametrize("cls", FRAMERS)
+def test_framer_holds_a_partial_reply(cls):
+    f = cls()
+    assert f.feed(b"+OK\r\n*2\r\n$3\r\nab") == [b"+OK\r\n"]
+    assert f.feed(b"c\r\n") == []
+    assert f.feed(b":5\r\n+next") == [b"*2\r\n$3\r\nabc\r\n:5\r\n"]
+    assert f.feed(b"\r\n") == [b"+next\r\n"] and not f.buf
+
+
+# ---- the encoders for replies vproxy makes itself, read back by hiredis ----
+
+@pytest.mark.parametrize("proto", [2, 3])
+def test_value_round_trips_through_a_reader(proto):
+    v = {"name": "vproxy", "n": 3, "ratio": 0.5, "on": True, "none": None, "list": [1, b"two", [3]]}
+    frame = resp.value(v, proto)
+    assert resp.PureReplyFramer().feed(frame) == [frame]  # one whole reply
+    back = resp.decode(frame)
+    flat = back if proto == 2 else [x for kv in back.items() for x in kv]
+    assert flat[:2] == [b"name", b"vproxy"] and flat[3] == 3 and flat[11] == [1, b"two", [3]]
+    assert flat[5] == (0.5 if proto == 3 else b"0.5") and flat[7] == (True if proto == 3 else 1)
+    assert flat[9] is None
+
+
+def test_small_encoders():
+    assert resp.error("ERR a\r\nb") == b"-ERR a  b\r\n"  # a reply line never breaks
+    assert resp.simple("PONG") == b"+PONG\r\n" and resp.integer(-7) == b":-7\r\n"
+    assert resp.bulk("é") == b"$2\r\n\xc3\xa9\r\n" and resp.bulk(b"") == b"$0\r\n\r\n"
+    assert resp.null(2) == b"$-1\r\n" and resp.null(3) == b"_\r\n"
+    assert resp.verbatim("a\r\nb", 3) == b"=8\r\ntxt:a\r\nb\r\n" and resp.verbatim("ab", 2) == b"$2\r\nab\r\n"
+    assert resp.encode_request(["GET", b"k"]) == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    with pytest.raises(TypeError):
+        resp.value(object(), 2)

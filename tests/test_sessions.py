@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 import warnings
 
 import pytest
@@ -541,3 +542,68 @@ def test_inline_and_multibulk_mix_matches_server(proxy, server):
     replies = compare(server, proxy, data, 4)
     assert replies[1] == b"$3\r\nb c\r\n" and replies[3] == b"$4\r\nb c!\r\n"
     assert split_reply(replies[0]) == len(replies[0])
+
+
+# ---- the database a session is on (SELECT in pipelines, transactions, pub/sub) ----
+
+E = RawClient.encode
+
+
+def test_blocking_command_after_select_runs_in_the_new_db(raw, server):
+    """A pipelined BLPOP after SELECT must not reuse the blocking connection leased for db 0."""
+    server.client(db=0).rpush("a", "x")
+    server.client(db=1).rpush("b", "y")
+    c = raw()
+    c.send(E("BLPOP", "a", "1") + E("SELECT", "1") + E("BLPOP", "b", "1"))
+    assert c.read_n(3) == [b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", b"+OK\r\n", b"*2\r\n$1\r\nb\r\n$1\r\ny\r\n"]
+
+
+def test_failed_select_in_multi_keeps_the_session_db_and_the_pool(raw, server):
+    """SELECT 99 fails inside EXEC: the session stays on its db, and no one's connections break."""
+    c = raw()
+    c.send(E("MULTI") + E("SELECT", "99") + E("EXEC"))
+    assert c.read_n(3)[2] == b"*1\r\n-ERR DB index is out of range\r\n"
+    assert c.call("SET", "k", "v") == b"+OK\r\n"
+    assert server.client(db=0).get("k") == b"v"
+    other = raw()
+    assert other.call("SELECT", "3") == b"+OK\r\n"
+    assert other.call("GET", "nothing") == b"$-1\r\n"
+
+
+def test_select_in_multi_applies_to_the_rest_of_the_pipeline(raw, server):
+    """MULTI / SELECT 1 / EXEC / SET in one pipeline: the SET runs in db 1, as on the server."""
+    c = raw()
+    c.send(E("MULTI") + E("SELECT", "1") + E("EXEC") + E("SET", "k5", "v"))
+    assert c.read_n(4) == [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n+OK\r\n", b"+OK\r\n"]
+    assert server.client(db=1).get("k5") == b"v"
+    assert server.client(db=0).get("k5") is None
+
+
+def test_select_refused_while_subscribed_resp2_keeps_the_db(raw, server):
+    """In RESP2 pub/sub the server refuses SELECT: the session must not switch database."""
+    c = raw()
+    assert c.call("SUBSCRIBE", "ch").endswith(b":1\r\n")
+    assert c.call("SELECT", "5").startswith(b"-ERR")
+    assert c.call("UNSUBSCRIBE", "ch").endswith(b":0\r\n")
+    assert c.call("SET", "k3", "v") == b"+OK\r\n"
+    assert server.client(db=0).get("k3") == b"v"
+
+
+def test_info_with_non_utf8_error_stat_answers(raw, server):
+    """INFO's errorstats may hold any bytes a script put in an error: INFO must still answer."""
+    c = raw()
+    assert c.call("EVAL", b"return redis.error_reply('\xff\xfe boom')", "0") == b"-\xff\xfe boom\r\n"
+    reply = c.call("INFO")
+    assert reply.startswith(b"$") and b"# Proxy" in reply
+
+
+def test_idle_timeout_spares_a_blocked_client(server, start_proxy):
+    """client_idle_timeout must not close a client waiting in BLPOP (the server exempts blocked clients)."""
+    p = start_proxy("--backend", server.addr, "--client-idle-timeout", "1")
+    with RawClient(p.port) as c:
+        started = time.monotonic()
+        assert c.call("BLPOP", "nothing", "2.5") == b"*-1\r\n"
+        assert time.monotonic() - started >= 2.0
+        assert c.call("PING") == b"+PONG\r\n"
+    with RawClient(p.port) as idle:  # and an idle client is still closed
+        assert idle.closed_by_peer(timeout=5)

@@ -91,3 +91,13 @@ def test_backend_down_at_start_gets_the_clear_error_after_startup_wait(started):
         assert time.monotonic() - began < 10
         # still connected; PING goes to the backend too, so it says the same (not PONG)
         assert c.call("PING").startswith(f"-ERR vproxy: backend 127.0.0.1:{port} unavailable".encode())
+
+
+def test_client_without_subcommand_answers_before_the_table_is_learned(start_proxy):
+    """Backend not up yet (built-in command table, no arity for CLIENT): a bare CLIENT gets -ERR."""
+    from vproxy.embedded import free_port
+
+    p = start_proxy("--backend", f"127.0.0.1:{free_port()}", wait_learned=False)
+    with RawClient(p.port) as c:
+        assert c.call("CLIENT") == b"-ERR wrong number of arguments for 'client' command\r\n"
+        assert c.call("PING").startswith(b"-ERR vproxy: backend ")  # the backend is down: PING says so

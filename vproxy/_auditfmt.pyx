@@ -14,7 +14,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memcpy
 
-from vproxy.auditfmt import CACHE_MAX, OUTCOMES, day_text, fmt_addr, js, key_hash, sub_part, value_part, who_part
+from vproxy.auditfmt import CACHE_MAX, OUTCOMES, day_text, js, key_hash, sub_part, value_part, who_part
+from vproxy.hostport import show as fmt_addr
 
 cdef bytes _OUT0 = OUTCOMES[0].encode(), _OUT1 = OUTCOMES[1].encode(), _OUT2 = OUTCOMES[2].encode()
 cdef bytes _OUT3 = OUTCOMES[3].encode()

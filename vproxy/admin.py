@@ -6,14 +6,9 @@ import os
 import resource
 from time import monotonic, time
 
-from . import __version__, audit, auditfmt, cmdstats, outbox, resp
+from . import __version__, audit, auditfmt, cmdstats, hostport, outbox, resp
 from . import errors as E
 from .users import user_name
-
-
-def _fmt_addr(addr) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def proxy_section(app) -> str:
@@ -105,8 +100,7 @@ def nodes(app) -> list[dict]:
     """PROXY NODES: this node and every live peer (fleet.py): address, version, uptime, clients, requests/s."""
     fleet = app.fleet
     if fleet is None:
-        host, port = app.address
-        return [{"node": f"{host}:{port}", "self": 1, "version": __version__,
+        return [{"node": hostport.fmt(app.address), "self": 1, "version": __version__,
                  "uptime": int(monotonic() - app.started), "clients": len(app.clients)}]
     me = fleet.heartbeat()
     rows = [{"node": me["name"], "self": 1, "address": me["addr"], "version": me["version"], "uptime": me["uptime"],
@@ -141,7 +135,7 @@ def _backend_names(app) -> list[str]:
     """The configured backends (or the embedded one) and the known primary from the start, then
     every other node vproxy has connections to (pools open on a node's first command)."""
     addrs = [*app.seeds, app.router.topology.primary, *(p.addr for p in app.router.pools.values())]
-    return list(dict.fromkeys(_fmt_addr(a) for a in addrs if a is not None))
+    return list(dict.fromkeys(hostport.fmt(a) for a in addrs if a is not None))
 
 
 def _flags(s) -> str:
@@ -171,7 +165,7 @@ def client_line(s) -> str:
     patterns = st.patterns if st is not None else 0
     now = time()
     return (
-        f"id={s.id} addr={_fmt_addr(s.addr)} laddr={_fmt_addr(sock_name)} fd={_fileno(s)} "
+        f"id={s.id} addr={hostport.fmt(s.addr)} laddr={hostport.fmt(sock_name)} fd={_fileno(s)} "
         f"name={s.name.decode(errors='replace')} age={int(now - s.created)} "
         f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
         f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
@@ -226,7 +220,7 @@ def client_kill(s, args: list, local: bool = False) -> bytes:
     app = s.app
     fleet = None if local else app.fleet
     if len(args) == 3:  # old form: CLIENT KILL addr:port
-        victims = [c for c in app.clients.values() if _fmt_addr(c.addr) == args[2].decode(errors="replace")]
+        victims = [c for c in app.clients.values() if hostport.fmt(c.addr) == args[2].decode(errors="replace")]
         if not victims and fleet is not None:
             if any(r == b"OK" for _, r in fleet.ask_all(b"PROXY", b"KILL-LOCAL", *args[2:])):
                 return resp.OK
@@ -247,7 +241,7 @@ def client_kill(s, args: list, local: bool = False) -> bytes:
                 return resp.error("ERR client-id should be greater than 0")
             victims = [c for c in victims if c.id == cid]
         elif key == b"addr":
-            victims = [c for c in victims if _fmt_addr(c.addr) == val.decode(errors="replace")]
+            victims = [c for c in victims if hostport.fmt(c.addr) == val.decode(errors="replace")]
         elif key == b"user":  # the backend user each client runs as (users.py)
             victims = [c for c in victims if user_name(c) == val.decode(errors="replace")]
         elif key == b"skipme":
@@ -422,7 +416,7 @@ def ha_fields(app) -> dict:
         return {}
     now = monotonic()
     fields = {
-        "proxy_primary": _fmt_addr(t.primary) if t.primary else "none",
+        "proxy_primary": hostport.fmt(t.primary) if t.primary else "none",
         "proxy_replicas": len(ha.replicas),
         "proxy_replicas_healthy": len(t.readable),
         "proxy_read_from": app.cfg.read_from,
@@ -446,11 +440,11 @@ def topology_view(app) -> dict:
     """PROXY TOPOLOGY: the current snapshot; in sentinel/replication modes with health and failovers."""
     t = app.router.topology
     view = {"mode": t.mode, "version": t.version,
-            "primary": _fmt_addr(t.primary) if t.primary else None}
+            "primary": hostport.fmt(t.primary) if t.primary else None}
     ha = getattr(t, "ha", None)
     if ha is None:
         return view
-    view["replicas"] = [{"addr": _fmt_addr(r.addr), "healthy": int(r.healthy),
+    view["replicas"] = [{"addr": hostport.fmt(r.addr), "healthy": int(r.healthy),
                          "lag": "" if r.lag is None else f"{r.lag:g}", "offset": r.offset, "why": r.why}
                         for r in ha.replicas]
     fields = ha_fields(app)

@@ -9,11 +9,11 @@ import gevent
 from gevent.event import Event
 from loguru import logger
 
-from . import client, tls
+from . import client, hostport, tls
 from .audit import Audit
 from .cmdstats import CommandStats
 from .commands import CommandTable
-from .config import Config, parse_addr
+from .config import Config
 from .embedded import EmbeddedValkey
 from .errors import BackendError, ConfigError
 from .gate import Gate, bind
@@ -117,9 +117,9 @@ class App:
         from .fleet import Fleet, advertised_host
         cfg = self.cfg
         if cfg.fleet_listen:
-            host, port = parse_addr(cfg.fleet_listen)
+            host, port = hostport.parse(cfg.fleet_listen)
         else:  # the client listen host, a free port
-            host, port = parse_addr(cfg.listen or cfg.tls_listen)[0], 0
+            host, port = hostport.parse(cfg.listen or cfg.tls_listen)[0], 0
         self.peer_listener = Listener(self, (host, port))
         self.fleet = Fleet(self, (advertised_host(host), self.peer_listener.address[1]))
         client.first_id(1 + (random.randrange(1, 1 << 30) << 24))  # client ids unique across the fleet
@@ -131,7 +131,7 @@ class App:
 
     def _backends(self) -> list[tuple[str, int]]:
         """The configured backends, or the embedded server started here (stopped again if it fails)."""
-        backends = [parse_addr(b) for b in self.cfg.backend]
+        backends = [hostport.parse(b) for b in self.cfg.backend]
         if backends or self.cfg.mode != "standalone":  # embedded is standalone-only and backend-less
             return backends
         self.embedded = EmbeddedValkey()
@@ -164,7 +164,7 @@ class App:
             self.peer_listener.start()
             self.fleet.start()
         lst = self.listener
-        where = [f"{a[0]}:{a[1]}{tag}" for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
+        where = [hostport.fmt(a) + tag for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
         logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
 
     def reload_tls(self) -> None:

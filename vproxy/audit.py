@@ -34,6 +34,7 @@ import gevent
 from gevent.hub import get_hub
 from loguru import logger
 
+from . import hostport
 from .auditwriter import ACTIVE, Frames, frame, key_hash
 from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
@@ -271,7 +272,7 @@ class Audit:
         self.dir = cfg.audit_dir
         if self.dir and getattr(cfg, "worker_index", -1) >= 0:  # workers (workers.py): a directory each
             self.dir = os.path.join(self.dir, f"worker-{cfg.worker_index}")
-        self.node = node or f"{socket.gethostname()}:{cfg.listen.rpartition(':')[2]}"
+        self.node = node or f"{socket.gethostname()}:{hostport.parse(cfg.listen)[1] if cfg.listen else ''}"
         self.default_user = getattr(cfg, "backend_username", "") or "default"  # a client that did not AUTH
         self.classes = list(cfg.audit_commands)
         self.on = False

@@ -17,6 +17,7 @@ import hmac
 from json.encoder import encode_basestring as js
 from time import gmtime, strftime
 
+from . import hostport
 from .twins import twin
 
 OUTCOMES = ("ok", "error", "refused", "sent")  # a record's outcome (audit.OK, ERROR, REFUSED, SENT)
@@ -33,15 +34,6 @@ def text(b) -> str:
     return b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else str(b)
 
 
-def fmt_addr(addr) -> str:
-    if not addr:
-        return ""
-    if isinstance(addr, str):
-        return addr
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def day_text(sec: int) -> str:
     """A record's time to the second (the microseconds follow)."""
     return strftime("%Y-%m-%dT%H:%M:%S", gmtime(sec))
@@ -50,7 +42,7 @@ def day_text(sec: int) -> str:
 def who_part(who: tuple, node: str, default_user: str) -> str:
     """The line's fields from node to db: who = (client id, address, name, lib, version, user, db)."""
     cid, addr, cname, lib, ver, user, db = who
-    return (f'"node":{js(node)},"client_id":{cid},"client_addr":{js(fmt_addr(addr))},'
+    return (f'"node":{js(node)},"client_id":{cid},"client_addr":{js(hostport.show(addr))},'
             f'"client_name":{js(text(cname))},"lib_name":{js(text(lib))},"lib_ver":{js(text(ver))},'
             f'"user":{js(text(user) if user is not None else default_user)},"db":{db}')
 
@@ -131,7 +123,7 @@ class Formatter:
         if backend is None:
             if len(self._addrs) > CACHE_MAX:
                 self._addrs.clear()
-            backend = self._addrs[target] = js(fmt_addr(target))
+            backend = self._addrs[target] = js(hostport.show(target))
         return f'{w},"command":{cmd},"subcommand":{sub_part(sub)},', f'"backend":{backend},'
 
 

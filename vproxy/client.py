@@ -25,7 +25,7 @@ from loguru import logger
 
 from . import commands as C
 from . import errors as E
-from . import resp
+from . import hostport, resp
 from .errors import BackendError, ProtocolError
 from .local import LOCAL, db_index
 from .mux import busy
@@ -304,7 +304,7 @@ class ClientSession(PlainPath, Audited):
         if wait > 0:
             app = self.app
             app.stats.rate_limited += 1
-            app.limit_log.log("rate", "INFO", lambda: f"client {self.id} ({self.addr[0]}:{self.addr[1]}) slowed "
+            app.limit_log.log("rate", "INFO", lambda: f"client {self.id} ({hostport.fmt(self.addr)}) slowed "
                               f"down: over its request rate ({self._rate_said()})")
             gevent.sleep(wait)
 
@@ -319,14 +319,14 @@ class ClientSession(PlainPath, Audited):
         """More requests than max_pipeline at once: they wait for replies (counted, logged)."""
         app = self.app
         app.stats.pipeline_limited += 1
-        app.limit_log.log("pipeline", "INFO", lambda: f"client {self.id} ({self.addr[0]}:{self.addr[1]}) pipelines "
+        app.limit_log.log("pipeline", "INFO", lambda: f"client {self.id} ({hostport.fmt(self.addr)}) pipelines "
                           f"past max_pipeline ({self.max_window}): not read until its replies are written")
 
     def output_overflow(self, size: int) -> None:
         """The client left more reply bytes unread than client_output_buffer_limit: it is dropped."""
         app = self.app
         app.stats.output_limit_disconnects += 1
-        app.limit_log.log("output", "WARNING", f"client {self.id} ({self.addr[0]}:{self.addr[1]}) disconnected: "
+        app.limit_log.log("output", "WARNING", f"client {self.id} ({hostport.fmt(self.addr)}) disconnected: "
                           f"{size} bytes of replies unread, past client_output_buffer_limit "
                           f"({app.cfg.client_output_buffer_limit})")
         self.closing = True

@@ -10,17 +10,8 @@ from typing import Any, Callable
 
 import toml
 
+from . import aclrules, hostport
 from .errors import ConfigError
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    """'host:port', '[::1]:port' or ':port' -> (host, port)."""
-    text = str(text).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
 
 
 def _positive(v):
@@ -45,7 +36,7 @@ def _one_of(*choices):
 
 def _addrs(v):
     for a in v:
-        parse_addr(a)
+        hostport.parse(a)
     return v
 
 
@@ -104,15 +95,19 @@ class Setting:
     type: type
     default: Any
     doc: str
-    flag: str | None = None  # short CLI alias besides --name-with-dashes
+    flag: str | None = None  # short CLI alias besides --name-with-dashes ("-l")
     check: Callable[[Any], Any] | None = None
     reloadable: bool = False
     sep: str = ","  # lists given as one string (environment): what separates the items
 
+    @property
+    def flags(self) -> list[str]:
+        """The command-line flags: --name-with-dashes, then the short one if any."""
+        return [f"--{self.name.replace('_', '-')}"] + ([self.flag] if self.flag else [])
+
 
 def _users(v: list) -> list:
-    from .gate import normalize  # the rules' parser lives with the checks
-    return normalize(v)
+    return aclrules.normalize(v)
 
 
 def _workers(v: str) -> str:
@@ -130,9 +125,10 @@ def _percentiles(v: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:7777", "Address clients connect to (HOST:PORT). Empty: no plain "
-            "listener (with 'tls_listen': TLS clients only).", check=lambda v: v and parse_addr(v) and v),
+            "listener (with 'tls_listen': TLS clients only).", flag="-l",
+            check=lambda v: v and hostport.parse(v) and v),
     Setting("tls_listen", str, "", "Address TLS clients connect to (HOST:PORT), beside 'listen' or instead "
-            "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and parse_addr(v) and v),
+            "of it. Needs 'tls_cert_file' and 'tls_key_file'.", check=lambda v: v and hostport.parse(v) and v),
     Setting("tls_cert_file", str, "", "PEM certificate (chain) vproxy shows TLS clients (read again on "
             "every reload, as are all the TLS files).", reloadable=True),
     Setting("tls_key_file", str, "", "PEM private key of 'tls_cert_file'.", reloadable=True),
@@ -144,10 +140,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mode", str, "standalone", "What is behind the proxy: standalone (one server), cluster "
             "(a Redis/Valkey Cluster; backends are seeds), sentinel (a Sentinel-managed primary), "
             "replication (a primary and replicas that vproxy itself fails over).",
-            check=_one_of("standalone", "cluster", "sentinel", "replication")),
+            flag="-m", check=_one_of("standalone", "cluster", "sentinel", "replication")),
     Setting("backend", list, [], "Backend server address HOST:PORT (repeatable): the server, the "
-            "cluster seeds, or the replication set. Empty: start an embedded Valkey.", check=_addrs),
-    Setting("sentinel", list, [], "Sentinel address HOST:PORT (repeatable; mode sentinel).", check=_addrs),
+            "cluster seeds, or the replication set. Empty: start an embedded Valkey.", flag="-b", check=_addrs),
+    Setting("sentinel", list, [], "Sentinel address HOST:PORT (repeatable; mode sentinel).", flag="-s",
+            check=_addrs),
     Setting("master", str, "", "Master name the sentinels monitor (mode sentinel)."),
     Setting("sentinel_username", str, "", "Username for the sentinels.", reloadable=True),
     Setting("sentinel_password", str, "", "Password for the sentinels.", reloadable=True),
@@ -292,14 +289,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fleet_interval", float, 1.0, "Seconds between fleet heartbeats; a node silent for three "
             "intervals has left.", check=_positive, reloadable=True),
     Setting("fleet_listen", str, "", "HOST:PORT where this node answers its peers (RESP). Empty: the "
-            "listen host, a free port.", check=lambda v: (parse_addr(v) and v) if v else v),
+            "listen host, a free port.", check=lambda v: (hostport.parse(v) and v) if v else v),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
-            "/healthz, /readyz. Empty: off.", check=lambda v: (parse_addr(v) and v) if v else v),
+            "/healthz, /readyz. Empty: off.", check=lambda v: (hostport.parse(v) and v) if v else v),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-SHORT_FLAGS = {"listen": "-l", "backend": "-b", "mode": "-m", "sentinel": "-s"}
-
-
 class Config:
     """The settings in force, as attributes (plain instance attributes: read on every request)."""
 
@@ -328,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Query the audit log: vproxy audit [PATH ...] (vproxy audit --help, docs/audit.md).")
     p.add_argument("-c", "--config", help="TOML configuration file")
     for s in SETTINGS:
-        flags = [f"--{s.name.replace('_', '-')}"] + ([SHORT_FLAGS[s.name]] if s.name in SHORT_FLAGS else [])
+        flags = s.flags
         if s.type is bool:
             p.add_argument(*flags, dest=s.name, action="store_const", const=True, default=None, help=s.doc)
             # --no-NAME turns it off (over a config file's or the environment's true, too)
@@ -403,7 +397,7 @@ def reference_markdown() -> str:
     """The configuration reference table (docs/configuration.md is generated from it)."""
     rows = ["| setting | CLI | env | default | reload | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for s in SETTINGS:
-        cli = f"`--{s.name.replace('_', '-')}`" + (f", `{SHORT_FLAGS[s.name]}`" if s.name in SHORT_FLAGS else "")
+        cli = ", ".join(f"`{f}`" for f in s.flags)
         default = s.default if s.default not in ("", []) else "(empty)"
         reload = "live" if s.reloadable else "restart"
         rows.append(f"| `{s.name}` | {cli} | `VPROXY_{s.name.upper()}` | `{default}` | {reload} | {s.doc} |")

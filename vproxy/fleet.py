@@ -30,7 +30,7 @@ from time import monotonic, time
 import gevent
 from loguru import logger
 
-from . import __version__, resp
+from . import __version__, hostport, resp
 from .errors import BackendError
 from .mux.backend import BackendConn
 from .ratelog import RateLog
@@ -64,9 +64,8 @@ class Fleet:
     @property
     def name(self) -> str:
         """This node as CLIENT LIST's proxy= field shows it."""
-        host, port = self.address
         worker = self.app.cfg.worker_index
-        return f"{host}:{port}" + (f"/{worker}" if worker >= 0 else "")
+        return hostport.fmt(self.address) + (f"/{worker}" if worker >= 0 else "")
 
     def start(self) -> None:
         self.greenlets = [gevent.spawn(self._publish), gevent.spawn(self._listen)]
@@ -78,7 +77,7 @@ class Fleet:
 
     def heartbeat(self) -> dict:
         app = self.app
-        return {"id": self.node_id, "addr": f"{self.address[0]}:{self.address[1]}", "name": self.name,
+        return {"id": self.node_id, "addr": hostport.fmt(self.address), "name": self.name,
                 "version": __version__, "uptime": int(monotonic() - app.started), "clients": self.clients(),
                 "commands": app.stats.commands, "at": time()}
 
@@ -182,8 +181,7 @@ class Fleet:
         return out
 
     def _ask(self, peer: dict, args: tuple):
-        host, _, port = peer["addr"].rpartition(":")
-        conn = BackendConn((host.strip("[]"), int(port)))  # a peer speaks RESP as a server does
+        conn = BackendConn(hostport.parse(peer["addr"]))  # a peer speaks RESP as a server does
         try:
             with gevent.Timeout(ASK_TIMEOUT, TimeoutError("no answer within 1s")):
                 conn.connect(ASK_TIMEOUT, handshake=False)

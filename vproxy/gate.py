@@ -16,22 +16,17 @@ then the keys (positions from keyspec.py, read/write from the learned key specs)
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
 
 from . import errors as E
 from . import resp
+from .aclrules import R, W, Rules, parse, sha256
 from .keyspec import CONTAINER_KEY, key_positions
 from .limits import Bucket
 
 NOPERM_KEY = "NOPERM No permissions to access a key"
 NOPERM_DB = "NOPERM No permissions to access database"
 NOPERM_CHANNEL = "NOPERM No permissions to access a channel"
-R, W = 1, 2
-CATEGORIES = frozenset(["keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap",
-                        "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
-                        "dangerous", "connection", "transaction", "scripting"])
 # Commands no rule can deny (the server's no_auth flag): a session can always authenticate and leave.
 _NO_AUTH = frozenset([b"auth", b"hello", b"quit", b"reset"])
 # Commands whose arguments name channels: position of the first, and whether they are patterns.
@@ -41,170 +36,19 @@ _CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1
 _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
 # vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
 _OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
-_HEX = re.compile(r"[0-9a-f]{64}")
 # Scripts and functions run their redis.call()s as vproxy's backend user: no rule of the proxy user's
 # applies inside them, so a user with any limit may not run them (no key, db or command check would hold).
 _SCRIPTS = frozenset([b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"])
 
 
-def glob(pattern: bytes) -> re.Pattern:
-    """The server's glob (stringmatchlen): * ? [abc] [^a-z] and \\ escapes, as a compiled regex."""
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i:i + 1]
-        i += 1
-        if c == b"*":
-            out.append(b".*")
-        elif c == b"?":
-            out.append(b".")
-        elif c == b"\\" and i < n:
-            out.append(re.escape(pattern[i:i + 1]))
-            i += 1
-        elif c == b"[" and pattern.find(b"]", i) > 0:
-            end = pattern.find(b"]", i)
-            body, i = pattern[i:end], end + 1
-            neg = body[:1] == b"^"
-            parts = []
-            j = 1 if neg else 0
-            while j < len(body):
-                ch = body[j:j + 1]
-                if ch == b"\\" and j + 1 < len(body):
-                    j += 1
-                    ch = body[j:j + 1]
-                elif body[j + 1:j + 2] == b"-" and j + 2 < len(body):  # a range; reversed, the server swaps it
-                    lo, hi = sorted((ch, body[j + 2:j + 3]))
-                    parts.append(re.escape(lo) + b"-" + re.escape(hi))
-                    j += 3
-                    continue
-                parts.append(re.escape(ch))
-                j += 1
-            out.append(b"[" + (b"^" if neg else b"") + b"".join(parts) + b"]" if parts else b"(?!)")
-        else:
-            out.append(re.escape(c))
-    return re.compile(b"".join(out) + b"\\Z", re.S)
-
-
-def sha256(password: bytes) -> str:
-    return hashlib.sha256(password).hexdigest()
-
-
-class ProxyUser:
-    """One configured user: its rules parsed (see parse), and what it may do."""
+class ProxyUser(Rules):
+    """One configured user: its rules (aclrules.Rules), and what it may do."""
 
     def __init__(self, name: str):
-        self.name = name
-        self.enabled = False
-        self.nopass = False
-        self.hashes: list[str] = []
-        self.commands: list = []  # (allow, kind, what) in order: kind all | cat | cmd | sub
-        self.keys: list = []  # (perms, regex, text)
-        self.channels: list | None = []  # regexes; None: every channel
-        self.channel_text: list[str] = []
-        self.dbs: frozenset | None = None  # None: every database
-        self.rate = 0.0  # vproxy's `rate=N`: requests per second, all its clients together
-        self.bucket: Bucket | None = None
+        super().__init__(name)
+        self.bucket: Bucket | None = None  # its rate= as a token bucket (Gate)
         self._runs: dict = {}  # (name, sub) -> may run (from the command table: cleared by relearn)
         self.preds: dict = {}  # db allowed? -> the plain path's predicate (see predicate)
-
-    # ---- rules ----
-
-    def apply(self, rule: str) -> None:
-        """One rule, in Redis ACL syntax (plus db=, alldbs, resetdbs as valkey 9, and rate=N)."""
-        low = rule.lower()
-        if low in ("on", "off"):
-            self.enabled = low == "on"
-        elif low == "nopass":
-            self.nopass, self.hashes = True, []
-        elif low == "resetpass":
-            self.nopass, self.hashes = False, []
-        elif rule[:1] in (">", "<"):
-            h = sha256(rule[1:].encode())
-            self._password(rule[0] == ">", h)
-        elif rule[:1] in ("#", "!"):
-            if not _HEX.fullmatch(rule[1:].lower()):
-                raise ValueError(f"'{rule[0]}' must be followed by a SHA-256 hash (64 hex digits)")
-            self._password(rule[0] == "#", rule[1:].lower())
-        elif low in ("allcommands", "+@all", "nocommands", "-@all"):
-            self.commands.append((low in ("allcommands", "+@all"), "all", None))
-        elif rule[:2] in ("+@", "-@"):
-            if low[2:] not in CATEGORIES:
-                raise ValueError(f"unknown command category '{rule[2:]}'")
-            self.commands.append((rule[0] == "+", "cat", "@" + low[2:]))
-        elif rule[:1] in ("+", "-") and len(rule) > 1:
-            name, _, sub = low[1:].encode().partition(b"|")
-            self.commands.append((rule[0] == "+", "sub" if sub else "cmd", (name, sub) if sub else name))
-        elif low == "allkeys":
-            self._key("~*")
-        elif low == "resetkeys":
-            self.keys = []
-        elif rule[:1] == "~" or rule[:1] == "%":
-            self._key(rule)
-        elif low == "allchannels":
-            self.channels, self.channel_text = None, ["&*"]
-        elif low == "resetchannels":
-            self.channels, self.channel_text = [], []
-        elif rule[:1] == "&":
-            if rule == "&*":
-                self.channels, self.channel_text = None, ["&*"]
-            elif self.channels is not None:
-                self.channels.append(glob(rule[1:].encode()))
-                self.channel_text.append(rule)
-        elif low in ("alldbs", "resetdbs"):
-            self.dbs = None if low == "alldbs" else frozenset()
-        elif low.startswith("db="):
-            dbs = [int(d) for d in low[3:].split(",") if d.strip().isdigit()]
-            if len(dbs) != len(low[3:].split(",")):
-                raise ValueError(f"'{rule}': db= takes database numbers separated by commas (db=0,1)")
-            self.dbs = (self.dbs or frozenset()) | frozenset(dbs)
-        elif low.startswith("rate="):
-            self.rate = float(low[5:])
-            if self.rate < 0:
-                raise ValueError(f"'{rule}': a rate is >= 0 requests per second")
-        elif low == "reset":
-            self.__init__(self.name)
-        elif rule[:1] == "(" or low == "clearselectors":
-            raise ValueError(f"'{rule}': selectors are not supported at the proxy")
-        else:
-            raise ValueError(f"unknown rule '{rule}'")
-
-    def _password(self, add: bool, h: str) -> None:
-        if add:
-            self.nopass = False
-            if h not in self.hashes:
-                self.hashes.append(h)
-        elif h in self.hashes:
-            self.hashes.remove(h)
-
-    def _key(self, rule: str) -> None:
-        perms, _, pattern = rule.partition("~")
-        flags = perms[1:].upper() if perms else "RW"
-        if perms and (perms[:1] != "%" or not flags or set(flags) - {"R", "W"}):
-            raise ValueError(f"'{rule}': key permissions are ~pattern, %R~pattern, %W~pattern or %RW~pattern")
-        bits = (R if "R" in flags else 0) | (W if "W" in flags else 0)
-        text = ("~" if bits == R | W else f"%{flags}~") + pattern
-        self.keys.append((bits, glob(pattern.encode()), text))
-
-    def describe(self) -> str:
-        """The rules as ACL LIST shows them (passwords as their hashes)."""
-        parts = ["on" if self.enabled else "off"]
-        parts += ["nopass"] if self.nopass else [f"#{h}" for h in self.hashes]
-        parts += [k[2] for k in self.keys]
-        parts += self.channel_text or ["resetchannels"]
-        if self.dbs is not None:
-            parts.append("db=" + ",".join(str(d) for d in sorted(self.dbs)) if self.dbs else "resetdbs")
-        cmds = []
-        for allow, kind, what in self.commands:
-            sign = "+" if allow else "-"
-            if kind == "all":
-                cmds = [f"{sign}@all"]  # the later rules start over from here
-            elif kind == "cat":
-                cmds.append(sign + what)
-            else:
-                cmds.append(sign + (what.decode() if kind == "cmd" else b"|".join(what).decode()))
-        parts += cmds if cmds and cmds[0] in ("+@all", "-@all") else ["-@all", *cmds]
-        if self.rate:
-            parts.append(f"rate={self.rate:g}")
-        return " ".join(parts)
 
     # ---- what it may do ----
 
@@ -456,38 +300,7 @@ def bind(s, user: ProxyUser | None) -> None:
 
 def parse_user(line: str) -> ProxyUser:
     """'alice on >secret ~app:* +@read' -> ProxyUser (ValueError naming the bad rule)."""
-    words = str(line).split()
-    if not words:
-        raise ValueError("an empty user")
-    user = ProxyUser(words[0])
-    for rule in words[1:]:
-        user.apply(rule)
-    return user
-
-
-def normalize(lines: list) -> list:
-    """The `users` setting as kept: each line checked, its clear-text passwords (>pw, <pw) replaced by
-    their hashes (#hash, !hash), so that no clear-text password stays in the settings."""
-    out, names = [], set()
-    for line in lines:
-        words = str(line).split()
-        try:
-            parse_user(line)
-        except ValueError as e:
-            raise ValueError(f"user '{words[0] if words else ''}': {e}") from None
-        if words[0] in names:
-            raise ValueError(f"user '{words[0]}' is defined twice")
-        names.add(words[0])
-        out.append(" ".join([words[0]] + [_hashed(w) for w in words[1:]]))
-    return out
-
-
-def _hashed(rule: str) -> str:
-    if rule[:1] == ">":
-        return "#" + sha256(rule[1:].encode())
-    if rule[:1] == "<":
-        return "!" + sha256(rule[1:].encode())
-    return rule
+    return parse(line, ProxyUser)
 
 
 # ---- ACL ... answered from the proxy's users ----

@@ -18,11 +18,9 @@ from loguru import logger
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from . import __version__, resp
+from . import __version__, hostport, resp
 from .cmdstats import PROM_EDGES_US
-from .config import parse_addr
 from .errors import StartError
-from .sentinel.node import fmt_addr
 
 READY_CACHE = 0.5  # seconds a /readyz verdict is reused (load balancers poll it often)
 
@@ -106,7 +104,7 @@ class ProxyCollector:
                                      "failed; lost: a connection dropped; timeout: no reply within "
                                      "command_timeout)", labels=["node", "kind"])
         for pool in list(app.router.pools.values()):
-            node = fmt_addr(pool.addr)
+            node = hostport.fmt(pool.addr)
             for kind, n in pool.counts().items():
                 conns.add_metric([node, kind], n)
             inflight.add_metric([node], pool.in_flight())
@@ -124,9 +122,9 @@ class AdminServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(app))
         self._ready: tuple[float, bool, str] = (0.0, False, "")
-        host, port = parse_addr(listen)
+        host, port = hostport.parse(listen)
         port += max(0, app.cfg.worker_index)  # workers (workers.py): worker i on the admin port + i
-        listen = f"{host}:{port}"
+        listen = hostport.fmt((host, port))
         self.server = WSGIServer((host, port), self.handle, log=None, error_log=logger)
         try:  # bound now: a taken address fails the start, as the listener's does
             self.server.init_socket()
@@ -179,7 +177,7 @@ class AdminServer:
         for addr in primaries:
             problem = _ping(addr, app.cfg)
             if problem:
-                return False, f"not ready: primary {fmt_addr(addr)} {problem}"
+                return False, f"not ready: primary {hostport.fmt(addr)} {problem}"
         return True, f"ready: {len(primaries)} primar{'y' if len(primaries) == 1 else 'ies'} answer PING"
 
 

@@ -16,7 +16,7 @@ from time import monotonic
 
 from gevent.event import Event
 
-from . import resp
+from . import hostport, resp
 from .errors import BackendError
 from .mux.pool import NodePool
 from .sentinel.topology import Topology
@@ -73,7 +73,7 @@ class Router:
             self.last_primary = topology.primary
             self._revive(topology)
             if old is not None and old != topology.primary and old in self.pools:
-                self.pools[old].close(f"primary moved to {_fmt(topology.primary)} (failover); retry")
+                self.pools[old].close(f"primary moved to {hostport.fmt(topology.primary)} (failover); retry")
         ev, self.changed = self.changed, Event()
         ev.set()
 
@@ -217,7 +217,3 @@ def _is_read(name: bytes | None, session) -> bool:
 def _outstanding(p: NodePool) -> int:
     return sum(len(c.waiters) for chans in p.shared.values() for c in chans)
 
-
-def _fmt(addr) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -9,9 +9,8 @@ import gevent
 from gevent.server import StreamServer
 from loguru import logger
 
-from . import tls, users
+from . import hostport, tls, users
 from .client import ClientSession, tls_session
-from .config import parse_addr
 from .errors import StartError
 from .sockio import close_quietly
 
@@ -36,11 +35,11 @@ class Listener:
         self.plain_address = self.tls_address = None
         try:
             if address is not None or cfg.listen:
-                sock = _bound(*(address or parse_addr(cfg.listen)), reuse_port=reuse)
+                sock = _bound(*(address or hostport.parse(cfg.listen)), reuse_port=reuse)
                 self.servers.append(StreamServer(sock, self.handle))
                 self.plain_address = sock.getsockname()[:2]
             if self.tls_context is not None:
-                sock = _bound(*parse_addr(cfg.tls_listen), reuse_port=reuse)
+                sock = _bound(*hostport.parse(cfg.tls_listen), reuse_port=reuse)
                 self.servers.append(StreamServer(sock, self.handle_tls))
                 self.tls_address = sock.getsockname()[:2]
         except BaseException:
@@ -70,7 +69,7 @@ class Listener:
                 sock.do_handshake()
         except (OSError, gevent.Timeout) as e:  # ssl.SSLError is an OSError
             self.app.stats.tls_handshake_failures += 1
-            self.app.tls_failures.log("handshake", "INFO", f"TLS client {addr[0]}:{addr[1]}: handshake failed "
+            self.app.tls_failures.log("handshake", "INFO", f"TLS client {hostport.fmt(addr)}: handshake failed "
                                       f"({e if isinstance(e, OSError) else 'timed out'})")
             close_quietly(sock)
             return
@@ -108,8 +107,7 @@ def _bound(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         sock.listen(1024)
     except OSError as e:
         sock.close()
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise StartError(f"cannot listen on {shown}: {e.strerror or e}") from None
+        raise StartError(f"cannot listen on {hostport.fmt((host, port))}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock
 

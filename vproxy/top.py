@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from .config import parse_addr
+from . import hostport
 from .errors import BackendError
 from .mux.backend import BackendConn
 
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--top", type=int, default=15, help="commands shown (default 15)")
     args = ap.parse_args(argv)
     try:
-        addr = parse_addr(args.target)
+        addr = hostport.parse(args.target)
         conn = Conn(addr, args.user, args.password)
     except (OSError, ValueError, RuntimeError, BackendError) as e:
         print(f"vproxy top: cannot reach {args.target}: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ import socket
 import gevent
 from gevent.ssl import SSLSocket
 
-from .. import resp, tls
+from .. import hostport, resp, tls
 from ..errors import BackendError
 from ..sockio import close_quietly, recv_ready, send_all
 
@@ -59,8 +59,7 @@ class BackendConn:
 
     @property
     def name(self) -> str:
-        host, port = self.addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return hostport.fmt(self.addr)
 
     def connect(self, timeout: float, username: str = "", password: str = "", handshake: bool = True,
                 cfg=None, client_user: bool = False) -> None:

@@ -15,7 +15,7 @@ from time import monotonic
 
 from loguru import logger
 
-from .. import resp
+from .. import hostport, resp
 from ..errors import BackendError, backend_unavailable
 from ..ratelog import RateLog
 from .backend import Credentials
@@ -57,8 +57,7 @@ class NodePool:
 
     @property
     def name(self) -> str:
-        host, port = self.addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return hostport.fmt(self.addr)
 
     def _check_up(self, key: tuple) -> None:
         if self.down_until and monotonic() < self.down_until:

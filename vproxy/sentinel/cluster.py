@@ -6,58 +6,20 @@
 refresh() asks the known nodes and the seeds in turn (starting from a different one each time, so
 no single entry node is needed) for CLUSTER SHARDS, falling back to CLUSTER SLOTS on servers that
 lack it, and keeps the first answer covering every slot (else the best one). It talks to the
-nodes over short-lived control sockets of its own: sentinel/ does not use mux/.
+nodes over short-lived control links of its own (node.NodeLink): sentinel/ does not use mux/.
 """
 
 from __future__ import annotations
-
-import socket
 
 import gevent
 from gevent.event import Event
 from loguru import logger
 
-from .. import resp, tls
-from ..errors import BackendError
+from .. import hostport
+from .node import NodeError, NodeLink
 from .topology import SLOTS, ClusterTopology, Shard
 
 MIN_GAP = 0.05  # fewest seconds between two refreshes asked for by MOVED or failures
-
-
-class ControlConn:
-    """A blocking request/response socket for the monitor's own queries."""
-
-    def __init__(self, addr, timeout: float, username: str = "", password: str = "", cfg=None):
-        self.sock = socket.create_connection(addr, timeout=timeout)
-        if cfg is not None and cfg.backend_tls:  # the nodes then answer CLUSTER SLOTS with their TLS ports
-            try:
-                self.sock = tls.wrap_backend(self.sock, cfg, addr[0])
-            except OSError:
-                self.close()
-                raise
-        self.framer = resp.ReplyFramer()
-        if password:
-            self.call(*([b"AUTH", username, password] if username else [b"AUTH", password]), check=True)
-
-    def call(self, *args, check: bool = False):
-        self.sock.sendall(resp.encode_request([a if isinstance(a, bytes) else str(a).encode() for a in args]))
-        while True:
-            data = self.sock.recv(262144)
-            if not data:
-                raise BackendError("connection closed by backend")
-            frames = self.framer.feed(data)
-            if frames:
-                break
-        value = resp.decode(frames[0])
-        if check and isinstance(value, Exception):
-            raise BackendError(str(value))
-        return value
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class ClusterMonitor:
@@ -112,8 +74,11 @@ class ClusterMonitor:
         for addr in self.candidates():
             try:
                 shards, slots = self.read_map(addr)
-            except (OSError, BackendError, ValueError, TypeError, IndexError) as e:
-                self.last_error = f"{addr[0]}:{addr[1]}: {e}"
+            except NodeError as e:  # names the node itself
+                self.last_error = str(e)
+                continue
+            except (ValueError, TypeError, IndexError) as e:  # a reply not as expected
+                self.last_error = f"{hostport.fmt(addr)}: {e}"
                 continue
             covered = sum(1 for s in slots if s >= 0)
             if best is None or covered > best[0]:
@@ -144,22 +109,21 @@ class ClusterMonitor:
 
     def read_map(self, addr) -> tuple[tuple, tuple]:
         cfg = self.cfg
-        conn = ControlConn(addr, cfg.connect_timeout, cfg.backend_username, cfg.backend_password, cfg)
+        link = NodeLink(addr, cfg.connect_timeout, cfg)  # short-lived: one refresh
         try:
             if self.databases is None:
-                self.databases = _cluster_databases(conn)
-            reply = conn.call("CLUSTER", "SHARDS")
-            if isinstance(reply, Exception):
-                reply = conn.call("CLUSTER", "SLOTS", check=True)
-                return parse_slots(reply, addr)
+                self.databases = _cluster_databases(link)
+            reply = link.query("CLUSTER", "SHARDS")
+            if isinstance(reply, Exception):  # a server older than CLUSTER SHARDS
+                return parse_slots(link.call("CLUSTER", "SLOTS"), addr)
             return parse_shards(reply, addr, cfg.backend_tls)
         finally:
-            conn.close()
+            link.close()
 
 
-def _cluster_databases(conn: ControlConn) -> int:
+def _cluster_databases(link: NodeLink) -> int:
     """How many databases the cluster serves (Valkey 9 `cluster-databases`); 1 when it cannot say."""
-    reply = conn.call("CONFIG", "GET", "cluster-databases")
+    reply = link.query("CONFIG", "GET", "cluster-databases")
     if isinstance(reply, list) and len(reply) == 2:
         try:
             return max(1, int(reply[1]))

@@ -16,7 +16,8 @@ from time import monotonic, time
 import gevent
 from loguru import logger
 
-from .node import NodeBusy, NodeError, NodeInfo, NodeLink, busy_role, fmt_addr, probe
+from .. import hostport
+from .node import NodeBusy, NodeError, NodeInfo, NodeLink, busy_role, probe
 from .topology import HAStatus, ReplicaState, Topology
 
 FAST_POLL = 0.1  # seconds between looks while the set has no primary
@@ -41,7 +42,11 @@ class HAMonitor:
         self.no_primary_since = 0.0
         self.last_outage = self.total_outage = 0.0
         self.source = ""
-        self.probe_timeout = max(0.5, min(self.cfg.connect_timeout, self.cfg.topology_refresh))
+
+    @property
+    def probe_timeout(self) -> float:
+        """Seconds a probe may take (from connect_timeout and topology_refresh, as a reload leaves them)."""
+        return max(0.5, min(self.cfg.connect_timeout, self.cfg.topology_refresh))
 
     # ---- the loop ----
 
@@ -71,8 +76,8 @@ class HAMonitor:
     def link(self, addr: tuple[str, int]) -> NodeLink:
         link = self.links.get(addr)
         if link is None:
-            link = self.links[addr] = NodeLink(addr, self.probe_timeout, self.cfg.backend_username,
-                                               self.cfg.backend_password, self.cfg)
+            link = self.links[addr] = NodeLink(addr, self.probe_timeout, self.cfg)
+        link.timeout = self.probe_timeout
         return link
 
     def probe_all(self, addrs) -> dict[tuple[str, int], NodeInfo]:
@@ -94,11 +99,11 @@ class HAMonitor:
         except NodeError as e:
             self.infos.pop(addr, None)
             if addr not in self.errors:
-                logger.warning("node {} unreachable: {}", fmt_addr(addr), e)
+                logger.warning("node {} unreachable: {}", hostport.fmt(addr), e)
             self.errors[addr] = str(e)
             return None
         if self.errors.pop(addr, None) is not None:
-            logger.info("node {} reachable again ({})", fmt_addr(addr), info.role)
+            logger.info("node {} reachable again ({})", hostport.fmt(addr), info.role)
         self.infos[addr] = info
         return info
 
@@ -117,10 +122,10 @@ class HAMonitor:
         """An administrative command (REPLICAOF ...) to one node; False (logged) if it failed."""
         try:
             self.link(addr).call(*args)
-            logger.warning("{}: {}", fmt_addr(addr), " ".join(str(a) for a in args))
+            logger.warning("{}: {}", hostport.fmt(addr), " ".join(str(a) for a in args))
             return True
         except NodeError as e:
-            logger.error("{} {} failed: {}", fmt_addr(addr), args[0], e)
+            logger.error("{} {} failed: {}", hostport.fmt(addr), args[0], e)
             return False
 
     # ---- publishing ----
@@ -171,11 +176,11 @@ class HAMonitor:
             old = self.last_good
             if old is not None and old != primary:
                 self.failovers += 1
-                self.last_failover = f"{fmt_addr(old)} -> {fmt_addr(primary)}" + (f" ({how})" if how else "")
+                self.last_failover = f"{hostport.fmt(old)} -> {hostport.fmt(primary)}" + (f" ({how})" if how else "")
                 self.last_failover_at = time()
                 logger.warning("primary changed: {}", self.last_failover)
             elif old is None:
-                logger.info("primary is {}", fmt_addr(primary))
+                logger.info("primary is {}", hostport.fmt(primary))
             self.had_primary = True
             self.last_good = primary
         self.primary = primary

@@ -1,4 +1,4 @@
-"""The monitor's own control connection to one node (server or sentinel), and what INFO says about it.
+"""The monitors' own control connection to one node (server, sentinel, cluster node), and what INFO says.
 
 The monitor never borrows the proxy's client-facing connections (mux/): its probes must keep
 working, and time out on their own, while those are busy, broken or paused.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import gevent
 import hiredis
 
-from .. import resp, tls
+from .. import hostport, resp, tls
 from ..sockio import close_quietly
 
 
@@ -24,74 +24,89 @@ class NodeBusy(NodeError):
     """The node answered -BUSY: a script or function runs past busy-reply-threshold. It is alive."""
 
 
-def fmt_addr(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class NodeLink:
-    """One request/response connection, reconnected on demand; every call has a deadline."""
+    """One request/response control connection to a server or a sentinel, (re)connected on demand.
 
-    def __init__(self, addr: tuple[str, int], timeout: float, username: str = "", password: str = "", cfg=None):
-        """cfg: the settings, for TLS (backend_tls: servers and sentinels alike); None: plain TCP."""
-        self.addr, self.timeout, self.cfg = addr, timeout, cfg
-        self.username, self.password = username, password
+    Connected on first use and again on the next call after any failure (which closes it). TLS when
+    the settings say backend_tls; AUTH with the `who`_username / `who`_password settings ("backend"
+    or "sentinel"), read at each connect, so a reload's new credentials apply to the next connection.
+    Every call, connect included, has a deadline of `timeout` seconds.
+    """
+
+    def __init__(self, addr: tuple[str, int], timeout: float, cfg=None, who: str = "backend"):
+        """cfg: the settings (TLS, credentials); None: plain TCP, no AUTH."""
+        self.addr, self.timeout, self.cfg, self.who = addr, timeout, cfg, who
         self.sock: socket.socket | None = None
         self.framer = resp.ReplyFramer()
         self.pending: list[bytes] = []  # frames read past the ones asked for (pushed messages)
+
+    @property
+    def name(self) -> str:
+        return hostport.fmt(self.addr)
 
     def send(self, *args) -> None:
         """Send without reading (SUBSCRIBE: its replies are read as pushes)."""
         try:
             if self.sock is None:
-                with gevent.Timeout(self.timeout, NodeError(f"{fmt_addr(self.addr)}: connect timed out")):
+                with gevent.Timeout(self.timeout, NodeError(f"{self.name}: connect timed out")):
                     self._connect()
             self.sock.sendall(resp.encode_request(args))
         except OSError as e:
             self.close()
-            raise NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise NodeError(f"{self.name}: {e}") from None
 
     def call(self, *args):
-        """One command; its decoded reply (a server error raises NodeError)."""
+        """One command; its decoded reply (a server error raises NodeError, -BUSY NodeBusy)."""
         return self.pipeline([args])[0]
 
-    def pipeline(self, cmds: list) -> list:
-        """Several commands in one round trip; decoded replies in order."""
+    def query(self, *args):
+        """One command; its decoded reply, a server error returned as a value (hiredis.ReplyError)."""
+        return self.pipeline([args], check=False)[0]
+
+    def pipeline(self, cmds: list, check: bool = True) -> list:
+        """Several commands in one round trip; decoded replies in order (check: a server error raises)."""
         try:
-            with gevent.Timeout(self.timeout, NodeError(f"{fmt_addr(self.addr)}: no answer in {self.timeout:g}s")):
+            with gevent.Timeout(self.timeout, NodeError(f"{self.name}: no answer in {self.timeout:g}s")):
                 if self.sock is None:
                     self._connect()
                 self.sock.sendall(b"".join(resp.encode_request(c) for c in cmds))
                 frames = self._read(len(cmds))
         except (OSError, ValueError, NodeError) as e:
             self.close()
-            raise e if isinstance(e, NodeError) else NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise e if isinstance(e, NodeError) else NodeError(f"{self.name}: {e}") from None
         out = [resp.decode(f) for f in frames]
-        for v in out:
+        for v in out if check else ():
             if isinstance(v, hiredis.ReplyError):
-                raise (NodeBusy if str(v).startswith("BUSY") else NodeError)(f"{fmt_addr(self.addr)}: {v}")
+                raise (NodeBusy if str(v).startswith("BUSY") else NodeError)(f"{self.name}: {v}")
         return out
+
+    def _credentials(self) -> tuple[str, str]:
+        cfg = self.cfg
+        if cfg is None:
+            return "", ""
+        return getattr(cfg, f"{self.who}_username", ""), getattr(cfg, f"{self.who}_password", "")
 
     def _connect(self) -> None:
         self.framer = resp.ReplyFramer()
         self.pending = []
         self.sock = socket.create_connection(self.addr)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.cfg is not None and self.cfg.backend_tls:
+        if self.cfg is not None and self.cfg.backend_tls:  # cluster nodes then answer with their TLS ports
             self.sock = tls.wrap_backend(self.sock, self.cfg, self.addr[0])
-        if self.password:
-            auth = ["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]
+        username, password = self._credentials()
+        if password:
+            auth = ["AUTH", username, password] if username else ["AUTH", password]
             self.sock.sendall(resp.encode_request(auth))
             v = resp.decode(self._read(1)[0])
             if isinstance(v, hiredis.ReplyError):
-                raise NodeError(f"{fmt_addr(self.addr)}: AUTH failed: {v}")
+                raise NodeError(f"{self.name}: AUTH failed: {v}")
 
     def _read(self, n: int) -> list[bytes]:
         frames = self.pending
         while len(frames) < n:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(262144)
             if not data:
-                raise NodeError(f"{fmt_addr(self.addr)}: connection closed")
+                raise NodeError(f"{self.name}: connection closed")
             frames += self.framer.feed(data)
         self.pending = frames[n:]
         return frames[:n]
@@ -99,13 +114,13 @@ class NodeLink:
     def read_push(self, timeout: float | None):
         """Stream mode (after SUBSCRIBE): the next pushed message, or None when timeout passes first."""
         if self.sock is None:
-            raise NodeError(f"{fmt_addr(self.addr)}: not connected")
+            raise NodeError(f"{self.name}: not connected")
         try:
             with gevent.Timeout(timeout, False):
                 return resp.decode(self._read(1)[0])
         except (OSError, ValueError, NodeError) as e:
             self.close()
-            raise NodeError(f"{fmt_addr(self.addr)}: {e}") from None
+            raise NodeError(f"{self.name}: {e}") from None
         return None
 
     def close(self) -> None:

@@ -33,7 +33,8 @@ from time import monotonic
 from loguru import logger
 
 from .monitor import HAMonitor
-from .node import NodeInfo, fmt_addr
+from .. import hostport
+from .node import NodeInfo
 
 
 class ReplicationMonitor(HAMonitor):
@@ -67,7 +68,7 @@ class ReplicationMonitor(HAMonitor):
                 del infos[addr]
                 self.members.remove(addr)
                 self.aliases.add(addr)
-                logger.info("replication set: {} is {} under another name", fmt_addr(addr), fmt_addr(first))
+                logger.info("replication set: {} is {} under another name", hostport.fmt(addr), hostport.fmt(first))
         return infos
 
     def discover(self, infos: dict) -> None:
@@ -77,7 +78,7 @@ class ReplicationMonitor(HAMonitor):
             for addr in found:
                 if addr not in self.members and addr not in self.aliases:
                     self.members.append(addr)
-                    logger.info("replication set: learned {} from {}", fmt_addr(addr), fmt_addr(info.addr))
+                    logger.info("replication set: learned {} from {}", hostport.fmt(addr), hostport.fmt(info.addr))
 
     def choose(self, infos: dict) -> tuple[str, int] | None:
         """The primary among reachable nodes; several masters: keep one, demote the others of the set."""
@@ -93,8 +94,8 @@ class ReplicationMonitor(HAMonitor):
             elif m.addr not in self.ignored:
                 self.ignored.add(m.addr)
                 logger.error("{} and {} both report role master and share no history; using {}, "
-                             "leaving {} alone", fmt_addr(winner.addr), fmt_addr(m.addr),
-                             fmt_addr(winner.addr), fmt_addr(m.addr))
+                             "leaving {} alone", hostport.fmt(winner.addr), hostport.fmt(m.addr),
+                             hostport.fmt(winner.addr), hostport.fmt(m.addr))
         return winner.addr
 
     def maybe_failover(self) -> tuple[tuple[str, int] | None, str]:
@@ -123,7 +124,7 @@ class ReplicationMonitor(HAMonitor):
         if heard and self.down_since not in self.warned:
             self.warned.add(self.down_since)
             logger.warning("primary unreachable from vproxy, but replica {} heard from it {}s ago: "
-                           "not failing over", fmt_addr(heard[0].addr), heard[0].last_io)
+                           "not failing over", hostport.fmt(heard[0].addr), heard[0].last_io)
         return bool(heard)
 
     def promote(self, best: NodeInfo, infos: dict) -> tuple[tuple[str, int] | None, str]:

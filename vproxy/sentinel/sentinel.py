@@ -16,9 +16,9 @@ from __future__ import annotations
 import gevent
 from loguru import logger
 
-from ..config import parse_addr
+from .. import hostport
 from .monitor import HAMonitor
-from .node import NodeError, NodeLink, fmt_addr
+from .node import NodeError, NodeLink
 
 EVENTS = ("+switch-master", "+sdown", "-sdown", "+odown", "-odown", "+slave", "+convert-to-slave",
           "+failover-end")
@@ -31,7 +31,7 @@ class SentinelMonitor(HAMonitor):
     def __init__(self, app):
         super().__init__(app)
         self.name = self.cfg.master
-        self.sentinels: list[tuple[str, int]] = [parse_addr(a) for a in self.cfg.sentinel]
+        self.sentinels: list[tuple[str, int]] = [hostport.parse(a) for a in self.cfg.sentinel]
         self.slinks: dict[tuple[str, int], NodeLink] = {}
         self.watchers: dict[tuple[str, int], gevent.Greenlet] = {}
         self.named: tuple[str, int] | None = None  # the primary the sentinels named last
@@ -69,7 +69,7 @@ class SentinelMonitor(HAMonitor):
             except NodeError as e:
                 if addr not in self.unanswered:
                     self.unanswered.add(addr)
-                    logger.warning("sentinel {} did not answer: {}", fmt_addr(addr), e)
+                    logger.warning("sentinel {} did not answer: {}", hostport.fmt(addr), e)
                 continue
             if not named:
                 continue
@@ -77,7 +77,7 @@ class SentinelMonitor(HAMonitor):
             if self.sentinels[0] != addr:
                 self.sentinels.remove(addr)
                 self.sentinels.insert(0, addr)
-            self.source = fmt_addr(addr)
+            self.source = hostport.fmt(addr)
             self.learn_sentinels(peers)
             return (_text(named[0]), int(named[1])), [a for a in map(_addr_of, reps) if a]
         return None
@@ -85,15 +85,15 @@ class SentinelMonitor(HAMonitor):
     def slink(self, addr) -> NodeLink:
         link = self.slinks.get(addr)
         if link is None:
-            link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username,
-                                                self.cfg.sentinel_password, self.cfg)
+            link = self.slinks[addr] = NodeLink(addr, self.probe_timeout, self.cfg, "sentinel")
+        link.timeout = self.probe_timeout
         return link
 
     def learn_sentinels(self, peers) -> None:
         for addr in map(_addr_of, peers or []):
             if addr and addr not in self.sentinels:
                 self.sentinels.append(addr)
-                logger.info("learned sentinel {}", fmt_addr(addr))
+                logger.info("learned sentinel {}", hostport.fmt(addr))
 
     # ---- announcements ----
 
@@ -106,8 +106,7 @@ class SentinelMonitor(HAMonitor):
     def watch(self, addr) -> None:
         """Subscribe to one sentinel's events; one about our master wakes the monitor."""
         while not self.stopped:
-            link = NodeLink(addr, self.probe_timeout, self.cfg.sentinel_username, self.cfg.sentinel_password,
-                            self.cfg)
+            link = NodeLink(addr, self.probe_timeout, self.cfg, "sentinel")
             try:
                 link.send("SUBSCRIBE", *EVENTS)
                 while not self.stopped:
