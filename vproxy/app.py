@@ -79,7 +79,7 @@ class App:
             self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
-            from .csession import ClusterSession
+            from .cluster.session import ClusterSession
             self.listener.session_class = ClusterSession
         elif self.router.ha:
             from .client import HASession
@@ -226,7 +226,7 @@ class App:
                     self.server_info.get("version"), self._databases_said())
 
     def _databases_said(self) -> str:
-        """How many databases clients can SELECT, and who provides them (see dbns.py for a cluster)."""
+        """How many databases clients can SELECT, and who provides them (see cluster/namespaces.py for a cluster)."""
         if self.cfg.mode != "cluster":
             return f"{self.databases} databases"
         native = getattr(self.router.topology, "databases", 1)

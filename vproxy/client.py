@@ -491,7 +491,7 @@ class ClientSession(PlainPath, Audited):
         """refuse() inside MULTI: as when the server refuses a request at queue time, EXEC then
         aborts the transaction (-EXECABORT)."""
         self.refuse(batch, i, msg)
-        self.multi_failed = True  # cluster: txn.exec_ answers EXECABORT
+        self.multi_failed = True  # cluster: cluster/transaction.exec_ answers EXECABORT
         lease = self.lease
         if lease is not None and not lease.ending and lease.channel is not None:
             # standalone: a request the server refuses at queue time flags its transaction (reply dropped)

@@ -20,12 +20,12 @@ from time import monotonic
 
 import gevent
 
-from . import resp
-from .client import _STATEFUL, AUTH_IN_MULTI
-from .errors import BackendError
-from .local import LOCAL, _apply_select
-from .mux.channel import Batch, deadline_after
-from .mux.lease import Lease
+from .. import resp
+from ..client import _STATEFUL, AUTH_IN_MULTI
+from ..errors import BackendError
+from ..local import LOCAL, _apply_select
+from ..mux.channel import Batch, deadline_after
+from ..mux.lease import Lease
 
 MULTI = resp.encode_request([b"MULTI"])
 EXEC = resp.encode_request([b"EXEC"])

@@ -1,10 +1,10 @@
 """ClusterSession: a ClientSession whose requests are routed by key slot across a cluster's primaries.
 
-    dispatch -> PRE[name]? (CLUSTER, INFO, KEYS, SCAN, DBSIZE, WAIT, MULTI/EXEC ...) -> fanout / txn
+    dispatch -> PRE[name]? (CLUSTER, INFO, KEYS, SCAN, DBSIZE, WAIT, MULTI/EXEC ...) -> keyless / transaction
              -> ClientSession.dispatch -> forward(): key positions -> slot(s)
                   one slot   -> a Sub on that node's channel (one channel per node per session)
-                  many slots -> split.SPLIT[name] (subs + merge), else a CROSSSLOT error
-                  no keys    -> fanout.KEYLESS[name], else any primary
+                  many slots -> multikey.SPLIT[name] (subs + merge), else a CROSSSLOT error
+                  no keys    -> keyless.KEYLESS[name], else any primary
     settle -> wait -> every Sub, in send order: MOVED (patch the map, resend there), ASK (ASKING +
               resend), TRYAGAIN/CLUSTERDOWN/LOADING/connection failure (back off, refresh, resend)
               until primary_wait has passed -> merges -> ClientSession.settle
@@ -19,18 +19,19 @@ from time import monotonic
 
 import gevent
 
-from . import commands as C
-from . import dbns, fanout, resp, split, txn
-from . import errors as E
-from .client import ClientSession
-from .errors import BackendError
-from .keyspec import CONTAINER_KEY, key_positions
-from .mux import busy
-from .mux.channel import TIMED_OUT, Batch, deadline_after
-from .mux.lease import Lease
-from .outbox import TWIN
-from .slots import key_slot
-from .users import DRYRUN, dryrun
+from .. import commands as C
+from .. import errors as E
+from .. import resp
+from ..client import ClientSession
+from ..errors import BackendError
+from ..keyspec import CONTAINER_KEY, key_positions
+from ..mux import busy
+from ..mux.channel import TIMED_OUT, Batch, deadline_after
+from ..mux.lease import Lease
+from ..outbox import TWIN
+from ..slots import key_slot
+from ..users import DRYRUN, dryrun
+from . import keyless, multikey, namespaces, transaction
 
 ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
@@ -108,7 +109,7 @@ class ClusterSession(ClientSession):
                     ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout))
                     return
         if self.ns is not None:
-            args, raw, err = dbns.rewrite(self, name, args, raw, i)
+            args, raw, err = namespaces.rewrite(self, name, args, raw, i)
             if err:
                 batch.replies[i] = resp.error(err)
                 return
@@ -216,13 +217,13 @@ class ClusterSession(ClientSession):
         elif len(slots) == 1:
             self.route(batch, i, raw, slots.pop(), name, self.reads)
         elif slots:
-            h = split.SPLIT.get(name)
+            h = multikey.SPLIT.get(name)
             if h is None:
-                batch.replies[i] = resp.error(split.crossslot(name))
+                batch.replies[i] = resp.error(multikey.crossslot(name))
             else:
                 h(self, i, args, batch)
         else:
-            h = fanout.KEYLESS.get(name)
+            h = keyless.KEYLESS.get(name)
             if h is None:
                 self.route(batch, i, raw, -1, name)
             else:
@@ -307,7 +308,7 @@ class ClusterSession(ClientSession):
     def on_lease(self, i: int, raw: bytes, batch: Batch, slots) -> None:
         """WATCH holds a connection: keys of another slot than the watched one are refused."""
         if slots and (len(slots) > 1 or (self.pin_slot is not None and self.pin_slot not in slots)):
-            batch.replies[i] = resp.error(txn.other_slot(self.pin_slot))
+            batch.replies[i] = resp.error(transaction.other_slot(self.pin_slot))
             return
         self.submit(self.lease.channel, i, raw, batch)
 
@@ -348,7 +349,7 @@ class ClusterSession(ClientSession):
             subs.append(sub)
             busy.kill(addr, self.app.cfg, raw, sb, sub.idx, self.user)
         if not subs:
-            batch.replies[i] = fanout.NO_MAP
+            batch.replies[i] = keyless.NO_MAP
             return
         self.ops.append((batch, i, subs, merge))
 
@@ -458,7 +459,7 @@ class ClusterSession(ClientSession):
             self.sb = Batch(0)
         for batch, i, subs, merge in ops:
             frames = [s.batch.replies[s.idx] for s in subs]
-            err = next((f for f in frames if f is None or (f[:1] == b"-" and merge not in fanout.TAKE_ERRORS)),
+            err = next((f for f in frames if f is None or (f[:1] == b"-" and merge not in keyless.TAKE_ERRORS)),
                        False)
             if err is not False:
                 batch.replies[i] = err or resp.error("ERR vproxy: a part of the request got no reply")
@@ -491,7 +492,7 @@ class ClusterSession(ClientSession):
                 return self.on_lease(i, raw, batch, slots)
             return super().block(i, raw, batch, dirty, **kw)
         if len(slots) > 1:
-            batch.replies[i] = resp.error(split.crossslot(name))
+            batch.replies[i] = resp.error(multikey.crossslot(name))
             return
         self.settle()
         self.flush(batch, i)  # replies before it are in: the client gets them before it blocks
@@ -500,7 +501,7 @@ class ClusterSession(ClientSession):
         self.send(sub)
 
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
-        txn.queue(self, i, name, args, raw, batch)
+        transaction.queue(self, i, name, args, raw, batch)
 
     def key(self) -> tuple:
         return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto, self.user)
@@ -519,7 +520,7 @@ class ClusterSession(ClientSession):
     def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         st = self.stream
         if name == b"reset":
-            txn.forget(self)  # and the stream ends, as the rest of RESET does below
+            transaction.forget(self)  # and the stream ends, as the rest of RESET does below
         if st.kind != "sub":
             return super().stream_dispatch(i, name, args, raw, batch)
         self._wait_main(st)
@@ -892,7 +893,7 @@ def _script_of(sub: Sub) -> bytes | None:
     if sub.name not in (b"evalsha", b"evalsha_ro"):
         return None
     parts = sub.raw.split(b"\r\n", 5)
-    return fanout.SCRIPTS.get(parts[4].lower()) if len(parts) > 5 else None
+    return keyless.SCRIPTS.get(parts[4].lower()) if len(parts) > 5 else None
 
 
 _SINGLE: dict = {}  # Command -> position of its only key (0: not a single-key command)
@@ -932,7 +933,7 @@ def _addr(text: bytes) -> tuple[str, int]:
 
 
 # Requests the cluster session answers before (or instead of) the standalone dispatch.
-PRE = {**fanout.PRE, **txn.PRE, b"select": dbns.select}
+PRE = {**keyless.PRE, **transaction.PRE, b"select": namespaces.select}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}
 
 if TWIN is not None:  # the compiled twin of forward_plain (vproxy/_plain.pyx, chosen in outbox.py)
