@@ -231,18 +231,6 @@ def ok(s, i, args, raw, batch):
     batch.replies[i] = resp.OK
 
 
-def ssubscribe(s, i, args, raw, batch):
-    slots = {key_slot(c) for c in args[1:]}
-    if len(slots) > 1:
-        batch.replies[i] = resp.error("CROSSSLOT Keys in request don't hash to the same slot")
-        return
-    s.lease_addr = s.app.router.topology.owner(slots.pop())
-    try:
-        ClientSession.dispatch(s, i, args, raw, batch, True)
-    finally:
-        s.lease_addr = None
-
-
 # ---- INFO: one node's text, keyspace summed, a '# Cluster' summary ----
 
 def info(s, i, args, raw, batch):
@@ -408,6 +396,6 @@ CLUSTER = {
 PRE = {
     b"keys": keys, b"dbsize": dbsize, b"flushall": all_ok, b"flushdb": all_ok, b"randomkey": randomkey,
     b"scan": scan, b"script": script, b"function": function, b"config": config, b"wait": wait, b"slowlog": slowlog,
-    b"readonly": ok, b"readwrite": ok, b"ssubscribe": ssubscribe, b"info": info, b"cluster": cluster,
+    b"readonly": ok, b"readwrite": ok, b"info": info, b"cluster": cluster,
 }
 KEYLESS: dict = {}

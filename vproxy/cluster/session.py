@@ -7,7 +7,8 @@
                   no keys    -> keyless.KEYLESS[name], else any primary
     settle -> wait -> every Sub, in send order: MOVED (patch the map, resend there), ASK (ASKING +
               resend), TRYAGAIN/CLUSTERDOWN/LOADING/connection failure (back off, refresh, resend)
-              until primary_wait has passed -> merges -> ClientSession.settle
+              until primary_wait has passed -> merges -> ClientSession.settle    (redirects.py)
+    a subscribed stream -> shard channels on their slots' nodes, MONITOR on every primary (shard_pubsub.py)
 
 Order: a session has one channel per node, so requests on one key stay in order on one connection,
 and resends go out in their original order after everything before them has answered.
@@ -15,47 +16,28 @@ and resends go out in their original order after everything before them has answ
 
 from __future__ import annotations
 
-from time import monotonic
-
-import gevent
-
 from .. import commands as C
-from .. import errors as E
 from .. import resp
 from ..client import ClientSession
 from ..errors import BackendError
 from ..keyspec import CONTAINER_KEY, key_positions
-from ..mux import busy
-from ..mux.channel import TIMED_OUT, Batch, deadline_after
+from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
 from ..outbox import TWIN
 from ..slots import key_slot
 from ..users import DRYRUN, dryrun
-from . import keyless, multikey, namespaces, transaction
+from . import keyless, multikey, namespaces, redirects, shard_pubsub, transaction
+from .redirects import ASKING, Redirects, Sub
 
-ASKING = resp.encode_request([b"ASKING"])
 READONLY = resp.encode_request([b"READONLY"])
-_WAIT = (b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
-_HOLD = (b"-MOVED ", b"-ASK ", b"-NOSCRIPT", *_WAIT)  # replies the outbox holds for finish() to sort out
-_IDEMPOTENT = frozenset([b"set", b"hset", b"sadd", b"zadd", b"expire", b"pexpire", b"persist", b"mset"])
 
 
-class Sub:
-    """One request vproxy sends to a node: its reply lands in batch.replies[idx]."""
-
-    __slots__ = ("addr", "batch", "block", "idx", "name", "raw", "slot")
-
-    def __init__(self, batch, idx, raw, slot, name, block=False):
-        self.batch, self.idx, self.raw, self.slot, self.name, self.block = batch, idx, raw, slot, name, block
-        self.addr = None  # the node it was last sent to
-
-
-class ClusterSession(ClientSession):
+class ClusterSession(Redirects, ClientSession):
     """One client connection in cluster mode."""
 
     # plain one-key requests go out from the loop too (forward_plain); a reply that must not go out
     # as it is (a redirection, a lost connection) holds the outbox until drain()
-    HOLD = _HOLD
+    HOLD = redirects.HOLD
 
     def __init__(self, app, sock, addr):
         super().__init__(app, sock, addr)
@@ -71,17 +53,7 @@ class ClusterSession(ClientSession):
         self.reads = app.cfg.read_from != "primary"  # read-only commands may go to replicas
         self.rr = self.id
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
-        # sharded pub/sub (see "shard channels" below)
-        self.schans: dict = {}  # shard channel the client is subscribed to -> node address (None: re-subscribing)
-        self.sconns: dict = {}  # node address -> Lease: shard channels on another node than the stream's own
-        self.resub: dict = {}  # node address -> [channel groups] whose SSUBSCRIBE vproxy sent there (replies hidden)
-        self.lostfrom: dict = {}  # channel -> the node that dropped it
-        self.sunsub: dict = {}  # channel -> SUNSUBSCRIBE replies the client is owed
-        self.slast = None  # the stream connection the client's last request went to
-        self.resubber = None  # the greenlet re-subscribing lost shard channels (and the main stream's)
-        self.pubsub = {b"subscribe": set(), b"psubscribe": set()}  # the stream's own channels, patterns
-        self.main_lost = None  # the node whose loss took the stream's own connection (re-subscribing)
-        self.hide = 0  # subscribe/psubscribe confirmations of vproxy's re-subscription still to hide
+        self.shards = shard_pubsub.ShardPubSub(self)  # a stream's shard channels, other nodes' connections
 
     # ---- dispatch and routing ----
 
@@ -128,17 +100,6 @@ class ClusterSession(ClientSession):
             return h(self, i, args, raw, batch)
         super().dispatch(i, args, raw, batch, checked)
 
-    def audit_target(self, i: int, batch: Batch):
-        """audit.py: the Sub of request i (its node once answered, after redirections), "*" when it was
-        split over several nodes, else as a standalone session says."""
-        for sub in reversed(self.inflight):
-            if sub.batch is batch and sub.idx == i:
-                return sub
-        for op in self.ops:
-            if op[0] is batch and op[1] == i:
-                return "*"
-        return super().audit_target(i, batch)
-
     # ---- plain requests from the loop (see ClientSession._intake and outbox.py) ----
 
     def forward_plain(self, reqs: list, wait: bool = True) -> int:
@@ -172,25 +133,6 @@ class ClusterSession(ClientSession):
             self.last_cmd = name
             box.send(ch, req, (raw, slot, name, addr), deadline)
         return len(reqs)
-
-    def _unstick(self) -> None:
-        box = self.outbox
-        held = box.held_all()
-        batch = self.batch = Batch(len(held))
-        self.held_stats(batch, len(held))
-        audits = {e.idx: e for e in self.audits if e.batch is batch}  # held records (audit.AuditTrack.drop)
-        for j, (frame, fact, (raw, slot, name, addr)) in enumerate(held):
-            batch.replies[j] = frame
-            if fact is not None:
-                batch.lost = batch.lost or {}
-                batch.lost[j] = fact
-            sub = Sub(batch, j, raw, slot, name)
-            sub.addr = addr
-            self.inflight.append(sub)
-            if j in audits:
-                audits[j].target = sub  # the node that answers in the end (after MOVED/ASK)
-        self.settle()
-        self.flush(batch, len(held))
 
     def slots_of(self, name: bytes, args: list) -> set | None:
         """The slots of a request's keys (empty: keyless); None when its keys cannot be known."""
@@ -318,157 +260,6 @@ class ClusterSession(ClientSession):
         value = resp.decode(frame)
         return value if isinstance(value, list) else None
 
-    # ---- split and fan-out requests ----
-
-    def op(self, batch: Batch, i: int, parts: list, merge, reads: bool = False) -> None:
-        """Send parts [(slot, args)] now; at settle, batch.replies[i] = merge(their replies).
-
-        reads: read-only parts may go to replicas (read_from); never for cursors (SCAN)."""
-        subs = self.subs(parts, reads and self.reads)  # first: it may settle (and merge) what came before
-        self.ops.append((batch, i, subs, merge))
-
-    def subs(self, parts: list, reads: bool = False) -> list:
-        out = []
-        for slot, args in parts:
-            sub = Sub(None, 0, resp.encode_request(args), slot, args[0].lower())
-            replica = self.replica_for(slot, sub.name) if reads else None
-            self.send(sub, replica, fresh=True, readonly=replica is not None)
-            out.append(sub)
-        return out
-
-    def sides_everywhere(self, batch: Batch, i: int, raw: bytes, merge) -> None:
-        """SCRIPT KILL / FUNCTION KILL on every slot-owning primary right now (busy.kill: the node
-        that runs the script answers nothing on the connections it already has); at settle,
-        batch.replies[i] = merge(their replies, errors included). vproxy does not know which node
-        runs a script (it may not have answered anyone yet), so every node is asked."""
-        subs = []
-        for addr in self.app.router.topology.primaries:
-            sb = self.sb
-            sub = Sub(sb, len(sb.replies), raw, -1, b"kill")
-            sb.replies.append(None)
-            subs.append(sub)
-            busy.kill(addr, self.app.cfg, raw, sb, sub.idx, self.user)
-        if not subs:
-            batch.replies[i] = keyless.NO_MAP
-            return
-        self.ops.append((batch, i, subs, merge))
-
-    def call(self, parts: list) -> list:
-        """Run parts [(slot, args)] now, after everything before them; their final replies, in order."""
-        self.settle()
-        subs = self.subs(parts)
-        self.finish()
-        return [s.batch.replies[s.idx] for s in subs]
-
-    # ---- settle: wait, follow redirections, retry, merge ----
-
-    def settle(self) -> None:
-        if self.inflight or self.ops:
-            self.finish()
-        super().settle()
-        if self.lease is None and not self.in_multi:
-            self.pin_slot = None
-
-    def finish(self) -> None:
-        deadline, delay, rounds = 0.0, 0.02, 0
-        while True:
-            self.wait_all()
-            redo = [(s, f) for s in self.inflight if (f := s.batch.replies[s.idx]) is not None and f[:1] == b"-"
-                    and self.retryable(s, f)]
-            if not redo:
-                break
-            now = monotonic()
-            deadline = deadline or now + max(self.app.cfg.primary_wait, 0.2)
-            if now >= deadline:
-                break
-            rounds += 1
-            if rounds > 3 or any(not f.startswith((b"-MOVED ", b"-ASK ")) for _, f in redo):
-                self.refresh()
-                gevent.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            for s, f in redo:
-                if not self.stuck_here(s):
-                    self.resend(s, f)
-        self.inflight = []
-        if self.ops or self.sb.replies:
-            self.merge_ops()
-
-    def wait_all(self) -> None:
-        batch = self.batch
-        if batch is not None and batch.left:
-            self.wait_batch()
-        if self.sb.left:
-            self.sb.wait()
-
-    def retryable(self, sub: Sub, frame: bytes) -> bool:
-        """May this failed sub run again? Decided from facts: a redirection, or what its batch
-        recorded when the connection failed (never sent: yes; sent: only if it may run twice)."""
-        lost = sub.batch.lost
-        sent = lost.get(sub.idx) if lost else None
-        if frame.startswith((b"-MOVED ", b"-ASK ")) or frame.startswith(_WAIT):
-            return True
-        if frame.startswith(b"-NOSCRIPT"):  # a node that never saw SCRIPT LOAD (new, promoted, flushed)
-            return _script_of(sub) is not None
-        if sent is None:  # the server's own error reply
-            return False
-        if not sent:
-            return True
-        cmd = self.app.commands.get(sub.name)  # sent, then lost: resend only what may run twice
-        return cmd is not None and ("readonly" in cmd.flags or sub.name in _IDEMPOTENT)
-
-    def stuck_here(self, sub: Sub) -> bool:
-        """The sub timed out on a node that still owns its slot: that node is stuck, and sending it
-        there again would only wait once more. It waits (until the deadline) for a new owner, and
-        if none comes the client gets the timeout, which says what happened."""
-        lost = sub.batch.lost
-        if not lost or lost.get(sub.idx) != TIMED_OUT:
-            return False
-        topo = self.app.router.topology
-        return (topo.owner(sub.slot) if sub.slot >= 0 else topo.primary) == sub.addr
-
-    def resend(self, sub: Sub, frame: bytes) -> None:
-        lost = sub.batch.lost
-        if lost:
-            lost.pop(sub.idx, None)  # the new attempt records its own fact
-        if frame.startswith((b"-MOVED ", b"-ASK ")):
-            parts = frame[1:].split()
-            slot, addr = int(parts[1]), _addr(parts[2])
-            if frame.startswith(b"-MOVED "):
-                self.patch(slot, addr)
-                return self.send(sub, addr)
-            return self.send(sub, addr, asking=True)
-        if frame.startswith(b"-NOSCRIPT"):
-            return self.send(sub, asking=resp.encode_request([b"SCRIPT", b"LOAD", _script_of(sub)]))
-        self.send(sub)
-
-    def patch(self, slot: int, addr) -> None:
-        router = self.app.router
-        topo = router.topology
-        if hasattr(topo, "moved") and topo.owner(slot) != addr:
-            router.publish(topo.moved(slot, addr))
-            self.refresh()
-
-    def refresh(self) -> None:
-        mon = self.app.monitor
-        if mon is not None:
-            mon.request_refresh()
-
-    def merge_ops(self) -> None:
-        ops, self.ops = self.ops, []
-        if self.sb.replies:
-            self.sb = Batch(0)
-        for batch, i, subs, merge in ops:
-            frames = [s.batch.replies[s.idx] for s in subs]
-            err = next((f for f in frames if f is None or (f[:1] == b"-" and merge not in keyless.TAKE_ERRORS)),
-                       False)
-            if err is not False:
-                batch.replies[i] = err or resp.error("ERR vproxy: a part of the request got no reply")
-                continue
-            try:
-                batch.replies[i] = merge(frames)
-            except Exception as e:  # a reply vproxy could not merge: an error, never half an answer
-                batch.replies[i] = resp.error(f"ERR vproxy: cannot merge the nodes' replies ({e})")
-
     # ---- leases: MULTI/WATCH, blocking commands, SSUBSCRIBE ----
 
     def _new_lease(self, i: int, batch: Batch):
@@ -506,16 +297,7 @@ class ClusterSession(ClientSession):
     def key(self) -> tuple:
         return (self.db if getattr(self.app.router.topology, "databases", 1) > 1 else 0, self.proto, self.user)
 
-
-    # ---- shard channels: SSUBSCRIBE follows slot moves and failovers ----
-    #
-    # A subscribed client's stream has one connection (Stream.lease) plus one per other node its shard
-    # channels live on (sconns). When a node stops owning a slot (CLUSTER SETSLOT ... NODE, or its
-    # primary became a replica) the server sends `sunsubscribe <channel> <count>` for each of that
-    # slot's channels; a killed node just closes the connection. vproxy hides both, waits until the
-    # slot map names another owner (primary_wait at most), and sends SSUBSCRIBE there; that reply is
-    # hidden too. Counts in ssubscribe/sunsubscribe replies are the client's shard channels on every
-    # node, as one server would report.
+    # ---- streams: shard channels and MONITOR across nodes (shard_pubsub.py) ----
 
     def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         st = self.stream
@@ -523,378 +305,28 @@ class ClusterSession(ClientSession):
             transaction.forget(self)  # and the stream ends, as the rest of RESET does below
         if st.kind != "sub":
             return super().stream_dispatch(i, name, args, raw, batch)
-        self._wait_main(st)
-        if name == b"ssubscribe":
-            return self._ssubscribe(st, i, args, raw, batch)
-        if name == b"sunsubscribe":
-            return self._sunsubscribe(st, i, args, raw, batch)
-        self._promote(st)
-        self._switch(st, st.lease)
-        super().stream_dispatch(i, name, args, raw, batch)
-        if self.stream is None:
-            self._drop_shards()
-
-    def _promote(self, st) -> None:
-        """PING and the like go to the stream's own connection: make it one that holds subscriptions
-        (after a slot move the old node's may hold none: it would answer PING as unsubscribed)."""
-        if st.counts[0] or not self.sconns or st.lease.pool.addr in self.schans.values():
-            return
-        old = st.lease
-        _, st.lease = self.sconns.popitem()
-        st.lease.channel.sink = self.on_stream
-        if _dead(old):
-            old.release(clean=False)
-        else:
-            self.sconns[old.pool.addr] = old
-            old.channel.sink = lambda frames, lease=old: self._on_shard_frames(lease, frames)
-
-    def _ssubscribe(self, st, i: int, args: list, raw: bytes, batch: Batch) -> None:
-        slots = {key_slot(c) for c in args[1:]}
-        if len(slots) > 1:
-            batch.replies[i] = resp.error("CROSSSLOT Keys in request don't hash to the same slot")
-            return
-        slot = slots.pop()
-        addr = self.app.router.topology.owner(slot)
-        if addr is None:
-            batch.replies[i] = resp.error(f"CLUSTERDOWN vproxy: slot {slot} has no owner")
-            return
-        try:
-            lease = self._sconn(st, addr)
-        except BackendError as e:
-            batch.replies[i] = resp.error(str(e))
-            return
-        self._switch(st, lease)
-        lease.channel.send_raw(raw)
-
-    def _sunsubscribe(self, st, i: int, args: list, raw: bytes, batch: Batch) -> None:
-        names = args[1:] or list(self.schans)
-        if not names:  # none subscribed: the server's own answer (channel nil, count 0)
-            self._switch(st, st.lease)
-            return super().stream_dispatch(i, b"sunsubscribe", args, raw, batch)
-        groups: dict = {}
-        local = []
-        topo = self.app.router.topology
-        for c in names:
-            if c in self.schans:
-                addr = self.schans[c]
-                if addr is None:  # being re-subscribed: nothing to undo on a server
-                    local.append(c)
-                    continue
-            else:
-                addr = topo.owner(key_slot(c)) or st.lease.pool.addr
-            groups.setdefault(addr, []).append(c)
-        for addr, chans in groups.items():
-            try:
-                lease = self._sconn(st, addr)
-            except BackendError:
-                local += chans
-                continue
-            self._switch(st, lease)
-            for c in chans:
-                self.sunsub[c] = self.sunsub.get(c, 0) + 1
-            lease.channel.send_raw(resp.encode_request([b"SUNSUBSCRIBE", *chans]))
-        if self.slast is not None:
-            self._sync_stream(st, self.slast)
-        if local:
-            self.write(self._drop_locally(st, local))
-        if st.counts == [0, 0] and not self.schans:
-            self._end_stream(clean=True)
-
-    def _switch(self, st, lease) -> None:
-        """Replies come in request order: the previous connection's replies first."""
-        last = self.slast or st.lease
-        if last is not None and last is not lease and last.channel is not None and not last.channel.closed:
-            self._sync_stream(st, last)
-        self.slast = lease
-
-    def _wait_main(self, st) -> None:
-        """The stream's own connection was lost with only shard channels on it: wait for its successor."""
-        deadline = monotonic() + max(self.app.cfg.primary_wait, 1.0)
-        while self.stream is st and _dead(st.lease) and self.resubber is not None and monotonic() < deadline:
-            gevent.sleep(0.02)
-
-    def _sconn(self, st, addr):
-        """The stream's connection to node addr (opened if needed)."""
-        if not _dead(st.lease) and st.lease.pool.addr == addr:
-            return st.lease
-        lease = self.sconns.get(addr)
-        if lease is not None and not _dead(lease):
-            return lease
-        lease = self._stream_lease(addr)
-        if _dead(st.lease) and st.counts[0] == 0:  # it becomes the stream's own connection
-            old, st.lease = st.lease, lease
-            old.release(clean=False)
-            lease.channel.sink = self.on_stream
-        else:
-            self.sconns[addr] = lease
-            lease.channel.sink = lambda frames, lease=lease: self._on_shard_frames(lease, frames)
-        return lease
-
-    def _stream_lease(self, addr) -> Lease:
-        """A connection of the stream's own on node addr (never reused afterwards); BackendError if none."""
-        lease = Lease(self.app.router.pool(addr), self.key())
-        lease.dirty = True
-        return lease
+        self.shards.dispatch(st, i, name, args, raw, batch)
 
     def on_stream(self, frames) -> None:
         st = self.stream
         if st is None or st.kind != "sub":
             super().on_stream(frames)
             if frames is None and self.stream is None:
-                self._drop_shards()  # MONITOR: the other nodes' connections end with it
+                self.shards.drop()  # MONITOR: the other nodes' connections end with it
             return
-        self._on_shard_frames(st.lease, frames)
-
-    # ---- MONITOR: every primary's commands ----
+        self.shards.on_frames(st.lease, frames)
 
     def start_stream(self, i: int, kind: str, raw: bytes, batch: Batch) -> None:
-        """MONITOR runs on the stream's own connection and on one more per other primary; their
-        lines are merged as they come (each node's in its order). A node that cannot be reached, or
-        whose connection is lost, just shows nothing; the stream ends with its own connection."""
+        """MONITOR: every primary's commands (ShardPubSub.monitor)."""
         super().start_stream(i, kind, raw, batch)
         st = self.stream
         if kind != "monitor" or st is None:
             return
-        for addr in self.app.router.topology.primaries:
-            if addr == st.lease.pool.addr or addr in self.sconns:
-                continue
-            try:
-                lease = self._stream_lease(addr)
-            except BackendError:
-                continue
-            self.sconns[addr] = lease
-            lease.channel.sink = lambda frames, lease=lease, ack=[True]: self._on_monitor_frames(lease, frames, ack)
-            lease.channel.send_raw(raw)
-
-    def _on_monitor_frames(self, lease, frames, ack: list) -> None:
-        if self.stream is None:
-            return
-        if frames is None:
-            if self.sconns.get(lease.pool.addr) is lease:
-                del self.sconns[lease.pool.addr]
-            lease.release(clean=False)
-            return
-        if ack[0]:  # this node's +OK to MONITOR: vproxy's, the client has its one +OK already
-            ack[0] = False
-            frames = frames[1:]
-        if frames:
-            ClientSession.on_stream(self, frames)
-
-    def _on_shard_frames(self, lease, frames) -> None:
-        st = self.stream
-        if st is None:
-            return
-        if frames is None:
-            return self._conn_lost(st, lease)
-        addr = lease.pool.addr
-        out = []
-        for f in frames:
-            if f[:1] == b"-" and self.resub.get(addr) and f.startswith((b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN")):
-                self._resub_failed(addr, f)  # the answer to vproxy's own SSUBSCRIBE
-                continue
-            if f[:4] in (b"*3\r\n", b">3\r\n") and b"subscribe" in f[:24]:
-                v = resp.decode(f)
-                if isinstance(v, list) and len(v) == 3 and v[0] in (b"ssubscribe", b"sunsubscribe"):
-                    f = self._shard_reply(addr, v[0], v[1], f[:4])
-                    if f is None:
-                        continue
-                elif isinstance(v, list) and len(v) == 3 and v[0] in _MAIN_KINDS and lease is st.lease:
-                    if self.hide and v[0] in self.pubsub:  # the answer to vproxy's re-subscription
-                        self.hide -= 1
-                        continue
-                    kind = _MAIN_KINDS[v[0]]
-                    if kind == v[0]:
-                        self.pubsub[kind].add(v[1])
-                    else:
-                        self.pubsub[kind].discard(v[1])
-            out.append(f)
-        if out:
-            ClientSession.on_stream(self, out)
-
-    def _shard_reply(self, addr, kind: bytes, c, head: bytes) -> bytes | None:
-        """A server's ssubscribe/sunsubscribe: the client's count, or None to hide it."""
-        if kind == b"ssubscribe":
-            groups = self.resub.get(addr)
-            if groups and c in groups[0]:  # vproxy's re-subscription
-                groups[0].remove(c)
-                if not groups[0]:
-                    groups.pop(0)
-                return None
-            self.schans[c] = addr
-        elif c is not None and self.sunsub.get(c):  # the client asked
-            self.sunsub[c] -= 1
-            if not self.sunsub[c]:
-                del self.sunsub[c]
-            self.schans.pop(c, None)
-            self.lostfrom.pop(c, None)
-        elif c is not None:  # the server dropped it: the slot moved away
-            if self.schans.get(c) == addr and not any(c in g for g in self.resub.get(addr, ())):
-                self.schans[c] = None
-                self.lostfrom[c] = addr
-                self._kick()
-            return None
-        return head + resp.bulk(kind) + resp.value(c, self.proto) + resp.integer(len(self.schans))
-
-    def _resub_failed(self, addr, frame: bytes) -> None:
-        chans = self.resub[addr].pop(0)
-        for c in chans:
-            if self.schans.get(c) == addr:
-                self.schans[c] = None
-                self.lostfrom.setdefault(c, addr)
-        if frame.startswith(b"-MOVED ") and chans:
-            parts = frame[1:].split()
-            self.patch(int(parts[1]), _addr(parts[2]))
-        self._kick()
-
-    def _conn_lost(self, st, lease) -> None:
-        addr = lease.pool.addr
-        if lease is st.lease and st.counts[0] > 0:  # channels and patterns there too: subscribed again
-            self.main_lost, self.hide = addr, 0  # elsewhere (_resubscribe); hidden replies die with it
-        for c, a in self.schans.items():
-            if a == addr:
-                self.schans[c] = None
-                self.lostfrom[c] = addr
-        self.resub.pop(addr, None)
-        if lease is not st.lease:
-            if self.sconns.get(addr) is lease:
-                del self.sconns[addr]
-            lease.release(clean=False)
-        elif self.sconns:  # another node's connection becomes the stream's own
-            old, (_, st.lease) = st.lease, self.sconns.popitem()
-            st.lease.channel.sink = self.on_stream
-            old.release(clean=False)
-        if self.slast is lease:
-            self.slast = None
-        st.synced.set()  # a sync waiting on it ends
-        self.refresh()
-        self._kick()
-
-    def _kick(self) -> None:
-        if self.resubber is None and self.stream is not None:
-            self.resubber = gevent.spawn(self._resubscribe)
-
-    def _resubscribe(self) -> None:
-        """Send SSUBSCRIBE for the lost channels to their slots' new owners (primary_wait at most)."""
-        st = self.stream
-        wait = max(self.app.cfg.primary_wait, 1.0)
-        start = monotonic()
-        delay = 0.02
-        try:
-            while self.stream is st and st is not None:
-                lost = [c for c, a in self.schans.items() if a is None]
-                if not lost and self.main_lost is None:
-                    return
-                late = monotonic() - start
-                if late > 2 * wait:  # no owner to be found: the client gets the server's news after all
-                    if self.main_lost is not None:
-                        ClientSession.on_stream(self, None)  # "subscriptions ended, subscribe again"
-                        return self._drop_shards()
-                    return self._give_up(st, lost)
-                topo = self.app.router.topology
-                if self.main_lost is not None:
-                    self._resubscribe_main(st, topo, late > wait)
-                groups: dict = {}
-                for c in lost:
-                    addr = topo.owner(key_slot(c))
-                    if addr is not None and (addr != self.lostfrom.get(c) or late > wait):
-                        groups.setdefault(addr, []).append(c)
-                for addr, chans in groups.items():
-                    try:
-                        lease = self._sconn(st, addr)
-                    except BackendError:
-                        continue
-                    for c in chans:
-                        self.schans[c] = addr
-                        self.lostfrom.pop(c, None)
-                    self.resub.setdefault(addr, []).append(list(chans))
-                    lease.channel.send_raw(resp.encode_request([b"SSUBSCRIBE", *chans]))
-                if self.main_lost is not None or any(a is None for a in self.schans.values()):
-                    self.refresh()
-                    gevent.sleep(delay)
-                    delay = min(delay * 2, 0.2)
-        finally:
-            self.resubber = None
-            if self.stream is st and st is not None and (self.main_lost is not None
-                                                         or any(a is None for a in self.schans.values())):
-                self._kick()
-
-    def _resubscribe_main(self, st, topo, late: bool) -> None:
-        """SUBSCRIBE/PSUBSCRIBE the stream's channels and patterns again, on a new connection to a
-        primary (another than the lost node's, unless that one is all there is after primary_wait);
-        the confirmations are hidden. Messages published in between are lost."""
-        if _dead(st.lease):
-            addr = next((a for a in topo.primaries if a != self.main_lost), None)
-            if addr is None and late:
-                addr = topo.primary
-            if addr is None:
-                return
-            try:
-                lease = self._stream_lease(addr)
-            except BackendError:
-                return
-            old, st.lease = st.lease, lease
-            lease.channel.sink = self.on_stream
-            if old is not None:
-                old.release(clean=False)
-        raw = b""
-        for kind, names in self.pubsub.items():
-            if names:
-                raw += resp.encode_request([kind.upper(), *names])
-                self.hide += len(names)
-        self.main_lost = None
-        if raw:
-            st.lease.channel.send_raw(raw)
-
-    def _drop_locally(self, st, names: list) -> bytes:
-        """Forget shard channels no server holds for the client; the sunsubscribe replies it is owed."""
-        head = b">3\r\n" if self.proto == 3 else b"*3\r\n"
-        out = []
-        for c in names:
-            self.schans.pop(c, None)
-            self.lostfrom.pop(c, None)
-            out.append(head + resp.bulk(b"sunsubscribe") + resp.bulk(c) + resp.integer(len(self.schans)))
-        st.counts[1] = len(self.schans)
-        return b"".join(out)
-
-    def _give_up(self, st, lost: list) -> None:
-        out = [self._drop_locally(st, lost)]
-        if _dead(st.lease):
-            out.append(resp.error(E.backend_unavailable(st.lease.pool.name, "connection lost; "
-                                                        "subscriptions ended, subscribe again")))
-        self.write(b"".join(out))
-
-    def _drop_shards(self) -> None:
-        sconns, self.sconns = self.sconns, {}
-        for lease in sconns.values():
-            if lease.channel is not None:
-                lease.channel.sink = None
-            lease.release(clean=False)
-        self.schans, self.resub, self.lostfrom, self.sunsub, self.slast = {}, {}, {}, {}, None
-        self.pubsub, self.main_lost, self.hide = {b"subscribe": set(), b"psubscribe": set()}, None, 0
-        if self.resubber is not None and self.resubber is not gevent.getcurrent():
-            self.resubber.kill(block=False)
-        self.resubber = None
+        self.shards.monitor(st, raw)
 
     def _end_stream(self, clean: bool = False) -> None:
         super()._end_stream(clean)
-        self._drop_shards()
-
-
-_MAIN_KINDS = {b"subscribe": b"subscribe", b"unsubscribe": b"subscribe",
-               b"psubscribe": b"psubscribe", b"punsubscribe": b"psubscribe"}
-
-
-def _dead(lease) -> bool:
-    return lease is None or lease.channel is None or lease.channel.closed
-
-
-def _script_of(sub: Sub) -> bytes | None:
-    """The body of the script an EVALSHA names, if vproxy saw it loaded."""
-    if sub.name not in (b"evalsha", b"evalsha_ro"):
-        return None
-    parts = sub.raw.split(b"\r\n", 5)
-    return keyless.SCRIPTS.get(parts[4].lower()) if len(parts) > 5 else None
-
+        self.shards.drop()
 
 _SINGLE: dict = {}  # Command -> position of its only key (0: not a single-key command)
 
@@ -927,13 +359,8 @@ def _fast_key(table, name: bytes, nargs: int) -> int:
     return pos
 
 
-def _addr(text: bytes) -> tuple[str, int]:
-    host, _, port = text.decode().rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port.split("@")[0])
-
-
 # Requests the cluster session answers before (or instead of) the standalone dispatch.
-PRE = {**keyless.PRE, **transaction.PRE, b"select": namespaces.select}
+PRE = {**keyless.PRE, **transaction.PRE, b"select": namespaces.select, b"ssubscribe": shard_pubsub.ssubscribe}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}
 
 if TWIN is not None:  # the compiled twin of forward_plain (vproxy/_plain.pyx, chosen in outbox.py)

@@ -26,13 +26,12 @@ from ..errors import BackendError
 from ..local import LOCAL, _apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
+from .redirects import ASKING, REDIRECT, node_addr
 
 MULTI = resp.encode_request([b"MULTI"])
 EXEC = resp.encode_request([b"EXEC"])
 UNWATCH = resp.encode_request([b"UNWATCH"])
-ASKING = resp.encode_request([b"ASKING"])
 EXECABORT = resp.error("EXECABORT Transaction discarded because of previous errors.")
-_REDIRECT = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
 
 
 def other_slot(pin) -> str:
@@ -140,7 +139,7 @@ def run(s, queued: list, slot: int) -> bytes:
     while True:
         frames, unsent = _send(s, queued, slot, addr, asking, own)
         # may run again: the cluster said "not here / not now", or EXEC never reached a server
-        bad = next((f for f in frames if f.startswith(_REDIRECT)), frames[-1] if unsent else None)
+        bad = next((f for f in frames if f.startswith(REDIRECT)), frames[-1] if unsent else None)
         if bad is None or monotonic() >= deadline:
             return frames[-1]
         if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
@@ -148,7 +147,7 @@ def run(s, queued: list, slot: int) -> bytes:
         addr, asking = None, False
         if bad.startswith((b"-MOVED ", b"-ASK ")):
             parts = bad[1:].split()
-            addr, asking = _addr(parts[2]), bad.startswith(b"-ASK ")
+            addr, asking = node_addr(parts[2]), bad.startswith(b"-ASK ")
             if not asking:
                 s.patch(int(parts[1]), addr)
         else:
@@ -191,11 +190,6 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
         if lease is not None:
             lease.release(clean=False)
     return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
-
-
-def _addr(text: bytes) -> tuple[str, int]:
-    host, _, port = text.decode().rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port.split("@")[0])
 
 
 def forget(s) -> None:
