@@ -12,7 +12,7 @@ from loguru import logger
 from . import client, tls
 from .audit import Audit
 from .cmdstats import CommandStats
-from .commands import CommandTable
+from .commands import USERS_LOCAL, CommandTable
 from .config import Config, parse_addr
 from .embedded import EmbeddedValkey
 from .errors import BackendError, ConfigError
@@ -79,7 +79,8 @@ class App:
             self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
-            from .cluster.session import ClusterSession
+            from .cluster.session import PRE, ClusterSession
+            self.commands.set_session_first(frozenset(PRE))
             self.listener.session_class = ClusterSession
         elif self.router.ha:
             from .client import HASession
@@ -94,7 +95,7 @@ class App:
         cfg = self.cfg
         self.commands.narrowed.clear()  # the old users' caches
         self.gate = Gate(cfg) if cfg.users else None
-        self.commands.set_local(frozenset([b"acl"]) if self.gate is not None else frozenset())
+        self.commands.set_local(USERS_LOCAL if self.gate is not None else frozenset())
         for s in list(self.clients.values()):
             old = getattr(s, "proxy_user", None)
             if self.gate is None:

@@ -16,11 +16,11 @@ and resends go out in their original order after everything before them has answ
 
 from __future__ import annotations
 
-from .. import commands as C
 from .. import resp
 from ..client import ClientSession
 from ..errors import BackendError
-from ..keyspec import CONTAINER_KEY, key_positions
+from ..commands import CommandTable
+from ..keyspec import key_positions
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
 from ..outbox import TWIN
@@ -68,7 +68,7 @@ class ClusterSession(Redirects, ClientSession):
                 and self.stream is None and not self.in_multi:
             # the common case in one place: a one-key command for the primary, whose channel this
             # session already holds (what dispatch -> forward -> route -> send would do, minus the calls)
-            pos = _fast_key(self.app.commands, name, len(args))
+            pos = self.app.commands.fast_key(name, len(args))
             if pos:
                 slot = key_slot(args[pos])
                 addr = self.app.router.topology.owner(slot)
@@ -118,7 +118,7 @@ class ClusterSession(Redirects, ClientSession):
         for k, req in enumerate(reqs):
             args, raw = req
             name = args[0].lower()
-            pos = _fast_key(table, name, len(args))
+            pos = table.fast_key(name, len(args))
             if not pos or (forwards is not None and not forwards(name, len(args))):
                 return k
             slot = key_slot(args[pos])
@@ -136,11 +136,11 @@ class ClusterSession(Redirects, ClientSession):
 
     def slots_of(self, name: bytes, args: list) -> set | None:
         """The slots of a request's keys (empty: keyless); None when its keys cannot be known."""
-        cmd = self.app.commands.get(name)
-        one = _single_key(cmd, name)
+        table = self.app.commands
+        one = table.single_key(name)
         if one and one < len(args):  # the common case: one key at a fixed place
             return {key_slot(args[one])}
-        pos = key_positions(cmd, name, args)
+        pos = key_positions(table.get(name), name, args)
         if pos is None:  # the server knows; if it cannot say either, any node answers with its error
             keys = self.getkeys(args)
             return set() if keys is None else {key_slot(k) for k in keys}
@@ -328,41 +328,11 @@ class ClusterSession(Redirects, ClientSession):
         super()._end_stream(clean)
         self.shards.drop()
 
-_SINGLE: dict = {}  # Command -> position of its only key (0: not a single-key command)
-
-
-def _single_key(cmd, name: bytes) -> int:
-    if cmd is None:
-        return 0
-    pos = _SINGLE.get(id(cmd))
-    if pos is None or pos[0] is not cmd:
-        ok = cmd.first_key > 0 and cmd.first_key == cmd.last_key and "movablekeys" not in cmd.flags \
-            and name not in CONTAINER_KEY
-        pos = _SINGLE[id(cmd)] = (cmd, cmd.first_key if ok else 0)
-    return pos[1]
-
-
-def _fast_key(table, name: bytes, nargs: int) -> int:
-    """The key position of a plain one-key command (forwarded, right arity, nothing special in
-    cluster mode) with nargs arguments; 0 when dispatch must take the long way."""
-    spec = table.derived.get(name)
-    if spec is None:
-        cmd = table.get(name)
-        arity, policy = table.lookup(name)
-        pos = _single_key(cmd, name) if policy is C.FORWARD and name not in PRE else 0
-        spec = (pos, arity)
-        if cmd is not None or len(table.derived) < C.NAME_CACHE:
-            table.derived[name] = spec
-    pos, arity = spec
-    if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
-        return 0
-    return pos
-
-
-# Requests the cluster session answers before (or instead of) the standalone dispatch.
+# Requests the cluster session answers before (or instead of) the standalone dispatch (app.py tells the
+# command table: CommandTable.session_first, never fast keys).
 PRE = {**keyless.PRE, **transaction.PRE, b"select": namespaces.select, b"ssubscribe": shard_pubsub.ssubscribe}
 IN_MULTI = frozenset(PRE) - {b"exec", b"discard", b"reset", b"multi", b"select"}
 
 if TWIN is not None:  # the compiled twin of forward_plain (vproxy/_plain.pyx, chosen in outbox.py)
-    TWIN.bind(fast_key_of=_fast_key)
+    TWIN.bind(fast_key_of=CommandTable.fast_key)  # (table, name, nargs), on a miss of table.derived
     ClusterSession.forward_plain = TWIN.forward_plain_cluster

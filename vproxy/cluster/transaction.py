@@ -21,7 +21,8 @@ from time import monotonic
 import gevent
 
 from .. import resp
-from ..client import _STATEFUL, AUTH_IN_MULTI
+from ..client import AUTH_IN_MULTI
+from ..commands import STATEFUL
 from ..errors import BackendError
 from ..local import LOCAL, _apply_select
 from ..mux.channel import Batch, deadline_after
@@ -135,7 +136,7 @@ def run(s, queued: list, slot: int) -> bytes:
     """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
     cfg = s.app.cfg
     deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
-    own = any(name in _STATEFUL for name, _ in queued)
+    own = any(name in STATEFUL for name, _ in queued)
     while True:
         frames, unsent = _send(s, queued, slot, addr, asking, own)
         # may run again: the cluster said "not here / not now", or EXEC never reached a server
