@@ -4,7 +4,12 @@ knows every command vproxy splits, routes by keys or handles by name."""
 from __future__ import annotations
 
 
-from vproxy import algebra, builtin_commands, dbns, fanout, keyspec, split, txn
+from vproxy import builtin_commands, keyspec
+from vproxy.cluster import keyless as fanout
+from vproxy.cluster import multikey as split
+from vproxy.cluster import namespaces as dbns
+from vproxy.cluster import setops as algebra
+from vproxy.cluster import transaction as txn
 from vproxy import commands as C
 
 

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The compiled twin of the plain path's per-request code (the Python references: outbox.Outbox,
-plain.PlainPath.forward_plain, csession.ClusterSession.forward_plain and mux.channel.Channel._deliver).
+plain.PlainPath.forward_plain, cluster.session.ClusterSession.forward_plain and mux.channel.Channel._deliver).
 
 What the twins save is the interpreter's work per request: the outbox is a cdef class whose
 counters are C integers, and the loops over a read's requests and a read's replies run in C, with
@@ -18,7 +18,7 @@ import gevent
 from gevent.hub import Waiter, get_hub, getcurrent
 
 # set by the modules whose names these are (bind): mux.channel's hold-mode list and the callback
-# that pushes it, its error class and error text; csession's _fast_key and slots.key_slot
+# that pushes it, its error class and error text; CommandTable.fast_key and slots.key_slot
 cdef list _touched = None
 cdef object _push_touched = None
 cdef object BackendError = None
@@ -502,8 +502,8 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
             nargs = PyList_GET_SIZE(args)
             found = PyDict_GetItem(specs, args[0])
             name = (<tuple>found if found is not NULL else table.plain_spec(args[0]))[0]
-            found = PyDict_GetItem(derived, name)  # _fast_key's cache: (key position, arity)
-            if found is NULL:  # not cached (a bounded cache): _fast_key decides, arity included
+            found = PyDict_GetItem(derived, name)  # CommandTable.fast_key's cache: (key position, arity)
+            if found is NULL:  # not cached (a bounded cache): fast_key decides, arity included
                 pos = fast_key(table, name, nargs)
                 if not pos:
                     break

@@ -12,7 +12,7 @@ from loguru import logger
 from . import client, hostport, tls
 from .audit import Audit
 from .cmdstats import CommandStats
-from .commands import CommandTable
+from .commands import USERS_LOCAL, CommandTable
 from .config import Config
 from .embedded import EmbeddedValkey
 from .errors import BackendError, ConfigError
@@ -80,7 +80,8 @@ class App:
             self.audit.start()
         self.monitor = _monitor_for(cfg.mode)(self)
         if cfg.mode == "cluster":
-            from .csession import ClusterSession
+            from .cluster.session import PRE, ClusterSession
+            self.commands.set_session_first(frozenset(PRE))
             self.listener.session_class = ClusterSession
         elif self.router.ha:
             from .client import HASession
@@ -95,7 +96,7 @@ class App:
         cfg = self.cfg
         self.commands.narrowed.clear()  # the old users' caches
         self.gate = Gate(cfg) if cfg.users else None
-        self.commands.set_local(frozenset([b"acl"]) if self.gate is not None else frozenset())
+        self.commands.set_local(USERS_LOCAL if self.gate is not None else frozenset())
         for s in list(self.clients.values()):
             old = getattr(s, "proxy_user", None)
             if self.gate is None:
@@ -227,7 +228,7 @@ class App:
                     self.server_info.get("version"), self._databases_said())
 
     def _databases_said(self) -> str:
-        """How many databases clients can SELECT, and who provides them (see dbns.py for a cluster)."""
+        """How many databases clients can SELECT, and who provides them (see cluster/namespaces.py for a cluster)."""
         if self.cfg.mode != "cluster":
             return f"{self.databases} databases"
         native = getattr(self.router.topology, "databases", 1)

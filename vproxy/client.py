@@ -60,10 +60,8 @@ _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b
 # shared connection.
 WINDOW_BYTES = 4 << 20  # the reply bytes one window should hold: a window of big replies shrinks
 WRITE_CHUNK = 256 << 10  # replies are joined into writes up to this size
-# Commands that change a connection's state: forwarded on a lease, they make it dirty.
 # AUTH inside MULTI when vproxy checks the credentials itself (a proxy password or users): refused
 AUTH_IN_MULTI = "ERR vproxy: AUTH inside MULTI is not supported when vproxy checks the passwords; AUTH before MULTI"
-_STATEFUL = {b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"}
 
 
 class Stream:
@@ -491,7 +489,7 @@ class ClientSession(PlainPath, Audited):
         """refuse() inside MULTI: as when the server refuses a request at queue time, EXEC then
         aborts the transaction (-EXECABORT)."""
         self.refuse(batch, i, msg)
-        self.multi_failed = True  # cluster: txn.exec_ answers EXECABORT
+        self.multi_failed = True  # cluster: cluster/transaction.exec_ answers EXECABORT
         lease = self.lease
         if lease is not None and not lease.ending and lease.channel is not None:
             # standalone: a request the server refuses at queue time flags its transaction (reply dropped)
@@ -598,7 +596,7 @@ class ClientSession(PlainPath, Audited):
             return
         if self.proxy_auth(name, args):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
-        if name in _STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
+        if name in C.STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
                 self.multi_select = self._db_arg(args[1])
@@ -665,7 +663,7 @@ class ClientSession(PlainPath, Audited):
                 self._sync_stream(st)
             self._end_stream()
             return LOCAL[name](self, i, args, raw, batch)
-        if name in _STATEFUL:
+        if name in C.STATEFUL:
             st.lease.dirty = True
             if st.kind == "sub" and self.proto == 2:
                 pass  # RESP2 pub/sub: the server refuses SELECT and HELLO

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import builtin_commands
+from .keyspec import CONTAINER_KEY
 
 # How vproxy runs a command (the `policy` of a Command):
 FORWARD = "forward"  # any shared connection of the client's (db, protocol)
@@ -20,10 +21,14 @@ STREAM = "stream"  # leased connection whose replies are streamed (pub/sub, MONI
 SIDE = "side"  # a connection of its own, out of the client's order (SCRIPT KILL while a script runs: mux/busy.py)
 REFUSE = "refuse"  # would break the proxy: answered with -ERR
 
+# Answered by vproxy from the session state it tracks: local.LOCAL holds a handler for each of these,
+# and for USERS_LOCAL, answered by vproxy only while users are at the proxy (gate.py; else forwarded).
+LOCAL_NAMES = frozenset([b"quit", b"reset", b"hello", b"auth", b"select", b"client",
+                         b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
+                         b"exec", b"discard", b"unwatch", b"config"])
+USERS_LOCAL = frozenset([b"acl"])
 POLICY: dict[bytes, str] = {
-    **dict.fromkeys([b"quit", b"reset", b"hello", b"auth", b"select", b"client",
-                     b"proxy", b"info", b"unsubscribe", b"punsubscribe", b"sunsubscribe",
-                     b"exec", b"discard", b"unwatch", b"config"], LOCAL),
+    **dict.fromkeys(LOCAL_NAMES, LOCAL),
     **dict.fromkeys([b"multi", b"watch"], PIN),
     **dict.fromkeys([b"subscribe", b"psubscribe", b"ssubscribe", b"monitor"], STREAM),
     **dict.fromkeys([b"blpop", b"brpop", b"brpoplpush", b"blmove", b"blmpop", b"bzpopmin",
@@ -42,6 +47,9 @@ _SIDE_CONTAINERS = {c for c, _ in SIDE_SUBCOMMANDS}
 # Commands that block only when an option says so.
 BLOCK_OPTION = {b"xread": b"block", b"xreadgroup": b"block"}
 BY_ARGS = _BY_ARGS = "by-args"  # policy depends on the arguments
+# Commands that change a connection's state: forwarded on a lease, they make it dirty (and a cluster
+# transaction holding one runs on a connection of its own).
+STATEFUL = frozenset([b"select", b"hello", b"client", b"readonly", b"readwrite", b"auth", b"reset"])
 
 
 @dataclass(slots=True)
@@ -78,7 +86,11 @@ class CommandTable:
         self.learned = False
         self._policies: dict[bytes, str] = {}  # name -> policy, for names whose args don't matter
         self._specs: dict[bytes, tuple[int, str]] = {}  # name -> (arity, policy): one lookup per request
-        self.derived: dict = {}  # other modules' per-name facts derived from the table (emptied by learn)
+        # name -> (position of its only key or 0, arity): fast_key's cache (the compiled cluster
+        # path, _plain.pyx, reads it too); emptied whenever a policy may change
+        self.derived: dict = {}
+        self._single: dict[bytes, int] = {}  # name -> position of its only key, 0 if not so (single_key)
+        self.session_first: frozenset = frozenset()  # names the mode's session answers before the policy
         self.audit_plans: dict = {}  # name as sent -> what recording it takes (audit.Audit.plan)
         # a request's name as the client spelled it -> (lower-case name, arity, may take the plain
         # path): the plain path's one dict lookup per request (plain_spec)
@@ -104,6 +116,7 @@ class CommandTable:
             self._policies.clear()
             self._specs.clear()
             self.derived.clear()
+            self._single.clear()
             self.audit_plans.clear()
             self.learned = True
             self.select_audit(self.audit_select)
@@ -118,6 +131,43 @@ class CommandTable:
             if cmd is not None or len(self._specs) < NAME_CACHE:
                 self._specs[name] = spec
         return spec
+
+    def single_key(self, name: bytes) -> int:
+        """The position of a command's only key when it has one at a fixed place (GET k, HSET k f v:
+        1); 0 when it has none, several, movable ones, or a key only with some subcommands."""
+        pos = self._single.get(name)
+        if pos is None:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                return 0
+            ok = cmd.first_key > 0 and cmd.first_key == cmd.last_key and "movablekeys" not in cmd.flags \
+                and name not in CONTAINER_KEY
+            pos = self._single[name] = cmd.first_key if ok else 0
+        return pos
+
+    def fast_key(self, name: bytes, nargs: int) -> int:
+        """The key position of a plain one-key command (forwarded, right arity, not one the session
+        answers first: session_first) with nargs arguments; 0 when dispatch must take the long way.
+        Cached in `derived`, which the compiled cluster path (_plain.pyx) reads before calling this."""
+        spec = self.derived.get(name)
+        if spec is None:
+            cmd = self.commands.get(name)
+            arity, policy = self.lookup(name)
+            pos = self.single_key(name) if policy is FORWARD and name not in self.session_first else 0
+            spec = (pos, arity)
+            if cmd is not None or len(self.derived) < NAME_CACHE:
+                self.derived[name] = spec
+        pos, arity = spec
+        if not pos or pos >= nargs or (nargs != arity if arity > 0 else nargs < -arity):
+            return 0
+        return pos
+
+    def set_session_first(self, names: frozenset) -> None:
+        """Names the mode's session answers itself before the policy (cluster: fan-outs, transactions,
+        SELECT, SSUBSCRIBE): never a fast key."""
+        if names != self.session_first:
+            self.session_first = names
+            self.derived.clear()
 
     def forwards(self, name: bytes, nargs: int) -> bool:
         """A plain forward (policy FORWARD) with an arity the server accepts: what the plain path

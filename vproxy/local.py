@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 
 from . import admin, resp
+from . import commands as C
 from . import errors as E
 from .gate import acl_command, bind, hide_config_secrets
 from .users import backend_auth, switch
@@ -379,9 +380,13 @@ def config(s, i, args, raw, batch):
     s.forward(i, raw, batch)
 
 
+# The handler of each command vproxy answers: the command table declares which those are
+# (commands.LOCAL_NAMES, and USERS_LOCAL while users are at the proxy); this maps them to code.
 LOCAL = {
     b"quit": quit_, b"reset": reset, b"hello": hello, b"auth": auth,
     b"select": select, b"info": info, b"exec": exec_, b"discard": exec_, b"unwatch": unwatch,
     b"unsubscribe": unsubscribe, b"punsubscribe": unsubscribe, b"sunsubscribe": unsubscribe,
     b"client": client, b"proxy": proxy, b"config": config, b"acl": acl_command,
 }
+if LOCAL.keys() != C.LOCAL_NAMES | C.USERS_LOCAL:  # a handler for each declared name, and no other
+    raise ImportError("local.LOCAL and commands.LOCAL_NAMES name different commands")

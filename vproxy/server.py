@@ -27,7 +27,7 @@ class Listener:
         cfg = app.cfg
         # workers (workers.py) share the client ports: the kernel spreads connections over them
         reuse = cfg.worker_index >= 0 and address is None
-        self.session_class = ClientSession  # cluster: csession.ClusterSession; HA: client.HASession
+        self.session_class = ClientSession  # cluster: cluster.session.ClusterSession; HA: client.HASession
         self.peers_only = address is not None  # the fleet's peer listener: its sessions are not clients
         # first: a bad certificate fails the start (the peer listener is plain)
         self.tls_context = tls.server_context(cfg) if address is None else None

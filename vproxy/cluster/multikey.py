@@ -2,7 +2,7 @@
 
     MGET / MSET / DEL / UNLINK / EXISTS / TOUCH      -> one sub-request per slot, merged as they answer
     SUNION/SINTER/SDIFF[STORE], SINTERCARD, SMOVE,
-    ZUNION/ZINTER/ZDIFF[STORE]                       -> see algebra.py (read, compute here, store)
+    ZUNION/ZINTER/ZDIFF[STORE]                       -> see setops.py (read, compute here, store)
     MSETNX, RENAME[NX], COPY, LMOVE, RPOPLPUSH ...   -> CROSSSLOT with the reason (not atomic across nodes)
 
 A sub-request that fails makes the whole reply an error (the first one), never half an answer.
@@ -11,8 +11,9 @@ Handlers are fn(session, idx, args, batch); session.op(batch, idx, parts, merge)
 
 from __future__ import annotations
 
-from . import algebra, resp
-from .slots import key_slot
+from .. import resp
+from ..slots import key_slot
+from . import setops
 
 WHY = {
     b"msetnx": "MSETNX must set all keys or none, which nodes cannot do together",
@@ -74,5 +75,5 @@ def count(s, i, args, batch):
 
 SPLIT = {
     b"mget": mget, b"mset": mset, b"del": count, b"unlink": count, b"exists": count, b"touch": count,
-    **algebra.SPLIT,
+    **setops.SPLIT,
 }

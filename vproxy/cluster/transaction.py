@@ -20,19 +20,19 @@ from time import monotonic
 
 import gevent
 
-from . import resp
-from .client import _STATEFUL, AUTH_IN_MULTI
-from .errors import BackendError
-from .local import LOCAL, _apply_select
-from .mux.channel import Batch, deadline_after
-from .mux.lease import Lease
+from .. import hostport, resp
+from ..client import AUTH_IN_MULTI
+from ..commands import STATEFUL
+from ..errors import BackendError
+from ..local import LOCAL, _apply_select
+from ..mux.channel import Batch, deadline_after
+from ..mux.lease import Lease
+from .redirects import ASKING, REDIRECT
 
 MULTI = resp.encode_request([b"MULTI"])
 EXEC = resp.encode_request([b"EXEC"])
 UNWATCH = resp.encode_request([b"UNWATCH"])
-ASKING = resp.encode_request([b"ASKING"])
 EXECABORT = resp.error("EXECABORT Transaction discarded because of previous errors.")
-_REDIRECT = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-MASTERDOWN", b"-READONLY")
 
 
 def other_slot(pin) -> str:
@@ -136,11 +136,11 @@ def run(s, queued: list, slot: int) -> bytes:
     """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
     cfg = s.app.cfg
     deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
-    own = any(name in _STATEFUL for name, _ in queued)
+    own = any(name in STATEFUL for name, _ in queued)
     while True:
         frames, unsent = _send(s, queued, slot, addr, asking, own)
         # may run again: the cluster said "not here / not now", or EXEC never reached a server
-        bad = next((f for f in frames if f.startswith(_REDIRECT)), frames[-1] if unsent else None)
+        bad = next((f for f in frames if f.startswith(REDIRECT)), frames[-1] if unsent else None)
         if bad is None or monotonic() >= deadline:
             return frames[-1]
         if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
@@ -148,7 +148,7 @@ def run(s, queued: list, slot: int) -> bytes:
         addr, asking = None, False
         if bad.startswith((b"-MOVED ", b"-ASK ")):
             parts = bad[1:].split()
-            addr, asking = _addr(parts[2]), bad.startswith(b"-ASK ")
+            addr, asking = hostport.parse_node(parts[2]), bad.startswith(b"-ASK ")
             if not asking:
                 s.patch(int(parts[1]), addr)
         else:
@@ -191,11 +191,6 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
         if lease is not None:
             lease.release(clean=False)
     return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
-
-
-def _addr(text: bytes) -> tuple[str, int]:
-    host, _, port = text.decode().rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port.split("@")[0])
 
 
 def forget(s) -> None:

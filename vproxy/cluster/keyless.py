@@ -15,12 +15,13 @@ import hashlib
 import random
 from binascii import hexlify
 
-from . import admin, dbns, resp
-from . import errors as E
-from .client import ClientSession
-from .gate import hide_config_secrets
-from .local import append_proxy_sections
-from .slots import key_slot
+from .. import admin, resp
+from .. import errors as E
+from ..client import ClientSession
+from ..gate import hide_config_secrets
+from ..local import append_proxy_sections
+from ..slots import key_slot
+from . import namespaces
 
 SCRIPTS: dict[bytes, bytes] = {}  # sha1 -> body of scripts loaded through SCRIPT LOAD (NOSCRIPT repair)
 MAX_SCRIPTS = 10000
@@ -86,33 +87,33 @@ def min_int(frames):
 # ---- handlers: fn(session, idx, args, raw, batch) ----
 
 def keys(s, i, args, raw, batch):
-    if not dbns.emulated(s):
+    if not namespaces.emulated(s):
         return fan(s, i, args, batch, concat)
     if s.ns:
         args = [args[0], s.ns + args[1]]
-    fan(s, i, args, batch, dbns.keys_merge(s, concat))
+    fan(s, i, args, batch, namespaces.keys_merge(s, concat))
 
 
 def dbsize(s, i, args, raw, batch):
     if s.ns:
-        return dbns.dbsize(s, i, args, raw, batch)
+        return namespaces.dbsize(s, i, args, raw, batch)
     fan(s, i, args, batch, sum_ints)
 
 
 def all_ok(s, i, args, raw, batch):
     if s.ns and args[0].lower() == b"flushdb":
-        return dbns.flushdb(s, i, args, raw, batch)
+        return namespaces.flushdb(s, i, args, raw, batch)
     fan(s, i, args, batch, first)
 
 
 def randomkey(s, i, args, raw, batch):
     if s.ns:
-        return dbns.randomkey(s, i, args, raw, batch)
-    hide = dbns.emulated(s)  # db 0 beside emulated databases: skip their namespaces
+        return namespaces.randomkey(s, i, args, raw, batch)
+    hide = namespaces.emulated(s)  # db 0 beside emulated databases: skip their namespaces
 
     def merge(frames):
         found = [f for f in frames if f[:2] not in (b"$-", b"_\r")
-                 and not (hide and f.split(b"\r\n", 2)[1].startswith(dbns.NS))]
+                 and not (hide and f.split(b"\r\n", 2)[1].startswith(namespaces.NS))]
         return random.choice(found) if found else frames[0]
     fan(s, i, args, batch, merge)
 
@@ -131,15 +132,15 @@ def scan(s, i, args, raw, batch):
         batch.replies[i] = b"*2\r\n$1\r\n0\r\n*0\r\n"
         return
 
-    emulated = dbns.emulated(s)
+    emulated = namespaces.emulated(s)
     if emulated:
-        args = dbns.scan_args(s, args)
+        args = namespaces.scan_args(s, args)
 
     def merge(frames):
         nxt, found = resp.decode(frames[0])
         nxt = int(nxt)
         if emulated:
-            found = dbns.scan_names(s, found)
+            found = namespaces.scan_names(s, found)
         if nxt:
             out = nxt << NODE_BITS | node
         else:
@@ -228,18 +229,6 @@ def wait(s, i, args, raw, batch):
 
 def ok(s, i, args, raw, batch):
     batch.replies[i] = resp.OK
-
-
-def ssubscribe(s, i, args, raw, batch):
-    slots = {key_slot(c) for c in args[1:]}
-    if len(slots) > 1:
-        batch.replies[i] = resp.error("CROSSSLOT Keys in request don't hash to the same slot")
-        return
-    s.lease_addr = s.app.router.topology.owner(slots.pop())
-    try:
-        ClientSession.dispatch(s, i, args, raw, batch, True)
-    finally:
-        s.lease_addr = None
 
 
 # ---- INFO: one node's text, keyspace summed, a '# Cluster' summary ----
@@ -407,6 +396,6 @@ CLUSTER = {
 PRE = {
     b"keys": keys, b"dbsize": dbsize, b"flushall": all_ok, b"flushdb": all_ok, b"randomkey": randomkey,
     b"scan": scan, b"script": script, b"function": function, b"config": config, b"wait": wait, b"slowlog": slowlog,
-    b"readonly": ok, b"readwrite": ok, b"ssubscribe": ssubscribe, b"info": info, b"cluster": cluster,
+    b"readonly": ok, b"readwrite": ok, b"info": info, b"cluster": cluster,
 }
 KEYLESS: dict = {}

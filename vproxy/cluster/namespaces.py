@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import random
 
-from . import resp
-from .keyspec import key_positions
-from .local import LOCAL, db_index
-from .slots import key_slot
+from .. import resp
+from ..keyspec import key_positions
+from ..local import LOCAL, db_index
+from ..slots import key_slot
 
 NS = b"__vdb"
 SCAN_COUNT = b"1000"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
-from . import resp
-from .slots import key_slot
+from .. import resp
+from ..slots import key_slot
 
 CHUNK = 4000  # arguments per SADD/ZADD inside the store script (Lua's unpack limit is ~8000)
 STORE_SET = (b"redis.call('DEL', KEYS[1]) for i = 1, #ARGV, %d do redis.call('SADD', KEYS[1], "
