@@ -73,8 +73,10 @@ def test_nodes_find_each_other_and_answer_for_all(server):
             b.proc.send_signal(signal.SIGCONT)
         # a node that dies leaves the view within three heartbeat intervals
         os.kill(b.proc.pid, signal.SIGKILL)
-        wait_for(lambda: len(nodes(ca)) == 1, timeout=5, what="the dead node to leave")
-        assert ca.info("proxy")["fleet_nodes"] == 1
+        # (both views: a heartbeat the node sent just before it died may still be read after the
+        # first look dropped it, and count it once more until it ages out too)
+        wait_for(lambda: len(nodes(ca)) == 1 and ca.info("proxy")["fleet_nodes"] == 1, timeout=5,
+                 what="the dead node to leave")
     finally:
         a.stop()
         b.stop()
