@@ -263,6 +263,33 @@ def test_rotation_and_retention_by_age(audited, valkey):
     r.close()
 
 
+def test_a_compression_cut_short_by_a_crash_is_done_again_and_loses_nothing(audited, valkey):
+    """Rotated files are compressed by a child process at idle priority; a crash (or kill) in the
+    middle leaves a .tmp the reader skips and the original file, which the next writer compresses."""
+    p = audited("--audit-commands", "write", "--audit-rotation", "4 KB")
+    r = p.client()
+    for i in range(100):
+        r.set(f"cut:{i:03d}", "v")
+    wait_for(lambda: any(n.endswith(".jsonl.gz") for n in os.listdir(p.dir)), what="a compressed rotated file")
+    p.stop()
+    gz = sorted(n for n in os.listdir(p.dir) if n.endswith(".jsonl.gz"))[0]
+    with gzip.open(p.dir / gz) as f:
+        body = f.read()
+    os.unlink(p.dir / gz)  # as if the compression of that file had been killed half-way:
+    (p.dir / gz[:-3]).write_bytes(body)  # the original still there,
+    (p.dir / f"{gz}.4242.tmp").write_bytes(gzip.compress(body)[:50])  # its .gz half-written
+    assert [x["keys"][0] for x in query(p.dir)] == [f"cut:{i:03d}" for i in range(100)]  # the .tmp skipped
+
+    p2 = audited("--audit-commands", "write", "--audit-rotation", "4 KB", sub="audit")
+    p2.client().set("cut:100", "v")
+    wait_for(lambda: records_written(p2) >= 1, what="a record after the restart")
+    wait_for(lambda: sorted(n for n in os.listdir(p.dir) if gz[:-3] in n) == [gz], what="the file compressed again")
+    with gzip.open(p.dir / gz) as f:
+        assert f.read() == body
+    assert [x["keys"][0] for x in query(p.dir)] == [f"cut:{i:03d}" for i in range(101)]
+    r.close()
+
+
 def test_truncated_last_line_is_skipped_with_a_warning(audited, valkey):
     p = audited("--audit-commands", "write")
     r = p.client()
