@@ -40,15 +40,16 @@ cdef inline double now_wall() noexcept:
 
 
 # set by audit.py (bind): the functions and constants the twin shares with the reference
-cdef object who_of = None, error_code = None, Entry = None
+cdef object who_of = None, error_code = None, Entry = None, keys_in = None
 cdef object OK = 0, ERROR = 1
 cdef Py_ssize_t FLUSH_AT = 2048
 DEF NOTED = 9  # a record's fields known when its request is sent (auditfmt.FIELDS[:9]); 3 more at its reply
 
 
-def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048, stride=12) -> None:
+def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048, stride=12, keys_of=None) -> None:
     """audit.py's objects the twin uses."""
-    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT
+    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT, keys_in
+    keys_in = keys_of
     if stride != NOTED + 3:
         raise ValueError(f"the compiled recorder makes records of {NOTED + 3} fields, auditfmt {stride}: rebuild it")
     who_of, error_code, Entry, OK, ERROR, FLUSH_AT = who, error_code_of, entry, ok, error, flush_at
@@ -152,8 +153,11 @@ cdef class AuditTrack:
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
             if keys is not None:  # the record's NOTED fields (auditfmt.FIELDS)
-                ks = args[keys]
-                PyObject_GC_UnTrack(<void *>ks)
+                if type(keys) is int:  # one key: its bytes (audit.keys_in)
+                    ks = args[<Py_ssize_t>keys] if <Py_ssize_t>keys < PyList_GET_SIZE(args) else []
+                else:
+                    ks = args[keys]
+                    PyObject_GC_UnTrack(<void *>ks)
                 q.append(now)
                 q.append(w)
                 q.append(p[0])
@@ -177,7 +181,7 @@ cdef class AuditTrack:
     cdef _note(self, tuple p, list args, raw, target):
         name, keys = p
         if keys is not None:
-            sub, ks, values = None, args[keys], None
+            sub, ks, values = None, keys_in(args, keys), None
         elif self.audit.table.audits(name, args):
             sub, ks, values = self.audit.pick(name, args)
         else:

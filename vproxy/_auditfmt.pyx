@@ -241,15 +241,21 @@ cdef class Formatter:
             self.put(b'Z",', 3)
             self.put_bytes(self._mid0)
             self.put(b'"keys":[', 8)
-            j = 0
-            for k in keys:
-                if j:
-                    self.put(b",", 1)
-                j += 1
+            if type(keys) is bytes:  # one key (audit.keys_in)
                 if secret is not None:
-                    self.put_bytes(f'"{key_hash(secret, k)}"'.encode())
+                    self.put_bytes(f'"{key_hash(secret, keys)}"'.encode())
                 else:
-                    self.put_value(k)
+                    self.put_json(<bytes>keys)
+            else:
+                j = 0
+                for k in keys:
+                    if j:
+                        self.put(b",", 1)
+                    j += 1
+                    if secret is not None:
+                        self.put_bytes(f'"{key_hash(secret, k)}"'.encode())
+                    else:
+                        self.put_value(k)
             self.put(b'],"argc":', 9)
             self.put_int(<object>PyList_GET_ITEM(flat, i + 5), 0)
             self.put(b',"bytes":', 9)

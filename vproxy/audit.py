@@ -202,7 +202,7 @@ class AuditTrack:
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
             if keys is not None:  # the common case, inline (0: OK)
-                add([now, w, p[0], None, args[keys], len(args), len(raw), target, None, 0.0, 0, None])
+                add([now, w, p[0], None, keys_in(args, keys), len(args), len(raw), target, None, 0.0, 0, None])
             else:
                 self._note(p, args, raw, target)
 
@@ -222,7 +222,7 @@ class AuditTrack:
     def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
         name, keys = p
         if keys is not None:
-            sub, ks, values = None, args[keys], None
+            sub, ks, values = None, keys_in(args, keys), None
         elif self.audit.table.audits(name, args):  # a container, movable keys, values: asked per request
             sub, ks, values = self.audit.pick(name, args)
         else:
@@ -395,9 +395,10 @@ class Audit:
 
     def plan(self, sent: bytes):
         """What recording a request named `sent` (as the client spelled it) takes: False (never
-        recorded), (name, slice) (always recorded, its keys are args[slice]) or (name, None)
-        (recorded or not by its arguments: table.audits and pick per request). Cached per name
-        until the table changes (CommandTable.audit_plans)."""
+        recorded), (name, keys) (always recorded, its keys are keys_in(args, keys): a position when
+        the command has one key, else a slice) or (name, None) (recorded or not by its arguments:
+        table.audits and pick per request). Cached per name until the table changes
+        (CommandTable.audit_plans)."""
         name = sent.lower()
         table = self.table
         if name not in table.audit_names:
@@ -406,7 +407,8 @@ class Audit:
             rng = None if self.values else _simple_keys(table.get(name), name)
             if rng is not None and table.audits(name, [name]):
                 first, last, step = rng
-                p = (name, slice(first, None if last == -1 else last + 1, step))
+                # one key (SET, INCR, HSET ...): the record's keys field is that key's bytes, no list to make
+                p = (name, first if first == last > 0 else slice(first, None if last == -1 else last + 1, step))
             else:
                 p = (name, None)
         plans = self.table.audit_plans
@@ -658,6 +660,14 @@ class Audit:
         self._on_status()
 
 
+def keys_in(args: list, keys):
+    """A plan's keys of a request: one key's bytes (keys: its position; a record's keys field may
+    be a key's bytes, auditfmt.FIELDS), or a list (keys: a slice)."""
+    if type(keys) is int:
+        return args[keys] if keys < len(args) else []
+    return args[keys]
+
+
 def _error_code(reply: bytes) -> str:
     """'-WRONGTYPE Operation against ...' -> 'WRONGTYPE'."""
     if reply[:1] == b"!":  # RESP3 blob error: !<len>\r\n<code> <text>
@@ -703,6 +713,7 @@ PureAuditTrack = AuditTrack
 _twin = twin("_audit")
 IMPL = "pure" if _twin is None else "compiled"
 if _twin is not None:
-    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT, stride=STRIDE)
+    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT, stride=STRIDE,
+               keys_of=keys_in)
     AuditTrack = _twin.AuditTrack
 TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox

@@ -23,7 +23,8 @@ from .twins import twin
 # A batch of records, as audit.py hands it over: their fields one after the other in one flat list
 # (no list per record to build, marshal and walk), STRIDE a record, in this order: the ones noted as
 # the request is sent, then the ones its reply completes. who = (client id, address, client name,
-# lib name, lib version, user or None, db); start and end are epoch seconds; outcome an OUTCOMES index.
+# lib name, lib version, user or None, db); keys a list, or one key's bytes (no list to make for the
+# commands of one key); start and end are epoch seconds; outcome an OUTCOMES index.
 FIELDS = ("start", "who", "name", "subcommand", "keys", "argc", "size", "target", "values", "end", "outcome", "error")
 STRIDE = len(FIELDS)
 OUTCOMES = ("ok", "error", "refused", "sent")  # a record's outcome (audit.OK, ERROR, REFUSED, SENT)
@@ -109,6 +110,8 @@ class Formatter:
             if who is not last[0] or name is not last[1] or target is not last[2] or sub is not last[3]:
                 mid = self._mid(who, name, target, sub)
                 last = (who, name, target, sub, mid)
+            if type(keys) is bytes:  # one key (audit.keys_in)
+                keys = (keys,)
             if secret is not None:
                 ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
             elif len(keys) == 1:
