@@ -48,8 +48,8 @@ def generate(d: str, n: int, files: int) -> int:
         keys = [b"user:%d" % rnd.randrange(100000)] if argc > 1 else []
         outcome, err = (OUTCOMES.index("error"), "WRONGTYPE") if i % 97 == 0 else (0, None)
         t = start + i / 1000
-        recs.append([t, (cid, addr, cname, b"redis-py", b"5.0.1", None, 0), name, None, keys, argc, 40 + argc * 10,
-                     ("10.0.0.5", 6379), t + rnd.randrange(50, 3000) / 1e6, outcome, err, None])
+        recs += [t, (cid, addr, cname, b"redis-py", b"5.0.1", None, 0), name, None, keys, argc, 40 + argc * 10,
+                 ("10.0.0.5", 6379), None, t + rnd.randrange(50, 3000) / 1e6, outcome, err]  # (auditfmt.FIELDS)
     lines = writer.lines(recs).splitlines(keepends=True)
     total = 0
     for f in range(files):

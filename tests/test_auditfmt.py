@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from vproxy.auditfmt import OUTCOMES, PureFormatter, key_hash
+from vproxy.auditfmt import FIELDS, OUTCOMES, STRIDE, PureFormatter, key_hash
 
 compiled = pytest.importorskip("vproxy._auditfmt", reason="the compiled twin is not built")
 
@@ -23,7 +23,7 @@ NASTY = [
 
 
 def corpus() -> list:
-    """Records of every kind, as the proxy makes them (audit.py) and marshal hands them over."""
+    """Records of every kind, as the proxy makes them (audit.py): each its STRIDE fields (FIELDS)."""
     rng = random.Random(11)
     whos = [WHO, (4, ("::1", 5000), b"", b"", b"", b"alice", 3), (5, "/tmp/s.sock", b'n"\xff', b"lib\n", b"\x80",
                                                                      b"b\xc3\xa9b", 15), (6, None, None, None, None, None, 0)]
@@ -34,16 +34,28 @@ def corpus() -> list:
     for i, k in enumerate(keys):
         start = T0 + i * 0.0137
         recs.append([start, whos[i % 4], names[i % 5], (b"set" if i % 5 == 3 else None),
-                     [k] if i % 7 else [k, b"other", k[:2]] if i % 14 else [], 3 + i % 4, 40 + i,
-                     targets[i % 4], start + (i % 9) * 1e-5 - (1e-5 if i % 11 == 0 else 0), i % 4,
-                     ("WRONGTYPE" if i % 4 == 1 else 'E"R\\R' if i % 4 == 2 else None), None])
-    recs.append([T0, WHO, b"auth", None, [], 1, 0, None, T0, 2, "WRONGPASS", None])  # refused, no keys
-    recs.append((T0 + 1, WHO, b"set", None, (b"t",), 3, 9, "*", T0 + 1.5, 3, None, None))  # a tuple
+                     (k if i % 3 == 0 else [k]) if i % 7 else [k, b"other", k[:2]] if i % 14 else [], 3 + i % 4, 40 + i,
+                     targets[i % 4], None, start + (i % 9) * 1e-5 - (1e-5 if i % 11 == 0 else 0), i % 4,
+                     ("WRONGTYPE" if i % 4 == 1 else 'E"R\\R' if i % 4 == 2 else None)])
+    recs.append([T0, WHO, b"auth", None, [], 1, 0, None, None, T0, 2, "WRONGPASS"])  # refused, no keys
+    recs.append((T0 + 1, WHO, b"set", None, (b"t",), 3, 9, "*", None, T0 + 1.5, 3, None))  # a tuple
+    assert all(len(r) == STRIDE == len(FIELDS) for r in recs)
     return recs
 
 
+def keys_of(r) -> list:
+    """A record's keys: a list, or one key's bytes (audit.keys_in)."""
+    return [r[4]] if isinstance(r[4], bytes) else r[4]
+
+
+def flat(recs: list) -> list:
+    """A batch as the proxy hands it over: the records' fields one after the other."""
+    return [x for r in recs for x in r]
+
+
 def with_values(recs: list) -> list:
-    return [list(r[:11]) + [[b"k", b"(redacted)", b"v\xff\"\n" * 3, "str value", bytes(range(40))]] for r in recs]
+    return [list(r[:8]) + [[b"k", b"(redacted)", b"v\xff\"\n" * 3, "str value", bytes(range(40))]] + list(r[9:])
+            for r in recs]
 
 
 def formatters(secret=None):
@@ -57,9 +69,9 @@ def test_compiled_and_pure_lines_are_byte_identical(secret, values):
     if values:
         recs = with_values(recs)
     pure, comp = formatters(secret)
-    one = pure.lines(recs)
-    assert comp.lines(recs) == one
-    assert comp.lines(recs) == pure.lines(recs)  # again, with what each has cached
+    one = pure.lines(flat(recs))
+    assert comp.lines(flat(recs)) == one
+    assert comp.lines(flat(recs)) == pure.lines(flat(recs))  # again, with what each has cached
     # a record at a time (Writer.line), from fresh formatters: the same lines
     pure, comp = formatters(secret)
     assert b"".join(pure.line(r) for r in recs) == one
@@ -68,15 +80,15 @@ def test_compiled_and_pure_lines_are_byte_identical(secret, values):
 
 def test_lines_are_json_with_the_documented_fields():
     recs = corpus()
-    lines = formatters()[1].lines(with_values(recs[:60])).splitlines()
+    lines = formatters()[1].lines(flat(with_values(recs[:60]))).splitlines()
     assert len(lines) == 60
     for r, raw in zip(recs, lines):
         d = json.loads(raw)
         assert list(d) == ["ts", "node", "client_id", "client_addr", "client_name", "lib_name", "lib_ver", "user",
                            "db", "command", "subcommand", "keys", "argc", "bytes", "backend", "latency_us",
                            "outcome", "error", "args"]
-        assert d["keys"] == [k.decode("utf-8", "backslashreplace") for k in r[4]]
-        assert d["outcome"] == OUTCOMES[r[9]] and d["argc"] == r[5] and d["bytes"] == r[6]
+        assert d["keys"] == [k.decode("utf-8", "backslashreplace") for k in keys_of(r)]
+        assert d["outcome"] == OUTCOMES[r[10]] and d["argc"] == r[5] and d["bytes"] == r[6]
         assert d["latency_us"] >= 0
         assert d["args"][2] == (b"v\xff\"\n" * 3).decode("utf-8", "backslashreplace")
     first = json.loads(lines[0])
@@ -87,8 +99,14 @@ def test_lines_are_json_with_the_documented_fields():
 
 def test_hashed_keys_are_the_keyed_hash_of_each_key():
     recs = corpus()[:30]
-    lines = formatters(b"s3cret")[1].lines(recs).splitlines()
+    lines = formatters(b"s3cret")[1].lines(flat(recs)).splitlines()
     for r, raw in zip(recs, lines):
         d = json.loads(raw)
-        assert d["keys"] == [key_hash(b"s3cret", k) for k in r[4]] and d["keys_hashed"] is True
-        assert b"plain" not in raw or r[4] == []
+        assert d["keys"] == [key_hash(b"s3cret", k) for k in keys_of(r)] and d["keys_hashed"] is True
+        assert b"plain" not in raw or keys_of(r) == []
+
+
+def test_a_batch_that_is_not_whole_records_is_refused_by_both():
+    for f in formatters():
+        with pytest.raises(ValueError):
+            f.lines(flat(corpus()[:3])[:-1])

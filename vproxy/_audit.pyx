@@ -4,18 +4,20 @@ each method does).
 
 Per recorded request the plain path notes a record as the request is sent (add_many) and completes
 it as its reply is written (written). Here the loops over a read's requests and a push's replies
-run in C: the records in flight are a list walked by index (not a deque), the time is read from
-the C clock once per read and once per push (one float shared by their records), a reply's first
-byte is compared as a C char, and the completed records join the audit's batch directly while
-there is room (Audit.put_many otherwise). A record and its keys' list are taken off the garbage
-collector's lists (they hold no cycle: times, bytes, tuples of them): thousands of them wait for
-the writer at any time, and would otherwise be walked by its passes and promoted into the old
-generations (setting off full collections). tests/test_audit*.py run both (VPROXY_PURE=1).
+run in C, and no list is made per record: the requests in flight are one flat list walked by
+index (per request a None when it is not recorded, else its NOTED fields, auditfmt.FIELDS), and
+a written reply's record goes into the audit's batch (one flat list too, STRIDE fields a record)
+as those fields and its three own (end, outcome, error), appended directly while there is room
+(Audit.put_many otherwise). The time is read from the C clock once per read and once per push
+(one float shared by their records), a reply's first byte compared as a C char. A record's keys'
+list is taken off the garbage collector's lists (it holds no cycle: bytes): thousands of them
+wait for the writer at any time, and would otherwise be walked by its passes and promoted into
+the old generations (setting off full collections). tests/test_audit*.py run both (VPROXY_PURE=1).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
-from cpython.list cimport PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 
 cdef extern from "Python.h":
@@ -38,14 +40,18 @@ cdef inline double now_wall() noexcept:
 
 
 # set by audit.py (bind): the functions and constants the twin shares with the reference
-cdef object who_of = None, error_code = None, Entry = None
+cdef object who_of = None, error_code = None, Entry = None, keys_in = None
 cdef object OK = 0, ERROR = 1
 cdef Py_ssize_t FLUSH_AT = 2048
+DEF NOTED = 9  # a record's fields known when its request is sent (auditfmt.FIELDS[:9]); 3 more at its reply
 
 
-def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048) -> None:
+def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048, stride=12, keys_of=None) -> None:
     """audit.py's objects the twin uses."""
-    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT
+    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT, keys_in
+    keys_in = keys_of
+    if stride != NOTED + 3:
+        raise ValueError(f"the compiled recorder makes records of {NOTED + 3} fields, auditfmt {stride}: rebuild it")
     who_of, error_code, Entry, OK, ERROR, FLUSH_AT = who, error_code_of, entry, ok, error, flush_at
 
 
@@ -55,7 +61,7 @@ cdef class AuditTrack:
     cdef public object audit, session, inner, who
     cdef object kept, src_batch, src_pu, src_user  # audit.AuditTrack._who: the last who and what it was made with
     cdef object now  # the time of this read's records (a float object, shared by them)
-    cdef list q  # per plain request in flight from index head on: its record (a list), or None
+    cdef list q  # per plain request in flight from index head on: None, or its NOTED fields (flat)
     cdef Py_ssize_t head
 
     def __init__(self, audit, session, inner, Py_ssize_t inflight=0):
@@ -68,8 +74,18 @@ cdef class AuditTrack:
 
     @property
     def entries(self) -> list:
-        """The records in flight, oldest first (None: a request not recorded)."""
-        return self.q[self.head:]
+        """The records in flight, oldest first (None: a request not recorded; else its fields
+        noted so far)."""
+        cdef Py_ssize_t h = self.head, n = PyList_GET_SIZE(self.q)
+        out = []
+        while h < n:
+            if self.q[h] is None:
+                out.append(None)
+                h += 1
+            else:
+                out.append(self.q[h:h + NOTED])
+                h += NOTED
+        return out
 
     def start(self, t0):
         self.who = None
@@ -136,12 +152,21 @@ cdef class AuditTrack:
                 ch = s.cur
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
-            if keys is not None:
-                ks = args[keys]
-                PyObject_GC_UnTrack(<void *>ks)
-                rec = [now, w, p[0], None, ks, PyList_GET_SIZE(args), len(req[1]), target, 0.0, OK, None, None]
-                PyObject_GC_UnTrack(<void *>rec)
-                q.append(rec)
+            if keys is not None:  # the record's NOTED fields (auditfmt.FIELDS)
+                if type(keys) is int:  # one key: its bytes (audit.keys_in)
+                    ks = args[<Py_ssize_t>keys] if <Py_ssize_t>keys < PyList_GET_SIZE(args) else []
+                else:
+                    ks = args[keys]
+                    PyObject_GC_UnTrack(<void *>ks)
+                q.append(now)
+                q.append(w)
+                q.append(p[0])
+                q.append(None)
+                q.append(ks)
+                q.append(PyList_GET_SIZE(args))
+                q.append(len(req[1]))
+                q.append(target)
+                q.append(None)
             else:
                 self._note(p, args, req[1], target)
 
@@ -156,42 +181,53 @@ cdef class AuditTrack:
     cdef _note(self, tuple p, list args, raw, target):
         name, keys = p
         if keys is not None:
-            sub, ks, values = None, args[keys], None
+            sub, ks, values = None, keys_in(args, keys), None
         elif self.audit.table.audits(name, args):
             sub, ks, values = self.audit.pick(name, args)
         else:
             self.q.append(None)
             return
-        rec = [self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values]
-        PyObject_GC_UnTrack(<void *>rec)  # (see add_many)
-        self.q.append(rec)
+        self.q.extend((self.now, self.who, name, sub, ks, len(args), len(raw), target, values))
 
     def written(self, list frames):
-        cdef list q = self.q, recs = None, e
-        cdef Py_ssize_t h = self.head, n = PyList_GET_SIZE(q), j, nf = PyList_GET_SIZE(frames)
+        cdef list q = self.q, out
+        cdef Py_ssize_t h = self.head, n = PyList_GET_SIZE(q), j, k, nf = PyList_GET_SIZE(frames), made = 0
         cdef char c
         if self.inner is not None:
             self.inner.written(frames)
+        audit = self.audit
+        buf = audit.buf
+        # room for every reply's record (at most one per frame): straight into the batch (Audit.put_many, inline)
+        direct = audit.inflight + PyList_GET_SIZE(buf) // (NOTED + 3) + nf <= audit.max_queue
+        out = buf if direct else []
         now = None
         for j in range(nf):
             if h >= n:
                 break
             eo = q[h]
-            h += 1
             if eo is None:
+                h += 1
                 continue
-            e = <list>eo
-            if recs is None:
-                recs, now = [], now_wall()
-            e[8] = now
+            if now is None:
+                now = now_wall()
+            for k in range(h, h + NOTED):
+                out.append(<object>PyList_GET_ITEM(q, k))
+            h += NOTED
+            made += 1
+            out.append(now)
             f = frames[j]
             if type(f) is bytes:
                 c = PyBytes_AS_STRING(f)[0] if PyBytes_GET_SIZE(f) else 0
                 if c == b'-' or c == b'!':
-                    e[9], e[10] = ERROR, error_code(f)
+                    out.append(ERROR)
+                    out.append(error_code(f))
+                    continue
             elif f[:1] == b"-" or f[:1] == b"!":
-                e[9], e[10] = ERROR, error_code(f)
-            recs.append(e)
+                out.append(ERROR)
+                out.append(error_code(f))
+                continue
+            out.append(OK)
+            out.append(None)
         if h >= n:  # all written: the list starts again
             del q[:]
             self.head = 0
@@ -200,30 +236,32 @@ cdef class AuditTrack:
             self.head = 0
         else:
             for j in range(self.head, h):
-                q[j] = None  # (their records are the audit's now)
+                q[j] = None  # (their fields are the audit's now)
             self.head = h
-        if recs is None:
+        if not made:
             return
-        audit = self.audit
-        buf = audit.buf
-        if audit.inflight + PyList_GET_SIZE(buf) + PyList_GET_SIZE(recs) <= audit.max_queue:  # Audit.put_many, inline
-            buf += recs
-            if PyList_GET_SIZE(buf) >= FLUSH_AT and not audit._rest:
-                audit.flush()
-            elif not audit._armed:
-                audit._arm()
-        else:
-            audit.put_many(recs)
+        if not direct:
+            audit.put_many(out)
+        elif PyList_GET_SIZE(buf) >= FLUSH_AT * (NOTED + 3) and not audit._rest:
+            audit.flush()
+        elif not audit._armed:
+            audit._arm()
 
     def drop(self, Py_ssize_t n):
         s = self.session
         batch = s.batch
-        cdef Py_ssize_t j
+        cdef Py_ssize_t j, k
         cdef list q = self.q
-        for j in range(min(n, PyList_GET_SIZE(q) - self.head)):
-            e = q[self.head]
-            q[self.head] = None
-            self.head += 1
-            if e is not None and batch is not None:
-                s.audits.append(Entry.held(batch, j, e))
+        for j in range(n):
+            if self.head >= PyList_GET_SIZE(q):
+                break
+            if q[self.head] is None:
+                self.head += 1
+                continue
+            rec = q[self.head:self.head + NOTED] + [0.0, OK, None]  # (auditfmt.FIELDS)
+            for k in range(self.head, self.head + NOTED):
+                q[k] = None
+            self.head += NOTED
+            if batch is not None:
+                s.audits.append(Entry.held(batch, j, rec))
         return self.inner.drop(n) if self.inner is not None else []

@@ -11,10 +11,11 @@ tests/test_auditfmt.py holds both to byte-identical lines.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memcpy
 
-from vproxy.auditfmt import CACHE_MAX, OUTCOMES, day_text, js, key_hash, sub_part, value_part, who_part
+from vproxy.auditfmt import CACHE_MAX, OUTCOMES, STRIDE, day_text, js, key_hash, sub_part, value_part, who_part
 from vproxy.hostport import show as fmt_addr
 
 cdef bytes _OUT0 = OUTCOMES[0].encode(), _OUT1 = OUTCOMES[1].encode(), _OUT2 = OUTCOMES[2].encode()
@@ -205,22 +206,29 @@ cdef class Formatter:
         self._lw, self._ln, self._lt, self._ls = who, name, target, sub
 
     def line(self, r):
-        return self.lines((r,))
+        return self.lines(list(r))
 
-    def lines(self, recs):
-        cdef list r
+    def lines(self, list flat):
+        """A batch: auditfmt.STRIDE fields a record, one after the other (auditfmt.FIELDS), read in
+        place: no list per record."""
         cdef double start, end
         cdef long long sec, us
-        cdef Py_ssize_t j
+        cdef Py_ssize_t j, i, nf = PyList_GET_SIZE(flat)
         cdef int outcome
+        if nf % 12 or STRIDE != 12:
+            raise ValueError(f"a batch has {STRIDE} fields a record: {nf} is not a multiple")
         secret = self.secret
         self.n = 0
-        for rec in recs:
-            r = rec if type(rec) is list else list(rec)
-            if len(r) != 12:
-                raise ValueError(f"a record has 12 fields, not {len(r)}")
-            start, who, name, sub, keys, end = r[0], r[1], r[2], r[3], r[4], r[8]
-            target, err, values = r[7], r[10], r[11]
+        for i in range(0, nf, 12):
+            start = <object>PyList_GET_ITEM(flat, i)
+            who = <object>PyList_GET_ITEM(flat, i + 1)
+            name = <object>PyList_GET_ITEM(flat, i + 2)
+            sub = <object>PyList_GET_ITEM(flat, i + 3)
+            keys = <object>PyList_GET_ITEM(flat, i + 4)
+            target = <object>PyList_GET_ITEM(flat, i + 7)
+            values = <object>PyList_GET_ITEM(flat, i + 8)
+            end = <object>PyList_GET_ITEM(flat, i + 9)
+            err = <object>PyList_GET_ITEM(flat, i + 11)
             sec = <long long>start
             if sec != self._day_sec:
                 self._day = day_text(sec).encode()
@@ -234,26 +242,32 @@ cdef class Formatter:
             self.put(b'Z",', 3)
             self.put_bytes(self._mid0)
             self.put(b'"keys":[', 8)
-            j = 0
-            for k in keys:
-                if j:
-                    self.put(b",", 1)
-                j += 1
+            if type(keys) is bytes:  # one key (audit.keys_in)
                 if secret is not None:
-                    self.put_bytes(f'"{key_hash(secret, k)}"'.encode())
+                    self.put_bytes(f'"{key_hash(secret, keys)}"'.encode())
                 else:
-                    self.put_value(k)
+                    self.put_json(<bytes>keys)
+            else:
+                j = 0
+                for k in keys:
+                    if j:
+                        self.put(b",", 1)
+                    j += 1
+                    if secret is not None:
+                        self.put_bytes(f'"{key_hash(secret, k)}"'.encode())
+                    else:
+                        self.put_value(k)
             self.put(b'],"argc":', 9)
-            self.put_int(r[5], 0)
+            self.put_int(<object>PyList_GET_ITEM(flat, i + 5), 0)
             self.put(b',"bytes":', 9)
-            self.put_int(r[6], 0)
+            self.put_int(<object>PyList_GET_ITEM(flat, i + 6), 0)
             self.put(b",", 1)
             self.put_bytes(self._mid1)
             self.put(b'"latency_us":', 13)
             us = <long long>((end - start) * 1e6)
             self.put_int(us if us > 0 else 0, 0)
             self.put(b',"outcome":"', 12)
-            outcome = r[9]
+            outcome = <object>PyList_GET_ITEM(flat, i + 10)
             if outcome == 0:
                 self.put_bytes(_OUT0)
             elif outcome == 1:

@@ -4,8 +4,8 @@
       and makes its record as its reply is written (written)
     batch path (ClientSession.process): Audit.begin (an Entry) -> dispatch -> ClientSession.flush
       -> Audit.finish (the record)
-    -> Audit.put / put_many: the record, a small list (auditwriter.RECORD), joins the current batch
-       (bounded: past audit_queue records queued or in the pipe, dropped and counted)
+    -> Audit.put / put_many: the record's fields (auditfmt.FIELDS) join the current batch, one flat
+       list (bounded: past audit_queue records queued or in the pipe, dropped and counted)
     -> every 10 ms (a loop timer): the batch, marshalled, in one non-blocking write on a pipe
        (full: the batch is dropped and counted; the loop never waits)
     -> the writer process (python -m vproxy.auditwriter): JSON lines, rotation, gzip, retention;
@@ -35,7 +35,7 @@ from gevent.hub import get_hub
 from loguru import logger
 
 from . import hostport
-from .auditwriter import ACTIVE, Frames, frame, key_hash
+from .auditwriter import ACTIVE, STRIDE, Frames, frame, key_hash
 from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
 from .keyspec import CONTAINER_KEY, MOVABLE, key_positions
@@ -86,7 +86,7 @@ class Entry:
         """A plain request whose reply was held (HA, cluster: see AuditTrack.drop): its record, made
         when it was sent, is completed by the batch path."""
         e = cls.__new__(cls)
-        e.batch, e.idx, e.rec, e.target = batch, idx, rec, rec[7]
+        e.batch, e.idx, e.rec, e.target = batch, idx, rec, rec[7]  # (rec: STRIDE fields, auditfmt.FIELDS)
         return e
 
 
@@ -203,7 +203,7 @@ class AuditTrack:
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
             if keys is not None:  # the common case, inline (0: OK)
-                add([now, w, p[0], None, args[keys], len(args), len(raw), target, 0.0, 0, None, None])
+                add([now, w, p[0], None, keys_in(args, keys), len(args), len(raw), target, None, 0.0, 0, None])
             else:
                 self._note(p, args, raw, target)
 
@@ -223,12 +223,12 @@ class AuditTrack:
     def _note(self, p: tuple, args: list, raw: bytes, target) -> None:
         name, keys = p
         if keys is not None:
-            sub, ks, values = None, args[keys], None
+            sub, ks, values = None, keys_in(args, keys), None
         elif self.audit.table.audits(name, args):  # a container, movable keys, values: asked per request
             sub, ks, values = self.audit.pick(name, args)
         else:
             return self.entries.append(None)
-        self.entries.append([self.now, self.who, name, sub, ks, len(args), len(raw), target, 0.0, OK, None, values])
+        self.entries.append([self.now, self.who, name, sub, ks, len(args), len(raw), target, values, 0.0, OK, None])
 
     def written(self, frames: list) -> None:
         if self.inner is not None:
@@ -243,11 +243,11 @@ class AuditTrack:
                 continue
             if recs is None:
                 recs, now = [], time()
-            e[8] = now
+            e[9] = now
             c = f[:1]
             if c == b"-" or c == b"!":
-                e[9], e[10] = ERROR, _error_code(f)
-            recs.append(e)
+                e[10], e[11] = ERROR, _error_code(f)
+            recs += e  # (the batch is flat: STRIDE fields a record)
         if recs is not None:
             self.audit.put_many(recs)
 
@@ -285,7 +285,7 @@ class Audit:
         self.keep_seconds, self.keep_files = ret.get("seconds", 0), ret.get("files", 0)
         self.compress = cfg.audit_compress
         self.log = RateLog()
-        self.buf: list = []  # records not yet handed to the writer process
+        self.buf: list = []  # records not yet handed to the writer process: STRIDE fields each, flat
         self.inflight = 0  # records handed to it that it has not reported (written or failed)
         self.dropped = 0  # records dropped here (queue or pipe full, the writer lost)
         self.restarts = 0  # writer processes started again after one died
@@ -386,7 +386,7 @@ class Audit:
         self._on_status()
         return {"audit_enabled": int(self.on), "audit_dir": self.dir or "none",
                 "audit_commands": ",".join(self.classes), "audit_records": self.written,
-                "audit_queued": self.inflight + len(self.buf),
+                "audit_queued": self.inflight + len(self.buf) // STRIDE,
                 "audit_dropped": self.dropped + self._base[1] + self._status[1],
                 "audit_write_errors": self.errors,
                 "audit_writer_pid": self.proc.pid if self.proc is not None else 0,
@@ -396,9 +396,10 @@ class Audit:
 
     def plan(self, sent: bytes):
         """What recording a request named `sent` (as the client spelled it) takes: False (never
-        recorded), (name, slice) (always recorded, its keys are args[slice]) or (name, None)
-        (recorded or not by its arguments: table.audits and pick per request). Cached per name
-        until the table changes (CommandTable.audit_plans)."""
+        recorded), (name, keys) (always recorded, its keys are keys_in(args, keys): a position when
+        the command has one key, else a slice) or (name, None) (recorded or not by its arguments:
+        table.audits and pick per request). Cached per name until the table changes
+        (CommandTable.audit_plans)."""
         name = sent.lower()
         table = self.table
         if name not in table.audit_names:
@@ -407,7 +408,8 @@ class Audit:
             rng = None if self.values else _simple_keys(table.get(name), name)
             if rng is not None and table.audits(name, [name]):
                 first, last, step = rng
-                p = (name, slice(first, None if last == -1 else last + 1, step))
+                # one key (SET, INCR, HSET ...): the record's keys field is that key's bytes, no list to make
+                p = (name, first if first == last > 0 else slice(first, None if last == -1 else last + 1, step))
             else:
                 p = (name, None)
         plans = self.table.audit_plans
@@ -447,10 +449,10 @@ class Audit:
             outcome, err = OK, None
         if e.rec is not None:  # noted on the plain path (AuditTrack.drop)
             rec = e.rec
-            rec[7], rec[8], rec[9], rec[10] = target, time(), outcome, err
+            rec[7], rec[9], rec[10], rec[11] = target, time(), outcome, err
             return self.put(rec)
         sub, keys, values = self.pick(e.name, e.args)
-        self.put([e.start, e.who, e.name, sub, keys, len(e.args), e.size, target, time(), outcome, err, values])
+        self.put([e.start, e.who, e.name, sub, keys, len(e.args), e.size, target, values, time(), outcome, err])
 
     def refused_auth(self, s, user: bytes | None) -> None:
         """An AUTH (or HELLO AUTH) the proxy's users refused: recorded when the audit log is on, whatever
@@ -460,32 +462,35 @@ class Audit:
             return
         now = time()
         self.put([now, (s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db), b"auth", None, [], 1,
-                  0, None, now, REFUSED, "WRONGPASS", None])
+                  0, None, None, now, REFUSED, "WRONGPASS"])
 
     def put(self, rec: list) -> None:
-        if self.inflight + len(self.buf) >= self.max_queue:
+        """One record: its STRIDE fields (auditfmt.FIELDS)."""
+        if self.inflight + len(self.buf) // STRIDE >= self.max_queue:
             return self._drop(1, "the writer is behind")
-        self.buf.append(rec)
+        self.buf += rec
         if not self._armed:
             self._arm()
 
     def put_many(self, recs: list) -> None:
+        """Records: STRIDE fields each, one after the other (one flat list, as the batch is)."""
         buf = self.buf
-        room = self.max_queue - self.inflight - len(buf)
-        if len(recs) > room:
-            self._drop(len(recs) - max(room, 0), "the writer is behind")
+        room = self.max_queue - self.inflight - len(buf) // STRIDE
+        n = len(recs) // STRIDE
+        if n > room:
+            self._drop(n - max(room, 0), "the writer is behind")
             if room <= 0:
                 return
-            recs = recs[:room]
+            recs = recs[:room * STRIDE]
         buf += recs
-        if len(buf) >= FLUSH_AT and not self._rest:  # (a rest: the pipe is full, the timer tries again)
+        if len(buf) >= FLUSH_AT * STRIDE and not self._rest:  # (a rest: the pipe is full, the timer tries again)
             self.flush()
         elif not self._armed:
             self._arm()
 
     def _drop(self, n: int, why: str) -> None:
         self.dropped += n
-        self.log.log("dropped", "WARNING", f"audit: {why} ({self.inflight + len(self.buf)} records queued): "
+        self.log.log("dropped", "WARNING", f"audit: {why} ({self.inflight + len(self.buf) // STRIDE} records queued): "
                      f"records dropped, {self.dropped} so far (INFO proxy audit_dropped)")
 
     # ---- the hand-over to the writer process ----
@@ -512,9 +517,10 @@ class Audit:
         while (self._rest or self.buf) and self.proc is not None:
             if not self._rest:
                 buf = self.buf
-                part, self.buf = (buf, []) if len(buf) <= CHUNK else (buf[:CHUNK], buf[CHUNK:])
+                cut = CHUNK * STRIDE
+                part, self.buf = (buf, []) if len(buf) <= cut else (buf[:cut], buf[cut:])
                 self._rest = memoryview(frame(part))
-                self.inflight += len(part)
+                self.inflight += len(part) // STRIDE
             try:
                 k = os.write(self._wfd, self._rest)
             except BlockingIOError:  # the pipe is full: again in FLUSH_EVERY
@@ -626,7 +632,7 @@ class Audit:
             return
         deadline = monotonic() + timeout
         data, self._rest = bytes(self._rest) + (frame(self.buf) if self.buf else b""), memoryview(b"")
-        self.inflight += len(self.buf)
+        self.inflight += len(self.buf) // STRIDE
         self.buf = []
         while data and self.proc is not None and monotonic() < deadline:
             try:
@@ -653,6 +659,14 @@ class Audit:
         if self._rfd >= 0:
             os.set_blocking(self._rfd, True)
         self._on_status()
+
+
+def keys_in(args: list, keys):
+    """A plan's keys of a request: one key's bytes (keys: its position; a record's keys field may
+    be a key's bytes, auditfmt.FIELDS), or a list (keys: a slice)."""
+    if type(keys) is int:
+        return args[keys] if keys < len(args) else []
+    return args[keys]
 
 
 def _error_code(reply: bytes) -> str:
@@ -700,6 +714,7 @@ PureAuditTrack = AuditTrack
 _twin = twin("_audit")
 IMPL = "pure" if _twin is None else "compiled"
 if _twin is not None:
-    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT)
+    _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT, stride=STRIDE,
+               keys_of=keys_in)
     AuditTrack = _twin.AuditTrack
 TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox

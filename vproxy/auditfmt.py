@@ -1,6 +1,7 @@
 """The audit record's JSON line: one definition of the format, for the writer process (auditwriter.py).
 
-    a record (a list, see auditwriter.RECORD) -> Formatter.lines -> one JSON line per record, as bytes
+    a batch (one flat list, STRIDE fields a record: FIELDS) -> Formatter.lines -> one JSON line per
+    record, as bytes
 
 This pure-Python Formatter is the reference and the fallback; vproxy/_auditfmt.pyx is its compiled
 twin (picked through twins.py, as the other twins are), which writes the same bytes straight into
@@ -20,6 +21,13 @@ from time import gmtime, strftime
 from . import hostport
 from .twins import twin
 
+# A batch of records, as audit.py hands it over: their fields one after the other in one flat list
+# (no list per record to build, marshal and walk), STRIDE a record, in this order: the ones noted as
+# the request is sent, then the ones its reply completes. who = (client id, address, client name,
+# lib name, lib version, user or None, db); keys a list, or one key's bytes (no list to make for the
+# commands of one key); start and end are epoch seconds; outcome an OUTCOMES index.
+FIELDS = ("start", "who", "name", "subcommand", "keys", "argc", "size", "target", "values", "end", "outcome", "error")
+STRIDE = len(FIELDS)
 OUTCOMES = ("ok", "error", "refused", "sent")  # a record's outcome (audit.OK, ERROR, REFUSED, SENT)
 CACHE_MAX = 10000  # entries of each part cache (client, command, backend); names are the clients': bounded
 
@@ -73,22 +81,29 @@ class Formatter:
         self._addrs: dict = {}
 
     def line(self, r) -> bytes:
-        return self.lines((r,))
+        """One record (its STRIDE fields)."""
+        return self.lines(list(r))
 
-    def lines(self, recs) -> bytes:
+    def lines(self, flat: list) -> bytes:
+        """A batch: STRIDE fields a record, one after the other (FIELDS)."""
+        if len(flat) % STRIDE:
+            raise ValueError(f"a batch has {STRIDE} fields a record: {len(flat)} is not a multiple")
         out = []
         add = out.append
         secret = self.secret
         day_sec, day = self._day
         last = self._last
         mid = last[4]
-        for start, who, name, sub, keys, argc, size, target, end, outcome, err, values in recs:
+        for i in range(0, len(flat), STRIDE):
+            start, who, name, sub, keys, argc, size, target, values, end, outcome, err = flat[i:i + STRIDE]
             sec = int(start)
             if day_sec != sec:
                 day_sec, day = sec, day_text(sec)
             if who is not last[0] or name is not last[1] or target is not last[2] or sub is not last[3]:
                 mid = self._mid(who, name, target, sub)
                 last = (who, name, target, sub, mid)
+            if type(keys) is bytes:  # one key (audit.keys_in)
+                keys = (keys,)
             if secret is not None:
                 ks = ",".join(f'"{key_hash(secret, k)}"' for k in keys)
             elif len(keys) == 1:

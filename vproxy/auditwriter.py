@@ -2,12 +2,14 @@
 
     vproxy (audit.py, in the loop) --frames on a pipe (this process's stdin)--> main()
       -> Writer.batch: marshal.loads -> one JSON line per record (auditfmt.py) -> one write() per batch
-      -> past the size or age limit: audit.jsonl renamed audit-<UTC>.jsonl, gzipped, old ones deleted
+      -> past the size or age limit: audit.jsonl renamed audit-<UTC>.jsonl, gzipped by a child
+         process at idle priority (compress_idle), old ones deleted
       -> after each batch: (written, failed records, write errors, last error) back on stdout
 
 A frame is a 4-byte little-endian length and a marshal dump: the first one the settings (a dict),
-every other one a list of records (see RECORD). The formatting, the writes and gzip cost the proxy
-nothing: they run here, on another core if there is one, outside the proxy's GIL. EOF on stdin
+every other one a batch of records (one flat list, see STRIDE). The formatting, the writes and gzip
+cost the proxy nothing: they run here, on another core if there is one, outside the proxy's GIL;
+gzip waits for idle CPU. EOF on stdin
 (vproxy closed the pipe, or died) ends this process once what came is written; SIGINT and SIGTERM
 are ignored for that reason (a Ctrl-C or a stop of the process group must not lose the records
 that are on their way). Only the standard library (and vproxy.auditfmt, with its compiled twin
@@ -16,6 +18,7 @@ when built: twins.py): it starts in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import gzip
 import marshal
@@ -26,29 +29,73 @@ import select
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import threading
 from time import gmtime, strftime, time
 
-from .auditfmt import OUTCOMES, Formatter, key_hash  # noqa: F401 - key_hash: audit.py's and auditquery's
+from .auditfmt import OUTCOMES, STRIDE, Formatter, key_hash  # noqa: F401 - key_hash: audit.py's and auditquery's
 
 ACTIVE = "audit.jsonl"
 ROTATED = re.compile(r"^audit-(\d{8}T\d{6}\.\d{6}Z)\.jsonl(\.gz)?$")
+TMP = re.compile(r"^audit-.*\.jsonl\.gz(\.\d+)?\.tmp$")  # a compression under way (gzip_file), or cut short
 HEADER = struct.Struct("<I")
-# A record, as audit.py sends it (a list; marshal keeps it compact):
-#   [start (epoch s), who, name, subcommand or None, keys, argc, size, target, end (epoch s),
-#    outcome (OUTCOMES index), error code or None, values or None]
+# A batch, as audit.py sends it: one flat list, STRIDE fields a record (auditfmt.FIELDS):
+#   start (epoch s), who, name, subcommand or None, keys, argc, size, target, values or None,
+#   end (epoch s), outcome (OUTCOMES index), error code or None
 #   who = (client id, address, client name, lib name, lib version, user or None, db)
 _STOP = object()  # the housekeeper's last chore
 
 
 def gzip_file(path: str) -> None:
-    """path -> path.gz, crash-safe: written as .gz.tmp, renamed, then the original removed."""
-    tmp = path + ".gz.tmp"
-    with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    """path -> path.gz, crash-safe: written as path.gz.<pid>.tmp (the reader skips it, a writer's
+    recover() deletes it), renamed, then the original removed. The pid: a compression that a
+    killed writer left running must not rename a newer one's half-written file."""
+    tmp = f"{path}.gz.{os.getpid()}.tmp"
+    try:
+        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except FileNotFoundError:
+        if os.path.exists(path + ".gz"):  # compressed meanwhile by another (see recover)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return
+        raise
     os.rename(tmp, path + ".gz")
-    os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def idle_priority() -> str:
+    """This process to the lowest CPU priority there is: SCHED_IDLE (Linux: it runs only when no
+    other thread wants the core), else nice 19. Returns which."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "idle"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        return "nice 19"
+    except (AttributeError, OSError):
+        return "normal"
+
+
+def compress_idle(path: str) -> None:
+    """gzip_file(path) in a short-lived child process at the lowest CPU priority (idle_priority).
+
+    Why a process and not this process's housekeeper thread with a lowered priority: the thread
+    shares the writer's GIL, and a thread that holds it when the scheduler leaves it waiting
+    (which is what its low priority is for, under load) stalls the main thread: the records stop
+    being read. A child has its own interpreter; it starts in ~30 ms, once a rotated file (every
+    ~300,000 records at the default 100 MB). Under saturation it waits for idle CPU instead of
+    taking it from the proxy, the server and the clients: compression may lag, nothing is lost
+    (the uncompressed file stays until its .gz is complete)."""
+    proc = subprocess.run([sys.executable, "-m", "vproxy.auditwriter", "--gzip", path], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True)
+    if proc.returncode:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(f"cannot compress {path}: {err[-1] if err else f'exit status {proc.returncode}'}")
 
 
 class Writer:
@@ -72,16 +119,18 @@ class Writer:
     def path(self) -> str:
         return os.path.join(self.dir, ACTIVE)
 
-    def batch(self, recs: list) -> None:
-        """Write one batch of records (one write); a failure costs the batch, counted."""
+    def batch(self, flat: list) -> None:
+        """Write one batch of records (STRIDE fields each, one after the other) in one write; a
+        failure costs the batch, counted."""
+        n = len(flat) // STRIDE
         try:
-            data = self.fmt.lines(recs)
+            data = self.fmt.lines(flat)
             self.write(data)
-            self.written += len(recs)
+            self.written += n
         except OSError as e:
-            self.fail(e, len(recs))
+            self.fail(e, n)
         except Exception as e:  # noqa: BLE001 - a bug must cost these records, not the writer
-            self.fail(OSError(f"cannot format records: {e!r}"), len(recs))
+            self.fail(OSError(f"cannot format records: {e!r}"), n)
 
     def fail(self, e: OSError, n: int) -> None:
         self.errors += 1
@@ -115,7 +164,7 @@ class Writer:
                 return
             try:
                 if path is not None and self.compress:
-                    gzip_file(path)
+                    compress_idle(path)
                 self.expire(time())
             except OSError as e:
                 self.errors += 1
@@ -172,18 +221,21 @@ class Writer:
         self.later(rotated)
 
     def recover(self) -> None:
-        """After a crash: half-done compressions are finished or undone."""
+        """After a crash: half-done compressions are undone, then finished (by the housekeeper,
+        at idle priority). A compression a killed writer left running loses its file here: its
+        rename then fails, and the file is compressed again."""
         for name in os.listdir(self.dir):
-            if name.endswith(".gz.tmp"):
-                os.unlink(os.path.join(self.dir, name))
-        for name in os.listdir(self.dir):
+            if TMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
+        for name in sorted(os.listdir(self.dir)):
             m = ROTATED.match(name)
             if m and not m.group(2):
                 path = os.path.join(self.dir, name)
                 if os.path.exists(path + ".gz"):
                     os.unlink(path)  # compressed already, the crash came before the unlink
                 elif self.compress:
-                    gzip_file(path)
+                    self.later(path)
 
     def expire(self, now: float) -> None:
         """Delete rotated files older than the retention, and beyond its count."""
@@ -206,12 +258,12 @@ class Writer:
             except FileNotFoundError:
                 pass
 
-    def lines(self, recs: list) -> bytes:
+    def lines(self, flat: list) -> bytes:
         """The JSON lines of a batch (auditfmt.py: the format, and its compiled twin)."""
-        return self.fmt.lines(recs)
+        return self.fmt.lines(flat)
 
     def line(self, r) -> bytes:
-        """One record's JSON line: the same definition as lines()."""
+        """One record's JSON line (its STRIDE fields): the same definition as lines()."""
         return self.fmt.line(r)
 
 
@@ -241,7 +293,12 @@ def frame(obj) -> bytes:
 
 
 def main() -> int:
-    """Read frames from stdin until EOF; report to stdout after each read's batches."""
+    """Read frames from stdin until EOF; report to stdout after each read's batches. With
+    `--gzip PATH`: compress one rotated file at idle priority (compress_idle's child)."""
+    if sys.argv[1:2] == ["--gzip"]:
+        idle_priority()
+        gzip_file(sys.argv[2])
+        return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The records (lists, thousands a batch, freed once written) hold no cycles: the cyclic
