@@ -122,6 +122,9 @@ class ClientSession(PlainPath, Audited):
             if cfg.client_rate_limit else None
         self.buckets: tuple = ()  # limits.py: the buckets each read batch takes from
         self.paid = False  # the requests handed from the loop were paid for there (see pace)
+        # read_your_writes (router.py, HA with replica reads): until this monotonic time the session's
+        # reads go to the primary, as it wrote there; the router sets it on each write
+        self.ryw_until = 0.0
         # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:
