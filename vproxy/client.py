@@ -468,7 +468,7 @@ class ClientSession(PlainPath, Audited):
         elif policy is C.PIN:
             self.pin(i, name, raw, batch)
         elif policy is C.BLOCK:
-            self.block(i, raw, batch, wait=name in _WAITS)
+            self.block(i, raw, batch, wait=name in _WAITS, args=args)
         elif policy is C.STREAM:
             self.start_stream(i, "monitor" if name == b"monitor" else "sub", raw, batch)
         elif policy is C.SIDE:
@@ -517,7 +517,10 @@ class ClientSession(PlainPath, Audited):
         return (self.db, self.proto, self.user)
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
-        """Run on the client's lease if it holds one, else on a shared channel the router picks."""
+        """Run on the client's lease if it holds one, else on a shared channel the router picks.
+
+        name: the command the router routes by (None: as a write, to the primary); args: the request's
+        arguments (the cluster session finds its keys in them: every caller passes them)."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch)
         pool = None
@@ -614,8 +617,10 @@ class ClientSession(PlainPath, Audited):
         # a failed SELECT changes nothing; a bad db in the session would break its connects
         return db_index(arg, self.app.databases)[0]
 
-    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:
-        """A blocking command gets a connection of its own until it answers.
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False,
+              args: list | None = None) -> None:
+        """A blocking command gets a connection of its own until it answers (args: the request's
+        arguments; the cluster session finds the node by its keys, standalone has one server).
 
         WAIT/WAITAOF count acknowledgements of the writes made on *their* connection. The client's
         writes went over shared connections, so a propagated no-op (PUBLISH, which a standalone
