@@ -85,23 +85,20 @@ class ClientSession(PlainPath, Audited):
     tls = False  # TLSClient: True
 
     def __init__(self, app, sock: socket.socket, addr):
+        # What RESET keeps is declared here: the connection (id, socket, times), its backend user,
+        # what it holds in flight, its limits and statistics. What RESET resets: reset(), below.
         self.app, self.sock, self.addr = app, sock, addr
         cfg = app.cfg
         self.id = next(_ids)
-        self.db, self.proto = 0, 2
-        self.user = None  # Credentials of the backend user this client authenticated as (users.py)
-        self.name = self.lib_name = self.lib_ver = b""
         self.created = time()
         self.last_active = monotonic()
         self.last_cmd = b"NULL"
-        self.no_evict = self.no_touch = False
         self.parser = resp.RequestParser(cfg.proto_max_bulk_len, max_buffer=cfg.client_query_buffer_limit)
-        self.authed = not cfg.password
-        self.cur = None  # channel holding this client's requests in flight
-        self.lease: Lease | None = None  # MULTI / WATCH
-        self.oneshot: Lease | None = None  # one blocking command
-        self.stream: Stream | None = None
-        self.in_multi = self.watching = False
+        # Credentials of the backend user this client authenticated as (users.py); RESET switches it
+        # back with users.switch, which counts each user's sessions
+        self.user = None
+        self.reset()  # the session state a new connection has, and RESET restores
+        self.multi_failed = False  # a request refused while queued in MULTI (cluster: EXEC answers EXECABORT)
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
@@ -122,6 +119,7 @@ class ClientSession(PlainPath, Audited):
             if cfg.client_rate_limit else None
         self.buckets: tuple = ()  # limits.py: the buckets each read batch takes from
         self.paid = False  # the requests handed from the loop were paid for there (see pace)
+        self.plain_fn = None  # with rate buckets: the class's forward_plain, behind the buckets (set_buckets)
         # read_your_writes (router.py, HA with replica reads): until this monotonic time the session's
         # reads go to the primary, as it wrote there; the router sets it on each write
         self.ryw_until = 0.0
@@ -142,6 +140,20 @@ class ClientSession(PlainPath, Audited):
             app.gate.start(self)
         elif self.rate_bucket is not None:
             self.set_buckets()
+
+    def reset(self) -> None:
+        """The session state a new connection starts with: declared here for __init__, and set again
+        by RESET (local.reset) once the session's leases and stream are given back. RESET then also
+        switches the backend user back (users.switch) and, with proxy users, starts over (Gate.start)."""
+        self.db, self.proto = 0, 2
+        self.name = self.lib_name = self.lib_ver = b""
+        self.no_evict = self.no_touch = False
+        self.authed = not self.app.cfg.password
+        self.cur = None  # channel holding this client's requests in flight
+        self.lease: Lease | None = None  # MULTI / WATCH
+        self.oneshot: Lease | None = None  # one blocking command
+        self.stream: Stream | None = None
+        self.in_multi = self.watching = False
 
     @property
     def authed(self) -> bool:

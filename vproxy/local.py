@@ -37,12 +37,7 @@ def reset(s, i, args, raw, batch):
     for lease in (s.lease, s.oneshot):
         if lease is not None:
             lease.release(clean=False)
-    s.lease = s.oneshot = s.cur = None
-    s.in_multi = s.watching = False
-    s.db, s.proto = 0, 2
-    s.name = s.lib_name = s.lib_ver = b""
-    s.no_evict = s.no_touch = False
-    s.authed = not s.app.cfg.password
+    s.reset()  # the session state of a new connection (ClientSession.reset)
     switch(s, None)  # the server's RESET deauthenticates to the default user too
     if s.app.gate is not None:
         s.app.gate.start(s)

@@ -45,14 +45,23 @@ class ClusterSession(Redirects, ClientSession):
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests
         self.chans: dict = {}  # node address -> this session's channel there
-        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
         self.lease_addr = None  # where the next lease opens (SSUBSCRIBE)
-        self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
-        self.multi_failed = False
         self.reads = app.cfg.read_from != "primary"  # read-only commands may go to replicas
         self.rr = self.id
-        self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
         self.shards = shard_pubsub.ShardPubSub(self)  # a stream's shard channels, other nodes' connections
+
+    def reset(self) -> None:
+        """ClientSession.reset, and the cluster's own session state (reset_cluster)."""
+        super().reset()
+        self.reset_cluster()
+
+    def reset_cluster(self) -> None:
+        """The cluster's session state as a new connection has it: no queued transaction, no bound
+        slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
+        self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
+        self.multi_failed = False
+        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
+        self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----
 

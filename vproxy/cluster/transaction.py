@@ -195,7 +195,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
 
 def forget(s) -> None:
     """RESET: the cluster session's own state (queued transaction, bound slot, database namespace)."""
-    s.mq, s.multi_failed, s.pin_slot, s.ns = [], False, None, None
+    s.reset_cluster()
 
 
 def reset(s, i, args, raw, batch):
