@@ -434,7 +434,7 @@ class ClientSession(PlainPath, Audited):
         self.outbox.close()
         if self.reader is not None:
             self.reader.close()
-        self._end_stream()
+        self.end_stream()
         for lease in (self.lease, self.oneshot):
             if lease is not None:
                 lease.release(clean=False)
@@ -581,7 +581,7 @@ class ClientSession(PlainPath, Audited):
     def submit(self, ch, i: int, raw: bytes, batch: Batch, timeout: bool = True) -> None:
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout) if timeout else 0.0)
 
-    def _new_lease(self, i: int, batch: Batch) -> Lease | None:
+    def new_lease(self, i: int, batch: Batch) -> Lease | None:
         self.settle()
         if self.closing:
             return None
@@ -594,7 +594,7 @@ class ClientSession(PlainPath, Audited):
     def pin(self, i: int, name: bytes, raw: bytes, batch: Batch) -> None:
         """MULTI or WATCH: the connection stays this client's until EXEC/DISCARD/UNWATCH/RESET."""
         if self.lease is None or self.lease.ending:
-            lease = self._new_lease(i, batch)
+            lease = self.new_lease(i, batch)
             if lease is None:
                 if name == b"multi":  # what the client queues behind it must not run: see in_transaction
                     self.in_multi, self.lease = True, None
@@ -616,15 +616,15 @@ class ClientSession(PlainPath, Audited):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
         if name in C.STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
-            if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.multi_select = self._db_arg(args[1])
+            if name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:
+                self.multi_select = self.db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
             elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password and self.app.gate is None:
                 self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
         self.submit(self.lease.channel, i, raw, batch)
 
-    def _db_arg(self, arg: bytes) -> int | None:
+    def db_arg(self, arg: bytes) -> int | None:
         """The database a forwarded SELECT switches to, None when the server will refuse it."""
         # a failed SELECT changes nothing; a bad db in the session would break its connects
         return db_index(arg, self.app.databases)[0]
@@ -641,7 +641,7 @@ class ClientSession(PlainPath, Audited):
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         ch = self.oneshot.channel if self.oneshot is not None else None
         if ch is None or ch.closed or ch.key != self.key():  # SELECT/HELLO/AUTH since: a new one
-            lease = self._new_lease(i, batch)
+            lease = self.new_lease(i, batch)
             if lease is None:
                 return
             self.oneshot = lease
@@ -668,7 +668,7 @@ class ClientSession(PlainPath, Audited):
         if self.lease is not None and not self.lease.ending:
             batch.replies[i] = resp.error("ERR vproxy: end the WATCH (UNWATCH) before subscribing")
             return
-        lease = self._new_lease(i, batch)
+        lease = self.new_lease(i, batch)
         if lease is None:
             return
         self.flush(batch, i)  # replies before this one go out first: the stream writes as soon as it reads
@@ -680,15 +680,15 @@ class ClientSession(PlainPath, Audited):
         st = self.stream
         if name in (b"quit", b"reset"):
             if st.kind != "reply":  # replies still in flight (a pipelined SUBSCRIBE's) go out first
-                self._sync_stream(st)
-            self._end_stream()
+                self.sync_stream(st)
+            self.end_stream()
             return LOCAL[name](self, i, args, raw, batch)
         if name in C.STATEFUL:
             st.lease.dirty = True
             if st.kind == "sub" and self.proto == 2:
                 pass  # RESP2 pub/sub: the server refuses SELECT and HELLO
-            elif name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.db = self._db_arg(args[1])
+            elif name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:
+                self.db = self.db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.proto = int(args[1])
         ch = st.lease.channel
@@ -702,8 +702,8 @@ class ClientSession(PlainPath, Audited):
         if self._stream_multi(st, name):
             return
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
-            if self._sync_stream(st) and st.counts == [0, 0]:
-                self._end_stream(clean=True)
+            if self.sync_stream(st) and st.counts == [0, 0]:
+                self.end_stream(clean=True)
 
     def _stream_multi(self, st: Stream, name: bytes) -> bool:
         """A MULTI inside a RESP3 subscription: the server queues what follows, so no sync PING may
@@ -713,13 +713,13 @@ class ClientSession(PlainPath, Audited):
             st.multi = 1
         elif st.multi and name in (b"exec", b"discard"):
             unsubscribed, st.multi = st.multi == 2 and name == b"exec", 0
-            if unsubscribed and self._sync_stream(st) and st.counts == [0, 0]:
-                self._end_stream(clean=True)
+            if unsubscribed and self.sync_stream(st) and st.counts == [0, 0]:
+                self.end_stream(clean=True)
         elif st.multi and name in _UNSUBS:
             st.multi = 2
         return bool(st.multi) or name in (b"multi", b"exec", b"discard")
 
-    def _sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
+    def sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
         """A PING right behind the requests comes back after every reply before it: wait for it.
 
         lease: the stream connection to sync (default its own; cluster shard channels have more)."""
@@ -767,7 +767,7 @@ class ClientSession(PlainPath, Audited):
                 st.patterns += v[2] - st.counts[kind]
             st.counts[kind] = v[2]
 
-    def _end_stream(self, clean: bool = False) -> None:
+    def end_stream(self, clean: bool = False) -> None:
         st, self.stream = self.stream, None
         if st is not None:
             ch = st.lease.channel

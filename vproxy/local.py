@@ -1,7 +1,8 @@
 """Commands vproxy answers itself from the session state it tracks (PING, SELECT, HELLO, CLIENT ...).
 
 Each handler is `fn(session, idx, args, raw, batch)` and either puts a reply in batch.replies[idx]
-or hands the request on (session.forward / pin / block / start_stream).
+or hands the request on with what vproxy/handler.py declares a session offers (forward, block,
+start_stream ...).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def quit_(s, i, args, raw, batch):
 
 def reset(s, i, args, raw, batch):
     s.settle()
-    s._end_stream()
+    s.end_stream()
     for lease in (s.lease, s.oneshot):
         if lease is not None:
             lease.release(clean=False)

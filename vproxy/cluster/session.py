@@ -269,7 +269,7 @@ class ClusterSession(Redirects, ClientSession):
 
     # ---- leases: MULTI/WATCH, blocking commands, SSUBSCRIBE ----
 
-    def _new_lease(self, i: int, batch: Batch):
+    def new_lease(self, i: int, batch: Batch):
         self.settle()
         if self.closing:
             return None
@@ -331,8 +331,8 @@ class ClusterSession(Redirects, ClientSession):
             return
         self.shards.monitor(st, raw)
 
-    def _end_stream(self, clean: bool = False) -> None:
-        super()._end_stream(clean)
+    def end_stream(self, clean: bool = False) -> None:
+        super().end_stream(clean)
         self.shards.drop()
 
 # Requests the cluster session answers before (or instead of) the standalone dispatch (app.py tells the
