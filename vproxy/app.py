@@ -98,7 +98,7 @@ class App:
         self.gate = Gate(cfg) if cfg.users else None
         self.commands.set_local(USERS_LOCAL if self.gate is not None else frozenset())
         for s in list(self.clients.values()):
-            old = getattr(s, "proxy_user", None)
+            old = s.proxy_user
             if self.gate is None:
                 if old is not None:
                     bind(s, None)

@@ -85,23 +85,20 @@ class ClientSession(PlainPath, Audited):
     tls = False  # TLSClient: True
 
     def __init__(self, app, sock: socket.socket, addr):
+        # What RESET keeps is declared here: the connection (id, socket, times), its backend user,
+        # what it holds in flight, its limits and statistics. What RESET resets: reset(), below.
         self.app, self.sock, self.addr = app, sock, addr
         cfg = app.cfg
         self.id = next(_ids)
-        self.db, self.proto = 0, 2
-        self.user = None  # Credentials of the backend user this client authenticated as (users.py)
-        self.name = self.lib_name = self.lib_ver = b""
         self.created = time()
         self.last_active = monotonic()
         self.last_cmd = b"NULL"
-        self.no_evict = self.no_touch = False
         self.parser = resp.RequestParser(cfg.proto_max_bulk_len, max_buffer=cfg.client_query_buffer_limit)
-        self.authed = not cfg.password
-        self.cur = None  # channel holding this client's requests in flight
-        self.lease: Lease | None = None  # MULTI / WATCH
-        self.oneshot: Lease | None = None  # one blocking command
-        self.stream: Stream | None = None
-        self.in_multi = self.watching = False
+        # Credentials of the backend user this client authenticated as (users.py); RESET switches it
+        # back with users.switch, which counts each user's sessions
+        self.user = None
+        self.reset()  # the session state a new connection has, and RESET restores
+        self.multi_failed = False  # a request refused while queued in MULTI (cluster: EXEC answers EXECABORT)
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
@@ -122,6 +119,10 @@ class ClientSession(PlainPath, Audited):
             if cfg.client_rate_limit else None
         self.buckets: tuple = ()  # limits.py: the buckets each read batch takes from
         self.paid = False  # the requests handed from the loop were paid for there (see pace)
+        self.plain_fn = None  # with rate buckets: the class's forward_plain, behind the buckets (set_buckets)
+        # read_your_writes (router.py, HA with replica reads): until this monotonic time the session's
+        # reads go to the primary, as it wrote there; the router sets it on each write
+        self.ryw_until = 0.0
         # one channel: replies in order (HASession, ClusterSession: numbered, with what may hold them)
         self.outbox = Outbox(sock, hold=self.HOLD)
         if self.HOLD is not None:
@@ -139,6 +140,20 @@ class ClientSession(PlainPath, Audited):
             app.gate.start(self)
         elif self.rate_bucket is not None:
             self.set_buckets()
+
+    def reset(self) -> None:
+        """The session state a new connection starts with: declared here for __init__, and set again
+        by RESET (local.reset) once the session's leases and stream are given back. RESET then also
+        switches the backend user back (users.switch) and, with proxy users, starts over (Gate.start)."""
+        self.db, self.proto = 0, 2
+        self.name = self.lib_name = self.lib_ver = b""
+        self.no_evict = self.no_touch = False
+        self.authed = not self.app.cfg.password
+        self.cur = None  # channel holding this client's requests in flight
+        self.lease: Lease | None = None  # MULTI / WATCH
+        self.oneshot: Lease | None = None  # one blocking command
+        self.stream: Stream | None = None
+        self.in_multi = self.watching = False
 
     @property
     def authed(self) -> bool:
@@ -419,7 +434,7 @@ class ClientSession(PlainPath, Audited):
         self.outbox.close()
         if self.reader is not None:
             self.reader.close()
-        self._end_stream()
+        self.end_stream()
         for lease in (self.lease, self.oneshot):
             if lease is not None:
                 lease.release(clean=False)
@@ -465,7 +480,7 @@ class ClientSession(PlainPath, Audited):
         elif policy is C.PIN:
             self.pin(i, name, raw, batch)
         elif policy is C.BLOCK:
-            self.block(i, raw, batch, wait=name in _WAITS)
+            self.block(i, raw, batch, wait=name in _WAITS, args=args)
         elif policy is C.STREAM:
             self.start_stream(i, "monitor" if name == b"monitor" else "sub", raw, batch)
         elif policy is C.SIDE:
@@ -514,7 +529,10 @@ class ClientSession(PlainPath, Audited):
         return (self.db, self.proto, self.user)
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
-        """Run on the client's lease if it holds one, else on a shared channel the router picks."""
+        """Run on the client's lease if it holds one, else on a shared channel the router picks.
+
+        name: the command the router routes by (None: as a write, to the primary); args: the request's
+        arguments (the cluster session finds its keys in them: every caller passes them)."""
         if self.lease is not None and not self.lease.ending:
             return self.submit(self.lease.channel, i, raw, batch)
         pool = None
@@ -563,7 +581,7 @@ class ClientSession(PlainPath, Audited):
     def submit(self, ch, i: int, raw: bytes, batch: Batch, timeout: bool = True) -> None:
         ch.submit(raw, batch, i, deadline_after(self.app.cfg.command_timeout) if timeout else 0.0)
 
-    def _new_lease(self, i: int, batch: Batch) -> Lease | None:
+    def new_lease(self, i: int, batch: Batch) -> Lease | None:
         self.settle()
         if self.closing:
             return None
@@ -576,7 +594,7 @@ class ClientSession(PlainPath, Audited):
     def pin(self, i: int, name: bytes, raw: bytes, batch: Batch) -> None:
         """MULTI or WATCH: the connection stays this client's until EXEC/DISCARD/UNWATCH/RESET."""
         if self.lease is None or self.lease.ending:
-            lease = self._new_lease(i, batch)
+            lease = self.new_lease(i, batch)
             if lease is None:
                 if name == b"multi":  # what the client queues behind it must not run: see in_transaction
                     self.in_multi, self.lease = True, None
@@ -598,21 +616,23 @@ class ClientSession(PlainPath, Audited):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
         if name in C.STATEFUL or name in _SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
-            if name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.multi_select = self._db_arg(args[1])
+            if name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:
+                self.multi_select = self.db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
             elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password and self.app.gate is None:
                 self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
         self.submit(self.lease.channel, i, raw, batch)
 
-    def _db_arg(self, arg: bytes) -> int | None:
+    def db_arg(self, arg: bytes) -> int | None:
         """The database a forwarded SELECT switches to, None when the server will refuse it."""
         # a failed SELECT changes nothing; a bad db in the session would break its connects
         return db_index(arg, self.app.databases)[0]
 
-    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False) -> None:
-        """A blocking command gets a connection of its own until it answers.
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False,
+              args: list | None = None) -> None:
+        """A blocking command gets a connection of its own until it answers (args: the request's
+        arguments; the cluster session finds the node by its keys, standalone has one server).
 
         WAIT/WAITAOF count acknowledgements of the writes made on *their* connection. The client's
         writes went over shared connections, so a propagated no-op (PUBLISH, which a standalone
@@ -621,7 +641,7 @@ class ClientSession(PlainPath, Audited):
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         ch = self.oneshot.channel if self.oneshot is not None else None
         if ch is None or ch.closed or ch.key != self.key():  # SELECT/HELLO/AUTH since: a new one
-            lease = self._new_lease(i, batch)
+            lease = self.new_lease(i, batch)
             if lease is None:
                 return
             self.oneshot = lease
@@ -648,7 +668,7 @@ class ClientSession(PlainPath, Audited):
         if self.lease is not None and not self.lease.ending:
             batch.replies[i] = resp.error("ERR vproxy: end the WATCH (UNWATCH) before subscribing")
             return
-        lease = self._new_lease(i, batch)
+        lease = self.new_lease(i, batch)
         if lease is None:
             return
         self.flush(batch, i)  # replies before this one go out first: the stream writes as soon as it reads
@@ -660,15 +680,15 @@ class ClientSession(PlainPath, Audited):
         st = self.stream
         if name in (b"quit", b"reset"):
             if st.kind != "reply":  # replies still in flight (a pipelined SUBSCRIBE's) go out first
-                self._sync_stream(st)
-            self._end_stream()
+                self.sync_stream(st)
+            self.end_stream()
             return LOCAL[name](self, i, args, raw, batch)
         if name in C.STATEFUL:
             st.lease.dirty = True
             if st.kind == "sub" and self.proto == 2:
                 pass  # RESP2 pub/sub: the server refuses SELECT and HELLO
-            elif name == b"select" and len(args) == 2 and self._db_arg(args[1]) is not None:
-                self.db = self._db_arg(args[1])
+            elif name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:
+                self.db = self.db_arg(args[1])
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.proto = int(args[1])
         ch = st.lease.channel
@@ -682,8 +702,8 @@ class ClientSession(PlainPath, Audited):
         if self._stream_multi(st, name):
             return
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
-            if self._sync_stream(st) and st.counts == [0, 0]:
-                self._end_stream(clean=True)
+            if self.sync_stream(st) and st.counts == [0, 0]:
+                self.end_stream(clean=True)
 
     def _stream_multi(self, st: Stream, name: bytes) -> bool:
         """A MULTI inside a RESP3 subscription: the server queues what follows, so no sync PING may
@@ -693,13 +713,13 @@ class ClientSession(PlainPath, Audited):
             st.multi = 1
         elif st.multi and name in (b"exec", b"discard"):
             unsubscribed, st.multi = st.multi == 2 and name == b"exec", 0
-            if unsubscribed and self._sync_stream(st) and st.counts == [0, 0]:
-                self._end_stream(clean=True)
+            if unsubscribed and self.sync_stream(st) and st.counts == [0, 0]:
+                self.end_stream(clean=True)
         elif st.multi and name in _UNSUBS:
             st.multi = 2
         return bool(st.multi) or name in (b"multi", b"exec", b"discard")
 
-    def _sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
+    def sync_stream(self, st: Stream, lease: Lease | None = None) -> bool:
         """A PING right behind the requests comes back after every reply before it: wait for it.
 
         lease: the stream connection to sync (default its own; cluster shard channels have more)."""
@@ -747,7 +767,7 @@ class ClientSession(PlainPath, Audited):
                 st.patterns += v[2] - st.counts[kind]
             st.counts[kind] = v[2]
 
-    def _end_stream(self, clean: bool = False) -> None:
+    def end_stream(self, clean: bool = False) -> None:
         st, self.stream = self.stream, None
         if st is not None:
             ch = st.lease.channel

@@ -1,7 +1,8 @@
 """Commands vproxy answers itself from the session state it tracks (PING, SELECT, HELLO, CLIENT ...).
 
 Each handler is `fn(session, idx, args, raw, batch)` and either puts a reply in batch.replies[idx]
-or hands the request on (session.forward / pin / block / start_stream).
+or hands the request on with what vproxy/handler.py declares a session offers (forward, block,
+start_stream ...).
 """
 
 from __future__ import annotations
@@ -33,16 +34,11 @@ def quit_(s, i, args, raw, batch):
 
 def reset(s, i, args, raw, batch):
     s.settle()
-    s._end_stream()
+    s.end_stream()
     for lease in (s.lease, s.oneshot):
         if lease is not None:
             lease.release(clean=False)
-    s.lease = s.oneshot = s.cur = None
-    s.in_multi = s.watching = False
-    s.db, s.proto = 0, 2
-    s.name = s.lib_name = s.lib_ver = b""
-    s.no_evict = s.no_touch = False
-    s.authed = not s.app.cfg.password
+    s.reset()  # the session state of a new connection (ClientSession.reset)
     switch(s, None)  # the server's RESET deauthenticates to the default user too
     if s.app.gate is not None:
         s.app.gate.start(s)
@@ -161,7 +157,7 @@ def select(s, i, args, raw, batch):
     if s.lease is not None and not s.lease.ending:  # WATCH is on: the lease's connection switches too
         s.lease.dirty = True
         s.db = db
-        return s.forward(i, raw, batch)
+        return s.forward(i, raw, batch, args=args)
     s.db = db
     if s.proxy_user is not None:  # the plain path's predicate depends on whether the db is allowed
         bind(s, s.proxy_user)
@@ -172,7 +168,7 @@ def info(s, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
     if sections and sections <= admin.PROXY_SECTIONS:  # the proxy's own sections only: no backend
         return _reply(batch, i, resp.verbatim(admin.proxy_info(s.app, sections), s.proto))
-    s.forward(i, raw, batch)  # the server leaves out the section names it does not know
+    s.forward(i, raw, batch, args=args)  # the server leaves out the section names it does not know
     if admin.proxy_info(s.app, sections, probe=True):
         s.post.append((i, lambda frame: append_proxy_sections(s, frame, sections)))
 
@@ -251,7 +247,7 @@ def client(s, i, args, raw, batch):
     sub = args[1].lower()
     handler = CLIENT.get(sub)
     if handler is None:
-        return s.block(i, raw, batch, dirty=True)  # unknown to vproxy: a connection of its own
+        return s.block(i, raw, batch, dirty=True, args=args)  # unknown to vproxy: a connection of its own
     handler(s, i, args, raw, batch)
 
 
@@ -360,11 +356,11 @@ CLIENT = {
     b"maint_notifications": _client_maint_notifications,
     b"getredir": lambda s, i, a, r, b: _reply(b, i, _arity(a, "getredir") or resp.integer(-1)),
     b"unblock": lambda s, i, a, r, b: _reply(b, i, admin.client_unblock(s, a)),
-    b"pause": lambda s, i, a, r, b: s.forward(i, r, b),
-    b"unpause": lambda s, i, a, r, b: s.forward(i, r, b),
-    b"help": lambda s, i, a, r, b: s.forward(i, r, b),
-    b"trackinginfo": lambda s, i, a, r, b: s.forward(i, r, b),
-    b"caching": lambda s, i, a, r, b: s.forward(i, r, b),
+    b"pause": lambda s, i, a, r, b: s.forward(i, r, b, args=a),
+    b"unpause": lambda s, i, a, r, b: s.forward(i, r, b, args=a),
+    b"help": lambda s, i, a, r, b: s.forward(i, r, b, args=a),
+    b"trackinginfo": lambda s, i, a, r, b: s.forward(i, r, b, args=a),
+    b"caching": lambda s, i, a, r, b: s.forward(i, r, b, args=a),
 }
 
 
@@ -377,7 +373,7 @@ def config(s, i, args, raw, batch):
     if len(args) == 2 and args[1].lower() == b"resetstat":
         admin.reset_stats(s.app)
     hide_config_secrets(s, i, args)
-    s.forward(i, raw, batch)
+    s.forward(i, raw, batch, args=args)
 
 
 # The handler of each command vproxy answers: the command table declares which those are

@@ -80,7 +80,7 @@ def own_credentials(cfg) -> Credentials | None:
 
 def user_name(s) -> str:
     """The user the session runs as (CLIENT LIST's user=): its proxy user (gate.py), else the backend's."""
-    if getattr(s, "proxy_user", None) is not None:
+    if s.proxy_user is not None:
         return s.proxy_user.name
     if s.user is not None:
         return s.user.user.decode(errors="replace")

@@ -45,15 +45,23 @@ class ClusterSession(Redirects, ClientSession):
         self.ops: list = []  # (batch, idx, subs, merge)
         self.sb = Batch(0)  # replies of the subs that make up split and fan-out requests
         self.chans: dict = {}  # node address -> this session's channel there
-        self.cur_args: list = []
-        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
         self.lease_addr = None  # where the next lease opens (SSUBSCRIBE)
-        self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
-        self.multi_failed = False
         self.reads = app.cfg.read_from != "primary"  # read-only commands may go to replicas
         self.rr = self.id
-        self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
         self.shards = shard_pubsub.ShardPubSub(self)  # a stream's shard channels, other nodes' connections
+
+    def reset(self) -> None:
+        """ClientSession.reset, and the cluster's own session state (reset_cluster)."""
+        super().reset()
+        self.reset_cluster()
+
+    def reset_cluster(self) -> None:
+        """The cluster's session state as a new connection has it: no queued transaction, no bound
+        slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
+        self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
+        self.multi_failed = False
+        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
+        self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----
 
@@ -85,7 +93,6 @@ class ClusterSession(Redirects, ClientSession):
             if err:
                 batch.replies[i] = resp.error(err)
                 return
-        self.cur_args = args
         h = PRE.get(name)
         if h is not None and self.authed and self.stream is None and not (self.in_multi and name in IN_MULTI):
             cmd = self.app.commands.get(name)
@@ -147,7 +154,7 @@ class ClusterSession(Redirects, ClientSession):
         return {key_slot(args[p]) for p in pos}
 
     def forward(self, i: int, raw: bytes, batch: Batch, name: bytes | None = None, args=None) -> None:
-        args = args if args is not None else self.cur_args
+        """Route by the slots of args' keys (name is read from args: after a namespace's rewrite)."""
         name = args[0].lower()
         slots = self.slots_of(name, args)
         if self.lease is not None and not self.lease.ending:
@@ -262,7 +269,7 @@ class ClusterSession(Redirects, ClientSession):
 
     # ---- leases: MULTI/WATCH, blocking commands, SSUBSCRIBE ----
 
-    def _new_lease(self, i: int, batch: Batch):
+    def new_lease(self, i: int, batch: Batch):
         self.settle()
         if self.closing:
             return None
@@ -273,15 +280,15 @@ class ClusterSession(Redirects, ClientSession):
             batch.replies[i] = resp.error(str(e))
             return None
 
-    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, **kw) -> None:
+    def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False,
+              args: list | None = None) -> None:
         """A blocking command: its own connection on its key's node; redirections followed."""
-        args = self.cur_args
         name = args[0].lower()
         slots = self.slots_of(name, args) if not dirty else set()
         if (self.lease is not None and not self.lease.ending) or dirty or not slots:
             if self.lease is not None and not self.lease.ending:
                 return self.on_lease(i, raw, batch, slots)
-            return super().block(i, raw, batch, dirty, **kw)
+            return super().block(i, raw, batch, dirty, wait, args)
         if len(slots) > 1:
             batch.replies[i] = resp.error(multikey.crossslot(name))
             return
@@ -324,8 +331,8 @@ class ClusterSession(Redirects, ClientSession):
             return
         self.shards.monitor(st, raw)
 
-    def _end_stream(self, clean: bool = False) -> None:
-        super()._end_stream(clean)
+    def end_stream(self, clean: bool = False) -> None:
+        super().end_stream(clean)
         self.shards.drop()
 
 # Requests the cluster session answers before (or instead of) the standalone dispatch (app.py tells the

@@ -140,17 +140,17 @@ class ShardPubSub(Resubscriber):
                 self.sunsub[c] = self.sunsub.get(c, 0) + 1
             lease.channel.send_raw(resp.encode_request([b"SUNSUBSCRIBE", *chans]))
         if self.slast is not None:
-            s._sync_stream(st, self.slast)
+            s.sync_stream(st, self.slast)
         if local:
             s.write(self._drop_locally(st, local))
         if st.counts == [0, 0] and not self.schans:
-            s._end_stream(clean=True)
+            s.end_stream(clean=True)
 
     def _switch(self, st, lease) -> None:
         """Replies come in request order: the previous connection's replies first."""
         last = self.slast or st.lease
         if last is not None and last is not lease and last.channel is not None and not last.channel.closed:
-            self.s._sync_stream(st, last)
+            self.s.sync_stream(st, last)
         self.slast = lease
 
     def _wait_main(self, st) -> None:

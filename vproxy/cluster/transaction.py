@@ -57,7 +57,7 @@ def watch(s, i, args, raw, batch):
     else:
         s.lease_addr = s.app.router.topology.owner(slot)
         try:
-            lease = s._new_lease(i, batch)
+            lease = s.new_lease(i, batch)
         finally:
             s.lease_addr = None
         if lease is None:
@@ -98,8 +98,8 @@ def queue(s, i, name, args, raw, batch):
         return
     if slots and s.pin_slot is None:
         s.pin_slot = next(iter(slots))
-    if name == b"select" and len(args) == 2 and s._db_arg(args[1]) is not None:
-        s.multi_select = s._db_arg(args[1])
+    if name == b"select" and len(args) == 2 and s.db_arg(args[1]) is not None:
+        s.multi_select = s.db_arg(args[1])
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
@@ -195,7 +195,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
 
 def forget(s) -> None:
     """RESET: the cluster session's own state (queued transaction, bound slot, database namespace)."""
-    s.mq, s.multi_failed, s.pin_slot, s.ns = [], False, None, None
+    s.reset_cluster()
 
 
 def reset(s, i, args, raw, batch):
