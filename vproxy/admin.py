@@ -8,6 +8,7 @@ from time import monotonic, time
 
 from . import __version__, audit, auditfmt, cmdstats, hostport, outbox, resp
 from . import errors as E
+from . import transaction as tx
 from .users import user_name
 
 
@@ -140,7 +141,7 @@ def _backend_names(app) -> list[str]:
 
 def _flags(s) -> str:
     f = ""
-    if s.in_multi:
+    if tx.in_multi(s):
         f += "x"
     if s.stream is not None:
         f += {"sub": "P", "monitor": "O", "tracking": "t", "reply": "N"}.get(s.stream.kind, "")
@@ -168,7 +169,7 @@ def client_line(s) -> str:
         f"id={s.id} addr={hostport.fmt(s.addr)} laddr={hostport.fmt(sock_name)} fd={_fileno(s)} "
         f"name={s.name.decode(errors='replace')} age={int(now - s.created)} "
         f"idle={int(monotonic() - s.last_active)} flags={_flags(s)} db={s.db} sub={counts[0] - patterns} "
-        f"psub={patterns} ssub={counts[1]} multi={-1 if not s.in_multi else 0} watch={int(s.watching)} qbuf=0 "
+        f"psub={patterns} ssub={counts[1]} multi={-1 if not tx.in_multi(s) else 0} watch={int(tx.watching(s))} qbuf=0 "
         f"qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 "
         f"events=r cmd={s.last_cmd.decode(errors='replace')} user={user_name(s)} redir=-1 resp={s.proto} "
         f"lib-name={s.lib_name.decode(errors='replace')} lib-ver={s.lib_ver.decode(errors='replace')}"

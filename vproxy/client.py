@@ -36,6 +36,7 @@ from .outbox import TWIN, Outbox
 from .audit import Audited, AuditTrack
 from .limits import Bucket
 from .plain import STUCK, PlainPath
+from . import transaction as tx
 from .sockio import recv_nowait, recv_ready, send_all
 from .users import DRYRUN, backend_auth, dryrun, switch
 
@@ -98,7 +99,6 @@ class ClientSession(PlainPath, Audited):
         # back with users.switch, which counts each user's sessions
         self.user = None
         self.reset()  # the session state a new connection has, and RESET restores
-        self.multi_failed = False  # a request refused while queued in MULTI (cluster: EXEC answers EXECABORT)
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
@@ -153,7 +153,7 @@ class ClientSession(PlainPath, Audited):
         self.lease: Lease | None = None  # MULTI / WATCH
         self.oneshot: Lease | None = None  # one blocking command
         self.stream: Stream | None = None
-        self.in_multi = self.watching = False
+        self.tx = tx.IDLE  # transaction.TxState: WATCH / MULTI / a refused queued request
 
     @property
     def authed(self) -> bool:
@@ -460,7 +460,7 @@ class ClientSession(PlainPath, Audited):
             return
         if self.stream is not None:
             return self.stream_dispatch(i, name, args, raw, batch)
-        if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
+        if self.tx >= tx.QUEUED and name not in (b"exec", b"discard", b"quit", b"reset"):
             return self.in_transaction(i, name, args, raw, batch)
         table = self.app.commands
         arity, policy = table.lookup(name)
@@ -494,7 +494,7 @@ class ClientSession(PlainPath, Audited):
         if err is None:
             return False
         self.app.stats.acl_denied += 1
-        if self.in_multi and name not in (b"exec", b"discard", b"quit", b"reset"):
+        if self.tx >= tx.QUEUED and name not in (b"exec", b"discard", b"quit", b"reset"):
             self.refuse_queued(batch, i, err)
         else:
             self.refuse(batch, i, err)
@@ -504,7 +504,7 @@ class ClientSession(PlainPath, Audited):
         """refuse() inside MULTI: as when the server refuses a request at queue time, EXEC then
         aborts the transaction (-EXECABORT)."""
         self.refuse(batch, i, msg)
-        self.multi_failed = True  # cluster: cluster/transaction.exec_ answers EXECABORT
+        tx.fail(self)  # cluster: cluster/transaction.exec_ answers EXECABORT
         lease = self.lease
         if lease is not None and not lease.ending and lease.channel is not None:
             # standalone: a request the server refuses at queue time flags its transaction (reply dropped)
@@ -597,14 +597,16 @@ class ClientSession(PlainPath, Audited):
             lease = self.new_lease(i, batch)
             if lease is None:
                 if name == b"multi":  # what the client queues behind it must not run: see in_transaction
-                    self.in_multi, self.lease = True, None
+                    tx.multi(self)
+                    self.lease = None
                 return
             self.lease = lease
             self.cur = lease.channel
         if name == b"multi":
-            self.in_multi, self.multi_select, self.multi_proto, self.multi_auth = True, None, None, None
+            tx.multi(self)
+            self.multi_select, self.multi_proto, self.multi_auth = None, None, None
         else:
-            self.watching = True
+            tx.watch(self)
         self.submit(self.lease.channel, i, raw, batch)
 
     def in_transaction(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:

@@ -45,8 +45,7 @@ class Session(Protocol):
     lease: Any  # MULTI / WATCH: mux.lease.Lease, or None
     oneshot: Any  # a blocking command's Lease, or None
     stream: Any  # client.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
-    in_multi: bool
-    watching: bool
+    tx: Any  # transaction.TxState: WATCHING / QUEUED (inside MULTI) / FAILED (EXEC aborts)
 
     # ---- who the client is (users.py, gate.py) ----
     user: Any  # the backend user's Credentials (users.switch changes it), None: vproxy's own
@@ -58,7 +57,6 @@ class Session(Protocol):
     multi_select: int | None
     multi_proto: int | None
     multi_auth: tuple | None
-    multi_failed: bool  # a request was refused while queued: EXEC aborts
 
     def forward(self, i: int, raw: bytes, batch: Any, name: bytes | None = None, args: list | None = None) -> None:
         """Send request i (raw) to the backend that runs it: on the session's lease if it holds one,
@@ -155,4 +153,4 @@ class ClusterSession(Session, Protocol):
         """Ask the cluster monitor for a new slot map."""
 
     def reset_cluster(self) -> None:
-        """Set the cluster's session state (ns, pin_slot, mq, multi_failed) to a new connection's."""
+        """Set the cluster's session state (ns, pin_slot, mq, tx's FAILED) to a new connection's."""

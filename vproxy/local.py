@@ -12,6 +12,7 @@ import hmac
 from . import admin, resp
 from . import commands as C
 from . import errors as E
+from . import transaction as tx
 from .gate import acl_command, bind, hide_config_secrets
 from .users import backend_auth, switch
 
@@ -189,12 +190,12 @@ def append_proxy_sections(s, frame: bytes, sections: set) -> bytes:
 
 
 def exec_(s, i, args, raw, batch):
-    if s.in_multi and s.lease is None:  # MULTI failed (no connection): nothing was queued
-        s.in_multi = s.watching = False
+    if tx.in_multi(s) and s.lease is None:  # MULTI failed (no connection): nothing was queued
+        tx.end(s)
         aborted = resp.error("EXECABORT Transaction discarded because of previous errors.")
         return _reply(batch, i, aborted if args[0].lower() == b"exec" else resp.OK)
-    if s.in_multi:
-        s.in_multi = s.watching = False
+    if tx.in_multi(s):
+        tx.end(s)
         s.lease.ending = True
         s.submit(s.lease.channel, i, raw, batch)
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
@@ -227,7 +228,7 @@ def _apply_after_exec(s, frame: bytes, db: int | None, proto: int | None) -> byt
 
 def unwatch(s, i, args, raw, batch):
     if s.lease is not None and not s.lease.ending:
-        s.watching = False
+        tx.unwatch(s)
         s.lease.ending = True
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.OK)

@@ -22,6 +22,7 @@ from gevent.hub import Waiter, get_hub, getcurrent
 from .errors import BackendError
 from .mux.channel import Batch, deadline_after
 from .outbox import TWIN
+from .transaction import QUEUED
 
 
 STUCK = object()  # handed to a parked client greenlet: its outbox holds replies it must sort out
@@ -174,7 +175,7 @@ class PlainPath:
     def plain(self) -> bool:
         """No state that a request must pass through: plain requests may take the fast path."""
         return self.authed and self.lease is None and self.oneshot is None and self.stream is None \
-            and not self.in_multi and not self.closing
+            and self.tx < QUEUED and not self.closing
 
     def forward_plain(self, reqs: list, wait: bool = True) -> int:
         """Send the leading run of plain forwarded requests on the client's shared channel; their

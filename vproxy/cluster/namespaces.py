@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 
 from .. import resp
+from .. import transaction as tx
 from ..keyspec import key_positions
 from ..local import LOCAL, db_index
 from ..slots import key_slot
@@ -43,7 +44,7 @@ def emulated(s) -> bool:
 
 def select(s, i, args, raw, batch):
     native = getattr(s.app.router.topology, "databases", 1)
-    if s.in_multi and native > 1:  # queued as the server queues it; EXEC answers its error
+    if tx.in_multi(s) and native > 1:  # queued as the server queues it; EXEC answers its error
         return s.in_transaction(i, b"select", args, raw, batch)
     db, err = db_index(args[1], s.app.databases if native <= 1 else native)
     if err:
@@ -51,9 +52,9 @@ def select(s, i, args, raw, batch):
         return
     if native > 1:
         return LOCAL[b"select"](s, i, args, raw, batch)
-    if s.in_multi:
+    if tx.in_multi(s):
         batch.replies[i] = resp.error("ERR vproxy: SELECT inside MULTI is not supported with emulated databases")
-        s.multi_failed = True
+        tx.fail(s)
         return
     s.db, s.ns = db, (prefix(db) if db else None)
     batch.replies[i] = resp.OK

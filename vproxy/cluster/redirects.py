@@ -21,6 +21,7 @@ from time import monotonic
 import gevent
 
 from .. import hostport, resp
+from .. import transaction as tx
 from ..mux import busy
 from ..mux.channel import TIMED_OUT, Batch
 from . import keyless
@@ -134,7 +135,7 @@ class Redirects:
         if self.inflight or self.ops:
             self.finish()
         super().settle()
-        if self.lease is None and not self.in_multi:
+        if self.lease is None and not tx.in_multi(self):
             self.pin_slot = None
 
     def finish(self) -> None:

@@ -17,6 +17,7 @@ and resends go out in their original order after everything before them has answ
 from __future__ import annotations
 
 from .. import resp
+from .. import transaction as tx
 from ..client import ClientSession
 from ..errors import BackendError
 from ..commands import CommandTable
@@ -59,7 +60,7 @@ class ClusterSession(Redirects, ClientSession):
         """The cluster's session state as a new connection has it: no queued transaction, no bound
         slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
         self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
-        self.multi_failed = False
+        self.tx &= ~tx.FAILED  # RESET: the queued transaction's refusals are forgotten first
         self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
@@ -73,7 +74,7 @@ class ClusterSession(Redirects, ClientSession):
                 return
             checked = True
         if self.ns is None and self.authed and not self.reads and self.lease is None and self.oneshot is None \
-                and self.stream is None and not self.in_multi:
+                and self.stream is None and self.tx < tx.QUEUED:
             # the common case in one place: a one-key command for the primary, whose channel this
             # session already holds (what dispatch -> forward -> route -> send would do, minus the calls)
             pos = self.app.commands.fast_key(name, len(args))
@@ -94,7 +95,7 @@ class ClusterSession(Redirects, ClientSession):
                 batch.replies[i] = resp.error(err)
                 return
         h = PRE.get(name)
-        if h is not None and self.authed and self.stream is None and not (self.in_multi and name in IN_MULTI):
+        if h is not None and self.authed and self.stream is None and not (self.tx >= tx.QUEUED and name in IN_MULTI):
             cmd = self.app.commands.get(name)
             if cmd is not None and not cmd.arity_ok(len(args)):
                 batch.replies[i] = resp.error(f"ERR wrong number of arguments for '{name.decode()}' command")

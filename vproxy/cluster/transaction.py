@@ -21,6 +21,7 @@ from time import monotonic
 import gevent
 
 from .. import hostport, resp
+from .. import transaction as tx
 from ..client import AUTH_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
@@ -64,15 +65,16 @@ def watch(s, i, args, raw, batch):
             return
         s.lease, s.cur = lease, lease.channel
     s.pin_slot = slot
-    s.watching = True
+    tx.watch(s)
     s.submit(s.lease.channel, i, raw, batch)
 
 
 def multi(s, i, args, raw, batch):
-    if s.in_multi:
+    if tx.in_multi(s):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
-    s.in_multi, s.multi_select, s.multi_failed, s.mq = True, None, False, []
+    tx.multi(s)
+    s.multi_select, s.mq = None, []
     batch.replies[i] = resp.OK
 
 
@@ -85,14 +87,14 @@ def queue(s, i, name, args, raw, batch):
         return s.refuse_queued(batch, i, AUTH_IN_MULTI)
     cmd = s.app.commands.get(name)
     if cmd is None or not cmd.arity_ok(len(args)):
-        s.multi_failed = True
+        tx.fail(s)
         batch.replies[i] = resp.error(
             f"ERR unknown command '{args[0].decode(errors='replace')}'" if cmd is None
             else f"ERR wrong number of arguments for '{name.decode(errors='replace')}' command")
         return
     slots = s.slots_of(name, args)
     if slots is None or len(slots) > 1 or (slots and s.pin_slot is not None and s.pin_slot not in slots):
-        s.multi_failed = True
+        tx.fail(s)
         batch.replies[i] = resp.error(other_slot(s.pin_slot) if slots and len(slots) == 1 else
                                       f"CROSSSLOT vproxy: the keys of '{name.decode()}' are not all in one slot")
         return
@@ -106,10 +108,10 @@ def queue(s, i, name, args, raw, batch):
 
 def exec_(s, i, args, raw, batch):
     name = args[0].lower()
-    if not s.in_multi:
+    if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
-    queued, failed, target, slot = s.mq, s.multi_failed, s.multi_select, s.pin_slot
-    s.in_multi = s.multi_failed = False
+    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, s.pin_slot
+    tx.end_multi(s)
     s.mq = []
     if name == b"discard" or failed:
         end_watch(s)
@@ -122,14 +124,14 @@ def exec_(s, i, args, raw, batch):
     batch.replies[i] = reply
     if _held(s):
         s.lease.ending = True  # EXEC ended the WATCH on the server
-    s.watching = False
+    tx.unwatch(s)
 
 
 def end_watch(s) -> None:
     if _held(s):
         s.lease.channel.submit(UNWATCH, None, 0, deadline_after(s.app.cfg.command_timeout))
         s.lease.ending = True
-    s.watching = False
+    tx.unwatch(s)
 
 
 def run(s, queued: list, slot: int) -> bytes:
