@@ -16,6 +16,7 @@ Transactions holding SELECT/HELLO/CLIENT ... run on a connection of their own, c
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from time import monotonic
 
 import gevent
@@ -181,17 +182,14 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
         return [resp.error(str(e))], True
     b = Batch(len(queued) + 2)
     deadline = deadline_after(s.app.cfg.command_timeout)
-    if asking:
-        ch.submit(ASKING, None, 0, deadline)  # a deadline on every request: the janitor looks at the oldest
-    ch.submit(MULTI, b, 0, deadline)
-    for j, (_, raw) in enumerate(queued, 1):
-        ch.submit(raw, b, j, deadline)
-    ch.submit(EXEC, b, len(queued) + 1, deadline)
-    try:
+    with lease if lease is not None else nullcontext():  # a connection of its own: closed after (dirty)
+        if asking:
+            ch.submit(ASKING, None, 0, deadline)  # a deadline on every request: the janitor looks at the oldest
+        ch.submit(MULTI, b, 0, deadline)
+        for j, (_, raw) in enumerate(queued, 1):
+            ch.submit(raw, b, j, deadline)
+        ch.submit(EXEC, b, len(queued) + 1, deadline)
         b.wait()
-    finally:
-        if lease is not None:
-            lease.release(clean=False)
     return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
 
 
