@@ -23,20 +23,7 @@ from cpython.object cimport PyObject
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void *op)
 
-cdef extern from "time.h":
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clk_id, timespec *tp)
-    int CLOCK_REALTIME
-
-
-cdef inline double now_wall() noexcept:
-    """time.time(), as CPython computes it on Linux."""
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
+from vproxy._clock cimport now_wall
 
 
 # set by audit.py (bind): the functions and constants the twin shares with the reference

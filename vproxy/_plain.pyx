@@ -14,6 +14,8 @@ from cpython.dict cimport PyDict_GetItem
 from libc.string cimport memchr
 from cpython.object cimport PyObject
 
+from vproxy._clock cimport now_monotonic
+
 import gevent
 from gevent.hub import Waiter, get_hub, getcurrent
 
@@ -37,20 +39,7 @@ def bind(touched=None, push_touched=None, backend_error=None, unavailable=None,
         fast_key = fast_key_of
 
 
-cdef extern from "time.h":
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clk_id, timespec *tp)
-    int CLOCK_MONOTONIC
 
-
-cdef inline double now_monotonic() noexcept:
-    """time.monotonic(), as CPython computes it on Linux."""
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 # ---- slots.key_slot, compiled: CRC16 (XMODEM) of the key or its hash tag, in one pass over bytes ----
@@ -468,19 +457,40 @@ cdef void flush_lanes(dict lanes) except *:
             kick(lane.ch)
 
 
+cdef inline void send_numbered(Outbox box, Lane lane, bytes raw, tuple meta, deadline) except *:
+    """box.send(ch, req, meta, deadline), inlined with Channel.submit: the next numbered request
+    goes on the lane (the cluster and HA twins)."""
+    cdef Py_ssize_t seq = box.next_seq
+    box.next_seq = seq + 1
+    box.meta.append(meta)
+    box.frames.append(None)
+    box.left += 1
+    lane.wappend((box, -2 - seq, deadline))
+    lane.oappend(raw)
+    lane.unsent += 1
+
+
+cdef void lanes_done(self, dict lanes, Py_ssize_t k, last, track, list reqs, Py_ssize_t told) except *:
+    """The end of a cluster or HA twin's call: what was queued is counted, sent and told."""
+    flush_lanes(lanes)
+    if k:
+        self.last_cmd = last
+    if track is not None and k > told:
+        track.add_many(reqs, told, k)
+
+
 def forward_plain_cluster(self, list reqs, bint wait=True):
     """ClusterSession.forward_plain (bound as that method). Per request: the name and key position
     from the table's caches, the slot, the owner's lane (one per node, validated once per call and
     again after a wait), a sequence number and the two appends; the statistics are told a run at a
     time (Track.add_many, in send order, which is the order the replies are written in)."""
     cdef Outbox box = <Outbox?>self.outbox
-    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, seq, pos, slot
+    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, pos, slot
     cdef Py_ssize_t nargs, arity
     cdef tuple req, spec
     cdef list args
     cdef bytes karg
     cdef dict lanes = {}, chans, specs, derived
-    cdef list meta = box.meta, frames = box.frames
     cdef Lane lane
     cdef PyObject *found
     if self.ns is not None or self.reads or box.stuck:
@@ -540,22 +550,11 @@ def forward_plain_cluster(self, list reqs, bint wait=True):
                 lane = lanes[addr] = Lane(ch)
             if deadline is None:
                 deadline = deadline_of(self.app.cfg.command_timeout)
-            seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
-            box.next_seq = seq + 1
-            meta.append((req[1], slot, name, addr))
-            frames.append(None)
-            box.left += 1
-            lane.wappend((box, -2 - seq, deadline))
-            lane.oappend(req[1])
-            lane.unsent += 1
+            send_numbered(box, lane, req[1], (req[1], slot, name, addr), deadline)
             last = name
             k += 1
     finally:  # what was queued is counted, sent and told, whatever happened
-        flush_lanes(lanes)
-        if k:
-            self.last_cmd = last
-        if track is not None and k > told:
-            track.add_many(reqs, told, k)
+        lanes_done(self, lanes, k, last, track, reqs, told)
     return k
 
 
@@ -590,11 +589,10 @@ def forward_plain_ha(self, list reqs, bint wait=True):
     """PlainPath.forward_plain_ha (bound as HASession.forward_plain): as forward_plain_cluster, with
     the pool the router picks per request (the primary, or a replica for a read) for the node."""
     cdef Outbox box = <Outbox?>self.outbox
-    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window, seq
+    cdef Py_ssize_t k = 0, told = 0, n = PyList_GET_SIZE(reqs), window = self.window
     cdef tuple req
     cdef list args
     cdef dict chans = self.plain_chans, lanes = {}
-    cdef list meta = box.meta, frames = box.frames
     cdef Lane lane
     cdef PyObject *found
     if box.stuck:
@@ -642,20 +640,9 @@ def forward_plain_ha(self, list reqs, bint wait=True):
                 lane = <Lane>found
             if deadline is None:
                 deadline = deadline_of(self.app.cfg.command_timeout)
-            seq = box.next_seq  # box.send(ch, req, meta, deadline), inlined with Channel.submit
-            box.next_seq = seq + 1
-            meta.append((req[1], name, key, pool))
-            frames.append(None)
-            box.left += 1
-            lane.wappend((box, -2 - seq, deadline))
-            lane.oappend(req[1])
-            lane.unsent += 1
+            send_numbered(box, lane, req[1], (req[1], name, key, pool), deadline)
             last = name
             k += 1
     finally:  # what was queued is counted, sent and told, whatever happened
-        flush_lanes(lanes)
-        if k:
-            self.last_cmd = last
-        if track is not None and k > told:
-            track.add_many(reqs, told, k)
+        lanes_done(self, lanes, k, last, track, reqs, told)
     return k

@@ -8,7 +8,8 @@ of a tuple, a deque and a Python method call per request. tests/test_cmdstats.py
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from vproxy._clock cimport now_monotonic
 
 from vproxy.cmdstats import NBUCKETS as _NB, SUB as _SUB, bucket_value
 
@@ -33,11 +34,6 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
 
 
-cdef inline double now_monotonic() noexcept:
-    """time.monotonic(), as CPython computes it on Linux."""
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class CommandStat:

@@ -212,7 +212,7 @@ def exec_(s, i, args, raw, batch):
     _reply(batch, i, resp.error(f"ERR {args[0].decode().upper()} without MULTI"))
 
 
-def _apply_select(s, frame: bytes, db: int) -> bytes:
+def apply_select(s, frame: bytes, db: int) -> bytes:
     return _apply_after_exec(s, frame, db, None)
 
 

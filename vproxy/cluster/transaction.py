@@ -26,7 +26,7 @@ from .. import transaction as tx
 from ..client import AUTH_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
-from ..local import LOCAL, _apply_select
+from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
 from .redirects import ASKING, REDIRECT
@@ -121,7 +121,7 @@ def exec_(s, i, args, raw, batch):
     s.settle()  # everything before EXEC has answered
     reply = run(s, queued, -1 if slot is None else slot)
     if target is not None:
-        reply = _apply_select(s, reply, target)
+        reply = apply_select(s, reply, target)
     batch.replies[i] = reply
     if _held(s):
         s.lease.ending = True  # EXEC ended the WATCH on the server
