@@ -26,6 +26,8 @@ RULES = {
     "dana": "on >dpw allkeys +@all db=1,2",
     "erin": "on >epw allkeys +@all -@dangerous &news.* resetdbs db=0",
     "off1": "off >opw allkeys +@all",
+    # selectors: a request any one rule set allows goes; else the furthest-reaching denial answers
+    "sam": "on >spw +get +select ~a* db=0,2 (+set +select -get ~s* db=1) (+publish &ch* ~*)",
 }
 ADMIN = "admin on >adminpw allkeys allcommands allchannels"
 # (user, requests): each request's reply must be the direct server's, byte for byte
@@ -42,6 +44,10 @@ SCRIPTS = [
               ("COPY", "a", "b", "DB", "9"), ("FLUSHALL",), ("FLUSHDB",), ("ACL", "WHOAMI")]),
     ("erin", [("SET", "k", "v"), ("FLUSHDB",), ("KEYS", "*"), ("PUBLISH", "news.x", "m"), ("PUBLISH", "sport", "m"),
               ("SELECT", "1"), ("SPUBLISH", "sport", "m"), ("CONFIG", "RESETSTAT"), ("INFO", "keyspace")]),
+    ("sam", [("SET", "s1", "v"), ("GET", "x"), ("GET", "a1"), ("PUBLISH", "x", "m"), ("PUBLISH", "ch1", "m"),
+             ("MGET", "a1", "s1"), ("SELECT", "1"), ("GET", "a1"), ("SET", "s1", "v"), ("SET", "a1", "v"),
+             ("GET", "s1"), ("PUBLISH", "x", "m"), ("SELECT", "3"), ("SELECT", "2"), ("SET", "s1", "v"),
+             ("GET", "a1"), ("DEL", "a1")]),
 ]
 
 
@@ -178,6 +184,18 @@ def test_redis_py_clients(gated, valkeys):
         gated.client(username="carl", password="nope").ping()
 
 
+def test_acl_getuser_and_list_are_the_servers(gated, valkeys):
+    """ACL GETUSER and ACL LIST show a user (selectors and databases included) as the server shows
+    the same rules."""
+    proxy, direct = gated.client(), valkeys[1].client()
+    listed = {x.split()[1]: x for x in proxy.execute_command("ACL", "LIST")}
+    for line in direct.execute_command("ACL", "LIST"):
+        name = line.split()[1]
+        if name.decode() in RULES:
+            assert listed[name] == line
+            assert proxy.execute_command("ACL", "GETUSER", name) == direct.execute_command("ACL", "GETUSER", name)
+
+
 def test_acl_commands_answer_from_the_proxy_users(gated):
     c = gated.client()
     assert sorted(c.acl_users()) == sorted(["admin", *RULES])
@@ -299,7 +317,10 @@ def test_rules_parse_and_describe():
                    "+@read -get +config|get allchannels db=0,3 rate=10")
     assert u.enabled and not u.nopass and len(u.hashes) == 1 and u.rate == 10
     assert u.describe().split()[2:] == ["~d*", "&*", "db=0,3", "-@all", "+@read", "-get", "+config|get", "rate=10"]
-    for bad in ("x on +@nosuch", "x on %X~a", "x on db=a", "x on #123", "x on whatever"):
+    sel = parse_user("s on nopass +get (+set ~s* db=1) (allkeys) clearselectors (~x* +@read)")
+    assert sel.describe() == "on nopass resetchannels -@all +get (~x* resetchannels -@all +@read)"
+    for bad in ("x on +@nosuch", "x on %X~a", "x on db=a", "x on #123", "x on whatever", "x (+get ~a",
+                "x (on +get)", "x (>pw)", "x (rate=3)", "x (reset)"):
         with pytest.raises(ValueError):
             parse_user(bad)
     assert glob(b"a[b-c]?\\*").match(b"ac1*") and not glob(b"a[^b]").match(b"ab")
@@ -367,5 +388,5 @@ def test_conf_example_loads():
 
     from vproxy.config import load
     cfg = load(["-c", str(Path(__file__).resolve().parent.parent / "conf" / "users.toml")], env={})
-    assert [u.split()[0] for u in cfg.users] == ["admin", "app", "report", "cache", "default"]
+    assert [u.split()[0] for u in cfg.users] == ["admin", "app", "report", "cache", "worker", "default"]
     assert "app-secret" not in repr(cfg.values)

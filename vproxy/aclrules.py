@@ -17,6 +17,8 @@ CATEGORIES = frozenset(["keyspace", "read", "write", "set", "sortedset", "list",
                         "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
                         "dangerous", "connection", "transaction", "scripting"])
 _HEX = re.compile(r"[0-9a-f]{64}")
+# rules for the user as a whole, which a selector cannot hold
+_NOT_IN_SELECTOR = frozenset(["on", "off", "nopass", "resetpass", "reset", "clearselectors"])
 
 
 def glob(pattern: bytes) -> re.Pattern:
@@ -74,6 +76,20 @@ class Rules:
         self.channel_text: list[str] = []
         self.dbs: frozenset | None = None  # None: every database
         self.rate = 0.0  # vproxy's `rate=N`: requests per second, all its clients together
+        # further rule sets, "(~s:* +set db=1)": a request any one of them allows is allowed (as
+        # the server's selectors); None in a selector itself (it has none of its own)
+        self.selectors: list | None = []
+
+    def _selector(self, rule: str) -> "Rules":
+        """'(~s:* +set db=1)' -> a Rules of the same class with only command, key, channel and
+        database rules (the server's selector: no passwords, on/off, reset or nested selectors)."""
+        sel = type(self)(self.name)
+        sel.selectors = None
+        for word in rule[1:-1].split():
+            if word.lower() in _NOT_IN_SELECTOR or word[:1] in "><#!(" or word.lower().startswith("rate="):
+                raise ValueError(f"'{rule}': '{word}' is not a rule a selector can hold")
+            sel.apply(word)
+        return sel
 
     def apply(self, rule: str) -> None:
         """One rule, in Redis ACL syntax (plus db=, alldbs, resetdbs as valkey 9, and rate=N)."""
@@ -129,8 +145,10 @@ class Rules:
                 raise ValueError(f"'{rule}': a rate is >= 0 requests per second")
         elif low == "reset":
             self.__init__(self.name)
-        elif rule[:1] == "(" or low == "clearselectors":
-            raise ValueError(f"'{rule}': selectors are not supported at the proxy")
+        elif rule[:1] == "(" and rule[-1:] == ")" and self.selectors is not None:
+            self.selectors.append(self._selector(rule))
+        elif low == "clearselectors" and self.selectors is not None:
+            self.selectors = []
         else:
             raise ValueError(f"unknown rule '{rule}'")
 
@@ -151,14 +169,8 @@ class Rules:
         text = ("~" if bits == R | W else f"%{flags}~") + pattern
         self.keys.append((bits, glob(pattern.encode()), text))
 
-    def describe(self) -> str:
-        """The rules as ACL LIST shows them (passwords as their hashes)."""
-        parts = ["on" if self.enabled else "off"]
-        parts += ["nopass"] if self.nopass else [f"#{h}" for h in self.hashes]
-        parts += [k[2] for k in self.keys]
-        parts += self.channel_text or ["resetchannels"]
-        if self.dbs is not None:
-            parts.append("db=" + ",".join(str(d) for d in sorted(self.dbs)) if self.dbs else "resetdbs")
+    def command_rules(self) -> list[str]:
+        """The command rules as ACL LIST shows them: from +@all or -@all on."""
         cmds = []
         for allow, kind, what in self.commands:
             sign = "+" if allow else "-"
@@ -168,16 +180,52 @@ class Rules:
                 cmds.append(sign + what)
             else:
                 cmds.append(sign + (what.decode() if kind == "cmd" else b"|".join(what).decode()))
-        parts += cmds if cmds and cmds[0] in ("+@all", "-@all") else ["-@all", *cmds]
+        return cmds if cmds and cmds[0] in ("+@all", "-@all") else ["-@all", *cmds]
+
+    def db_rule(self) -> str | None:
+        """The databases as ACL LIST shows them (None: every database, shown by nothing)."""
+        if self.dbs is None:
+            return None
+        return "db=" + ",".join(str(d) for d in sorted(self.dbs)) if self.dbs else "resetdbs"
+
+    def describe(self) -> str:
+        """The rules as ACL LIST shows them (passwords as their hashes)."""
+        parts = ["on" if self.enabled else "off"]
+        parts += ["nopass"] if self.nopass else [f"#{h}" for h in self.hashes]
+        parts += [k[2] for k in self.keys]
+        parts += ["&*"] if self.channels is None else ["resetchannels", *self.channel_text]
+        if self.dbs is not None:
+            parts.append(self.db_rule())
+        parts += self.command_rules()
         if self.rate:
             parts.append(f"rate={self.rate:g}")
+        parts += [f"({' '.join(sel.describe().split()[1:])})" for sel in self.selectors or ()]
         return " ".join(parts)
+
+
+def split(line: str) -> list[str]:
+    """A user's line as its words, a selector's words joined again: 'a on (~s:* +set) +get' ->
+    ['a', 'on', '(~s:* +set)', '+get'] (ValueError on an unmatched parenthesis, as the server)."""
+    out, group = [], None
+    for word in str(line).split():
+        if group is None and word[:1] == "(":
+            group = []
+        if group is None:
+            out.append(word)
+            continue
+        group.append(word)
+        if word[-1:] == ")":
+            out.append(" ".join(group))
+            group = None
+    if group is not None:
+        raise ValueError(f"unmatched parenthesis in the selector starting at '{' '.join(group)}'")
+    return out
 
 
 def parse(line: str, cls: type = Rules):
     """'alice on >secret ~app:* +@read' -> cls (Rules or a subclass) with the rules applied in order
     (ValueError naming the bad rule)."""
-    words = str(line).split()
+    words = split(line)
     if not words:
         raise ValueError("an empty user")
     user = cls(words[0])

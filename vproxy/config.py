@@ -173,7 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Empty: no authentication. With 'users': the password of the user 'default' (full rights).",
             reloadable=True),
     Setting("users", list, [], "Users at the proxy (vproxy is the gate): one user a line, its name then "
-            "Redis ACL rules: 'alice on >secret ~app:* +@read -flushall db=0,1 rate=500' (docs/security.md). "
+            "Redis ACL rules: 'alice on >secret ~app:* +@read -flushall db=0,1 rate=500', selectors "
+            "'(~s:* +set db=2)' included (docs/security.md). "
             "A TOML table name = \"rules\" works too; in the environment, users are separated by ';'. "
             "Clear-text passwords are kept only as their SHA-256 hash. Set: every client must AUTH as one "
             "of them (or the 'default' user, if it has nopass or 'password' gives it one); sessions run "

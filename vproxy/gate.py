@@ -27,6 +27,9 @@ from .limits import Bucket
 NOPERM_KEY = "NOPERM No permissions to access a key"
 NOPERM_DB = "NOPERM No permissions to access database"
 NOPERM_CHANNEL = "NOPERM No permissions to access a channel"
+# A denial's rank (the server's: when no selector allows a request, the furthest-reaching denial is
+# the one answered) and its text; a command's denial (rank 2) names the user and the command.
+_DENIED_DB, _DENIED_KEY, _DENIED_CHANNEL = (1, NOPERM_DB), (3, NOPERM_KEY), (4, NOPERM_CHANNEL)
 # Commands no rule can deny (the server's no_auth flag): a session can always authenticate and leave.
 _NO_AUTH = frozenset([b"auth", b"hello", b"quit", b"reset"])
 # Commands whose arguments name channels: position of the first, and whether they are patterns.
@@ -84,25 +87,41 @@ class ProxyUser(Rules):
         return ok
 
     def check(self, s, name: bytes, args: list) -> str | None:
-        """None when the session may run this request, else the server's -NOPERM text."""
+        """None when the session may run this request, else the server's -NOPERM text. With
+        selectors, as the server: allowed when the user's own rules or any selector allow it; else
+        the denial that got furthest (database < command < key < channel; the last of equals)."""
         table = s.app.commands
         cmd = table.get(name)
-        if self.dbs is not None and not self._db_ok(cmd, name, args, s.db):
-            return NOPERM_DB
-        if name in _NO_AUTH or (cmd is not None and "no_auth" in cmd.flags):
-            return None
         sub = None
         if cmd is not None and cmd.subs and len(args) > 1:
             sub = args[1].lower()
             if sub not in cmd.subs:
                 sub = None
+        denied = self.denial(table, cmd, name, sub, args, s.db)
+        if denied is None:
+            return None
+        for sel in self.selectors:
+            d = sel.denial(table, cmd, name, sub, args, s.db)
+            if d is None:
+                return None
+            if d[0] >= denied[0]:
+                denied = d
+        return denied[1]
+
+    def denial(self, table, cmd, name: bytes, sub, args: list, db: int) -> tuple | None:
+        """None when these rules (the user's own, or one selector's) allow the request, else
+        (rank, -NOPERM text): what the server's ACLSelectorCheckCmd finds, in its order."""
+        if self.dbs is not None and not self._db_ok(cmd, name, args, db):
+            return _DENIED_DB
+        if name in _NO_AUTH or (cmd is not None and "no_auth" in cmd.flags):
+            return None
         if not self.may_run(table, name, sub) or name in _SCRIPTS:
             shown = name.decode(errors="replace") + ("|" + sub.decode() if sub is not None else "")
-            return f"NOPERM User {self.name} has no permissions to run the '{shown}' command"
+            return 2, f"NOPERM User {self.name} has no permissions to run the '{shown}' command"
         if not self.all_keys and not self._keys_ok(cmd, name, sub, args):
-            return NOPERM_KEY
+            return _DENIED_KEY
         if self.channels is not None and name in _CHANNELS and not self._channels_ok(name, args):
-            return NOPERM_CHANNEL
+            return _DENIED_CHANNEL
         return None
 
     def _keys_ok(self, cmd, name: bytes, sub, args: list) -> bool:
@@ -176,6 +195,8 @@ class ProxyUser(Rules):
     def relearned(self) -> None:
         """The command table changed (learned from the backend): forget what was derived from it."""
         self._runs.clear()
+        for sel in self.selectors or ():
+            sel.relearned()
 
 
 _ALL = object()
@@ -333,15 +354,21 @@ def acl_command(s, i, args, raw, batch) -> None:
 
 
 def _getuser(u: ProxyUser) -> dict:
-    words = u.describe().split()
     return {
         "flags": ["on" if u.enabled else "off"] + (["nopass"] if u.nopass else []),
         "passwords": list(u.hashes),
-        "commands": " ".join(w for w in words if w[:1] in "+-"),
-        "keys": " ".join(k[2] for k in u.keys),
-        "channels": " ".join(u.channel_text),
-        "databases": "alldbs" if u.dbs is None else ",".join(str(d) for d in sorted(u.dbs)),
-        "selectors": [],
+        **_getuser_rules(u),
+        "selectors": [_getuser_rules(sel) for sel in u.selectors],
+    }
+
+
+def _getuser_rules(r: ProxyUser) -> dict:
+    """ACL GETUSER's commands, keys, channels and databases of a user's own rules or a selector's."""
+    return {
+        "commands": " ".join(r.command_rules()),
+        "keys": " ".join(k[2] for k in r.keys),
+        "channels": " ".join(r.channel_text),
+        "databases": r.db_rule() or "alldbs",
     }
 
 
