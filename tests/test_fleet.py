@@ -114,3 +114,30 @@ def test_without_fleet_the_view_is_local(server):
         assert [n[b"self"] for n in nodes(c)] == [1]
     finally:
         p.stop()
+
+
+def test_fleet_with_users_and_no_password(server):
+    """With users at the proxy and no `password`, the nodes ask each other as the user vproxy-fleet
+    (fleet_password), which may ask those two questions and nothing else."""
+    from conftest import GateProxy, RawClient
+
+    users = ("--users", "admin on >adminpw allkeys allchannels allcommands", "--fleet-password", "f-secret")
+    a, b = GateProxy("--backend", server.addr, *FLEET, *users), GateProxy("--backend", server.addr, *FLEET, *users)
+    try:
+        ca, cb = a.client(), b.client()
+        ca.client_setname("gated-a")
+        cb.client_setname("gated-b")
+        wait_for(lambda: len(nodes(ca)) == 2, what="the nodes to hear each other")
+        seen = listed(ca)
+        assert {"gated-a", "gated-b"} <= set(seen) and seen["gated-a"] != seen["gated-b"]
+        assert ca.info("proxy")["fleet_unreachable"] == 0
+        with RawClient(b.port) as peer:
+            assert peer.call("AUTH", "vproxy-fleet", "wrong").startswith(b"-WRONGPASS")
+            assert peer.call("AUTH", "vproxy-fleet", "f-secret") == b"+OK\r\n"
+            assert b"gated-b" in peer.call("PROXY", "CLIENTS-LOCAL")
+            for req in (("GET", "k"), ("PROXY", "RELOAD"), ("CLIENT", "LIST"), ("FLUSHALL",)):
+                assert peer.call(*req).startswith(b"-NOPERM"), req
+        assert "vproxy-fleet" not in ca.execute_command("ACL", "USERS")
+    finally:
+        a.stop()
+        b.stop()

@@ -291,6 +291,10 @@ SETTINGS: tuple[Setting, ...] = (
             "intervals has left.", check=_positive, reloadable=True),
     Setting("fleet_listen", str, "", "HOST:PORT where this node answers its peers (RESP). Empty: the "
             "listen host, a free port.", check=lambda v: (hostport.parse(v) and v) if v else v),
+    Setting("fleet_password", str, "", "With 'users': the password nodes give each other when they ask "
+            "(AUTH as the user vproxy-fleet, which may run PROXY CLIENTS-LOCAL and KILL-LOCAL only; every "
+            "node needs the same). Empty: they give 'password' (the default user's), so a fleet with "
+            "'users' and no 'password' needs it. Without 'users' nodes give 'password'.", reloadable=True),
     Setting("admin_listen", str, "", "HOST:PORT of the admin HTTP server: /metrics (Prometheus), "
             "/healthz, /readyz. Empty: off.", check=lambda v: (hostport.parse(v) and v) if v else v),
 )

@@ -15,7 +15,8 @@ Through any node:
     INFO proxy             fleet_nodes, fleet_clients, fleet_ops_per_sec, fleet_unreachable
 
 Peers are asked over RESP (PROXY CLIENTS-LOCAL, PROXY KILL-LOCAL: answered by that node alone, so
-a question never travels further), with the proxy's password when one is set. A peer that does not
+a question never travels further), with `fleet_password` (as the user vproxy-fleet when vproxy has
+users), else the proxy's `password` when one is set. A peer that does not
 answer within a second is left out of the answer, logged and counted (fleet_unreachable).
 """
 
@@ -32,6 +33,7 @@ from loguru import logger
 
 from . import __version__, hostport, resp
 from .errors import BackendError
+from .gate import FLEET_USER
 from .mux.backend import BackendConn
 from .ratelog import RateLog
 
@@ -185,8 +187,11 @@ class Fleet:
         try:
             with gevent.Timeout(ASK_TIMEOUT, TimeoutError("no answer within 1s")):
                 conn.connect(ASK_TIMEOUT, handshake=False)
-                if self.app.cfg.password:
-                    conn.call("AUTH", self.app.cfg.password)
+                cfg = self.app.cfg
+                if cfg.fleet_password and self.app.gate is not None:
+                    conn.call("AUTH", FLEET_USER, cfg.fleet_password)
+                elif cfg.password:
+                    conn.call("AUTH", cfg.password)
                 return conn.call(*args)
         finally:
             conn.close()

@@ -37,6 +37,7 @@ _CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1
              b"spublish": (1, False), b"psubscribe": (1, True)}
 # Keyless commands that work on the selected database (before the table names them @keyspace).
 _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
+FLEET_USER = "vproxy-fleet"  # the user a fleet's peers ask as (setting fleet_password), not one of `users`
 # vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
 _OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
 # Scripts and functions run their redis.call()s as vproxy's backend user: no rule of the proxy user's
@@ -97,6 +98,8 @@ class ProxyUser(Rules):
             sub = args[1].lower()
             if sub not in cmd.subs:
                 sub = None
+        elif name in _OWN_CATEGORIES and len(args) > 1:  # PROXY's subcommands: +proxy|nodes
+            sub = args[1].lower()
         denied = self.denial(table, cmd, name, sub, args, s.db)
         if denied is None:
             return None
@@ -279,6 +282,11 @@ class Gate:
         for user in self.users.values():
             if user.rate:
                 user.bucket = Bucket(user.rate, user.rate)
+        # the fleet's peers (fleet.py) ask as this user, with fleet_password: two questions only
+        self.fleet_user: ProxyUser | None = None
+        if cfg.fleet and cfg.fleet_password:
+            self.fleet_user = parse_user(f"{FLEET_USER} on #{sha256(cfg.fleet_password.encode())} "
+                                         "+proxy|clients-local +proxy|kill-local")
 
     def start(self, s) -> None:
         """A new (or RESET) session: the default user when it needs no password, else not authenticated."""
@@ -292,7 +300,10 @@ class Gate:
 
     def authenticate(self, s, user: bytes | None, password: bytes) -> str | None:
         """None when accepted (the session now runs as that user), else the error to answer."""
-        u = self.users.get("default" if user is None else user.decode(errors="replace"))
+        name = "default" if user is None else user.decode(errors="replace")
+        u = self.users.get(name)
+        if u is None and name == FLEET_USER:
+            u = self.fleet_user
         if u is None or not u.enabled:
             return E.WRONGPASS
         if not u.nopass:
