@@ -388,10 +388,11 @@ class ClientSession(PlainPath, Audited):
             self.oneshot.release(clean=True)
             self.oneshot = None
             self.cur = None
-        if self.lease is not None and self.lease.ending:
+        if tx.ending(self):  # EXEC/DISCARD/UNWATCH's reply is in: the connection is no longer pinned
             self.lease.release(clean=True)
             self.lease = None
             self.cur = None
+            tx.released(self)
 
     def _wait_watching_client(self, batch: Batch) -> None:
         """Wait on a pinned connection (maybe blocked for long), noticing at once if the client hangs
@@ -505,10 +506,9 @@ class ClientSession(PlainPath, Audited):
         aborts the transaction (-EXECABORT)."""
         self.refuse(batch, i, msg)
         tx.fail(self)  # cluster: cluster/transaction.exec_ answers EXECABORT
-        lease = self.lease
-        if lease is not None and not lease.ending and lease.channel is not None:
+        if tx.pinned(self) and self.lease.channel is not None:
             # standalone: a request the server refuses at queue time flags its transaction (reply dropped)
-            lease.channel.submit(b"*1\r\n$4\r\nECHO\r\n", None, 0, 0.0)
+            self.lease.channel.submit(b"*1\r\n$4\r\nECHO\r\n", None, 0, 0.0)
 
     def proxy_auth(self, name: bytes, args: list) -> bool:
         """An AUTH (or HELLO ... AUTH) whose credentials vproxy checks itself (a proxy `password` or
@@ -533,7 +533,7 @@ class ClientSession(PlainPath, Audited):
 
         name: the command the router routes by (None: as a write, to the primary); args: the request's
         arguments (the cluster session finds its keys in them: every caller passes them)."""
-        if self.lease is not None and not self.lease.ending:
+        if tx.pinned(self):
             return self.submit(self.lease.channel, i, raw, batch)
         pool = None
         try:
@@ -593,7 +593,7 @@ class ClientSession(PlainPath, Audited):
 
     def pin(self, i: int, name: bytes, raw: bytes, batch: Batch) -> None:
         """MULTI or WATCH: the connection stays this client's until EXEC/DISCARD/UNWATCH/RESET."""
-        if self.lease is None or self.lease.ending:
+        if not tx.pinned(self):
             lease = self.new_lease(i, batch)
             if lease is None:
                 if name == b"multi":  # what the client queues behind it must not run: see in_transaction
@@ -639,7 +639,7 @@ class ClientSession(PlainPath, Audited):
         WAIT/WAITAOF count acknowledgements of the writes made on *their* connection. The client's
         writes went over shared connections, so a propagated no-op (PUBLISH, which a standalone
         server replicates) first moves the leased connection's write offset past them."""
-        if self.lease is not None and not self.lease.ending:
+        if tx.pinned(self):
             return self.submit(self.lease.channel, i, raw, batch, timeout=False)
         ch = self.oneshot.channel if self.oneshot is not None else None
         if ch is None or ch.closed or ch.key != self.key():  # SELECT/HELLO/AUTH since: a new one
@@ -667,7 +667,7 @@ class ClientSession(PlainPath, Audited):
     # ---- streams: pub/sub, MONITOR, CLIENT TRACKING, CLIENT REPLY OFF|SKIP ----
 
     def start_stream(self, i: int, kind: str, raw: bytes, batch: Batch) -> None:
-        if self.lease is not None and not self.lease.ending:
+        if tx.pinned(self):
             batch.replies[i] = resp.error("ERR vproxy: end the WATCH (UNWATCH) before subscribing")
             return
         lease = self.new_lease(i, batch)

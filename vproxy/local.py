@@ -77,7 +77,7 @@ def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
 def _as_user(s, user: bytes | None, password: bytes) -> bytes | None:
     old = s.user
     err = backend_auth(s, user, password)
-    if err is None and s.user != old and s.lease is not None and not s.lease.ending:
+    if err is None and s.user != old and tx.pinned(s):
         # WATCH holds a connection: it becomes that user's too (its reply is not the client's)
         s.lease.channel.submit(resp.encode_request([b"AUTH", user or b"default", password]), None, 0, 0.0)
         s.lease.dirty = True
@@ -125,7 +125,7 @@ def hello(s, i, args, raw, batch):
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
             "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
             "select the RESP protocol version at the same time"))
-    if proto != s.proto and s.lease is not None and not s.lease.ending:
+    if proto != s.proto and tx.pinned(s):
         # WATCH holds a connection: it must speak the new protocol too (its reply is not the client's)
         s.lease.channel.submit(resp.encode_request([b"HELLO", b"%d" % proto]), None, 0, 0.0)
         s.lease.dirty = True
@@ -155,7 +155,7 @@ def select(s, i, args, raw, batch):
     db, err = db_index(args[1], s.app.databases)
     if err:
         return _reply(batch, i, resp.error(err))
-    if s.lease is not None and not s.lease.ending:  # WATCH is on: the lease's connection switches too
+    if tx.pinned(s):  # WATCH is on: the lease's connection switches too
         s.lease.dirty = True
         s.db = db
         return s.forward(i, raw, batch, args=args)
@@ -191,12 +191,11 @@ def append_proxy_sections(s, frame: bytes, sections: set) -> bytes:
 
 def exec_(s, i, args, raw, batch):
     if tx.in_multi(s) and s.lease is None:  # MULTI failed (no connection): nothing was queued
-        tx.end(s)
+        tx.end_pinned(s)
         aborted = resp.error("EXECABORT Transaction discarded because of previous errors.")
         return _reply(batch, i, aborted if args[0].lower() == b"exec" else resp.OK)
     if tx.in_multi(s):
-        tx.end(s)
-        s.lease.ending = True
+        tx.end_pinned(s)  # the lease is ENDING: given back once EXEC's reply is in
         s.submit(s.lease.channel, i, raw, batch)
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
                                            or s.multi_auth is not None):
@@ -207,7 +206,7 @@ def exec_(s, i, args, raw, batch):
                 backend_auth(s, *s.multi_auth)  # the user, if the server still takes its credentials
             s.multi_auth = None
         return
-    if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
+    if tx.pinned(s):  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.error(f"ERR {args[0].decode().upper()} without MULTI"))
 
@@ -227,9 +226,8 @@ def _apply_after_exec(s, frame: bytes, db: int | None, proto: int | None) -> byt
 
 
 def unwatch(s, i, args, raw, batch):
-    if s.lease is not None and not s.lease.ending:
-        tx.unwatch(s)
-        s.lease.ending = True
+    if tx.pinned(s):
+        tx.end_pinned(s)
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.OK)
 

@@ -135,8 +135,7 @@ class Redirects:
         if self.inflight or self.ops:
             self.finish()
         super().settle()
-        if self.lease is None and not tx.in_multi(self):
-            self.pin_slot = None
+        tx.settled(self)
 
     def finish(self) -> None:
         deadline, delay, rounds = 0.0, 0.02, 0

@@ -42,19 +42,15 @@ def other_slot(pin) -> str:
             "keys of other slots cannot join it (put them in one slot with a hash tag {...})")
 
 
-def _held(s) -> bool:
-    return s.lease is not None and not s.lease.ending
-
-
 def watch(s, i, args, raw, batch):
     slots = s.slots_of(b"watch", args)
     if not slots or len(slots) > 1:
         batch.replies[i] = resp.error("CROSSSLOT vproxy: WATCH keys must all be in one slot (use a hash tag {...})")
         return
     slot = slots.pop()
-    if _held(s):
-        if s.pin_slot is not None and slot != s.pin_slot:
-            batch.replies[i] = resp.error(other_slot(slot if s.pin_slot is None else s.pin_slot))
+    if tx.pinned(s):
+        if tx.slot(s) is not None and slot != tx.slot(s):
+            batch.replies[i] = resp.error(other_slot(tx.slot(s)))
             return
     else:
         s.lease_addr = s.app.router.topology.owner(slot)
@@ -65,7 +61,7 @@ def watch(s, i, args, raw, batch):
         if lease is None:
             return
         s.lease, s.cur = lease, lease.channel
-    s.pin_slot = slot
+    tx.bind_slot(s, slot)
     tx.watch(s)
     s.submit(s.lease.channel, i, raw, batch)
 
@@ -93,14 +89,14 @@ def queue(s, i, name, args, raw, batch):
             f"ERR unknown command '{args[0].decode(errors='replace')}'" if cmd is None
             else f"ERR wrong number of arguments for '{name.decode(errors='replace')}' command")
         return
-    slots = s.slots_of(name, args)
-    if slots is None or len(slots) > 1 or (slots and s.pin_slot is not None and s.pin_slot not in slots):
+    slots, pin = s.slots_of(name, args), tx.slot(s)
+    if slots is None or len(slots) > 1 or (slots and pin is not None and pin not in slots):
         tx.fail(s)
-        batch.replies[i] = resp.error(other_slot(s.pin_slot) if slots and len(slots) == 1 else
+        batch.replies[i] = resp.error(other_slot(pin) if slots and len(slots) == 1 else
                                       f"CROSSSLOT vproxy: the keys of '{name.decode()}' are not all in one slot")
         return
-    if slots and s.pin_slot is None:
-        s.pin_slot = next(iter(slots))
+    if slots and pin is None:
+        tx.bind_slot(s, next(iter(slots)))
     if name == b"select" and len(args) == 2 and s.db_arg(args[1]) is not None:
         s.multi_select = s.db_arg(args[1])
     s.mq.append((name, raw))
@@ -111,7 +107,7 @@ def exec_(s, i, args, raw, batch):
     name = args[0].lower()
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
-    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, s.pin_slot
+    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, tx.slot(s)
     tx.end_multi(s)
     s.mq = []
     if name == b"discard" or failed:
@@ -123,16 +119,13 @@ def exec_(s, i, args, raw, batch):
     if target is not None:
         reply = apply_select(s, reply, target)
     batch.replies[i] = reply
-    if _held(s):
-        s.lease.ending = True  # EXEC ended the WATCH on the server
-    tx.unwatch(s)
+    tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
 
 def end_watch(s) -> None:
-    if _held(s):
+    if tx.pinned(s):
         s.lease.channel.submit(UNWATCH, None, 0, deadline_after(s.app.cfg.command_timeout))
-        s.lease.ending = True
-    tx.unwatch(s)
+    tx.end_pinned(s)
 
 
 def run(s, queued: list, slot: int) -> bytes:
@@ -146,7 +139,7 @@ def run(s, queued: list, slot: int) -> bytes:
         bad = next((f for f in frames if f.startswith(REDIRECT)), frames[-1] if unsent else None)
         if bad is None or monotonic() >= deadline:
             return frames[-1]
-        if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
+        if tx.pinned(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
             return resp.null(s.proto) if s.proto == 3 else b"*-1\r\n"
         addr, asking = None, False
         if bad.startswith((b"-MOVED ", b"-ASK ")):
@@ -166,7 +159,7 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
     topo = s.app.router.topology
     lease = None
     try:
-        if _held(s):
+        if tx.pinned(s):
             ch = s.lease.channel
         else:
             addr = addr or (topo.owner(slot) if slot >= 0 else topo.primary)
