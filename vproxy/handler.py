@@ -45,7 +45,8 @@ class Session(Protocol):
     lease: Any  # MULTI / WATCH: mux.lease.Lease, or None
     oneshot: Any  # a blocking command's Lease, or None
     stream: Any  # client.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
-    tx: Any  # transaction.TxState: WATCHING / QUEUED (inside MULTI) / FAILED (EXEC aborts)
+    tx: Any  # transaction.TxState (WATCHING / QUEUED / FAILED / ENDING): read and changed only through
+    #          vproxy/transaction.py (in_multi, pinned, end_pinned ...)
 
     # ---- who the client is (users.py, gate.py) ----
     user: Any  # the backend user's Credentials (users.switch changes it), None: vproxy's own
@@ -103,6 +104,9 @@ class Session(Protocol):
     def sync_stream(self, st: Any, lease: Any = None) -> bool:
         """Pub/sub: wait until the stream's connection has answered what was sent on it (see client.py)."""
 
+    def drop_leases(self) -> None:
+        """Give the lease and the oneshot back dirty (RESET): their connections' state is unknown."""
+
     def end_stream(self, clean: bool = False) -> None:
         """End the stream, if any, and give its connection back (clean: reusable)."""
 
@@ -122,7 +126,7 @@ class ClusterSession(Session, Protocol):
     cluster/redirects.py)."""
 
     ns: bytes | None  # emulated database: the key prefix of the selected db, None: db 0
-    pin_slot: int | None  # the slot a WATCH/MULTI is bound to
+    pin_slot: int | None  # the slot a WATCH/MULTI is bound to: transaction.bind_slot / slot / settled
     mq: list  # MULTI: (name, raw) queued before a key chose the node
     lease_addr: Any  # where the next lease opens (SSUBSCRIBE), None: any primary
     chans: dict  # node address -> this session's channel there

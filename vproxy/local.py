@@ -36,9 +36,7 @@ def quit_(s, i, args, raw, batch):
 def reset(s, i, args, raw, batch):
     s.settle()
     s.end_stream()
-    for lease in (s.lease, s.oneshot):
-        if lease is not None:
-            lease.release(clean=False)
+    s.drop_leases()
     s.reset()  # the session state of a new connection (ClientSession.reset)
     switch(s, None)  # the server's RESET deauthenticates to the default user too
     if s.app.gate is not None:

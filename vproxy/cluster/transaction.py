@@ -23,7 +23,7 @@ import gevent
 
 from .. import hostport, resp
 from .. import transaction as tx
-from ..client import AUTH_IN_MULTI
+from ..pinned import AUTH_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
 from ..local import LOCAL, apply_select
