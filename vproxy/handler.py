@@ -9,7 +9,9 @@ handler modules to that).
 
 `Session` is what every session offers (client.ClientSession: standalone, and the HA modes'
 HASession); `ClusterSession` adds the cluster session's routing (cluster/session.py). They are
-typing.Protocol classes: documentation a type checker can hold code to, with no runtime cost.
+typing.Protocol classes: documentation a type checker can hold code to, with no runtime cost. The
+handler modules annotate their session parameter with them (`s: Session`, in cluster/:
+`s: ClusterSession`), so the contract shows where it is used.
 """
 
 from __future__ import annotations

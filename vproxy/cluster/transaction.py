@@ -30,6 +30,7 @@ from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
 from .redirects import ASKING, REDIRECT
+from ..handler import ClusterSession
 
 MULTI = resp.encode_request([b"MULTI"])
 EXEC = resp.encode_request([b"EXEC"])
@@ -42,7 +43,7 @@ def other_slot(pin) -> str:
             "keys of other slots cannot join it (put them in one slot with a hash tag {...})")
 
 
-def watch(s, i, args, raw, batch):
+def watch(s: ClusterSession, i, args, raw, batch):
     slots = s.slots_of(b"watch", args)
     if not slots or len(slots) > 1:
         batch.replies[i] = resp.error("CROSSSLOT vproxy: WATCH keys must all be in one slot (use a hash tag {...})")
@@ -66,7 +67,7 @@ def watch(s, i, args, raw, batch):
     s.submit(s.lease.channel, i, raw, batch)
 
 
-def multi(s, i, args, raw, batch):
+def multi(s: ClusterSession, i, args, raw, batch):
     if tx.in_multi(s):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
@@ -75,7 +76,7 @@ def multi(s, i, args, raw, batch):
     batch.replies[i] = resp.OK
 
 
-def queue(s, i, name, args, raw, batch):
+def queue(s: ClusterSession, i, name, args, raw, batch):
     """A request inside MULTI: checked like the server would at queue time, then kept."""
     if name == b"watch":
         batch.replies[i] = resp.error("ERR WATCH inside MULTI is not allowed")
@@ -103,7 +104,7 @@ def queue(s, i, name, args, raw, batch):
     batch.replies[i] = b"+QUEUED\r\n"
 
 
-def exec_(s, i, args, raw, batch):
+def exec_(s: ClusterSession, i, args, raw, batch):
     name = args[0].lower()
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
@@ -122,13 +123,13 @@ def exec_(s, i, args, raw, batch):
     tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
 
-def end_watch(s) -> None:
+def end_watch(s: ClusterSession) -> None:
     if tx.pinned(s):
         s.lease.channel.submit(UNWATCH, None, 0, deadline_after(s.app.cfg.command_timeout))
     tx.end_pinned(s)
 
 
-def run(s, queued: list, slot: int) -> bytes:
+def run(s: ClusterSession, queued: list, slot: int) -> bytes:
     """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
     cfg = s.app.cfg
     deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
@@ -153,7 +154,7 @@ def run(s, queued: list, slot: int) -> bytes:
             delay = min(delay * 2, 0.5)
 
 
-def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[list, bool]:
+def _send(s: ClusterSession, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[list, bool]:
     """MULTI + queued + EXEC on one connection, written in one piece: every reply, in order, and
     whether EXEC surely never reached a server (so the transaction may be sent again)."""
     topo = s.app.router.topology
@@ -186,12 +187,12 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
     return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
 
 
-def forget(s) -> None:
+def forget(s: ClusterSession) -> None:
     """RESET: the cluster session's own state (queued transaction, bound slot, database namespace)."""
     s.reset_cluster()
 
 
-def reset(s, i, args, raw, batch):
+def reset(s: ClusterSession, i, args, raw, batch):
     forget(s)
     LOCAL[b"reset"](s, i, args, raw, batch)
 
