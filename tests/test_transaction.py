@@ -51,15 +51,15 @@ def test_fail_outside_multi_changes_nothing_and_multi_keeps_an_ending_lease():
     assert s.tx == IDLE and not tx.ending(s)
 
 
-def test_the_cluster_slot_binding_ends_with_lease_and_queue():
-    s = _session()
-    tx.multi(s)
+def test_the_cluster_slot_binding_ends_with_the_transaction():
+    s = _session(lease=object())
+    tx.watch(s)
     tx.bind_slot(s, 7)
-    tx.settled(s)
-    assert tx.slot(s) == 7  # still queued
+    tx.multi(s)
     tx.end_multi(s)
-    tx.settled(s)
-    assert tx.slot(s) is None
+    assert tx.slot(s) == 7  # EXEC is being sent: the WATCH still holds it
+    tx.end_pinned(s)
+    assert tx.slot(s) is None and tx.ending(s)
     assert FAILED > QUEUED > ENDING > WATCHING > IDLE
 
 
@@ -123,3 +123,14 @@ def test_cluster_multi_refuses_another_slot(cluster_proxy):
         assert c.call("MULTI") == b"+OK\r\n"  # the next transaction binds a slot of its own
         assert c.call("SET", "{b}k", "2") == b"+QUEUED\r\n"
         assert c.call("EXEC") == b"*1\r\n+OK\r\n"
+
+
+def test_cluster_transaction_pipelined_behind_a_watched_one_binds_its_own_slot(cluster_proxy):
+    """The slot of a WATCH ends with its EXEC (or UNWATCH), not when its connection is given back:
+    a second transaction in the same pipeline may use another slot."""
+    with RawClient(cluster_proxy.port) as c:
+        for ender in ([b"MULTI"], [b"SET", b"{a}w", b"1"], [b"EXEC"]), ([b"UNWATCH"],):
+            c.send(b"".join(RawClient.encode(*a) for a in [[b"WATCH", b"{a}w"], *ender, [b"MULTI"],
+                                                           [b"SET", b"{b}w", b"2"], [b"EXEC"]]))
+            out = c.read_n(len(ender) + 4)
+            assert out[-2:] == [b"+QUEUED\r\n", b"*1\r\n+OK\r\n"], out

@@ -132,7 +132,8 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
         self.lease: Lease | None = None  # MULTI / WATCH
         self.oneshot: Lease | None = None  # one blocking command
         self.stream: Stream | None = None
-        self.tx = tx.IDLE  # transaction.TxState: WATCH / MULTI / a refused queued request
+        self.tx = tx.IDLE  # transaction.TxState: WATCH / MULTI / a refused queued request / ending
+        self.pin_slot: int | None = None  # cluster: the slot the transaction is bound to (transaction.bind_slot)
 
     @property
     def authed(self) -> bool:

@@ -49,6 +49,7 @@ class Session(Protocol):
     stream: Any  # client.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
     tx: Any  # transaction.TxState (WATCHING / QUEUED / FAILED / ENDING): read and changed only through
     #          vproxy/transaction.py (in_multi, pinned, end_pinned ...)
+    pin_slot: int | None  # cluster: the slot a WATCH/MULTI is bound to (transaction.bind_slot / slot); None
 
     # ---- who the client is (users.py, gate.py) ----
     user: Any  # the backend user's Credentials (users.switch changes it), None: vproxy's own
@@ -128,7 +129,6 @@ class ClusterSession(Session, Protocol):
     cluster/redirects.py)."""
 
     ns: bytes | None  # emulated database: the key prefix of the selected db, None: db 0
-    pin_slot: int | None  # the slot a WATCH/MULTI is bound to: transaction.bind_slot / slot / settled
     mq: list  # MULTI: (name, raw) queued before a key chose the node
     lease_addr: Any  # where the next lease opens (SSUBSCRIBE), None: any primary
     chans: dict  # node address -> this session's channel there

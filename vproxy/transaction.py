@@ -17,8 +17,9 @@ ENDING    the issue's "exec" state: EXEC, DISCARD or UNWATCH ended the pinned st
           requests take shared connections (pinned() is false), a new WATCH/MULTI a new lease.
 
 A cluster transaction is also bound to one slot (`pin_slot`: that of the WATCH keys, else of the
-first key queued): bind_slot(), slot(), and the binding ends when the session holds no lease and
-queues no transaction (settled()).
+first key queued): bind_slot(), slot(); the binding ends with the transaction (end_pinned(), RESET),
+so a transaction pipelined behind another's EXEC binds a slot of its own. (A standalone session
+never binds one: its pin_slot stays None.)
 
 FAILED is only ever set together with QUEUED, and ending MULTI clears both, and ENDING and WATCHING
 sit below QUEUED: `tx >= QUEUED` means "inside MULTI" (an int comparison: the per-request checks
@@ -95,9 +96,10 @@ def end_multi(s) -> None:
 
 
 def end_pinned(s) -> None:
-    """EXEC/DISCARD/UNWATCH ended the pinned state: no WATCH, no MULTI; the lease (if any) is
-    ENDING until settle gives it back."""
+    """EXEC/DISCARD/UNWATCH ended the pinned state: no WATCH, no MULTI, no slot bound; the lease (if
+    any) is ENDING until settle gives it back."""
     s.tx = ENDING if s.lease is not None else IDLE
+    s.pin_slot = None
 
 
 def released(s) -> None:
@@ -108,8 +110,3 @@ def released(s) -> None:
 def bind_slot(s, slot_: int) -> None:
     s.pin_slot = slot_
 
-
-def settled(s) -> None:
-    """Cluster, after settle: the slot binding ends with the last of lease and queue."""
-    if s.lease is None and s.tx < QUEUED:
-        s.pin_slot = None

@@ -61,7 +61,7 @@ class ClusterSession(Redirects, ClientSession):
         slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
         self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
         self.tx &= ~tx.FAILED  # RESET: the queued transaction's refusals are forgotten first
-        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to (transaction.bind_slot)
+        self.pin_slot = None  # RESET: the queued transaction's slot too (ClientSession.reset declares it)
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----
