@@ -46,7 +46,7 @@ class Session(Protocol):
     cur: Any  # the channel holding the requests in flight (None: none)
     lease: Any  # MULTI / WATCH: mux.lease.Lease, or None
     oneshot: Any  # a blocking command's Lease, or None
-    stream: Any  # client.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
+    stream: Any  # streams.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
     tx: Any  # transaction.TxState (WATCHING / QUEUED / FAILED / ENDING): read and changed only through
     #          vproxy/transaction.py (in_multi, pinned, end_pinned ...)
     pin_slot: int | None  # cluster: the slot a WATCH/MULTI is bound to (transaction.bind_slot / slot); None
@@ -105,7 +105,7 @@ class Session(Protocol):
         """Start a stream ("sub": pub/sub, "monitor", "reply", "tracking") with request i."""
 
     def sync_stream(self, st: Any, lease: Any = None) -> bool:
-        """Pub/sub: wait until the stream's connection has answered what was sent on it (see client.py)."""
+        """Pub/sub: wait until the stream's connection has answered what was sent on it (see streams.py)."""
 
     def drop_leases(self) -> None:
         """Give the lease and the oneshot back dirty (RESET): their connections' state is unknown."""

@@ -1,4 +1,4 @@
-"""One transaction model for both modes (standalone: client.py, pinned.py, local.py; cluster:
+"""One transaction model for both modes (standalone: pinned.py, local.py; cluster:
 cluster/transaction.py, cluster/session.py).
 
 A session's `tx` is a TxState, and every question about a transaction is asked here:
