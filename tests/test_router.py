@@ -36,7 +36,7 @@ def table(valkey):
 
 def session(table):
     """What the router reads of a client session."""
-    return SimpleNamespace(app=SimpleNamespace(commands=table), cur=None, batch=None)
+    return SimpleNamespace(app=SimpleNamespace(commands=table), cur=None, batch=None, ryw_until=0.0)
 
 
 def router(*argv, primary=P, readable=(R1, R2)):

@@ -10,6 +10,7 @@ from . import __version__, audit, auditfmt, cmdstats, hostport, outbox, resp
 from . import errors as E
 from . import transaction as tx
 from .users import user_name
+from .handler import Session
 
 
 def proxy_section(app) -> str:
@@ -139,7 +140,7 @@ def _backend_names(app) -> list[str]:
     return list(dict.fromkeys(hostport.fmt(a) for a in addrs if a is not None))
 
 
-def _flags(s) -> str:
+def _flags(s: Session) -> str:
     f = ""
     if tx.in_multi(s):
         f += "x"
@@ -154,7 +155,7 @@ def _flags(s) -> str:
     return f or "N"
 
 
-def client_line(s) -> str:
+def client_line(s: Session) -> str:
     """One CLIENT LIST line, in the server's field order, for a proxy client."""
     sock_name = ("?", 0)
     try:
@@ -176,7 +177,7 @@ def client_line(s) -> str:
     )
 
 
-def _fileno(s) -> int:
+def _fileno(s: Session) -> int:
     try:
         return s.sock.fileno()
     except OSError:
@@ -215,7 +216,7 @@ def _local_clients(app, filters: list) -> str:
     return "".join(client_line(s) + "\n" for s in sessions)
 
 
-def client_kill(s, args: list, local: bool = False) -> bytes:
+def client_kill(s: Session, args: list, local: bool = False) -> bytes:
     """CLIENT KILL over proxy clients: `ID n`, `ADDR host:port`, `USER name`, `SKIPME yes|no`, or the
     old `addr` form; with the fleet on, the other nodes' clients too (local: this process's only)."""
     app = s.app
@@ -270,7 +271,7 @@ def _kill(victims) -> None:
             pass
 
 
-def client_unblock(s, args: list) -> bytes:
+def client_unblock(s: Session, args: list) -> bytes:
     """CLIENT UNBLOCK <proxy id> [TIMEOUT|ERROR]: cancel that client's blocking command by closing its connection.
 
     Checked as Valkey does: the reason first, then the id; with more arguments than that, the
@@ -302,7 +303,7 @@ def client_unblock(s, args: list) -> bytes:
     return resp.integer(1)
 
 
-def proxy_command(s, args: list) -> bytes:
+def proxy_command(s: Session, args: list) -> bytes:
     """PROXY INFO | CONFIG GET <name> | CLIENTS | VERSION."""
     sub = args[1].lower() if len(args) > 1 else b"help"
     app = s.app
@@ -377,7 +378,7 @@ def _slowlog(app, args: list, proto: int) -> bytes:
     return resp.error("ERR syntax error: PROXY SLOWLOG GET [count] | LEN | RESET")
 
 
-def audit_command(s, args: list) -> bytes:
+def audit_command(s: Session, args: list) -> bytes:
     """PROXY AUDIT [STATUS|INFO] | ON | OFF | CLASSES <class|command> ...: the audit log at run time."""
     audit = s.app.audit
     sub = args[0].lower() if args else b"status"

@@ -23,6 +23,7 @@ from . import resp
 from .aclrules import R, W, Rules, parse, sha256
 from .keyspec import CONTAINER_KEY, key_positions
 from .limits import Bucket
+from .handler import Session
 
 NOPERM_KEY = "NOPERM No permissions to access a key"
 NOPERM_DB = "NOPERM No permissions to access database"
@@ -87,7 +88,7 @@ class ProxyUser(Rules):
                 self._runs[key] = ok
         return ok
 
-    def check(self, s, name: bytes, args: list) -> str | None:
+    def check(self, s: Session, name: bytes, args: list) -> str | None:
         """None when the session may run this request, else the server's -NOPERM text. With
         selectors, as the server: allowed when the user's own rules or any selector allow it; else
         the denial that got furthest (database < command < key < channel; the last of equals)."""
@@ -288,7 +289,7 @@ class Gate:
             self.fleet_user = parse_user(f"{FLEET_USER} on #{sha256(cfg.fleet_password.encode())} "
                                          "+proxy|clients-local +proxy|kill-local")
 
-    def start(self, s) -> None:
+    def start(self, s: Session) -> None:
         """A new (or RESET) session: the default user when it needs no password, else not authenticated."""
         d = self.users.get("default")
         if d is not None and d.enabled and d.nopass:
@@ -298,7 +299,7 @@ class Gate:
             bind(s, None)
             s.authed = False
 
-    def authenticate(self, s, user: bytes | None, password: bytes) -> str | None:
+    def authenticate(self, s: Session, user: bytes | None, password: bytes) -> str | None:
         """None when accepted (the session now runs as that user), else the error to answer."""
         name = "default" if user is None else user.decode(errors="replace")
         u = self.users.get(name)
@@ -318,7 +319,7 @@ class Gate:
             u.relearned()
 
 
-def bind(s, user: ProxyUser | None) -> None:
+def bind(s: Session, user: ProxyUser | None) -> None:
     """The session runs as user (None: nobody yet): its checks and its plain-path predicate."""
     s.proxy_user = user
     s.acl = None if user is None or user.everything else user
@@ -340,7 +341,7 @@ def parse_user(line: str) -> ProxyUser:
 _ACL_OWN = frozenset([b"setuser", b"deluser", b"load", b"save", b"log", b"dryrun"])
 
 
-def acl_command(s, i, args, raw, batch) -> None:
+def acl_command(s: Session, i, args, raw, batch) -> None:
     """ACL WHOAMI / USERS / LIST / GETUSER from the proxy's users; the rest of ACL that would touch the
     backend's users is refused (CAT, GENPASS, HELP go to the backend)."""
     gate = s.app.gate
@@ -390,7 +391,7 @@ _SECRET_CONFIG = frozenset([b"requirepass", b"masterauth", b"masteruser", b"tls-
 HIDDEN = b"(hidden by vproxy)"
 
 
-def hide_config_secrets(s, i: int, args: list) -> None:
+def hide_config_secrets(s: Session, i: int, args: list) -> None:
     """CONFIG GET through a gated proxy: the backend's passwords (requirepass, masterauth ...) are
     vproxy's secrets, not its users': their values are replaced in the reply."""
     if s.app.gate is not None and len(args) > 2 and args[1].lower() == b"get":

@@ -9,7 +9,9 @@ handler modules to that).
 
 `Session` is what every session offers (client.ClientSession: standalone, and the HA modes'
 HASession); `ClusterSession` adds the cluster session's routing (cluster/session.py). They are
-typing.Protocol classes: documentation a type checker can hold code to, with no runtime cost.
+typing.Protocol classes: documentation a type checker can hold code to, with no runtime cost. The
+handler modules annotate their session parameter with them (`s: Session`, in cluster/:
+`s: ClusterSession`), so the contract shows where it is used.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class Session(Protocol):
     cur: Any  # the channel holding the requests in flight (None: none)
     lease: Any  # MULTI / WATCH: mux.lease.Lease, or None
     oneshot: Any  # a blocking command's Lease, or None
-    stream: Any  # client.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
-    tx: Any  # transaction.TxState: WATCHING / QUEUED (inside MULTI) / FAILED (EXEC aborts)
+    stream: Any  # streams.Stream while pub/sub, MONITOR, TRACKING or REPLY OFF runs, else None
+    tx: Any  # transaction.TxState (WATCHING / QUEUED / FAILED / ENDING): read and changed only through
+    #          vproxy/transaction.py (in_multi, pinned, end_pinned ...)
+    pin_slot: int | None  # cluster: the slot a WATCH/MULTI is bound to (transaction.bind_slot / slot); None
 
     # ---- who the client is (users.py, gate.py) ----
     user: Any  # the backend user's Credentials (users.switch changes it), None: vproxy's own
@@ -101,7 +105,10 @@ class Session(Protocol):
         """Start a stream ("sub": pub/sub, "monitor", "reply", "tracking") with request i."""
 
     def sync_stream(self, st: Any, lease: Any = None) -> bool:
-        """Pub/sub: wait until the stream's connection has answered what was sent on it (see client.py)."""
+        """Pub/sub: wait until the stream's connection has answered what was sent on it (see streams.py)."""
+
+    def drop_leases(self) -> None:
+        """Give the lease and the oneshot back dirty (RESET): their connections' state is unknown."""
 
     def end_stream(self, clean: bool = False) -> None:
         """End the stream, if any, and give its connection back (clean: reusable)."""
@@ -122,7 +129,6 @@ class ClusterSession(Session, Protocol):
     cluster/redirects.py)."""
 
     ns: bytes | None  # emulated database: the key prefix of the selected db, None: db 0
-    pin_slot: int | None  # the slot a WATCH/MULTI is bound to
     mq: list  # MULTI: (name, raw) queued before a key chose the node
     lease_addr: Any  # where the next lease opens (SSUBSCRIBE), None: any primary
     chans: dict  # node address -> this session's channel there

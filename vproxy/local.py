@@ -15,6 +15,7 @@ from . import errors as E
 from . import transaction as tx
 from .gate import acl_command, bind, hide_config_secrets
 from .users import backend_auth, switch
+from .handler import Session
 
 _BAD_NAME = frozenset(range(0, 33)) | {127}
 
@@ -27,18 +28,16 @@ def _reply(batch, i, frame: bytes) -> None:
     batch.replies[i] = frame
 
 
-def quit_(s, i, args, raw, batch):
+def quit_(s: Session, i, args, raw, batch):
     s.settle()
     _reply(batch, i, resp.OK)
     s.closing = True
 
 
-def reset(s, i, args, raw, batch):
+def reset(s: Session, i, args, raw, batch):
     s.settle()
     s.end_stream()
-    for lease in (s.lease, s.oneshot):
-        if lease is not None:
-            lease.release(clean=False)
+    s.drop_leases()
     s.reset()  # the session state of a new connection (ClientSession.reset)
     switch(s, None)  # the server's RESET deauthenticates to the default user too
     if s.app.gate is not None:
@@ -46,7 +45,7 @@ def reset(s, i, args, raw, batch):
     _reply(batch, i, b"+RESET\r\n")
 
 
-def _check_password(s, user: bytes | None, password: bytes) -> str | None:
+def _check_password(s: Session, user: bytes | None, password: bytes) -> str | None:
     """None when the credentials match the proxy `password`, else the error to answer."""
     want = s.app.cfg.password.encode(errors="surrogateescape")
     if user not in (None, b"default") or not hmac.compare_digest(password, want):  # constant time
@@ -54,7 +53,7 @@ def _check_password(s, user: bytes | None, password: bytes) -> str | None:
     return None
 
 
-def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
+def _authenticate(s: Session, user: bytes | None, password: bytes) -> bytes | None:
     """None when the credentials are accepted, else the error frame to answer. With proxy `users`
     (gate.py) or a proxy `password`, vproxy is the gate; without, the backend's ACL decides (users.py)."""
     gate = s.app.gate
@@ -74,17 +73,17 @@ def _authenticate(s, user: bytes | None, password: bytes) -> bytes | None:
     return err
 
 
-def _as_user(s, user: bytes | None, password: bytes) -> bytes | None:
+def _as_user(s: Session, user: bytes | None, password: bytes) -> bytes | None:
     old = s.user
     err = backend_auth(s, user, password)
-    if err is None and s.user != old and s.lease is not None and not s.lease.ending:
+    if err is None and s.user != old and tx.pinned(s):
         # WATCH holds a connection: it becomes that user's too (its reply is not the client's)
         s.lease.channel.submit(resp.encode_request([b"AUTH", user or b"default", password]), None, 0, 0.0)
         s.lease.dirty = True
     return err
 
 
-def auth(s, i, args, raw, batch):
+def auth(s: Session, i, args, raw, batch):
     if len(args) not in (2, 3):
         return _reply(batch, i, resp.error(E.wrong_arity("auth")))
     user = args[1] if len(args) == 3 else None
@@ -95,7 +94,7 @@ def auth(s, i, args, raw, batch):
     _reply(batch, i, resp.OK)
 
 
-def hello(s, i, args, raw, batch):
+def hello(s: Session, i, args, raw, batch):
     proto = s.proto
     if len(args) > 1:
         proto = resp.string2ll(args[1])
@@ -125,7 +124,7 @@ def hello(s, i, args, raw, batch):
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
             "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
             "select the RESP protocol version at the same time"))
-    if proto != s.proto and s.lease is not None and not s.lease.ending:
+    if proto != s.proto and tx.pinned(s):
         # WATCH holds a connection: it must speak the new protocol too (its reply is not the client's)
         s.lease.channel.submit(resp.encode_request([b"HELLO", b"%d" % proto]), None, 0, 0.0)
         s.lease.dirty = True
@@ -151,11 +150,11 @@ def db_index(arg: bytes, databases: int) -> tuple[int | None, str | None]:
     return db, None
 
 
-def select(s, i, args, raw, batch):
+def select(s: Session, i, args, raw, batch):
     db, err = db_index(args[1], s.app.databases)
     if err:
         return _reply(batch, i, resp.error(err))
-    if s.lease is not None and not s.lease.ending:  # WATCH is on: the lease's connection switches too
+    if tx.pinned(s):  # WATCH is on: the lease's connection switches too
         s.lease.dirty = True
         s.db = db
         return s.forward(i, raw, batch, args=args)
@@ -165,7 +164,7 @@ def select(s, i, args, raw, batch):
     _reply(batch, i, resp.OK)
 
 
-def info(s, i, args, raw, batch):
+def info(s: Session, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
     if sections and sections <= admin.PROXY_SECTIONS:  # the proxy's own sections only: no backend
         return _reply(batch, i, resp.verbatim(admin.proxy_info(s.app, sections), s.proto))
@@ -174,7 +173,7 @@ def info(s, i, args, raw, batch):
         s.post.append((i, lambda frame: append_proxy_sections(s, frame, sections)))
 
 
-def append_proxy_sections(s, frame: bytes, sections: set) -> bytes:
+def append_proxy_sections(s: Session, frame: bytes, sections: set) -> bytes:
     """The server's INFO reply with the proxy's sections that `sections` asks for after it."""
     if frame[:1] not in (b"$", b"="):
         return frame
@@ -189,14 +188,13 @@ def append_proxy_sections(s, frame: bytes, sections: set) -> bytes:
     return b"=%d\r\ntxt:%s\r\n" % (len(body) + 4, body) if frame[:1] == b"=" else resp.bulk(body)
 
 
-def exec_(s, i, args, raw, batch):
+def exec_(s: Session, i, args, raw, batch):
     if tx.in_multi(s) and s.lease is None:  # MULTI failed (no connection): nothing was queued
-        tx.end(s)
+        tx.end_pinned(s)
         aborted = resp.error("EXECABORT Transaction discarded because of previous errors.")
         return _reply(batch, i, aborted if args[0].lower() == b"exec" else resp.OK)
     if tx.in_multi(s):
-        tx.end(s)
-        s.lease.ending = True
+        tx.end_pinned(s)  # the lease is ENDING: given back once EXEC's reply is in
         s.submit(s.lease.channel, i, raw, batch)
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
                                            or s.multi_auth is not None):
@@ -207,16 +205,16 @@ def exec_(s, i, args, raw, batch):
                 backend_auth(s, *s.multi_auth)  # the user, if the server still takes its credentials
             s.multi_auth = None
         return
-    if s.lease is not None and not s.lease.ending:  # WATCH without MULTI: the server says why
+    if tx.pinned(s):  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.error(f"ERR {args[0].decode().upper()} without MULTI"))
 
 
-def apply_select(s, frame: bytes, db: int) -> bytes:
+def apply_select(s: Session, frame: bytes, db: int) -> bytes:
     return _apply_after_exec(s, frame, db, None)
 
 
-def _apply_after_exec(s, frame: bytes, db: int | None, proto: int | None) -> bytes:
+def _apply_after_exec(s: Session, frame: bytes, db: int | None, proto: int | None) -> bytes:
     """A transaction that ran SELECT or HELLO changes the session, as it changed the connection."""
     if frame[:1] == b"*" and frame[:3] != b"*-1":
         if db is not None:
@@ -226,15 +224,14 @@ def _apply_after_exec(s, frame: bytes, db: int | None, proto: int | None) -> byt
     return frame
 
 
-def unwatch(s, i, args, raw, batch):
-    if s.lease is not None and not s.lease.ending:
-        tx.unwatch(s)
-        s.lease.ending = True
+def unwatch(s: Session, i, args, raw, batch):
+    if tx.pinned(s):
+        tx.end_pinned(s)
         return s.submit(s.lease.channel, i, raw, batch)
     _reply(batch, i, resp.OK)
 
 
-def unsubscribe(s, i, args, raw, batch):
+def unsubscribe(s: Session, i, args, raw, batch):
     """Not subscribed: answer as the server would, one reply per channel (or one for none)."""
     kind = args[0].lower()
     names = args[1:] or [None]
@@ -242,7 +239,7 @@ def unsubscribe(s, i, args, raw, batch):
     _reply(batch, i, b"".join(head + resp.bulk(kind) + resp.value(n, s.proto) + b":0\r\n" for n in names))
 
 
-def client(s, i, args, raw, batch):
+def client(s: Session, i, args, raw, batch):
     if len(args) < 2:  # the arity check needs the learned table: the backend may not have answered yet
         return _reply(batch, i, resp.error(E.wrong_arity("client")))
     sub = args[1].lower()
@@ -257,7 +254,7 @@ def _arity(args: list, sub: str) -> bytes | None:
     return resp.error(E.wrong_arity(f"client|{sub}")) if len(args) != 2 else None
 
 
-def _client_setname(s, i, args, raw, batch):
+def _client_setname(s: Session, i, args, raw, batch):
     if len(args) != 3:
         return _reply(batch, i, resp.error(E.wrong_arity("client|setname")))
     if not valid_name(args[2]):
@@ -266,7 +263,7 @@ def _client_setname(s, i, args, raw, batch):
     _reply(batch, i, resp.OK)
 
 
-def _client_setinfo(s, i, args, raw, batch):
+def _client_setinfo(s: Session, i, args, raw, batch):
     if len(args) != 4:
         return _reply(batch, i, resp.error(E.wrong_arity("client|setinfo")))
     attr = args[2].lower()
@@ -281,18 +278,18 @@ def _client_setinfo(s, i, args, raw, batch):
     _reply(batch, i, resp.OK)
 
 
-def _on_off(s, i, args, attr: str):
+def _on_off(s: Session, i, args, attr: str):
     if len(args) != 3 or args[2].lower() not in (b"on", b"off"):
         return resp.error(E.SYNTAX)
     setattr(s, attr, args[2].lower() == b"on")
     return resp.OK
 
 
-def _client_kill(s, i, args, raw, batch):
+def _client_kill(s: Session, i, args, raw, batch):
     _reply(batch, i, admin.client_kill(s, args))
 
 
-def _client_stream(s, i, args, raw, batch):
+def _client_stream(s: Session, i, args, raw, batch):
     """TRACKING on / REPLY off|skip need a connection whose replies stream; the off forms are no-ops."""
     sub, arg = args[1].lower(), args[2].lower() if len(args) > 2 else b""
     starts = (sub == b"tracking" and arg == b"on") or (sub == b"reply" and arg in (b"off", b"skip"))
@@ -307,7 +304,7 @@ def _client_stream(s, i, args, raw, batch):
     _reply(batch, i, resp.error(E.SYNTAX))
 
 
-def _redirect_to_backend(s, args, raw):
+def _redirect_to_backend(s: Session, args, raw):
     """CLIENT TRACKING on REDIRECT <id>: the id is a vproxy client's (CLIENT ID); the server knows the
     backend connection that client holds pinned (it subscribed to __redis__:invalidate, so it has
     one). The request with that connection's id instead; None when there is no such connection."""
@@ -334,7 +331,7 @@ def _pinned_backend_id(session):
     return None
 
 
-def _client_maint_notifications(s, i, args, raw, batch):
+def _client_maint_notifications(s: Session, i, args, raw, batch):
     """redis-py 8 asks on every RESP3 connect and takes an error as "unsupported". Forwarded, it would
     cost a backend connection per client connect; and the proxy follows backend maintenance itself."""
     _reply(batch, i, resp.error(E.refused("client|maint_notifications",
@@ -365,11 +362,11 @@ CLIENT = {
 }
 
 
-def proxy(s, i, args, raw, batch):
+def proxy(s: Session, i, args, raw, batch):
     _reply(batch, i, admin.proxy_command(s, args))
 
 
-def config(s, i, args, raw, batch):
+def config(s: Session, i, args, raw, batch):
     """CONFIG goes to the server; CONFIG RESETSTAT resets the proxy's statistics too."""
     if len(args) == 2 and args[1].lower() == b"resetstat":
         admin.reset_stats(s.app)

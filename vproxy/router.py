@@ -185,9 +185,7 @@ class Router:
             if self.cfg.read_your_writes:
                 session.ryw_until = monotonic() + self.cfg.read_your_writes
             return self.primary()
-        # session.ryw_until is declared in ClientSession's state; a bare session object (a unit test's
-        # stand-in) that never wrote has none: it reads as "no write yet"
-        if self.cfg.read_your_writes and getattr(session, "ryw_until", 0.0) > monotonic():
+        if self.cfg.read_your_writes and session.ryw_until > monotonic():  # ClientSession declares it
             return self.primary()
         readable = self.topology.readable
         if not readable:

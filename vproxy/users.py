@@ -20,6 +20,7 @@ from . import resp
 from .errors import BackendError
 from .mux.backend import Credentials
 from .mux.pool import ACL_CHECK
+from .handler import Session
 
 # Commands vproxy answers itself (or answers in part) that the server's ACL would check: for a
 # session running as a client's own user they are first asked of the server with ACL DRYRUN.
@@ -28,7 +29,7 @@ DRYRUN = frozenset([b"select", b"client", b"info", b"unsubscribe", b"punsubscrib
                     b"cluster", b"readonly", b"readwrite"])
 
 
-def backend_auth(s, user: bytes | None, password: bytes) -> bytes | None:
+def backend_auth(s: Session, user: bytes | None, password: bytes) -> bytes | None:
     """Check AUTH [user] pass with the backend. None when accepted (the session now runs as that
     user), else the reply frame to give the client (the server's error, or vproxy's when the
     backend cannot be reached)."""
@@ -44,7 +45,7 @@ def backend_auth(s, user: bytes | None, password: bytes) -> bytes | None:
     return None
 
 
-def switch(s, cred: Credentials | None) -> None:
+def switch(s: Session, cred: Credentials | None) -> None:
     """The session now runs as cred (None: vproxy's own user). A user no session runs as any more
     has its connections closed by the janitor (sweep), and its password forgotten with them."""
     old, s.user = s.user, cred
@@ -78,7 +79,7 @@ def own_credentials(cfg) -> Credentials | None:
     return Credentials((cfg.backend_username or "default").encode(), cfg.backend_password.encode())
 
 
-def user_name(s) -> str:
+def user_name(s: Session) -> str:
     """The user the session runs as (CLIENT LIST's user=): its proxy user (gate.py), else the backend's."""
     if s.proxy_user is not None:
         return s.proxy_user.name
@@ -87,7 +88,7 @@ def user_name(s) -> str:
     return s.app.cfg.backend_username or "default"
 
 
-def dryrun(s, args: list) -> bytes | None:
+def dryrun(s: Session, args: list) -> bytes | None:
     """None when the session's user may run args (ACL DRYRUN), else the -NOPERM error the server
     would give (vproxy's own backend user needs +acl|dryrun; without it the command is refused
     with vproxy's error saying so)."""

@@ -22,6 +22,7 @@ from ..gate import hide_config_secrets
 from ..local import append_proxy_sections
 from ..slots import key_slot
 from . import namespaces
+from ..handler import ClusterSession
 
 SCRIPTS: dict[bytes, bytes] = {}  # sha1 -> body of scripts loaded through SCRIPT LOAD (NOSCRIPT repair)
 MAX_SCRIPTS = 10000
@@ -30,7 +31,7 @@ SCAN_NODE_MASK = (1 << NODE_BITS) - 1
 NO_MAP = resp.error("CLUSTERDOWN vproxy: the cluster's slot map is not known yet; retry shortly")
 
 
-def fan(s, i, args, batch, merge, slots=None) -> None:
+def fan(s: ClusterSession, i, args, batch, merge, slots=None) -> None:
     """Send args to every slot-owning primary (or to `slots`' owners); merge(frames) is the reply."""
     if s.lease is not None or s.oneshot is not None:
         s.settle()  # after the client's pinned requests, in order
@@ -41,7 +42,7 @@ def fan(s, i, args, batch, merge, slots=None) -> None:
     s.op(batch, i, [(slot, args) for slot in slots], merge)
 
 
-def one(s, i, args, raw, batch) -> None:
+def one(s: ClusterSession, i, args, raw, batch) -> None:
     """Any primary (keyless commands whose answer is the same everywhere)."""
     s.route(batch, i, raw, -1, args[0].lower())
 
@@ -86,7 +87,7 @@ def min_int(frames):
 
 # ---- handlers: fn(session, idx, args, raw, batch) ----
 
-def keys(s, i, args, raw, batch):
+def keys(s: ClusterSession, i, args, raw, batch):
     if not namespaces.emulated(s):
         return fan(s, i, args, batch, concat)
     if s.ns:
@@ -94,19 +95,19 @@ def keys(s, i, args, raw, batch):
     fan(s, i, args, batch, namespaces.keys_merge(s, concat))
 
 
-def dbsize(s, i, args, raw, batch):
+def dbsize(s: ClusterSession, i, args, raw, batch):
     if s.ns:
         return namespaces.dbsize(s, i, args, raw, batch)
     fan(s, i, args, batch, sum_ints)
 
 
-def all_ok(s, i, args, raw, batch):
+def all_ok(s: ClusterSession, i, args, raw, batch):
     if s.ns and args[0].lower() == b"flushdb":
         return namespaces.flushdb(s, i, args, raw, batch)
     fan(s, i, args, batch, first)
 
 
-def randomkey(s, i, args, raw, batch):
+def randomkey(s: ClusterSession, i, args, raw, batch):
     if s.ns:
         return namespaces.randomkey(s, i, args, raw, batch)
     hide = namespaces.emulated(s)  # db 0 beside emulated databases: skip their namespaces
@@ -118,7 +119,7 @@ def randomkey(s, i, args, raw, batch):
     fan(s, i, args, batch, merge)
 
 
-def scan(s, i, args, raw, batch):
+def scan(s: ClusterSession, i, args, raw, batch):
     cursor = resp.string2ull(args[1])
     if cursor is None:
         batch.replies[i] = resp.error("ERR invalid cursor")
@@ -155,7 +156,7 @@ def remember_script(body: bytes) -> None:
     SCRIPTS[hashlib.sha1(body).hexdigest().encode()] = body
 
 
-def script(s, i, args, raw, batch):
+def script(s: ClusterSession, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     if sub == b"exists":
         def merge(frames):
@@ -171,7 +172,7 @@ def script(s, i, args, raw, batch):
     one(s, i, args, raw, batch)
 
 
-def function(s, i, args, raw, batch):
+def function(s: ClusterSession, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     if sub in (b"load", b"delete", b"flush", b"restore"):
         return fan(s, i, args, batch, first)
@@ -180,7 +181,7 @@ def function(s, i, args, raw, batch):
     one(s, i, args, raw, batch)
 
 
-def config(s, i, args, raw, batch):
+def config(s: ClusterSession, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     if sub == b"resetstat" and len(args) == 2:
         admin.reset_stats(s.app)
@@ -190,7 +191,7 @@ def config(s, i, args, raw, batch):
     one(s, i, args, raw, batch)
 
 
-def slowlog(s, i, args, raw, batch):
+def slowlog(s: ClusterSession, i, args, raw, batch):
     """SLOWLOG across the primaries: GET merges the nodes' entries, newest first (ids are each
     node's own), LEN sums, RESET runs on every node; anything else one node answers."""
     sub = args[1].lower() if len(args) > 1 else b""
@@ -211,7 +212,7 @@ def slowlog(s, i, args, raw, batch):
     one(s, i, args, raw, batch)
 
 
-def wait(s, i, args, raw, batch):
+def wait(s: ClusterSession, i, args, raw, batch):
     """WAIT on every primary this session wrote to (its channels there); the smallest count wins.
 
     The timeout is capped below command_timeout, because the wait holds a shared connection."""
@@ -227,13 +228,13 @@ def wait(s, i, args, raw, batch):
     fan(s, i, [b"WAIT", str(n).encode(), str(timeout).encode()], batch, min_int, slots)
 
 
-def ok(s, i, args, raw, batch):
+def ok(s: ClusterSession, i, args, raw, batch):
     batch.replies[i] = resp.OK
 
 
 # ---- INFO: one node's text, keyspace summed, a '# Cluster' summary ----
 
-def info(s, i, args, raw, batch):
+def info(s: ClusterSession, i, args, raw, batch):
     sections = {a.lower() for a in args[1:]}
     if sections and sections <= admin.PROXY_SECTIONS:
         return ClientSession.dispatch(s, i, args, raw, batch, True)
@@ -327,7 +328,7 @@ def _merge_info(texts: list[str], topo) -> str:
 
 # ---- CLUSTER: vproxy as one node owning every slot ----
 
-def _me(s):
+def _me(s: ClusterSession):
     try:
         host, port = s.sock.getsockname()[:2]
     except OSError:
@@ -335,7 +336,7 @@ def _me(s):
     return host, port, hexlify(f"vproxy-{host}:{port}".encode()).decode()[:40].ljust(40, "0")
 
 
-def cluster(s, i, args, raw, batch):
+def cluster(s: ClusterSession, i, args, raw, batch):
     sub = args[1].lower() if len(args) > 1 else b""
     h = CLUSTER.get(sub)
     if h is None:
@@ -345,7 +346,7 @@ def cluster(s, i, args, raw, batch):
     h(s, i, args, raw, batch)
 
 
-def _cluster_info(s, i, args, raw, batch):
+def _cluster_info(s: ClusterSession, i, args, raw, batch):
     topo = s.app.router.topology
     state = "ok" if topo.covered() == 16384 else "fail"
     text = (f"cluster_state:{state}\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\n"
@@ -354,32 +355,32 @@ def _cluster_info(s, i, args, raw, batch):
     batch.replies[i] = resp.verbatim(text, s.proto)
 
 
-def _cluster_nodes(s, i, args, raw, batch):
+def _cluster_nodes(s: ClusterSession, i, args, raw, batch):
     host, port, nid = _me(s)
     line = f"{nid} {host}:{port}@0 myself,master - 0 0 1 connected 0-16383\n"
     batch.replies[i] = resp.verbatim(line, s.proto)
 
 
-def _cluster_slots(s, i, args, raw, batch):
+def _cluster_slots(s: ClusterSession, i, args, raw, batch):
     host, port, nid = _me(s)
     batch.replies[i] = resp.value([[0, 16383, [host, port, nid]]], s.proto)
 
 
-def _cluster_shards(s, i, args, raw, batch):
+def _cluster_shards(s: ClusterSession, i, args, raw, batch):
     host, port, nid = _me(s)
     node = {"id": nid, "port": port, "ip": host, "endpoint": host, "role": "master",
             "replication-offset": 0, "health": "online"}
     batch.replies[i] = resp.value([{"slots": [0, 16383], "nodes": [node]}], s.proto)
 
 
-def _cluster_keyslot(s, i, args, raw, batch):
+def _cluster_keyslot(s: ClusterSession, i, args, raw, batch):
     if len(args) != 3:
         batch.replies[i] = resp.error("ERR wrong number of arguments for 'cluster|keyslot' command")
         return
     batch.replies[i] = resp.integer(key_slot(args[2]))
 
 
-def _in_slot(s, i, args, raw, batch):
+def _in_slot(s: ClusterSession, i, args, raw, batch):
     """COUNTKEYSINSLOT / GETKEYSINSLOT: asked of the slot's owner; a slot the server would refuse
     goes to slot 0's owner, which answers with its own error."""
     slot = resp.string2ll(args[2]) if len(args) > 2 else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .. import resp
 from ..slots import key_slot
 from . import setops
+from ..handler import ClusterSession
 
 WHY = {
     b"msetnx": "MSETNX must set all keys or none, which nodes cannot do together",
@@ -44,7 +45,7 @@ def group(args: list, start: int, step: int) -> dict[int, list[int]]:
     return out
 
 
-def mget(s, i, args, batch):
+def mget(s: ClusterSession, i, args, batch):
     groups = group(args, 1, 1)
     order = list(groups.values())
 
@@ -57,7 +58,7 @@ def mget(s, i, args, batch):
     s.op(batch, i, [(slot, [args[0]] + [args[p] for p in ps]) for slot, ps in groups.items()], merge, reads=True)
 
 
-def mset(s, i, args, batch):
+def mset(s: ClusterSession, i, args, batch):
     if len(args) % 2 == 0:
         batch.replies[i] = resp.error(f"ERR wrong number of arguments for '{args[0].decode().lower()}' command")
         return
@@ -66,7 +67,7 @@ def mset(s, i, args, batch):
     s.op(batch, i, parts, lambda frames: resp.OK)
 
 
-def count(s, i, args, batch):
+def count(s: ClusterSession, i, args, batch):
     """DEL, UNLINK, EXISTS, TOUCH: the per-slot counts added up."""
     groups = group(args, 1, 1)
     parts = [(slot, [args[0]] + [args[p] for p in ps]) for slot, ps in groups.items()]

@@ -21,6 +21,7 @@ from .. import transaction as tx
 from ..keyspec import key_positions
 from ..local import LOCAL, db_index
 from ..slots import key_slot
+from ..handler import ClusterSession
 
 NS = b"__vdb"
 SCAN_COUNT = b"1000"
@@ -38,11 +39,11 @@ def prefix(db: int) -> bytes:
     return b"%s%d__:" % (NS, db)
 
 
-def emulated(s) -> bool:
+def emulated(s: ClusterSession) -> bool:
     return getattr(s.app.router.topology, "databases", 1) <= 1
 
 
-def select(s, i, args, raw, batch):
+def select(s: ClusterSession, i, args, raw, batch):
     native = getattr(s.app.router.topology, "databases", 1)
     if tx.in_multi(s) and native > 1:  # queued as the server queues it; EXEC answers its error
         return s.in_transaction(i, b"select", args, raw, batch)
@@ -60,7 +61,7 @@ def select(s, i, args, raw, batch):
     batch.replies[i] = resp.OK
 
 
-def rewrite(s, name: bytes, args: list, raw: bytes, i: int):
+def rewrite(s: ClusterSession, name: bytes, args: list, raw: bytes, i: int):
     """The request with its keys moved into the session's namespace (and a reply fix-up queued)."""
     if name in NOT_REWRITTEN:
         return args, raw, None
@@ -100,7 +101,7 @@ def _strip_names(frame: bytes, ns: bytes | None, proto: int) -> bytes:
     return resp.value(names, proto)
 
 
-def keys_merge(s, frames_merge):
+def keys_merge(s: ClusterSession, frames_merge):
     ns = s.ns
 
     def merge(frames):
@@ -108,7 +109,7 @@ def keys_merge(s, frames_merge):
     return merge
 
 
-def scan_args(s, args: list) -> list:
+def scan_args(s: ClusterSession, args: list) -> list:
     """SCAN's arguments with MATCH moved into the namespace."""
     if not s.ns:
         return args
@@ -123,13 +124,13 @@ def scan_args(s, args: list) -> list:
     return out if matched else out + [b"MATCH", s.ns + b"*"]
 
 
-def scan_names(s, found: list) -> list:
+def scan_names(s: ClusterSession, found: list) -> list:
     if s.ns:
         return [k[len(s.ns):] for k in found if k.startswith(s.ns)]
     return [k for k in found if not k.startswith(NS)]
 
 
-def all_names(s, limit: int = 0) -> list:
+def all_names(s: ClusterSession, limit: int = 0) -> list:
     """Every key of the namespace (prefixed), by SCAN on every primary."""
     out = []
     for slot in s.app.router.topology.first_slots:
@@ -147,18 +148,18 @@ def all_names(s, limit: int = 0) -> list:
     return out
 
 
-def dbsize(s, i, args, raw, batch):
+def dbsize(s: ClusterSession, i, args, raw, batch):
     batch.replies[i] = _guard(lambda: resp.integer(len(all_names(s))))
 
 
-def randomkey(s, i, args, raw, batch):
+def randomkey(s: ClusterSession, i, args, raw, batch):
     def pick():
         names = all_names(s, limit=1000)
         return resp.bulk(random.choice(names)[len(s.ns):]) if names else resp.null(s.proto)
     batch.replies[i] = _guard(pick)
 
 
-def flushdb(s, i, args, raw, batch):
+def flushdb(s: ClusterSession, i, args, raw, batch):
     def flush():
         names = all_names(s)
         groups: dict[int, list] = {}

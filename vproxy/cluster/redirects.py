@@ -21,7 +21,6 @@ from time import monotonic
 import gevent
 
 from .. import hostport, resp
-from .. import transaction as tx
 from ..mux import busy
 from ..mux.channel import TIMED_OUT, Batch
 from . import keyless
@@ -135,8 +134,6 @@ class Redirects:
         if self.inflight or self.ops:
             self.finish()
         super().settle()
-        if self.lease is None and not tx.in_multi(self):
-            self.pin_slot = None
 
     def finish(self) -> None:
         deadline, delay, rounds = 0.0, 0.02, 0

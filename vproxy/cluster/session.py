@@ -61,7 +61,7 @@ class ClusterSession(Redirects, ClientSession):
         slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
         self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
         self.tx &= ~tx.FAILED  # RESET: the queued transaction's refusals are forgotten first
-        self.pin_slot: int | None = None  # the slot a WATCH/MULTI is bound to
+        self.pin_slot = None  # RESET: the queued transaction's slot too (ClientSession.reset declares it)
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----
@@ -158,7 +158,7 @@ class ClusterSession(Redirects, ClientSession):
         """Route by the slots of args' keys (name is read from args: after a namespace's rewrite)."""
         name = args[0].lower()
         slots = self.slots_of(name, args)
-        if self.lease is not None and not self.lease.ending:
+        if tx.pinned(self):
             return self.on_lease(i, raw, batch, slots)
         if self.oneshot is not None:
             self.settle()  # a blocking command in flight answers first
@@ -257,8 +257,9 @@ class ClusterSession(Redirects, ClientSession):
 
     def on_lease(self, i: int, raw: bytes, batch: Batch, slots) -> None:
         """WATCH holds a connection: keys of another slot than the watched one are refused."""
-        if slots and (len(slots) > 1 or (self.pin_slot is not None and self.pin_slot not in slots)):
-            batch.replies[i] = resp.error(transaction.other_slot(self.pin_slot))
+        pin = tx.slot(self)
+        if slots and (len(slots) > 1 or (pin is not None and pin not in slots)):
+            batch.replies[i] = resp.error(transaction.other_slot(pin))
             return
         self.submit(self.lease.channel, i, raw, batch)
 
@@ -286,8 +287,8 @@ class ClusterSession(Redirects, ClientSession):
         """A blocking command: its own connection on its key's node; redirections followed."""
         name = args[0].lower()
         slots = self.slots_of(name, args) if not dirty else set()
-        if (self.lease is not None and not self.lease.ending) or dirty or not slots:
-            if self.lease is not None and not self.lease.ending:
+        if tx.pinned(self) or dirty or not slots:
+            if tx.pinned(self):
                 return self.on_lease(i, raw, batch, slots)
             return super().block(i, raw, batch, dirty, wait, args)
         if len(slots) > 1:

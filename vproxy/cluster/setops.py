@@ -16,6 +16,7 @@ import math
 
 from .. import resp
 from ..slots import key_slot
+from ..handler import ClusterSession
 
 CHUNK = 4000  # arguments per SADD/ZADD inside the store script (Lua's unpack limit is ~8000)
 STORE_SET = (b"redis.call('DEL', KEYS[1]) for i = 1, #ARGV, %d do redis.call('SADD', KEYS[1], "
@@ -64,7 +65,7 @@ def _members(frames) -> list:
     return [set(resp.decode(f)) for f in frames]
 
 
-def sets(s, i, args, batch):
+def sets(s: ClusterSession, i, args, batch):
     """SUNION/SINTER/SDIFF key [key ...] and their STORE forms."""
     name = args[0].lower()
     store = name.endswith(b"store")
@@ -100,7 +101,7 @@ def _sintercard_args(args: list) -> tuple[list, int]:
     return args[2:2 + n], limit
 
 
-def sintercard(s, i, args, batch):
+def sintercard(s: ClusterSession, i, args, batch):
     try:
         keys, limit = _sintercard_args(args)
     except Bad as e:
@@ -112,7 +113,7 @@ def sintercard(s, i, args, batch):
     s.op(batch, i, [(key_slot(k), [b"SMEMBERS", k]) for k in keys], merge)
 
 
-def smove(s, i, args, batch):
+def smove(s: ClusterSession, i, args, batch):
     src, dst, member = args[1], args[2], args[3]
     kind = resp.decode(s.call([(key_slot(dst), [b"TYPE", dst])])[0])
     if isinstance(kind, Exception):
@@ -216,7 +217,7 @@ def zreply(items: list, withscores: bool, proto: int) -> bytes:
     return b"*%d\r\n" % (2 * len(items)) + b"".join(resp.bulk(m) + resp.bulk(fmt_score(sc)) for m, sc in items)
 
 
-def zsets(s, i, args, batch):
+def zsets(s: ClusterSession, i, args, batch):
     """ZUNION/ZINTER/ZDIFF and their STORE forms."""
     name = args[0].lower()
     store = name.endswith(b"store")
@@ -245,7 +246,7 @@ def _first_error(frames):
     return next((f for f in frames if f is None or f[:1] == b"-"), None)
 
 
-def _store(s, dest: bytes, script: bytes, argv: list) -> bytes:
+def _store(s: ClusterSession, dest: bytes, script: bytes, argv: list) -> bytes:
     return s.call([(key_slot(dest), [b"EVAL", script, b"1", dest, *argv])])[0]
 
 

@@ -1,6 +1,6 @@
 """A cluster session's subscribed stream across nodes: shard channels that follow slot moves, and MONITOR.
 
-    stream (client.Stream): its own connection (Stream.lease) + one per other node (sconns)
+    stream (streams.Stream): its own connection (Stream.lease) + one per other node (sconns)
     SSUBSCRIBE c      -> the connection to owner(slot c) (opened if needed); replies in request order
     SUNSUBSCRIBE      -> each channel's node; a channel being re-subscribed is forgotten locally
     slot moved away   -> the server's `sunsubscribe c` hidden; c waits for the map to name a new

@@ -23,13 +23,14 @@ import gevent
 
 from .. import hostport, resp
 from .. import transaction as tx
-from ..client import AUTH_IN_MULTI
+from ..pinned import AUTH_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
 from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
 from .redirects import ASKING, REDIRECT
+from ..handler import ClusterSession
 
 MULTI = resp.encode_request([b"MULTI"])
 EXEC = resp.encode_request([b"EXEC"])
@@ -42,19 +43,15 @@ def other_slot(pin) -> str:
             "keys of other slots cannot join it (put them in one slot with a hash tag {...})")
 
 
-def _held(s) -> bool:
-    return s.lease is not None and not s.lease.ending
-
-
-def watch(s, i, args, raw, batch):
+def watch(s: ClusterSession, i, args, raw, batch):
     slots = s.slots_of(b"watch", args)
     if not slots or len(slots) > 1:
         batch.replies[i] = resp.error("CROSSSLOT vproxy: WATCH keys must all be in one slot (use a hash tag {...})")
         return
     slot = slots.pop()
-    if _held(s):
-        if s.pin_slot is not None and slot != s.pin_slot:
-            batch.replies[i] = resp.error(other_slot(slot if s.pin_slot is None else s.pin_slot))
+    if tx.pinned(s):
+        if tx.slot(s) is not None and slot != tx.slot(s):
+            batch.replies[i] = resp.error(other_slot(tx.slot(s)))
             return
     else:
         s.lease_addr = s.app.router.topology.owner(slot)
@@ -65,12 +62,12 @@ def watch(s, i, args, raw, batch):
         if lease is None:
             return
         s.lease, s.cur = lease, lease.channel
-    s.pin_slot = slot
+    tx.bind_slot(s, slot)
     tx.watch(s)
     s.submit(s.lease.channel, i, raw, batch)
 
 
-def multi(s, i, args, raw, batch):
+def multi(s: ClusterSession, i, args, raw, batch):
     if tx.in_multi(s):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
@@ -79,7 +76,7 @@ def multi(s, i, args, raw, batch):
     batch.replies[i] = resp.OK
 
 
-def queue(s, i, name, args, raw, batch):
+def queue(s: ClusterSession, i, name, args, raw, batch):
     """A request inside MULTI: checked like the server would at queue time, then kept."""
     if name == b"watch":
         batch.replies[i] = resp.error("ERR WATCH inside MULTI is not allowed")
@@ -93,25 +90,25 @@ def queue(s, i, name, args, raw, batch):
             f"ERR unknown command '{args[0].decode(errors='replace')}'" if cmd is None
             else f"ERR wrong number of arguments for '{name.decode(errors='replace')}' command")
         return
-    slots = s.slots_of(name, args)
-    if slots is None or len(slots) > 1 or (slots and s.pin_slot is not None and s.pin_slot not in slots):
+    slots, pin = s.slots_of(name, args), tx.slot(s)
+    if slots is None or len(slots) > 1 or (slots and pin is not None and pin not in slots):
         tx.fail(s)
-        batch.replies[i] = resp.error(other_slot(s.pin_slot) if slots and len(slots) == 1 else
+        batch.replies[i] = resp.error(other_slot(pin) if slots and len(slots) == 1 else
                                       f"CROSSSLOT vproxy: the keys of '{name.decode()}' are not all in one slot")
         return
-    if slots and s.pin_slot is None:
-        s.pin_slot = next(iter(slots))
+    if slots and pin is None:
+        tx.bind_slot(s, next(iter(slots)))
     if name == b"select" and len(args) == 2 and s.db_arg(args[1]) is not None:
         s.multi_select = s.db_arg(args[1])
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
 
-def exec_(s, i, args, raw, batch):
+def exec_(s: ClusterSession, i, args, raw, batch):
     name = args[0].lower()
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
-    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, s.pin_slot
+    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, tx.slot(s)
     tx.end_multi(s)
     s.mq = []
     if name == b"discard" or failed:
@@ -123,19 +120,16 @@ def exec_(s, i, args, raw, batch):
     if target is not None:
         reply = apply_select(s, reply, target)
     batch.replies[i] = reply
-    if _held(s):
-        s.lease.ending = True  # EXEC ended the WATCH on the server
-    tx.unwatch(s)
+    tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
 
-def end_watch(s) -> None:
-    if _held(s):
+def end_watch(s: ClusterSession) -> None:
+    if tx.pinned(s):
         s.lease.channel.submit(UNWATCH, None, 0, deadline_after(s.app.cfg.command_timeout))
-        s.lease.ending = True
-    tx.unwatch(s)
+    tx.end_pinned(s)
 
 
-def run(s, queued: list, slot: int) -> bytes:
+def run(s: ClusterSession, queued: list, slot: int) -> bytes:
     """Send the transaction whole; follow redirections by running it again. EXEC's reply."""
     cfg = s.app.cfg
     deadline, delay, addr, asking = monotonic() + max(cfg.primary_wait, 0.2), 0.02, None, False
@@ -146,7 +140,7 @@ def run(s, queued: list, slot: int) -> bytes:
         bad = next((f for f in frames if f.startswith(REDIRECT)), frames[-1] if unsent else None)
         if bad is None or monotonic() >= deadline:
             return frames[-1]
-        if _held(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
+        if tx.pinned(s):  # the WATCH is on a node that cannot run it: aborted, as if a watched key changed
             return resp.null(s.proto) if s.proto == 3 else b"*-1\r\n"
         addr, asking = None, False
         if bad.startswith((b"-MOVED ", b"-ASK ")):
@@ -160,13 +154,13 @@ def run(s, queued: list, slot: int) -> bytes:
             delay = min(delay * 2, 0.5)
 
 
-def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[list, bool]:
+def _send(s: ClusterSession, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[list, bool]:
     """MULTI + queued + EXEC on one connection, written in one piece: every reply, in order, and
     whether EXEC surely never reached a server (so the transaction may be sent again)."""
     topo = s.app.router.topology
     lease = None
     try:
-        if _held(s):
+        if tx.pinned(s):
             ch = s.lease.channel
         else:
             addr = addr or (topo.owner(slot) if slot >= 0 else topo.primary)
@@ -193,12 +187,12 @@ def _send(s, queued: list, slot: int, addr, asking: bool, own: bool) -> tuple[li
     return b.replies, bool(b.lost) and b.lost.get(len(queued) + 1) is False
 
 
-def forget(s) -> None:
+def forget(s: ClusterSession) -> None:
     """RESET: the cluster session's own state (queued transaction, bound slot, database namespace)."""
     s.reset_cluster()
 
 
-def reset(s, i, args, raw, batch):
+def reset(s: ClusterSession, i, args, raw, batch):
     forget(s)
     LOCAL[b"reset"](s, i, args, raw, batch)
 

@@ -9,13 +9,12 @@ from .pool import NodePool
 class Lease:
     """Holds one leased channel; release() hands it back clean (reusable) or dirty (closed)."""
 
-    __slots__ = ("pool", "channel", "dirty", "ending")
+    __slots__ = ("pool", "channel", "dirty")
 
     def __init__(self, pool: NodePool, key: tuple[int, int]):
         self.pool = pool
         self.channel: Channel = pool.lease(key)
         self.dirty = False  # the connection's state is no longer what its key says: close it
-        self.ending = False  # the pinned state ended: release once its replies are in
 
     def release(self, clean: bool = True) -> None:
         if self.channel is not None:
