@@ -390,3 +390,33 @@ def test_conf_example_loads():
     cfg = load(["-c", str(Path(__file__).resolve().parent.parent / "conf" / "users.toml")], env={})
     assert [u.split()[0] for u in cfg.users] == ["admin", "app", "report", "cache", "worker", "default"]
     assert "app-secret" not in repr(cfg.values)
+
+
+@pytest.mark.parametrize("start", [("HELLO", "3"), ("MONITOR",)], ids=["resp3-subscription", "monitor"])
+def test_auth_inside_a_stream_is_the_proxys(gated, valkeys, start):
+    """RESP3 pub/sub and MONITOR let a client run AUTH: vproxy answers it (its users, not the
+    backend's), in its place among the stream's replies, and the session's user is the new one."""
+    backend, _ = valkeys
+    backend.client().execute_command("ACL", "LOG", "RESET")
+    with RawClient(gated.port) as c:
+        def reply():  # the next reply, past MONITOR's lines (vproxy's own probes show there too)
+            while True:
+                f = c.read()
+                if not re.match(rb"\+\d", f):
+                    return f
+
+        def call(*args):
+            c.send(E(*args))
+            return reply()
+        assert call("AUTH", "admin", "adminpw") == b"+OK\r\n"
+        call(*start)
+        if start[0] == "HELLO":
+            assert call("SUBSCRIBE", "news.a").startswith(b">3\r\n")
+        assert call("AUTH", "carl", "wrong").startswith(b"-WRONGPASS")
+        assert call("HELLO", "3", "AUTH", "carl", "cpw").startswith(b"-ERR vproxy: HELLO with AUTH")
+        c.send(E("PING", "before") + E("AUTH", "carl", "cpw") + E("PING", "after"))
+        assert [reply() for _ in range(3)] == [b"$6\r\nbefore\r\n", b"+OK\r\n", b"$5\r\nafter\r\n"]
+        if start[0] == "HELLO":
+            assert call("UNSUBSCRIBE", "news.a").startswith(b">3\r\n")
+            assert call("ACL", "WHOAMI") == b"$4\r\ncarl\r\n"
+    assert backend.client().execute_command("ACL", "LOG") == []  # no credentials reached the backend

@@ -63,6 +63,9 @@ class Streams:
                 self.sync_stream(st)
             self.end_stream()
             return LOCAL[name](self, i, args, raw, batch)
+        if name in (b"auth", b"hello") and (self.app.cfg.password or self.app.gate is not None) \
+                and not (st.kind == "sub" and self.proto == 2) and self._stream_gate(st, i, name, args, raw, batch):
+            return
         if name in C.STATEFUL:
             st.lease.dirty = True
             if st.kind == "sub" and self.proto == 2:
@@ -84,6 +87,28 @@ class Streams:
         if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
             if self.sync_stream(st) and st.counts == [0, 0]:
                 self.end_stream(clean=True)
+
+    def _stream_gate(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> bool:
+        """AUTH (or HELLO ... AUTH) in a stream the server lets it into (RESP3 pub/sub, MONITOR,
+        TRACKING, REPLY OFF) while vproxy is the gate (proxy `users` or `password`): the credentials
+        are vproxy's, never sent on; answered here, in its place among the stream's replies (after
+        a sync), or not at all under CLIENT REPLY OFF. True when done (a HELLO without AUTH goes on)."""
+        if name == b"hello" and not any(a.lower() == b"auth" for a in args[2:]):
+            return False
+        if st.multi or name == b"hello":
+            err = "AUTH inside MULTI" if st.multi else "HELLO with AUTH inside a subscription or MONITOR"
+            batch.replies[i] = resp.error(f"ERR vproxy: {err} is not supported (the credentials are vproxy's, "
+                                          "not the server's): send AUTH on its own")
+        else:
+            LOCAL[name](self, i, args, raw, batch)
+        if st.kind == "reply":  # CLIENT REPLY OFF: the server would not answer it either
+            batch.replies[i] = None
+            return True
+        self.sync_stream(st)  # the stream's replies before this one are written first
+        self.flush(batch, i)
+        self.write(batch.replies[i])
+        batch.replies[i] = None
+        return True
 
     def _stream_multi(self, st: Stream, name: bytes) -> bool:
         """A MULTI inside a RESP3 subscription: the server queues what follows, so no sync PING may
