@@ -269,6 +269,14 @@ def test_users_in_cluster_mode(start_proxy):
             for req in (("CLUSTER", "INFO"), ("SELECT", "1"), ("CLIENT", "LIST"), ("READONLY",)):
                 assert r.call(*req).startswith(b"-NOPERM"), req  # answered by vproxy, checked as the user
             assert r.call("INFO", "server").startswith(b"$")  # the reader may run INFO
+            # AUTH queued in MULTI: the session runs as that user after EXEC, as on the server
+            assert r.call("MULTI") == b"+OK\r\n" and r.call("AUTH", "writer", "wpass") == b"+QUEUED\r\n"
+            assert r.call("EXEC") == b"*1\r\n+OK\r\n"
+            assert r.call("ACL", "WHOAMI") == b"$6\r\nwriter\r\n"
+            assert r.call("SET", "app:2", "w") == b"+OK\r\n"
+            assert r.call("MULTI") == b"+OK\r\n" and r.call("AUTH", "reader", "nope") == b"+QUEUED\r\n"
+            assert r.call("EXEC") == b"*1\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+            assert r.call("ACL", "WHOAMI") == b"$6\r\nwriter\r\n"
     finally:
         c.stop()
 

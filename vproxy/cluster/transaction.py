@@ -29,6 +29,7 @@ from ..errors import BackendError
 from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
+from ..users import backend_auth
 from .redirects import ASKING, REDIRECT
 from ..handler import ClusterSession
 
@@ -72,7 +73,7 @@ def multi(s: ClusterSession, i, args, raw, batch):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
     tx.multi(s)
-    s.multi_select, s.mq = None, []
+    s.multi_select, s.multi_auth, s.mq = None, None, []
     batch.replies[i] = resp.OK
 
 
@@ -100,6 +101,8 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
         tx.bind_slot(s, next(iter(slots)))
     if name == b"select" and len(args) == 2 and s.db_arg(args[1]) is not None:
         s.multi_select = s.db_arg(args[1])
+    elif name == b"auth" and 2 <= len(args) <= 3:  # backend users (users.py): the session's user after EXEC
+        s.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
@@ -108,9 +111,9 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     name = args[0].lower()
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
-    queued, failed, target, slot = s.mq, tx.failed(s), s.multi_select, tx.slot(s)
+    queued, failed, target, slot, auth = s.mq, tx.failed(s), s.multi_select, tx.slot(s), s.multi_auth
     tx.end_multi(s)
-    s.mq = []
+    s.mq, s.multi_auth = [], None
     if name == b"discard" or failed:
         end_watch(s)
         batch.replies[i] = EXECABORT if name == b"exec" else resp.OK
@@ -119,6 +122,8 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     reply = run(s, queued, -1 if slot is None else slot)
     if target is not None:
         reply = apply_select(s, reply, target)
+    if auth is not None and reply[:1] == b"*" and reply[:3] != b"*-1":
+        backend_auth(s, *auth)  # the user, if the server still takes its credentials
     batch.replies[i] = reply
     tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
