@@ -116,12 +116,14 @@ def test_without_fleet_the_view_is_local(server):
         p.stop()
 
 
-def test_fleet_with_users_and_no_password(server):
+def test_fleet_with_users_and_no_password(server, tmp_path):
     """With users at the proxy and no `password`, the nodes ask each other as the user vproxy-fleet
-    (fleet_password), which may ask those two questions and nothing else."""
+    (fleet_password), which may ask those two questions and nothing else; a reload changes it."""
     from conftest import GateProxy, RawClient
 
-    users = ("--users", "admin on >adminpw allkeys allchannels allcommands", "--fleet-password", "f-secret")
+    conf = tmp_path / "fleet.toml"
+    conf.write_text('fleet_password = "f-secret"\n')
+    users = ("--users", "admin on >adminpw allkeys allchannels allcommands", "-c", str(conf))
     a, b = GateProxy("--backend", server.addr, *FLEET, *users), GateProxy("--backend", server.addr, *FLEET, *users)
     try:
         ca, cb = a.client(), b.client()
@@ -138,6 +140,13 @@ def test_fleet_with_users_and_no_password(server):
             for req in (("GET", "k"), ("PROXY", "RELOAD"), ("CLIENT", "LIST"), ("FLUSHALL",)):
                 assert peer.call(*req).startswith(b"-NOPERM"), req
         assert "vproxy-fleet" not in ca.execute_command("ACL", "USERS")
+        conf.write_text('fleet_password = "f-new"\n')  # a rolling change: every node reloads
+        for c in (ca, cb):
+            c.execute_command("PROXY", "RELOAD")
+        with RawClient(b.port) as peer:
+            assert peer.call("AUTH", "vproxy-fleet", "f-secret").startswith(b"-WRONGPASS")
+            assert peer.call("AUTH", "vproxy-fleet", "f-new") == b"+OK\r\n"
+        assert "gated-b" in listed(ca)
     finally:
         a.stop()
         b.stop()

@@ -28,6 +28,7 @@ RULES = {
     "off1": "off >opw allkeys +@all",
     # selectors: a request any one rule set allows goes; else the furthest-reaching denial answers
     "sam": "on >spw +get +select ~a* db=0,2 (+set +select -get ~s* db=1) (+publish &ch* ~*)",
+    "fern": "on >fpw allkeys +@all db=1 db=2",  # the last db= says them all
 }
 ADMIN = "admin on >adminpw allkeys allcommands allchannels"
 # (user, requests): each request's reply must be the direct server's, byte for byte
@@ -48,6 +49,7 @@ SCRIPTS = [
              ("MGET", "a1", "s1"), ("SELECT", "1"), ("GET", "a1"), ("SET", "s1", "v"), ("SET", "a1", "v"),
              ("GET", "s1"), ("PUBLISH", "x", "m"), ("SELECT", "3"), ("SELECT", "2"), ("SET", "s1", "v"),
              ("GET", "a1"), ("DEL", "a1")]),
+    ("fern", [("SELECT", "1"), ("SELECT", "2"), ("SET", "k", "v"), ("GET", "k")]),
 ]
 
 
@@ -320,7 +322,7 @@ def test_rules_parse_and_describe():
     sel = parse_user("s on nopass +get (+set ~s* db=1) (allkeys) clearselectors (~x* +@read)")
     assert sel.describe() == "on nopass resetchannels -@all +get (~x* resetchannels -@all +@read)"
     for bad in ("x on +@nosuch", "x on %X~a", "x on db=a", "x on #123", "x on whatever", "x (+get ~a",
-                "x (on +get)", "x (>pw)", "x (rate=3)", "x (reset)"):
+                "x (on +get)", "x (>pw)", "x (rate=3)", "x (reset)", "x (+get)(+set)", "x (+get))", "x (+get ~a)b"):
         with pytest.raises(ValueError):
             parse_user(bad)
     assert glob(b"a[b-c]?\\*").match(b"ac1*") and not glob(b"a[^b]").match(b"ab")
@@ -338,6 +340,8 @@ def test_users_setting_keeps_only_hashes(tmp_path):
     from vproxy.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown rule"):
         load(["--users", "a on bogus"], env={})
+    with pytest.raises(ConfigError, match="fleet"):
+        load(["--users", "vproxy-fleet on >x +@all"], env={})
     with pytest.raises(ConfigError, match="not both"):
         load(["--users", "default on nopass", "--password", "x"], env={})
 

@@ -17,6 +17,7 @@ CATEGORIES = frozenset(["keyspace", "read", "write", "set", "sortedset", "list",
                         "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
                         "dangerous", "connection", "transaction", "scripting"])
 _HEX = re.compile(r"[0-9a-f]{64}")
+FLEET_USER = "vproxy-fleet"  # the user a fleet's peers ask as (setting fleet_password), not one of `users`
 # rules for the user as a whole, which a selector cannot hold
 _NOT_IN_SELECTOR = frozenset(["on", "off", "nopass", "resetpass", "reset", "clearselectors"])
 
@@ -86,7 +87,8 @@ class Rules:
         sel = type(self)(self.name)
         sel.selectors = None
         for word in rule[1:-1].split():
-            if word.lower() in _NOT_IN_SELECTOR or word[:1] in "><#!(" or word.lower().startswith("rate="):
+            if word.lower() in _NOT_IN_SELECTOR or word[:1] in "><#!" or word.lower().startswith("rate=") \
+                    or "(" in word or ")" in word:
                 raise ValueError(f"'{rule}': '{word}' is not a rule a selector can hold")
             sel.apply(word)
         return sel
@@ -138,7 +140,7 @@ class Rules:
             dbs = [int(d) for d in low[3:].split(",") if d.strip().isdigit()]
             if len(dbs) != len(low[3:].split(",")):
                 raise ValueError(f"'{rule}': db= takes database numbers separated by commas (db=0,1)")
-            self.dbs = (self.dbs or frozenset()) | frozenset(dbs)
+            self.dbs = frozenset(dbs)  # as the server: the last db= says them all
         elif low.startswith("rate="):
             self.rate = float(low[5:])
             if self.rate < 0:
@@ -246,6 +248,8 @@ def normalize(lines: list) -> list:
             raise ValueError(f"user '{words[0] if words else ''}': {e}") from None
         if words[0] in names:
             raise ValueError(f"user '{words[0]}' is defined twice")
+        if words[0] == FLEET_USER:
+            raise ValueError(f"'{FLEET_USER}' is the name the fleet's nodes ask each other as (fleet_password)")
         names.add(words[0])
         out.append(" ".join([words[0]] + [_hashed(w) for w in words[1:]]))
     return out

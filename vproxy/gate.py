@@ -20,7 +20,7 @@ import hmac
 
 from . import errors as E
 from . import resp
-from .aclrules import R, W, Rules, parse, sha256
+from .aclrules import FLEET_USER, R, W, Rules, parse, sha256
 from .keyspec import CONTAINER_KEY, key_positions
 from .limits import Bucket
 from .handler import Session
@@ -38,7 +38,6 @@ _CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1
              b"spublish": (1, False), b"psubscribe": (1, True)}
 # Keyless commands that work on the selected database (before the table names them @keyspace).
 _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
-FLEET_USER = "vproxy-fleet"  # the user a fleet's peers ask as (setting fleet_password), not one of `users`
 # vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
 _OWN_CATEGORIES = {b"proxy": frozenset(["@admin", "@slow", "@dangerous"])}
 # Scripts and functions run their redis.call()s as vproxy's backend user: no rule of the proxy user's

@@ -65,7 +65,7 @@ def _apply(app, names: set) -> None:
         stats.slow_s = us / 1e6 if us >= 0 else None
     if "slowlog_max_len" in names:
         stats.slowlog.entries = deque(stats.slowlog.entries, maxlen=cfg.slowlog_max_len)
-    if names & {"users", "password"}:
+    if names & {"users", "password", "fleet_password"}:
         app.set_gate()
     if "hotkeys_sample" in names:
         stats.keys.sample = cfg.hotkeys_sample  # sessions that connect from now on
