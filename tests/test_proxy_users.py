@@ -29,6 +29,7 @@ RULES = {
     # selectors: a request any one rule set allows goes; else the furthest-reaching denial answers
     "sam": "on >spw +get +select ~a* db=0,2 (+set +select -get ~s* db=1) (+publish &ch* ~*)",
     "fern": "on >fpw allkeys +@all db=1 db=2",  # the last db= says them all
+    "gus": "on >gpw ~k* +spublish +ssubscribe (+spublish &c*)",  # shard channels are no keys to ACL
 }
 ADMIN = "admin on >adminpw allkeys allcommands allchannels"
 # (user, requests): each request's reply must be the direct server's, byte for byte
@@ -49,7 +50,10 @@ SCRIPTS = [
              ("MGET", "a1", "s1"), ("SELECT", "1"), ("GET", "a1"), ("SET", "s1", "v"), ("SET", "a1", "v"),
              ("GET", "s1"), ("PUBLISH", "x", "m"), ("SELECT", "3"), ("SELECT", "2"), ("SET", "s1", "v"),
              ("GET", "a1"), ("DEL", "a1")]),
-    ("fern", [("SELECT", "1"), ("SELECT", "2"), ("SET", "k", "v"), ("GET", "k")]),
+    ("fern", [("MULTI",), ("SELECT", "2"), ("SET", "q", "v"), ("EXEC",), ("GET", "q"),  # checked in db 2
+              ("SELECT", "1"), ("SELECT", "2"), ("SET", "k", "v"), ("GET", "k")]),
+    ("gus", [("SPUBLISH", "b1", "m"), ("SPUBLISH", "c1", "m"), ("SPUBLISH", "k1", "m"), ("GET", "k1"),
+             ("SSUBSCRIBE", "c1"), ("SSUBSCRIBE", "k1")]),
 ]
 
 
@@ -251,6 +255,41 @@ def test_backend_password_is_never_shown(start_server, start_gate, tmp_path):
     with RawClient(p.port) as raw:  # RESP3 too
         assert raw.call("HELLO", "3", "AUTH", "app", "app-pw").startswith(b"%")
         seen.append(repr(raw.call("CONFIG", "GET", "requirepass")))
+    with RawClient(p.port) as raw:  # in a transaction: EXEC's reply hides them too
+        assert raw.call("AUTH", "app", "app-pw") == b"+OK\r\n" and raw.call("MULTI") == b"+OK\r\n"
+        for req in (("SET", "k", "requirepass"), ("CONFIG", "GET", "requirepass"), ("GET", "k")):
+            assert raw.call(*req) == b"+QUEUED\r\n"
+        assert raw.call("ACL", "SETUSER", "x", "on", ">y", "+@all").startswith(b"-ERR vproxy: ACL inside MULTI")
+        assert raw.call("EXEC").startswith(b"-EXECABORT")
+        assert raw.call("MULTI") == b"+OK\r\n"
+        for req in (("SET", "k", "requirepass"), ("CONFIG", "GET", "requirepass"), ("GET", "k")):
+            assert raw.call(*req) == b"+QUEUED\r\n"
+        done = raw.call("EXEC")  # only the CONFIG GET's value is hidden, the GET's stays
+        assert done == b"*3\r\n+OK\r\n*2\r\n$11\r\nrequirepass\r\n$18\r\n(hidden by vproxy)\r\n$11\r\nrequirepass\r\n"
+        seen.append(repr(done))
+    for start in (("SUBSCRIBE", "ch"), ("MONITOR",)):  # inside a stream: vproxy still answers these
+        with RawClient(p.port) as raw:
+            def reply():  # the next reply, past MONITOR's lines
+                while True:
+                    f = raw.read()
+                    if not re.match(rb"\+\d", f):
+                        return f
+
+            def call(*args):
+                raw.send(E(*args))
+                return reply()
+            assert call("HELLO", "3", "AUTH", "app", "app-pw").startswith(b"%")
+            call(*start)
+            got = call("CONFIG", "GET", "requirepass")
+            assert got.startswith(b"%1\r\n") and b"hidden by vproxy" in got
+            seen.append(repr(got))
+            assert call("ACL", "WHOAMI") == b"$3\r\napp\r\n"
+            assert call("ACL", "SETUSER", "x", "on", ">y", "+@all").startswith(b"-ERR vproxy: users are vproxy's")
+            assert call("PROXY", "VERSION").startswith(b"$")
+            assert call("MULTI") == b"+OK\r\n" and call("CONFIG", "GET", "requirepass") == b"-ERR wrong number of arguments for 'config' command\r\n"
+            assert call("AUTH", "app", "app-pw").startswith(b"-ERR wrong number of arguments for 'auth'")
+            assert call("EXEC").startswith(b"-EXECABORT")
+    assert backend.client(password=secret).execute_command("ACL", "USERS") == [b"default"]  # no SETUSER got through
     text = "\n".join(seen)
     assert secret not in text and "app-pw" not in text
     p.stop()
@@ -424,3 +463,21 @@ def test_auth_inside_a_stream_is_the_proxys(gated, valkeys, start):
             assert call("UNSUBSCRIBE", "news.a").startswith(b">3\r\n")
             assert call("ACL", "WHOAMI") == b"$4\r\ncarl\r\n"
     assert backend.client().execute_command("ACL", "LOG") == []  # no credentials reached the backend
+
+
+def test_auth_in_reply_skip_and_resp2_subscription(gated, valkeys):
+    """CLIENT REPLY SKIP skips one reply, not every AUTH's after it; in a RESP2 subscription AUTH
+    gets the server's refusal, word for word, without the credentials leaving vproxy."""
+    direct = valkeys[1]
+    with RawClient(gated.port) as c, RawClient(direct.port) as d:
+        for conn in (c, d):
+            assert conn.call("AUTH", "carl", "cpw") == b"+OK\r\n"
+        c.send(E("CLIENT", "REPLY", "SKIP") + E("PING", "a") + E("AUTH", "carl", "cpw") + E("PING", "b"))
+        assert [c.read(), c.read()] == [b"+OK\r\n", b"$1\r\nb\r\n"]
+        assert c.call("CLIENT", "REPLY", "ON") == b"+OK\r\n"
+        got, want = [], []
+        for conn, out in ((c, got), (d, want)):
+            assert conn.call("AUTH", "erin", "epw") == b"+OK\r\n"
+            out.append(conn.call("SUBSCRIBE", "news.x"))
+            out += [conn.call("AUTH", "carl", "cpw"), conn.call("PING", "p")]
+        assert got == want and want[1].startswith(b"-ERR Can't execute 'auth'")

@@ -81,6 +81,8 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
+        self.multi_hide: list[int] = []  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
+        self.multi_queued = 0  # requests queued in MULTI so far (standalone; cluster: len(mq))
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
         self.audits: list = []  # audit.Entry of the recorded requests whose replies are not written yet
         self.closing = False
@@ -202,7 +204,8 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
 
     def denied(self, i: int, name: bytes, args: list, batch: Batch) -> bool:
         """The proxy user may not run this request (gate.py): refused with the server's -NOPERM."""
-        err = self.acl.check(self, name, args)
+        queued = self.tx >= tx.QUEUED and self.multi_select is not None  # it runs where the SELECT went
+        err = self.acl.check(self, name, args, self.multi_select if queued else None)
         if err is None:
             return False
         self.app.stats.acl_denied += 1

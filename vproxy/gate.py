@@ -36,6 +36,8 @@ _NO_AUTH = frozenset([b"auth", b"hello", b"quit", b"reset"])
 # Commands whose arguments name channels: position of the first, and whether they are patterns.
 _CHANNELS = {b"subscribe": (1, False), b"ssubscribe": (1, False), b"publish": (1, False),
              b"spublish": (1, False), b"psubscribe": (1, True)}
+# Shard channels: declared as key specs ("not_key") for slot routing, which the server's ACL skips
+_SHARD_CHANNELS = frozenset([b"ssubscribe", b"sunsubscribe", b"spublish"])
 # Keyless commands that work on the selected database (before the table names them @keyspace).
 _DB_KEYLESS = frozenset([b"dbsize", b"flushdb", b"keys", b"scan", b"randomkey"])
 # vproxy's own commands, in the categories a rule names them by (+@admin allows PROXY ...).
@@ -87,10 +89,12 @@ class ProxyUser(Rules):
                 self._runs[key] = ok
         return ok
 
-    def check(self, s: Session, name: bytes, args: list) -> str | None:
+    def check(self, s: Session, name: bytes, args: list, db: int | None = None) -> str | None:
         """None when the session may run this request, else the server's -NOPERM text. With
         selectors, as the server: allowed when the user's own rules or any selector allow it; else
-        the denial that got furthest (database < command < key < channel; the last of equals)."""
+        the denial that got furthest (database < command < key < channel; the last of equals).
+        db: the database it will run on (default the session's; a SELECT queued in MULTI's)."""
+        db = s.db if db is None else db
         table = s.app.commands
         cmd = table.get(name)
         sub = None
@@ -100,11 +104,11 @@ class ProxyUser(Rules):
                 sub = None
         elif name in _OWN_CATEGORIES and len(args) > 1:  # PROXY's subcommands: +proxy|nodes
             sub = args[1].lower()
-        denied = self.denial(table, cmd, name, sub, args, s.db)
+        denied = self.denial(table, cmd, name, sub, args, db)
         if denied is None:
             return None
         for sel in self.selectors:
-            d = sel.denial(table, cmd, name, sub, args, s.db)
+            d = sel.denial(table, cmd, name, sub, args, db)
             if d is None:
                 return None
             if d[0] >= denied[0]:
@@ -121,7 +125,7 @@ class ProxyUser(Rules):
         if not self.may_run(table, name, sub) or name in _SCRIPTS:
             shown = name.decode(errors="replace") + ("|" + sub.decode() if sub is not None else "")
             return 2, f"NOPERM User {self.name} has no permissions to run the '{shown}' command"
-        if not self.all_keys and not self._keys_ok(cmd, name, sub, args):
+        if not self.all_keys and name not in _SHARD_CHANNELS and not self._keys_ok(cmd, name, sub, args):
             return _DENIED_KEY
         if self.channels is not None and name in _CHANNELS and not self._channels_ok(name, args):
             return _DENIED_CHANNEL
@@ -228,6 +232,8 @@ _CROSS_DB = {
 def has_keys(cmd, name: bytes) -> bool:
     if cmd is None:
         return True  # unknown to the table: checked (the server will say what it is)
+    if name in _SHARD_CHANNELS:
+        return False
     return cmd.first_key > 0 or "movablekeys" in cmd.flags or name in CONTAINER_KEY or bool(cmd.specs)
 
 
@@ -333,79 +339,3 @@ def bind(s: Session, user: ProxyUser | None) -> None:
 def parse_user(line: str) -> ProxyUser:
     """'alice on >secret ~app:* +@read' -> ProxyUser (ValueError naming the bad rule)."""
     return parse(line, ProxyUser)
-
-
-# ---- ACL ... answered from the proxy's users ----
-
-_ACL_OWN = frozenset([b"setuser", b"deluser", b"load", b"save", b"log", b"dryrun"])
-
-
-def acl_command(s: Session, i, args, raw, batch) -> None:
-    """ACL WHOAMI / USERS / LIST / GETUSER from the proxy's users; the rest of ACL that would touch the
-    backend's users is refused (CAT, GENPASS, HELP go to the backend)."""
-    gate = s.app.gate
-    if gate is None:
-        return s.forward(i, raw, batch, b"acl", args)
-    sub = args[1].lower() if len(args) > 1 else b""
-    users = gate.users
-    if sub == b"whoami" and len(args) == 2:
-        batch.replies[i] = resp.bulk(s.proxy_user.name if s.proxy_user is not None else "default")
-    elif sub == b"users" and len(args) == 2:
-        batch.replies[i] = resp.value(sorted(users), s.proto)
-    elif sub == b"list" and len(args) == 2:
-        batch.replies[i] = resp.value([f"user {n} {users[n].describe()}" for n in sorted(users)], s.proto)
-    elif sub == b"getuser" and len(args) == 3:
-        u = users.get(args[2].decode(errors="replace"))
-        batch.replies[i] = resp.null(s.proto) if u is None else resp.value(_getuser(u), s.proto)
-    elif sub in _ACL_OWN:
-        s.refuse(batch, i, f"ERR vproxy: users are vproxy's configuration (setting 'users'): ACL "
-                           f"{sub.decode(errors='replace').upper()} is not available through the proxy")
-    else:
-        s.forward(i, raw, batch, b"acl", args)
-
-
-def _getuser(u: ProxyUser) -> dict:
-    return {
-        "flags": ["on" if u.enabled else "off"] + (["nopass"] if u.nopass else []),
-        "passwords": list(u.hashes),
-        **_getuser_rules(u),
-        "selectors": [_getuser_rules(sel) for sel in u.selectors],
-    }
-
-
-def _getuser_rules(r: ProxyUser) -> dict:
-    """ACL GETUSER's commands, keys, channels and databases of a user's own rules or a selector's."""
-    return {
-        "commands": " ".join(r.command_rules()),
-        "keys": " ".join(k[2] for k in r.keys),
-        "channels": " ".join(r.channel_text),
-        "databases": r.db_rule() or "alldbs",
-    }
-
-
-# ---- the backend's secrets: never shown to a proxy user ----
-
-_SECRET_CONFIG = frozenset([b"requirepass", b"masterauth", b"masteruser", b"tls-key-file-pass",
-                            b"tls-client-key-file-pass"])
-HIDDEN = b"(hidden by vproxy)"
-
-
-def hide_config_secrets(s: Session, i: int, args: list) -> None:
-    """CONFIG GET through a gated proxy: the backend's passwords (requirepass, masterauth ...) are
-    vproxy's secrets, not its users': their values are replaced in the reply."""
-    if s.app.gate is not None and len(args) > 2 and args[1].lower() == b"get":
-        s.post.append((i, _hide))
-
-
-def _hide(frame: bytes) -> bytes:
-    if frame[:1] not in (b"*", b"%") or not any(n in frame for n in _SECRET_CONFIG):
-        return frame
-    v = resp.decode(frame)
-    if isinstance(v, dict):
-        return resp.value({k: HIDDEN if k in _SECRET_CONFIG and x else x for k, x in v.items()}, 3)
-    if isinstance(v, list):
-        for j in range(0, len(v) - 1, 2):
-            if v[j] in _SECRET_CONFIG and v[j + 1]:
-                v[j + 1] = HIDDEN
-        return resp.value(v, 2)
-    return frame

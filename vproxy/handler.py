@@ -59,6 +59,7 @@ class Session(Protocol):
 
     # ---- a transaction's effects, applied after EXEC ----
     multi_select: int | None
+    multi_hide: list  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
     multi_proto: int | None
     multi_auth: tuple | None
 

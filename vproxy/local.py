@@ -8,12 +8,14 @@ start_stream ...).
 from __future__ import annotations
 
 import hmac
+from functools import partial
 
 from . import admin, resp
 from . import commands as C
 from . import errors as E
 from . import transaction as tx
-from .gate import acl_command, bind, hide_config_secrets
+from .gate import bind
+from .gatecmds import acl_command, hide_config_secrets, hide_in_exec
 from .users import backend_auth, switch
 from .handler import Session
 
@@ -196,6 +198,9 @@ def exec_(s: Session, i, args, raw, batch):
     if tx.in_multi(s):
         tx.end_pinned(s)  # the lease is ENDING: given back once EXEC's reply is in
         s.submit(s.lease.channel, i, raw, batch)
+        if s.multi_hide and args[0].lower() == b"exec":  # the backend's secrets in its CONFIG GET replies
+            s.post.append((i, partial(hide_in_exec, positions=tuple(s.multi_hide))))
+        s.multi_hide = []
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
                                            or s.multi_auth is not None):
             # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it

@@ -20,6 +20,7 @@ from .mux import busy
 from .mux.channel import Batch
 from .mux.lease import Lease
 from .sockio import recv_nowait
+from .gatecmds import queued
 from .streams import SUB_KINDS
 
 _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
@@ -122,6 +123,7 @@ class Pinned:
         if name == b"multi":
             tx.multi(self)
             self.multi_select, self.multi_proto, self.multi_auth = None, None, None
+            self.multi_hide, self.multi_queued = [], 0
         else:
             tx.watch(self)
         self.submit(self.lease.channel, i, raw, batch)
@@ -133,6 +135,10 @@ class Pinned:
             return
         if self.proxy_auth(name, args):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
+        err = queued(self, name, args, self.multi_queued)
+        if err is not None:
+            return self.refuse_queued(batch, i, err)
+        self.multi_queued += 1
         if name in C.STATEFUL or name in SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:

@@ -19,6 +19,8 @@ from .mux.channel import Batch
 from .mux.lease import Lease
 from .users import backend_auth
 
+# Requests vproxy answers itself inside a stream too (Streams._stream_own)
+_OWN_IN_STREAM = frozenset([b"auth", b"hello", b"config", b"acl", b"info", b"proxy"])
 SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
              b"ssubscribe": 1, b"sunsubscribe": 1}
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")
@@ -30,10 +32,12 @@ _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("counts", "kind", "lease", "multi", "patterns", "synced", "token")
+    __slots__ = ("answers", "counts", "kind", "lease", "multi", "n", "patterns", "synced", "token")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
+        self.answers: dict = {}  # a marker PING's payload -> vproxy's own answer it stands in for
+        self.n = 0  # markers sent
         self.multi = 0  # 1: in a MULTI (RESP3); 2: one that queued an unsubscribe
         self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
         self.patterns = 0  # of counts[0], the patterns (CLIENT LIST shows sub and psub apart)
@@ -63,8 +67,7 @@ class Streams:
                 self.sync_stream(st)
             self.end_stream()
             return LOCAL[name](self, i, args, raw, batch)
-        if name in (b"auth", b"hello") and (self.app.cfg.password or self.app.gate is not None) \
-                and not (st.kind == "sub" and self.proto == 2) and self._stream_gate(st, i, name, args, raw, batch):
+        if name in _OWN_IN_STREAM and self._stream_own(st, i, name, args, raw, batch):
             return
         if name in C.STATEFUL:
             st.lease.dirty = True
@@ -88,27 +91,64 @@ class Streams:
             if self.sync_stream(st) and st.counts == [0, 0]:
                 self.end_stream(clean=True)
 
-    def _stream_gate(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> bool:
-        """AUTH (or HELLO ... AUTH) in a stream the server lets it into (RESP3 pub/sub, MONITOR,
-        TRACKING, REPLY OFF) while vproxy is the gate (proxy `users` or `password`): the credentials
-        are vproxy's, never sent on; answered here, in its place among the stream's replies (after
-        a sync), or not at all under CLIENT REPLY OFF. True when done (a HELLO without AUTH goes on)."""
-        if name == b"hello" and not any(a.lower() == b"auth" for a in args[2:]):
+    def _stream_own(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> bool:
+        """What vproxy answers itself outside a stream, it answers inside one too: AUTH and HELLO
+        ... AUTH while it is the gate (the credentials are its users', never sent on), and CONFIG,
+        ACL (proxy users), INFO and PROXY (its secrets hidden, its own view). The answer takes its
+        place among the stream's replies (answer_in_stream). True when answered."""
+        gated = bool(self.app.cfg.password) or self.app.gate is not None
+        if name in (b"auth", b"hello"):
+            if not gated or (name == b"hello" and not any(a.lower() == b"auth" for a in args[2:])):
+                return False  # the backend's ACL (users.py), or a protocol switch: the stream's connection's
+        elif self.app.commands.lookup(name)[1] is not C.LOCAL:
+            return False  # ACL without proxy users: the server's own
+        ch = st.lease.channel
+        if ch is None or ch.closed:
             return False
-        if st.multi or name == b"hello":
-            err = "AUTH inside MULTI" if st.multi else "HELLO with AUTH inside a subscription or MONITOR"
-            batch.replies[i] = resp.error(f"ERR vproxy: {err} is not supported (the credentials are vproxy's, "
-                                          "not the server's): send AUTH on its own")
-        else:
-            LOCAL[name](self, i, args, raw, batch)
-        if st.kind == "reply":  # CLIENT REPLY OFF: the server would not answer it either
-            batch.replies[i] = None
+        if st.multi:  # the server queues: unless vproxy is the gate, it runs them as before
+            if not gated or name in (b"info", b"proxy") or \
+                    (name == b"config" and (len(args) < 3 or args[1].lower() != b"get")):
+                return False
+            # a request the server refuses in its own words stands in for it: EXEC then aborts
+            ch.send_raw(resp.encode_request([b"auth" if name == b"hello" else name]))
             return True
-        self.sync_stream(st)  # the stream's replies before this one are written first
-        self.flush(batch, i)
-        self.write(batch.replies[i])
+        if st.kind == "sub" and self.proto == 2:  # only (un)subscribe, PING, QUIT, RESET allowed there
+            if name not in (b"auth", b"hello"):
+                return False  # the server refuses them in its own words; nothing vproxy must keep back
+            reply = resp.error(f"ERR Can't execute '{name.decode()}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE "
+                               "/ PING / QUIT / RESET are allowed in this context")
+        elif name == b"hello":
+            reply = resp.error("ERR vproxy: HELLO with AUTH inside a subscription or MONITOR is not supported "
+                               "(the credentials are vproxy's, not the server's): send AUTH on its own")
+        else:
+            reply = self._own_answer(name, args, raw)
         batch.replies[i] = None
+        self.answer_in_stream(st, reply)
         return True
+
+    def _own_answer(self, name: bytes, args: list, raw: bytes) -> bytes:
+        """A LOCAL request answered as the batch path answers it (a backend round trip included, on
+        a shared connection), post-processing applied: its reply."""
+        one = Batch(1)
+        post, self.post = self.post, []
+        try:
+            LOCAL[name](self, 0, args, raw, one)
+            one.wait()
+            reply = one.replies[0]
+            for _, fn in self.post:
+                reply = fn(reply)
+        finally:
+            self.post = post
+        return reply
+
+    def answer_in_stream(self, st: Stream, reply: bytes) -> None:
+        """vproxy's own answer, written where the server's would be: a PING with a marker goes on
+        the stream's connection, and its reply (none under CLIENT REPLY OFF, or a SKIP it meets)
+        is replaced by the answer (on_stream)."""
+        st.n += 1
+        marker = b"%s:%d" % (st.token, st.n)
+        st.answers[marker] = reply
+        st.lease.channel.send_raw(resp.encode_request([b"PING", marker]))
 
     def _stream_multi(self, st: Stream, name: bytes) -> bool:
         """A MULTI inside a RESP3 subscription: the server queues what follows, so no sync PING may
@@ -150,7 +190,11 @@ class Streams:
         out = []
         for f in frames:
             if st.token in f and (f[:1] == b"$" or f.startswith(b"*2\r\n$4\r\npong")):
-                st.synced.set()
+                answer = st.answers.pop(f.rsplit(b"\r\n", 2)[-2], None) if st.answers else None
+                if answer is not None:  # vproxy's own answer, in its place (answer_in_stream)
+                    out.append(answer)
+                else:
+                    st.synced.set()
                 continue
             if st.kind == "monitor" and st.token in f:  # MONITOR showing that PING: ours, not the client's
                 continue

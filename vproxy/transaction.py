@@ -107,6 +107,12 @@ def released(s) -> None:
     s.tx &= ~ENDING
 
 
+def forget_queued(s) -> None:
+    """RESET, cluster: the queued transaction's refusals and its bound slot are forgotten."""
+    s.tx &= ~FAILED
+    s.pin_slot = None
+
+
 def bind_slot(s, slot_: int) -> None:
     s.pin_slot = slot_
 

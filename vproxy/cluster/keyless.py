@@ -18,7 +18,7 @@ from binascii import hexlify
 from .. import admin, resp
 from .. import errors as E
 from ..client import ClientSession
-from ..gate import hide_config_secrets
+from ..gatecmds import hide_config_secrets
 from ..local import append_proxy_sections
 from ..slots import key_slot
 from . import namespaces

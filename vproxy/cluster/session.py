@@ -60,8 +60,7 @@ class ClusterSession(Redirects, ClientSession):
         """The cluster's session state as a new connection has it: no queued transaction, no bound
         slot, the first database. RESET forgets it first, before settling (transaction.forget)."""
         self.mq: list = []  # MULTI: keyless requests queued before the first key chose the node
-        self.tx &= ~tx.FAILED  # RESET: the queued transaction's refusals are forgotten first
-        self.pin_slot = None  # RESET: the queued transaction's slot too (ClientSession.reset declares it)
+        tx.forget_queued(self)  # RESET: its refusals and slot (ClientSession.reset declares both)
         self.ns: bytes | None = None  # emulated database: the key prefix of the selected db
 
     # ---- dispatch and routing ----

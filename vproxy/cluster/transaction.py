@@ -29,6 +29,8 @@ from ..errors import BackendError
 from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
+from ..gatecmds import hide_in_exec
+from ..gatecmds import queued as gated
 from ..users import backend_auth
 from .redirects import ASKING, REDIRECT
 from ..handler import ClusterSession
@@ -73,7 +75,7 @@ def multi(s: ClusterSession, i, args, raw, batch):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
     tx.multi(s)
-    s.multi_select, s.multi_auth, s.mq = None, None, []
+    s.multi_select, s.multi_auth, s.multi_hide, s.mq = None, None, [], []
     batch.replies[i] = resp.OK
 
 
@@ -84,6 +86,9 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
         return
     if s.proxy_auth(name, args):
         return s.refuse_queued(batch, i, AUTH_IN_MULTI)
+    err = gated(s, name, args, len(s.mq))
+    if err is not None:
+        return s.refuse_queued(batch, i, err)
     cmd = s.app.commands.get(name)
     if cmd is None or not cmd.arity_ok(len(args)):
         tx.fail(s)
@@ -112,8 +117,9 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
     queued, failed, target, slot, auth = s.mq, tx.failed(s), s.multi_select, tx.slot(s), s.multi_auth
+    hide = tuple(s.multi_hide)
     tx.end_multi(s)
-    s.mq, s.multi_auth = [], None
+    s.mq, s.multi_auth, s.multi_hide = [], None, []
     if name == b"discard" or failed:
         end_watch(s)
         batch.replies[i] = EXECABORT if name == b"exec" else resp.OK
@@ -124,6 +130,8 @@ def exec_(s: ClusterSession, i, args, raw, batch):
         reply = apply_select(s, reply, target)
     if auth is not None and reply[:1] == b"*" and reply[:3] != b"*-1":
         backend_auth(s, *auth)  # the user, if the server still takes its credentials
+    if hide:  # the backend's secrets in its CONFIG GET replies
+        reply = hide_in_exec(reply, hide)
     batch.replies[i] = reply
     tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
