@@ -87,6 +87,20 @@ def _flush(*servers):
         s.client().flushall()
 
 
+def _past_monitor(c: RawClient):
+    """(reply, call) on c that skip MONITOR's lines (vproxy's own probes show there too)."""
+    def reply() -> bytes:
+        while True:
+            f = c.read()
+            if not re.match(rb"\+\d", f):
+                return f
+
+    def call(*args) -> bytes:
+        c.send(E(*args))
+        return reply()
+    return reply, call
+
+
 def _session(port: int, user: str, requests) -> list[bytes]:
     with RawClient(port) as c:
         assert c.call("AUTH", user, RULES[user].split()[1][1:]) == b"+OK\r\n"
@@ -269,15 +283,7 @@ def test_backend_password_is_never_shown(start_server, start_gate, tmp_path):
         seen.append(repr(done))
     for start in (("SUBSCRIBE", "ch"), ("MONITOR",)):  # inside a stream: vproxy still answers these
         with RawClient(p.port) as raw:
-            def reply():  # the next reply, past MONITOR's lines
-                while True:
-                    f = raw.read()
-                    if not re.match(rb"\+\d", f):
-                        return f
-
-            def call(*args):
-                raw.send(E(*args))
-                return reply()
+            reply, call = _past_monitor(raw)
             assert call("HELLO", "3", "AUTH", "app", "app-pw").startswith(b"%")
             call(*start)
             got = call("CONFIG", "GET", "requirepass")
@@ -442,15 +448,7 @@ def test_auth_inside_a_stream_is_the_proxys(gated, valkeys, start):
     backend, _ = valkeys
     backend.client().execute_command("ACL", "LOG", "RESET")
     with RawClient(gated.port) as c:
-        def reply():  # the next reply, past MONITOR's lines (vproxy's own probes show there too)
-            while True:
-                f = c.read()
-                if not re.match(rb"\+\d", f):
-                    return f
-
-        def call(*args):
-            c.send(E(*args))
-            return reply()
+        reply, call = _past_monitor(c)
         assert call("AUTH", "admin", "adminpw") == b"+OK\r\n"
         call(*start)
         if start[0] == "HELLO":
