@@ -50,7 +50,7 @@ SCRIPTS = [
              ("MGET", "a1", "s1"), ("SELECT", "1"), ("GET", "a1"), ("SET", "s1", "v"), ("SET", "a1", "v"),
              ("GET", "s1"), ("PUBLISH", "x", "m"), ("SELECT", "3"), ("SELECT", "2"), ("SET", "s1", "v"),
              ("GET", "a1"), ("DEL", "a1")]),
-    ("fern", [("MULTI",), ("SELECT", "2"), ("SET", "q", "v"), ("EXEC",), ("GET", "q"),  # checked in db 2
+    ("fern", [("AUTH", "fern", "fpw", "extra"), ("AUTH",), ("MULTI",), ("SELECT", "2"), ("SET", "q", "v"), ("EXEC",), ("GET", "q"),  # checked in db 2
               ("SELECT", "1"), ("SELECT", "2"), ("SET", "k", "v"), ("GET", "k")]),
     ("gus", [("SPUBLISH", "b1", "m"), ("SPUBLISH", "c1", "m"), ("SPUBLISH", "k1", "m"), ("GET", "k1"),
              ("SSUBSCRIBE", "c1"), ("SSUBSCRIBE", "k1")]),

@@ -86,8 +86,8 @@ def _as_user(s: Session, user: bytes | None, password: bytes) -> bytes | None:
 
 
 def auth(s: Session, i, args, raw, batch):
-    if len(args) not in (2, 3):
-        return _reply(batch, i, resp.error(E.wrong_arity("auth")))
+    if len(args) not in (2, 3):  # as the server: AUTH alone is arity, AUTH a b c a syntax error
+        return _reply(batch, i, resp.error(E.wrong_arity("auth") if len(args) < 2 else "ERR syntax error"))
     user = args[1] if len(args) == 3 else None
     err = _authenticate(s, user, args[-1])
     if err:
