@@ -135,9 +135,12 @@ def test_pure_and_compiled_batches_are_the_same_frames(values):
     one, two = packed(recs), packed(recs, recorder.Batch)
     assert one == two
     assert unpack(*one) == flat(recs)
-    b = recorder.Batch()
-    b.add_flat(flat(recs[:50]))
-    assert b.frame() == packed(recs[:50])
+    for b in (Batch(), recorder.Batch()):  # a batch taken starts again empty, with no context
+        b.add_flat(flat(recs[:50]))
+        assert b.take() == packed(recs[:50])
+        assert b.count == 0
+        b.add_flat(flat(recs[50:90]))
+        assert b.take() == packed(recs[50:90])
 
 
 def test_records_of_one_context_share_it_and_one_key_is_no_object():

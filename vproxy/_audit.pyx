@@ -18,6 +18,7 @@ the old generations (setting off full collections). tests/test_audit*.py run bot
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
@@ -33,6 +34,9 @@ cdef object who_of = None, error_code = None, Entry = None, keys_in = None
 cdef object OK = 0, ERROR = 1
 cdef Py_ssize_t FLUSH_AT = 2048
 DEF NOTED = 9  # a record's fields known when its request is sent (auditfmt.FIELDS[:9]); 3 more at its reply
+# a recorded request in flight: SLOTS items of the list q: its context (a tuple: start, who, name,
+# subcommand, target, values; one for the records of a read that share them), keys, argc, size
+DEF SLOTS = 4
 DEF REC_SIZE = 34  # auditfmt.REC: <ddQQBB (Batch)
 cdef unsigned char F_CTX = 1, F_KEY = 2, F_VALUES = 4, F_ERR = 8  # auditfmt.CTX, KEY, VALUES, ERR (bind checks)
 
@@ -145,6 +149,19 @@ cdef class Batch:
         """(n, pack, objs): what goes to the writer (marshalled)."""
         return (self.count, PyBytes_FromStringAndSize(self.buf, self.n), self.objs)
 
+    def take(self):
+        """frame(), and the batch empty again (its buffer kept: a new one's pages would fault in
+        again every batch, unless it grew past 4 MB while the writer was behind)."""
+        out = self.frame()
+        self.n = self.count = 0
+        self.objs = []
+        self.lw = self
+        self.ln = self.ls = self.lt = None
+        if self.cap > (4 << 20):
+            PyMem_Free(self.buf)
+            self.buf, self.cap = NULL, 0
+        return out
+
 
 cdef class AuditTrack:
     """audit.AuditTrack."""
@@ -152,7 +169,7 @@ cdef class AuditTrack:
     cdef public object audit, session, inner, who
     cdef object kept, src_batch, src_pu, src_user  # audit.AuditTrack._who: the last who and what it was made with
     cdef object now  # the time of this read's records (a float object, shared by them)
-    cdef list q  # per plain request in flight from index head on: None, or its NOTED fields (flat)
+    cdef list q  # per plain request in flight from index head on: None, or its SLOTS items (flat)
     cdef Py_ssize_t head
 
     def __init__(self, audit, session, inner, Py_ssize_t inflight=0):
@@ -174,8 +191,9 @@ cdef class AuditTrack:
                 out.append(None)
                 h += 1
             else:
-                out.append(self.q[h:h + NOTED])
-                h += NOTED
+                c = <tuple>self.q[h]
+                out.append([c[0], c[1], c[2], c[3], self.q[h + 1], self.q[h + 2], self.q[h + 3], c[4], c[5]])
+                h += SLOTS
         return out
 
     def start(self, t0):
@@ -221,7 +239,7 @@ cdef class AuditTrack:
             return
         audit = self.audit
         cdef dict plans = audit.table.audit_plans
-        w = now = target = None
+        w = now = target = ctx = None
         for i in range(start, end):
             req = <tuple>reqs[i]
             args = <list>req[0]
@@ -243,21 +261,18 @@ cdef class AuditTrack:
                 ch = s.cur
                 target = ch.pool.addr if ch is not None and ch.pool is not None else None
             keys = p[1]
-            if keys is not None:  # the record's NOTED fields (auditfmt.FIELDS)
+            if keys is not None:  # the record's SLOTS items
                 if type(keys) is int:  # one key: its bytes (audit.keys_in)
                     ks = args[<Py_ssize_t>keys] if <Py_ssize_t>keys < PyList_GET_SIZE(args) else []
                 else:
                     ks = args[keys]
                     PyObject_GC_UnTrack(<void *>ks)
-                q.append(now)
-                q.append(w)
-                q.append(p[0])
-                q.append(None)
+                if ctx is None or (<tuple>ctx)[2] is not p[0]:  # (now, who and target: this call's)
+                    ctx = (now, w, p[0], None, target, None)
+                q.append(ctx)
                 q.append(ks)
                 q.append(PyList_GET_SIZE(args))
-                q.append(len(req[1]))
-                q.append(target)
-                q.append(None)
+                q.append(PyBytes_GET_SIZE(req[1]) if type(req[1]) is bytes else len(req[1]))
             else:
                 self._note(p, args, req[1], target)
 
@@ -278,7 +293,7 @@ cdef class AuditTrack:
         else:
             self.q.append(None)
             return
-        self.q.extend((self.now, self.who, name, sub, ks, len(args), len(raw), target, values))
+        self.q.extend(((self.now, self.who, name, sub, target, values), ks, len(args), len(raw)))
 
     def written(self, list frames):
         cdef list q = self.q
@@ -287,6 +302,7 @@ cdef class AuditTrack:
         cdef double now = 0.0
         cdef bint timed = False
         cdef char c
+        cdef tuple ctx
         cdef Batch batch
         if self.inner is not None:
             self.inner.written(frames)
@@ -310,15 +326,16 @@ cdef class AuditTrack:
             elif f[:1] == b"-" or f[:1] == b"!":
                 outcome, err = ERROR, error_code(f)
             if made < room:
-                batch.add_c(<object>PyList_GET_ITEM(q, h), <object>PyList_GET_ITEM(q, h + 1),
-                            <object>PyList_GET_ITEM(q, h + 2), <object>PyList_GET_ITEM(q, h + 3),
-                            <object>PyList_GET_ITEM(q, h + 4), <object>PyList_GET_ITEM(q, h + 5),
-                            <object>PyList_GET_ITEM(q, h + 6), <object>PyList_GET_ITEM(q, h + 7),
-                            <object>PyList_GET_ITEM(q, h + 8), now, outcome, err)
+                ctx = <tuple>PyList_GET_ITEM(q, h)
+                batch.add_c(<object>PyTuple_GET_ITEM(ctx, 0), <object>PyTuple_GET_ITEM(ctx, 1),
+                            <object>PyTuple_GET_ITEM(ctx, 2), <object>PyTuple_GET_ITEM(ctx, 3),
+                            <object>PyList_GET_ITEM(q, h + 1), <object>PyList_GET_ITEM(q, h + 2),
+                            <object>PyList_GET_ITEM(q, h + 3), <object>PyTuple_GET_ITEM(ctx, 4),
+                            <object>PyTuple_GET_ITEM(ctx, 5), now, outcome, err)
                 made += 1
             else:
                 lost += 1
-            h += NOTED
+            h += SLOTS
         if h >= n:  # all written: the list starts again
             del q[:]
             self.head = 0
@@ -349,10 +366,12 @@ cdef class AuditTrack:
             if q[self.head] is None:
                 self.head += 1
                 continue
-            rec = q[self.head:self.head + NOTED] + [0.0, OK, None]  # (auditfmt.FIELDS)
-            for k in range(self.head, self.head + NOTED):
+            c = <tuple>q[self.head]
+            rec = [c[0], c[1], c[2], c[3], q[self.head + 1], q[self.head + 2], q[self.head + 3], c[4], c[5],
+                   0.0, OK, None]  # (auditfmt.FIELDS)
+            for k in range(self.head, self.head + SLOTS):
                 q[k] = None
-            self.head += NOTED
+            self.head += SLOTS
             if batch is not None:
                 s.audits.append(Entry.held(batch, j, rec))
         return self.inner.drop(n) if self.inner is not None else []

@@ -516,9 +516,9 @@ class Audit:
             return self._arm()
         while (self._rest or self.batch.count) and self.proc is not None:
             if not self._rest:  # the batch, packed, as one frame (at most audit_queue records)
-                part, self.batch = self.batch, Batch()
-                self._rest = memoryview(frame(part.frame()))
-                self.inflight += part.count
+                n = self.batch.count
+                self._rest = memoryview(frame(self.batch.take()))
+                self.inflight += n
             try:
                 k = os.write(self._wfd, self._rest)
             except BlockingIOError:  # the pipe is full: again in FLUSH_EVERY
@@ -629,9 +629,8 @@ class Audit:
         if proc is None:
             return
         deadline = monotonic() + timeout
-        data, self._rest = bytes(self._rest) + (frame(self.batch.frame()) if self.batch.count else b""), memoryview(b"")
         self.inflight += self.batch.count
-        self.batch = Batch()
+        data, self._rest = bytes(self._rest) + (frame(self.batch.take()) if self.batch.count else b""), memoryview(b"")
         while data and self.proc is not None and monotonic() < deadline:
             try:
                 data = data[os.write(self._wfd, data):]

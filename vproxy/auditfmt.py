@@ -92,6 +92,12 @@ class Batch:
         """What goes to the writer (marshalled): (n, pack, objs)."""
         return (self.count, bytes(self.pack), self.objs)
 
+    def take(self) -> tuple:
+        """frame(), and the batch empty again."""
+        out = self.frame()
+        self.__init__()
+        return out
+
 
 def unpack(n: int, pack, objs: list) -> list:
     """A packed batch -> the flat list of its records' FIELDS (Formatter.packed's reference)."""
