@@ -276,17 +276,26 @@ class Frames:
     def __init__(self):
         self.buf = bytearray()
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data) -> list:
+        """The whole frames that data completes. Those wholly in data are views of it (no copy: use
+        them before data changes, as main() does with its read buffer); the others are bytes."""
         buf = self.buf
-        buf += data
-        out, pos = [], 0
-        while len(buf) - pos >= 4:
-            (n,) = HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < n:
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = memoryview(data)
+        out, pos, end = [], 0, len(src)
+        while end - pos >= 4:
+            (n,) = HEADER.unpack_from(src, pos)
+            if end - pos - 4 < n:
                 break
-            out.append(bytes(buf[pos + 4:pos + 4 + n]))
+            out.append(src[pos + 4:pos + 4 + n] if src is not buf else bytes(memoryview(buf)[pos + 4:pos + 4 + n]))
             pos += 4 + n
-        del buf[:pos]
+        if src is buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += src[pos:]  # a frame's beginning: kept until the rest comes
         return out
 
 
