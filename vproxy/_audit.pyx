@@ -5,14 +5,17 @@ each method does).
 Per recorded request the plain path notes a record as the request is sent (add_many) and completes
 it as its reply is written (written). Here the loops over a read's requests and a push's replies
 run in C, and no list is made per record: the requests in flight are one flat list walked by
-index (per request a None when it is not recorded, else its NOTED fields, auditfmt.FIELDS), and
-a written reply's record goes into the audit's batch (one flat list too, STRIDE fields a record)
-as those fields and its three own (end, outcome, error), appended directly while there is room
-(Audit.put_many otherwise). The time is read from the C clock once per read and once per push
-(one float shared by their records), a reply's first byte compared as a C char. A record's keys'
-list is taken off the garbage collector's lists (it holds no cycle: bytes): thousands of them
-wait for the writer at any time, and would otherwise be walked by its passes and promoted into
-the old generations (setting off full collections). tests/test_audit*.py run both (VPROXY_PURE=1).
+index (per request a None when it is not recorded, else SLOTS items: a context tuple (start,
+who, name, subcommand, target, values) that the records of one command in a read share, the keys,
+argc and size), and a written reply's record goes straight into the audit's batch, packed
+(Batch, the compiled twin of auditfmt.Batch: its numbers and a one-key record's key into one C
+buffer, its context into the batch's list only when it differs from the record before), while
+there is room (audit_queue; the rest dropped and counted). The time is read from the C clock once
+per read and once per push (one float shared by their records), a reply's first byte compared as
+a C char. A record's keys' list is taken off the garbage collector's lists (it holds no cycle:
+bytes): thousands of them wait for the writer at any time, and would otherwise be walked by its
+passes and promoted into the old generations (setting off full collections).
+tests/test_audit*.py run both (VPROXY_PURE=1).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -21,7 +24,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void *op)
@@ -240,14 +243,21 @@ cdef class AuditTrack:
         audit = self.audit
         cdef dict plans = audit.table.audit_plans
         w = now = target = ctx = None
+        last = po = None  # the previous request's name as sent, and its plan
         for i in range(start, end):
             req = <tuple>reqs[i]
             args = <list>req[0]
-            found = PyDict_GetItem(plans, args[0])
-            if found is NULL:
-                po = audit.plan(args[0])
-            else:
-                po = <object>found
+            sent = args[0]
+            # a pipeline repeats its command: the same name as the request before costs a compare of
+            # its bytes, not a hash of them and a lookup
+            if last is None or type(sent) is not bytes or PyBytes_GET_SIZE(sent) != PyBytes_GET_SIZE(last) \
+                    or memcmp(PyBytes_AS_STRING(sent), PyBytes_AS_STRING(last), PyBytes_GET_SIZE(sent)) != 0:
+                found = PyDict_GetItem(plans, sent)
+                if found is NULL:
+                    po = audit.plan(sent)
+                else:
+                    po = <object>found
+                last = sent if type(sent) is bytes else None
             if po is False:
                 q.append(None)
                 continue

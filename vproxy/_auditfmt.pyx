@@ -6,7 +6,9 @@ a JSON escape of each key, then the line encoded. Here each batch's lines are wr
 into one C buffer: the keys escaped from their bytes (valid UTF-8 copied, invalid bytes as
 \\\\xNN, as bytes.decode("utf-8", "backslashreplace") then JSON would), the numbers printed in C.
 The parts a read's records share (client, command, backend) and the rare fields (errors, hashed
-keys, values that are not bytes) come from auditfmt's own functions, encoded once.
+keys, values that are not bytes) come from auditfmt's own functions, encoded once. A packed batch
+(packed: auditfmt.REC) is read in place: the numbers with memcpy, a one-key record's key escaped
+from the batch's bytes, no object made or read per record in the common case.
 tests/test_auditfmt.py holds both to byte-identical lines.
 """
 
