@@ -22,8 +22,8 @@ from time import gmtime, strftime
 from . import hostport
 from .twins import twin
 
-# A batch of records, as audit.py hands it over: their fields one after the other in one flat list
-# (no list per record to build, marshal and walk), STRIDE a record, in this order: the ones noted as
+# A record's fields (audit.py hands them over packed: Batch below; Formatter.lines also takes them
+# one after the other in one flat list, STRIDE a record), in this order: the ones noted as
 # the request is sent, then the ones its reply completes. who = (client id, address, client name,
 # lib name, lib version, user or None, db); keys a list, or one key's bytes (no list to make for the
 # commands of one key); start and end are epoch seconds; outcome an OUTCOMES index.
