@@ -318,7 +318,7 @@ cdef class AuditTrack:
             self.inner.written(frames)
         audit = self.audit
         batch = <Batch?>audit.batch
-        room = audit.max_queue - audit.inflight - batch.count  # records that may still wait (Audit.put_many)
+        room = audit.max_queue - audit.queued  # records that may still wait (Audit.put_many)
         for j in range(nf):
             if h >= n:
                 break
@@ -360,8 +360,8 @@ cdef class AuditTrack:
             audit._drop(lost, "the writer is behind")
         if not made:
             return
-        if batch.count >= FLUSH_AT and not audit._rest:
-            audit.flush()
+        if batch.count >= FLUSH_AT:
+            audit.full()
         elif not audit._armed:
             audit._arm()
 
