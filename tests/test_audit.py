@@ -225,6 +225,39 @@ def test_slow_disk_drops_records_and_never_blocks_clients(audited, valkey, tmp_p
     assert len(recs) >= 500 and sets == [f"s:{i}" for i in range(len(sets))]  # the first ones, then drops
 
 
+def test_a_stuck_disk_with_a_big_queue_keeps_every_queued_record_in_order(audited, valkey, tmp_path):
+    """More records wait than the pipe holds: past the pipe they wait in the proxy as frames of at
+    most CHUNK records (audit.Audit.full), counted in audit_queued, and reach the file in order."""
+    d = tmp_path / "stuck"
+    d.mkdir()
+    fifo = d / "audit.jsonl"
+    os.mkfifo(fifo)
+    p = audited("--audit-queue", "60000", sub="stuck")
+    r = p.client()
+    pipe = r.pipeline(transaction=False)
+    n = 80000
+    for i in range(n):
+        pipe.set(f"k:{i}", "v")
+    assert pipe.execute() == [True] * n
+    info = p.info()
+    assert info["audit_queued"] == 60000 and info["audit_dropped"] >= n - 60000 and info["audit_records"] == 0
+    lines = []
+
+    def read_fifo():
+        with open(fifo, "rb") as f:
+            lines.extend(f)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()
+    wait_for(lambda: p.info()["audit_records"] >= 60000, timeout=60, what="the queued records written")
+    r.close()
+    p.stop()
+    reader.join(10)
+    recs = [json.loads(x) for x in lines]
+    sets = [x["keys"][0] for x in recs if x["command"] == "set"]
+    assert len(recs) >= 60000 and len(sets) >= 59990 and sets == [f"k:{i}" for i in range(len(sets))]
+
+
 def test_rotation_compression_and_retention_by_count(audited, valkey):
     p = audited("--audit-commands", "write", "--audit-rotation", "4 KB", "--audit-retention", "3 files")
     r = p.client(client_name="rot")

@@ -4,11 +4,12 @@ the lines an operator reads, byte for byte the same from both, for every kind of
 from __future__ import annotations
 
 import json
+import marshal
 import random
 
 import pytest
 
-from vproxy.auditfmt import FIELDS, OUTCOMES, STRIDE, PureFormatter, key_hash
+from vproxy.auditfmt import FIELDS, OUTCOMES, STRIDE, Batch, PureFormatter, key_hash, unpack
 
 compiled = pytest.importorskip("vproxy._auditfmt", reason="the compiled twin is not built")
 
@@ -110,3 +111,72 @@ def test_a_batch_that_is_not_whole_records_is_refused_by_both():
     for f in formatters():
         with pytest.raises(ValueError):
             f.lines(flat(corpus()[:3])[:-1])
+
+
+# ---- the packed hand-over (auditfmt.Batch, REC): what the proxy sends and the writer formats ----
+
+recorder = pytest.importorskip("vproxy._audit", reason="the compiled recorder is not built")
+
+
+def packed(recs: list, cls=Batch) -> tuple:
+    """recs packed by cls (auditfmt.Batch, or the compiled one), through marshal as the pipe has it."""
+    b = cls()
+    for r in recs:
+        b.add(*r)
+    assert b.count == len(recs)
+    return marshal.loads(marshal.dumps(b.frame()))
+
+
+@pytest.mark.parametrize("values", [False, True])
+def test_pure_and_compiled_batches_are_the_same_frames(values):
+    recs = corpus()
+    if values:
+        recs = with_values(recs)
+    one, two = packed(recs), packed(recs, recorder.Batch)
+    assert one == two
+    assert unpack(*one) == flat(recs)
+    for b in (Batch(), recorder.Batch()):  # a batch taken starts again empty, with no context
+        b.add_flat(flat(recs[:50]))
+        assert b.take() == packed(recs[:50])
+        assert b.count == 0
+        b.add_flat(flat(recs[50:90]))
+        assert b.take() == packed(recs[50:90])
+
+
+def test_records_of_one_context_share_it_and_one_key_is_no_object():
+    recs = [r for r in corpus() if isinstance(r[4], bytes)][:40]
+    run = [[T0 + i, WHO, b"set", None, r[4], 3, 40, ("10.0.0.5", 6379), None, T0 + i + 1e-4, 0, None]
+           for i, r in enumerate(recs)]
+    for cls in (Batch, recorder.Batch):
+        n, pack, objs = packed(run, cls)
+        assert n == 40 and len(objs) == 4  # the context once, no key object
+        assert unpack(n, pack, objs) == flat(run)
+
+
+@pytest.mark.parametrize("values", [False, True])
+@pytest.mark.parametrize("secret", [None, b"s3cret"])
+def test_packed_batches_make_the_same_lines_as_the_flat_ones(secret, values):
+    recs = corpus()
+    if values:
+        recs = with_values(recs)
+    ref = PureFormatter("proxy-1:7777", "default", secret).lines(flat(recs))
+    for cls in (Batch, recorder.Batch):
+        frame = packed(recs, cls)
+        pure, comp = formatters(secret)
+        assert comp.packed(*frame) == ref
+        assert pure.packed(*frame) == ref
+        assert comp.packed(*frame) == ref  # again, with what it has cached
+        # in parts, from the same formatters (their caches carried over batches)
+        pure, comp = formatters(secret)
+        half = len(recs) // 2
+        for f in (pure, comp):
+            assert f.packed(*packed(recs[:half], cls)) + f.packed(*packed(recs[half:], cls)) == ref
+
+
+def test_a_packed_batch_that_is_not_whole_records_is_refused_by_both():
+    n, pack, objs = packed(corpus()[:20])
+    for f in formatters():
+        for bad in ((n, pack[:-1], objs), (n + 1, pack, objs), (n, pack, objs[:-1]), (n, pack + b"x", objs),
+                    (n - 1, pack, objs)):
+            with pytest.raises((ValueError, IndexError)):
+                f.packed(*bad)

@@ -164,3 +164,23 @@ def records(d, client_name: str) -> list:
         return []
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [x for x in recs if x["client_name"] == client_name]
+
+
+def test_frames_come_out_whole_however_the_stream_is_cut():
+    import marshal
+    import random
+
+    from vproxy.auditwriter import Frames, frame
+
+    objs = [(i, b"x" * random.Random(i).randrange(0, 3000), [i] * (i % 5)) for i in range(60)]
+    stream = b"".join(frame(o) for o in objs)
+    rng = random.Random(5)
+    for _ in range(50):
+        frames, got, pos = Frames(), [], 0
+        chunk = bytearray(8192)  # reused between reads, as main() does
+        while pos < len(stream):
+            k = min(rng.choice([1, 3, 7, 100, 4000, 9000]), len(chunk), len(stream) - pos)
+            chunk[:k] = stream[pos:pos + k]
+            pos += k
+            got += [marshal.loads(f) for f in frames.feed(memoryview(chunk)[:k])]  # used before the next read
+        assert got == objs and not frames.buf

@@ -4,8 +4,9 @@
       and makes its record as its reply is written (written)
     batch path (ClientSession.process): Audit.begin (an Entry) -> dispatch -> ClientSession.flush
       -> Audit.finish (the record)
-    -> Audit.put / put_many: the record's fields (auditfmt.FIELDS) join the current batch, one flat
-       list (bounded: past audit_queue records queued or in the pipe, dropped and counted)
+    -> Audit.put / put_many: the record's fields (auditfmt.FIELDS) join the current batch, packed
+       (auditfmt.Batch: the numbers and one-key records' key in one byte string, the rest in one
+       list; bounded: past audit_queue records queued or in the pipe, dropped and counted)
     -> every 10 ms (a loop timer): the batch, marshalled, in one non-blocking write on a pipe
        (full: the batch is dropped and counted; the loop never waits)
     -> the writer process (python -m vproxy.auditwriter): JSON lines, rotation, gzip, retention;
@@ -34,7 +35,7 @@ import gevent
 from gevent.hub import get_hub
 from loguru import logger
 
-from . import hostport
+from . import auditfmt, hostport
 from .auditwriter import ACTIVE, STRIDE, Frames, frame, key_hash
 from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
@@ -49,7 +50,7 @@ _REDACT = {b"auth": 1, b"migrate": 1, b"acl": 3, b"config": 3}
 OK, ERROR, REFUSED, SENT = range(4)  # a record's outcome (auditwriter.OUTCOMES)
 FLUSH_EVERY = 0.01  # seconds a record waits at most before its batch goes to the writer
 FLUSH_AT = 2048  # records: a batch this big goes at once
-CHUNK = 8192  # records in one frame at most (records wait here while the pipe is full)
+CHUNK = 8192  # records in one frame at most (while the pipe is full, batches this big wait as frames)
 PIPE_SIZE = 1 << 20  # the pipe's capacity asked for (Linux's default limit for an unprivileged process)
 ATTACH_EVERY = 0.05  # seconds between tries to put the AuditTrack on clients that were busy at PROXY AUDIT ON
 
@@ -285,7 +286,9 @@ class Audit:
         self.keep_seconds, self.keep_files = ret.get("seconds", 0), ret.get("files", 0)
         self.compress = cfg.audit_compress
         self.log = RateLog()
-        self.buf: list = []  # records not yet handed to the writer process: STRIDE fields each, flat
+        self.batch = Batch()  # records not yet handed to the writer process, packed (auditfmt.Batch)
+        self._sealed: deque = deque()  # frames of CHUNK records made while the pipe was full: (records, frame)
+        self.sealed = 0  # the records in them
         self.inflight = 0  # records handed to it that it has not reported (written or failed)
         self.dropped = 0  # records dropped here (queue or pipe full, the writer lost)
         self.restarts = 0  # writer processes started again after one died
@@ -386,7 +389,7 @@ class Audit:
         self._on_status()
         return {"audit_enabled": int(self.on), "audit_dir": self.dir or "none",
                 "audit_commands": ",".join(self.classes), "audit_records": self.written,
-                "audit_queued": self.inflight + len(self.buf) // STRIDE,
+                "audit_queued": self.queued,
                 "audit_dropped": self.dropped + self._base[1] + self._status[1],
                 "audit_write_errors": self.errors,
                 "audit_writer_pid": self.proc.pid if self.proc is not None else 0,
@@ -464,33 +467,51 @@ class Audit:
         self.put([now, (s.id, s.addr, s.name, s.lib_name, s.lib_ver, user or b"default", s.db), b"auth", None, [], 1,
                   0, None, None, now, REFUSED, "WRONGPASS"])
 
+    @property
+    def queued(self) -> int:
+        """Records made and not yet written: in the pipe or the writer, in frames waiting, in the batch."""
+        return self.inflight + self.sealed + self.batch.count
+
     def put(self, rec: list) -> None:
         """One record: its STRIDE fields (auditfmt.FIELDS)."""
-        if self.inflight + len(self.buf) // STRIDE >= self.max_queue:
+        if self.queued >= self.max_queue:
             return self._drop(1, "the writer is behind")
-        self.buf += rec
+        self.batch.add(*rec)
         if not self._armed:
             self._arm()
 
     def put_many(self, recs: list) -> None:
-        """Records: STRIDE fields each, one after the other (one flat list, as the batch is)."""
-        buf = self.buf
-        room = self.max_queue - self.inflight - len(buf) // STRIDE
+        """Records: STRIDE fields each, one after the other (one flat list)."""
+        batch = self.batch
+        room = self.max_queue - self.queued
         n = len(recs) // STRIDE
         if n > room:
             self._drop(n - max(room, 0), "the writer is behind")
             if room <= 0:
                 return
             recs = recs[:room * STRIDE]
-        buf += recs
-        if len(buf) >= FLUSH_AT * STRIDE and not self._rest:  # (a rest: the pipe is full, the timer tries again)
-            self.flush()
+        batch.add_flat(recs)
+        if batch.count >= FLUSH_AT:
+            self.full()
         elif not self._armed:
             self._arm()
 
+    def full(self) -> None:
+        """The batch has FLUSH_AT records: it goes now, unless the pipe is full (a rest: the timer
+        tries again), when at CHUNK records it waits as a frame (the writer's frames stay small)."""
+        if not self._rest:
+            self.flush()
+        else:
+            if self.batch.count >= CHUNK:
+                n = self.batch.count
+                self._sealed.append((n, frame(self.batch.take())))
+                self.sealed += n
+            if not self._armed:
+                self._arm()
+
     def _drop(self, n: int, why: str) -> None:
         self.dropped += n
-        self.log.log("dropped", "WARNING", f"audit: {why} ({self.inflight + len(self.buf) // STRIDE} records queued): "
+        self.log.log("dropped", "WARNING", f"audit: {why} ({self.queued} records queued): "
                      f"records dropped, {self.dropped} so far (INFO proxy audit_dropped)")
 
     # ---- the hand-over to the writer process ----
@@ -514,13 +535,15 @@ class Audit:
                 self._restarting = True
                 gevent.spawn(self._restart)
             return self._arm()
-        while (self._rest or self.buf) and self.proc is not None:
-            if not self._rest:
-                buf = self.buf
-                cut = CHUNK * STRIDE
-                part, self.buf = (buf, []) if len(buf) <= cut else (buf[:cut], buf[cut:])
-                self._rest = memoryview(frame(part))
-                self.inflight += len(part) // STRIDE
+        while (self._rest or self.sealed or self.batch.count) and self.proc is not None:
+            if not self._rest:  # the frames waiting, then the batch, packed, as one frame
+                if self._sealed:
+                    n, f = self._sealed.popleft()
+                    self.sealed -= n
+                else:
+                    n, f = self.batch.count, frame(self.batch.take())
+                self._rest = memoryview(f)
+                self.inflight += n
             try:
                 k = os.write(self._wfd, self._rest)
             except BlockingIOError:  # the pipe is full: again in FLUSH_EVERY
@@ -631,9 +654,10 @@ class Audit:
         if proc is None:
             return
         deadline = monotonic() + timeout
-        data, self._rest = bytes(self._rest) + (frame(self.buf) if self.buf else b""), memoryview(b"")
-        self.inflight += len(self.buf) // STRIDE
-        self.buf = []
+        self.inflight += self.sealed + self.batch.count
+        data = b"".join([bytes(self._rest), *(f for _, f in self._sealed),
+                         frame(self.batch.take()) if self.batch.count else b""])
+        self._rest, self._sealed, self.sealed = memoryview(b""), deque(), 0
         while data and self.proc is not None and monotonic() < deadline:
             try:
                 data = data[os.write(self._wfd, data):]
@@ -711,10 +735,13 @@ def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
 
 # ---- the compiled twin of AuditTrack (vproxy/_audit.pyx) when it is built, unless VPROXY_PURE=1 ----
 PureAuditTrack = AuditTrack
+Batch = auditfmt.Batch  # the packed batch (auditfmt.REC)
 _twin = twin("_audit")
 IMPL = "pure" if _twin is None else "compiled"
 if _twin is not None:
     _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT, stride=STRIDE,
-               keys_of=keys_in)
+               keys_of=keys_in, packing=(auditfmt.REC, auditfmt.KLEN, auditfmt.CTX, auditfmt.KEY, auditfmt.VALUES,
+                                         auditfmt.ERR))
     AuditTrack = _twin.AuditTrack
+    Batch = _twin.Batch
 TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox

@@ -1,7 +1,7 @@
 """The audit record's JSON line: one definition of the format, for the writer process (auditwriter.py).
 
-    a batch (one flat list, STRIDE fields a record: FIELDS) -> Formatter.lines -> one JSON line per
-    record, as bytes
+    a batch (packed: Batch, REC; or one flat list, STRIDE fields a record: FIELDS) -> Formatter.packed
+    (.lines) -> one JSON line per record, as bytes
 
 This pure-Python Formatter is the reference and the fallback; vproxy/_auditfmt.pyx is its compiled
 twin (picked through twins.py, as the other twins are), which writes the same bytes straight into
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from json.encoder import encode_basestring as js
 from time import gmtime, strftime
 
 from . import hostport
 from .twins import twin
 
-# A batch of records, as audit.py hands it over: their fields one after the other in one flat list
-# (no list per record to build, marshal and walk), STRIDE a record, in this order: the ones noted as
+# A record's fields (audit.py hands them over packed: Batch below; Formatter.lines also takes them
+# one after the other in one flat list, STRIDE a record), in this order: the ones noted as
 # the request is sent, then the ones its reply completes. who = (client id, address, client name,
 # lib name, lib version, user or None, db); keys a list, or one key's bytes (no list to make for the
 # commands of one key); start and end are epoch seconds; outcome an OUTCOMES index.
@@ -30,6 +31,111 @@ FIELDS = ("start", "who", "name", "subcommand", "keys", "argc", "size", "target"
 STRIDE = len(FIELDS)
 OUTCOMES = ("ok", "error", "refused", "sent")  # a record's outcome (audit.OK, ERROR, REFUSED, SENT)
 CACHE_MAX = 10000  # entries of each part cache (client, command, backend); names are the clients': bounded
+
+# The packed hand-over (what audit.py sends: Batch.frame()): (n, pack, objs), n records. Per record,
+# in `pack`: REC (start and end in epoch seconds as doubles, size, argc, outcome, flags), then with
+# KEY the record's one key inline (KLEN, its bytes). Its objects, in `objs`, in this order: with CTX
+# who, name, subcommand, target (what the records of a read share: written when they change, else
+# the previous record's); without KEY its keys (a list); with VALUES its values; with ERR its error
+# code. A one-key SET from the same client as the record before is thus no object at all.
+REC = struct.Struct("<ddQQBB")
+KLEN = struct.Struct("<I")
+CTX, KEY, VALUES, ERR = 1, 2, 4, 8
+
+
+class Batch:
+    """Records packed for the writer (the format above); the pure-Python reference of the compiled
+    one in vproxy/_audit.pyx (tests/test_auditfmt.py: both make the same frames)."""
+
+    __slots__ = ("count", "last", "objs", "pack")
+
+    def __init__(self):
+        self.pack = bytearray()
+        self.objs: list = []
+        self.count = 0
+        self.last = (self, None, None, None)  # the context of the last record: who, name, sub, target
+
+    def add(self, start, who, name, sub, keys, argc, size, target, values, end, outcome, err) -> None:
+        """One record (its FIELDS)."""
+        objs = self.objs
+        flags = 0
+        last = self.last
+        if who is not last[0] or name is not last[1] or sub is not last[2] or target is not last[3]:
+            flags = CTX
+            self.last = (who, name, sub, target)
+            objs += (who, name, sub, target)
+        one = type(keys) is bytes
+        if one:
+            flags |= KEY
+        else:
+            objs.append(keys)
+        if values is not None:
+            flags |= VALUES
+            objs.append(values)
+        if err:
+            flags |= ERR
+            objs.append(err)
+        pack = self.pack
+        pack += REC.pack(start, end, size, argc, outcome, flags)
+        if one:
+            pack += KLEN.pack(len(keys))
+            pack += keys
+        self.count += 1
+
+    def add_flat(self, flat: list) -> None:
+        """Records given as one flat list (STRIDE fields a record)."""
+        add = self.add
+        for i in range(0, len(flat), STRIDE):
+            add(*flat[i:i + STRIDE])
+
+    def frame(self) -> tuple:
+        """What goes to the writer (marshalled): (n, pack, objs)."""
+        return (self.count, bytes(self.pack), self.objs)
+
+    def take(self) -> tuple:
+        """frame(), and the batch empty again."""
+        out = self.frame()
+        self.__init__()
+        return out
+
+
+def unpack(n: int, pack, objs: list) -> list:
+    """A packed batch -> the flat list of its records' FIELDS (Formatter.packed's reference)."""
+    out = []
+    pos = oi = 0
+    who = name = sub = target = None
+    rec, klen = REC.unpack_from, KLEN.unpack_from
+    for _ in range(n):
+        if pos + REC.size > len(pack):
+            raise ValueError("a packed batch ends within a record")
+        start, end, size, argc, outcome, flags = rec(pack, pos)
+        pos += REC.size
+        if oi + (4 if flags & CTX else 0) + (not flags & KEY) + (flags & VALUES > 0) + (flags & ERR > 0) > len(objs):
+            raise ValueError("a packed batch has fewer objects than its records")
+        if flags & CTX:
+            who, name, sub, target = objs[oi:oi + 4]
+            oi += 4
+        if flags & KEY:
+            (k,) = klen(pack, pos) if pos + KLEN.size <= len(pack) else (len(pack),)
+            pos += KLEN.size
+            if pos + k > len(pack):
+                raise ValueError("a packed batch ends within a record")
+            keys = bytes(pack[pos:pos + k])
+            pos += k
+        else:
+            keys = objs[oi]
+            oi += 1
+        values = err = None
+        if flags & VALUES:
+            values = objs[oi]
+            oi += 1
+        if flags & ERR:
+            err = objs[oi]
+            oi += 1
+        out += (start, who, name, sub, keys, argc, size, target, values, end, outcome, err)
+    if pos != len(pack) or oi != len(objs):
+        raise ValueError(f"a packed batch of {n} records does not end where its records do")
+    return out
 
 
 def key_hash(secret: bytes, key: bytes) -> str:
@@ -83,6 +189,10 @@ class Formatter:
     def line(self, r) -> bytes:
         """One record (its STRIDE fields)."""
         return self.lines(list(r))
+
+    def packed(self, n: int, pack, objs: list) -> bytes:
+        """A packed batch (Batch.frame(): REC ...): the same lines as lines() of its fields."""
+        return self.lines(unpack(n, pack, objs))
 
     def lines(self, flat: list) -> bytes:
         """A batch: STRIDE fields a record, one after the other (FIELDS)."""

@@ -7,7 +7,7 @@
       -> after each batch: (written, failed records, write errors, last error) back on stdout
 
 A frame is a 4-byte little-endian length and a marshal dump: the first one the settings (a dict),
-every other one a batch of records (one flat list, see STRIDE). The formatting, the writes and gzip
+every other one a batch of records, packed: (n, pack, objs) (auditfmt.REC, Batch). The formatting, the writes and gzip
 cost the proxy nothing: they run here, on another core if there is one, outside the proxy's GIL;
 gzip waits for idle CPU. EOF on stdin
 (vproxy closed the pipe, or died) ends this process once what came is written; SIGINT and SIGTERM
@@ -40,10 +40,12 @@ ACTIVE = "audit.jsonl"
 ROTATED = re.compile(r"^audit-(\d{8}T\d{6}\.\d{6}Z)\.jsonl(\.gz)?$")
 TMP = re.compile(r"^audit-.*\.jsonl\.gz(\.\d+)?\.tmp$")  # a compression under way (gzip_file), or cut short
 HEADER = struct.Struct("<I")
-# A batch, as audit.py sends it: one flat list, STRIDE fields a record (auditfmt.FIELDS):
+# A batch, as audit.py sends it: (n, pack, objs), the records packed (auditfmt.REC, Batch), whose
+# fields are (auditfmt.FIELDS):
 #   start (epoch s), who, name, subcommand or None, keys, argc, size, target, values or None,
 #   end (epoch s), outcome (OUTCOMES index), error code or None
 #   who = (client id, address, client name, lib name, lib version, user or None, db)
+# (Writer.batch also takes them as one flat list, STRIDE fields a record.)
 _STOP = object()  # the housekeeper's last chore
 
 
@@ -119,12 +121,13 @@ class Writer:
     def path(self) -> str:
         return os.path.join(self.dir, ACTIVE)
 
-    def batch(self, flat: list) -> None:
-        """Write one batch of records (STRIDE fields each, one after the other) in one write; a
-        failure costs the batch, counted."""
-        n = len(flat) // STRIDE
+    def batch(self, obj) -> None:
+        """Write one batch of records in one write: packed, (n, pack, objs) as audit.py sends it
+        (auditfmt.Batch), or a flat list of STRIDE fields a record; a failure costs the batch, counted."""
+        packed = type(obj) is tuple
+        n = obj[0] if packed else len(obj) // STRIDE
         try:
-            data = self.fmt.lines(flat)
+            data = self.fmt.packed(*obj) if packed else self.fmt.lines(obj)
             self.write(data)
             self.written += n
         except OSError as e:
@@ -273,17 +276,26 @@ class Frames:
     def __init__(self):
         self.buf = bytearray()
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data) -> list:
+        """The whole frames that data completes. Those wholly in data are views of it (no copy: use
+        them before data changes, as main() does with its read buffer); the others are bytes."""
         buf = self.buf
-        buf += data
-        out, pos = [], 0
-        while len(buf) - pos >= 4:
-            (n,) = HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < n:
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = memoryview(data)
+        out, pos, end = [], 0, len(src)
+        while end - pos >= 4:
+            (n,) = HEADER.unpack_from(src, pos)
+            if end - pos - 4 < n:
                 break
-            out.append(bytes(buf[pos + 4:pos + 4 + n]))
+            out.append(src[pos + 4:pos + 4 + n] if src is not buf else bytes(memoryview(buf)[pos + 4:pos + 4 + n]))
             pos += 4 + n
-        del buf[:pos]
+        if src is buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += src[pos:]  # a frame's beginning: kept until the rest comes
         return out
 
 
