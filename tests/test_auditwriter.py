@@ -126,7 +126,10 @@ def test_cluster_plain_path_records_a_redirected_request_at_the_node_that_answer
         r.set(key, "v")  # opens the session's channel to src
         r.delete(key)
         slot = key_slot(key.encode())
-        # the (now empty) slot moves to dst (told first, as in a migration); the proxy does not know yet
+        # the (now empty) slot moves to dst as in a migration (importing first: ending it bumps dst's
+        # config epoch, so no node's older view takes the slot back); the proxy does not know yet
+        dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(src))
+        src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(dst))
         for n in [dst, src] + [n for n in cluster.primaries if n not in (src, dst)]:
             n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(dst))
         wait_for(lambda: cluster.owner(key) is dst, what="the slot owned by dst")
