@@ -277,6 +277,10 @@ def test_users_in_cluster_mode(start_proxy):
             assert r.call("MULTI") == b"+OK\r\n" and r.call("AUTH", "reader", "nope") == b"+QUEUED\r\n"
             assert r.call("EXEC") == b"*1\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n"
             assert r.call("ACL", "WHOAMI") == b"$6\r\nwriter\r\n"
+            for req in (("MULTI",), ("AUTH", "reader", "rpass"), ("AUTH", "writer", "nope")):  # in turn
+                r.call(*req)
+            assert r.call("EXEC").startswith(b"*2\r\n+OK\r\n-WRONGPASS")
+            assert r.call("ACL", "WHOAMI") == b"$6\r\nreader\r\n"
     finally:
         c.stop()
 
@@ -357,4 +361,5 @@ def test_auth_inside_multi(proxy, server, users):
     """AUTH queued in a transaction: once EXEC ran it, the session is that user (as the connection
     that ran it is, directly)."""
     same(proxy, server, ("MULTI",), ("AUTH", "reader", "rpass"), ("EXEC",), ("ACL", "WHOAMI"), ("SET", "app:1", "x"),
-         ("MULTI",), ("AUTH", "writer", "nope"), ("EXEC",), ("ACL", "WHOAMI"))
+         ("MULTI",), ("AUTH", "writer", "nope"), ("EXEC",), ("ACL", "WHOAMI"),
+         ("MULTI",), ("AUTH", "writer", "wpass"), ("AUTH", "reader", "nope"), ("EXEC",), ("ACL", "WHOAMI"))

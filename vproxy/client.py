@@ -80,7 +80,7 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
         self.reset()  # the session state a new connection has, and RESET restores
         self.multi_select: int | None = None  # SELECT queued in MULTI: the session's db after EXEC
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
-        self.multi_auth: tuple | None = None  # AUTH queued in MULTI (backend users): the user after EXEC
+        self.multi_auth: list = []  # AUTHs queued in MULTI (backend users): applied in turn after EXEC
         self.multi_hide: list[int] = []  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
         self.multi_queued = 0  # requests queued in MULTI so far (standalone; cluster: len(mq))
         self.post: list = []  # (idx, fn): rewrite a reply once it is in

@@ -61,7 +61,7 @@ class Session(Protocol):
     multi_select: int | None
     multi_hide: list  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
     multi_proto: int | None
-    multi_auth: tuple | None
+    multi_auth: list
 
     def forward(self, i: int, raw: bytes, batch: Any, name: bytes | None = None, args: list | None = None) -> None:
         """Send request i (raw) to the backend that runs it: on the session's lease if it holds one,

@@ -202,13 +202,14 @@ def exec_(s: Session, i, args, raw, batch):
             s.post.append((i, partial(hide_in_exec, positions=tuple(s.multi_hide))))
         s.multi_hide = []
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
-                                           or s.multi_auth is not None):
+                                           or s.multi_auth):
             # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it
             s.settle()
             batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
-            if s.multi_auth is not None and batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
-                backend_auth(s, *s.multi_auth)  # the user, if the server still takes its credentials
-            s.multi_auth = None
+            if batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
+                for cred in s.multi_auth:  # in turn, as the server ran them: the last it took is the user
+                    backend_auth(s, *cred)
+            s.multi_auth = []
         return
     if tx.pinned(s):  # WATCH without MULTI: the server says why
         return s.submit(s.lease.channel, i, raw, batch)

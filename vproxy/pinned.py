@@ -122,7 +122,7 @@ class Pinned:
             self.cur = lease.channel
         if name == b"multi":
             tx.multi(self)
-            self.multi_select, self.multi_proto, self.multi_auth = None, None, None
+            self.multi_select, self.multi_proto, self.multi_auth = None, None, []
             self.multi_hide, self.multi_queued = [], 0
         else:
             tx.watch(self)
@@ -146,7 +146,7 @@ class Pinned:
             elif name == b"hello" and len(args) > 1 and args[1] in (b"2", b"3"):
                 self.multi_proto = int(args[1])
             elif name == b"auth" and 2 <= len(args) <= 3 and not self.app.cfg.password and self.app.gate is None:
-                self.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
+                self.multi_auth.append((args[1] if len(args) == 3 else None, args[-1]))
         self.submit(self.lease.channel, i, raw, batch)
 
     def refuse_queued(self, batch: Batch, i: int, msg: str) -> None:

@@ -75,7 +75,7 @@ def multi(s: ClusterSession, i, args, raw, batch):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
     tx.multi(s)
-    s.multi_select, s.multi_auth, s.multi_hide, s.mq = None, None, [], []
+    s.multi_select, s.multi_auth, s.multi_hide, s.mq = None, [], [], []
     batch.replies[i] = resp.OK
 
 
@@ -107,7 +107,7 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
     if name == b"select" and len(args) == 2 and s.db_arg(args[1]) is not None:
         s.multi_select = s.db_arg(args[1])
     elif name == b"auth" and 2 <= len(args) <= 3:  # backend users (users.py): the session's user after EXEC
-        s.multi_auth = (args[1] if len(args) == 3 else None, args[-1])
+        s.multi_auth.append((args[1] if len(args) == 3 else None, args[-1]))
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
@@ -119,7 +119,7 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     queued, failed, target, slot, auth = s.mq, tx.failed(s), s.multi_select, tx.slot(s), s.multi_auth
     hide = tuple(s.multi_hide)
     tx.end_multi(s)
-    s.mq, s.multi_auth, s.multi_hide = [], None, []
+    s.mq, s.multi_auth, s.multi_hide = [], [], []
     if name == b"discard" or failed:
         end_watch(s)
         batch.replies[i] = EXECABORT if name == b"exec" else resp.OK
@@ -128,8 +128,9 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     reply = run(s, queued, -1 if slot is None else slot)
     if target is not None:
         reply = apply_select(s, reply, target)
-    if auth is not None and reply[:1] == b"*" and reply[:3] != b"*-1":
-        backend_auth(s, *auth)  # the user, if the server still takes its credentials
+    if reply[:1] == b"*" and reply[:3] != b"*-1":
+        for cred in auth:  # in turn, as the server ran them: the last it took is the user
+            backend_auth(s, *cred)
     if hide:  # the backend's secrets in its CONFIG GET replies
         reply = hide_in_exec(reply, hide)
     batch.replies[i] = reply
