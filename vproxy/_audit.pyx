@@ -22,13 +22,14 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free
 from cpython.object cimport PyObject
 from libc.string cimport memcmp, memcpy
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void *op)
 
+from vproxy._buf cimport grow_buffer
 from vproxy._clock cimport now_wall
 
 
@@ -79,15 +80,7 @@ cdef class Batch:
         PyMem_Free(self.buf)
 
     cdef int grow(self, Py_ssize_t k) except -1:
-        cdef Py_ssize_t cap = self.cap * 2 if self.cap else 16384
-        cdef char *p
-        while cap < self.n + k:
-            cap *= 2
-        p = <char *>PyMem_Realloc(self.buf, cap)
-        if p == NULL:
-            raise MemoryError()
-        self.buf, self.cap = p, cap
-        return 0
+        return grow_buffer(&self.buf, &self.cap, self.n + k, 16384)
 
     cdef int add_c(self, double start, who, name, sub, keys, argc, size, target, values, double end,
                    outcome, err) except -1:

@@ -14,8 +14,10 @@ tests/test_auditfmt.py holds both to byte-identical lines.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free
 from libc.string cimport memcpy
+
+from vproxy._buf cimport grow_buffer
 
 from vproxy.auditfmt import CACHE_MAX, CTX, ERR, KEY, KLEN, OUTCOMES, REC, STRIDE, VALUES, day_text, js, key_hash, \
     sub_part, value_part, who_part
@@ -89,15 +91,7 @@ cdef class Formatter:
         PyMem_Free(self.buf)
 
     cdef int grow(self, Py_ssize_t k) except -1:
-        cdef Py_ssize_t cap = self.cap * 2 if self.cap else 65536
-        cdef char *p
-        while cap < self.n + k:
-            cap *= 2
-        p = <char *>PyMem_Realloc(self.buf, cap)
-        if p == NULL:
-            raise MemoryError()
-        self.buf, self.cap = p, cap
-        return 0
+        return grow_buffer(&self.buf, &self.cap, self.n + k, 65536)
 
     cdef inline int put(self, const char *s, Py_ssize_t k) except -1:
         if self.n + k > self.cap:
