@@ -322,9 +322,7 @@ def proxy_command(s: Session, args: list) -> bytes:
     if sub == b"nodes" and len(args) == 2:
         return resp.value(nodes(app), s.proto)
     if sub == b"reload" and len(args) == 2:
-        from .reload import reload
-
-        return resp.value(reload(app), s.proto)
+        return resp.value(app.reload(), s.proto)  # reload.py is the layer above: the app wires it
     if sub == b"slowlog":
         return _slowlog(app, args[2:], s.proto)
     if sub in (b"hotkeys", b"bigkeys") and len(args) <= 3:

@@ -19,6 +19,7 @@ from .errors import BackendError, ConfigError
 from .gate import Gate, bind
 from .mux.backend import BackendConn
 from .ratelog import RateLog
+from .reload import reload
 from .router import Router
 from .sentinel.topology import Topology
 from .server import Listener, janitor
@@ -167,6 +168,10 @@ class App:
         lst = self.listener
         where = [hostport.fmt(a) + tag for a, tag in ((lst.plain_address, ""), (lst.tls_address, " (TLS)")) if a]
         logger.info("vproxy listening on {} ({} mode)", ", ".join(where), self.cfg.mode)
+
+    def reload(self) -> dict:
+        """SIGHUP and PROXY RELOAD (reload.py): the settings read again, the live ones applied."""
+        return reload(self)
 
     def reload_tls(self) -> None:
         """Every reload (SIGHUP, PROXY RELOAD): read the TLS certificates, keys and CAs again, for

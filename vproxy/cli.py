@@ -11,7 +11,6 @@ from loguru import logger
 
 from .config import load
 from .errors import ConfigError, StartError
-from .reload import reload
 
 
 def _dump_greenlets() -> None:
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         gevent.signal_handler(sig, stop.set)
     gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_dump_greenlets))
     app.argv = list(args)  # what a reload reads again (reload.py; TLS certificates too)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, app))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(app.reload))
     app.start()
     stop.wait()
     logger.info("shutting down")

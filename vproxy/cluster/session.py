@@ -72,8 +72,7 @@ class ClusterSession(Redirects, ClientSession):
                 self.last_cmd = name
                 return
             checked = True
-        if self.ns is None and self.authed and not self.reads and self.lease is None and self.oneshot is None \
-                and self.stream is None and self.tx < tx.QUEUED:
+        if self.ns is None and not self.reads and self.plain():
             # the common case in one place: a one-key command for the primary, whose channel this
             # session already holds (what dispatch -> forward -> route -> send would do, minus the calls)
             pos = self.app.commands.fast_key(name, len(args))
