@@ -59,6 +59,11 @@ def with_values(recs: list) -> list:
             for r in recs]
 
 
+def recorded(values: bool) -> list:
+    """The corpus, with argument values (audit_values) or without."""
+    return with_values(corpus()) if values else corpus()
+
+
 def formatters(secret=None):
     return PureFormatter("proxy-1:7777", "default", secret), compiled.Formatter("proxy-1:7777", "default", secret)
 
@@ -66,9 +71,7 @@ def formatters(secret=None):
 @pytest.mark.parametrize("values", [False, True])
 @pytest.mark.parametrize("secret", [None, b"s3cret"])
 def test_compiled_and_pure_lines_are_byte_identical(secret, values):
-    recs = corpus()
-    if values:
-        recs = with_values(recs)
+    recs = recorded(values)
     pure, comp = formatters(secret)
     one = pure.lines(flat(recs))
     assert comp.lines(flat(recs)) == one
@@ -129,9 +132,7 @@ def packed(recs: list, cls=Batch) -> tuple:
 
 @pytest.mark.parametrize("values", [False, True])
 def test_pure_and_compiled_batches_are_the_same_frames(values):
-    recs = corpus()
-    if values:
-        recs = with_values(recs)
+    recs = recorded(values)
     one, two = packed(recs), packed(recs, recorder.Batch)
     assert one == two
     assert unpack(*one) == flat(recs)
@@ -156,9 +157,7 @@ def test_records_of_one_context_share_it_and_one_key_is_no_object():
 @pytest.mark.parametrize("values", [False, True])
 @pytest.mark.parametrize("secret", [None, b"s3cret"])
 def test_packed_batches_make_the_same_lines_as_the_flat_ones(secret, values):
-    recs = corpus()
-    if values:
-        recs = with_values(recs)
+    recs = recorded(values)
     ref = PureFormatter("proxy-1:7777", "default", secret).lines(flat(recs))
     for cls in (Batch, recorder.Batch):
         frame = packed(recs, cls)
