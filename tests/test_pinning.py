@@ -424,6 +424,26 @@ def test_client_reply_on_and_tracking_off_release_the_pin(proxy, raw):
     assert t.call("GET", "rep") == b"$1\r\n1\r\n"
 
 
+def test_client_reply_skip_releases_the_pin_after_the_skipped_request(proxy, raw):
+    """SKIP skips one reply: once that request has gone the connection is shared again, also when
+    the skipped request is one vproxy answers itself (AUTH) or SKIP comes again; OFF after SKIP
+    keeps the pin until ON."""
+    wait_unpinned(proxy)
+    c = raw()
+    c.send(E("CLIENT", "REPLY", "SKIP") + E("SET", "skp", "1"))
+    assert c.call("GET", "skp") == b"$1\r\n1\r\n"  # SKIP's and SET's replies skipped
+    wait_unpinned(proxy)
+    c.send(E("CLIENT", "REPLY", "SKIP") + E("CLIENT", "REPLY", "SKIP") + E("INCR", "skp"))
+    assert c.call("GET", "skp") == b"$1\r\n2\r\n"
+    wait_unpinned(proxy)
+    c.send(E("CLIENT", "REPLY", "SKIP") + E("CLIENT", "REPLY", "OFF") + E("INCR", "skp"))
+    assert c.nothing_pending(0.3)
+    assert pinned(proxy) == 1  # replies are off: the connection stays the client's
+    assert c.call("CLIENT", "REPLY", "ON") == b"+OK\r\n"
+    wait_unpinned(proxy)
+    assert c.call("GET", "skp") == b"$1\r\n3\r\n"
+
+
 # ---- the max_pinned limit ----
 
 
@@ -492,6 +512,15 @@ ORDER_CASES = {
     + E("UNSUBSCRIBE", "a")
     + E("UNSUBSCRIBE", "b")
     + E("SET", "k", "v"),
+    "reply-skip-twice": E("CLIENT", "REPLY", "SKIP")
+    + E("CLIENT", "REPLY", "SKIP")
+    + E("SET", "k", "1")
+    + E("GET", "k")
+    + E("CLIENT", "REPLY", "SKIP")
+    + E("MULTI")
+    + E("SET", "k", "2")
+    + E("EXEC")
+    + E("GET", "k"),
     "reply-skip-off-on": E("CLIENT", "REPLY", "SKIP")
     + E("SET", "k", "1")
     + E("GET", "k")

@@ -304,7 +304,10 @@ def _client_stream(s: Session, i, args, raw, batch):
             raw = _redirect_to_backend(s, args, raw)
             if raw is None:
                 return _reply(batch, i, resp.error("ERR The client ID you want redirect to does not exist"))
-        return s.start_stream(i, sub.decode(), raw, batch)
+        s.start_stream(i, sub.decode(), raw, batch)
+        if arg == b"skip" and s.stream is not None:
+            s.stream.skip = True  # ends after the next request (Streams.stream_dispatch)
+        return
     if arg in (b"off", b"on"):
         return _reply(batch, i, resp.OK)
     _reply(batch, i, resp.error(E.SYNTAX))

@@ -32,7 +32,7 @@ _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("answers", "counts", "kind", "lease", "multi", "n", "patterns", "synced", "token")
+    __slots__ = ("answers", "counts", "kind", "lease", "multi", "n", "patterns", "skip", "synced", "token")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
@@ -41,6 +41,7 @@ class Stream:
         self.multi = 0  # 1: in a MULTI (RESP3); 2: one that queued an unsubscribe
         self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
         self.patterns = 0  # of counts[0], the patterns (CLIENT LIST shows sub and psub apart)
+        self.skip = False  # a CLIENT REPLY SKIP stream: it ends after the one request whose reply is skipped
         self.synced = Event()
 
 
@@ -62,6 +63,19 @@ class Streams:
 
     def stream_dispatch(self, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         st = self.stream
+        if not st.skip:
+            return self._stream_request(st, i, name, args, raw, batch)
+        # CLIENT REPLY SKIP: the server skips the next request's reply, then answers as before; the
+        # stream ends once that request has gone (and its replies before it are out), unless it was
+        # CLIENT REPLY itself (OFF: replies stay off, the stream goes on; SKIP: the next one again)
+        reply_mode = args[2].lower() if name == b"client" and len(args) == 3 and args[1].lower() == b"reply" else None
+        if reply_mode == b"off":
+            st.skip = False
+        self._stream_request(st, i, name, args, raw, batch)
+        if reply_mode is None and self.stream is st and not st.multi and self.sync_stream(st):
+            self.end_stream(clean=True)
+
+    def _stream_request(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         if name in (b"quit", b"reset"):
             if st.kind != "reply":  # replies still in flight (a pipelined SUBSCRIBE's) go out first
                 self.sync_stream(st)
