@@ -274,6 +274,24 @@ def test_pubsub_resp3_push_and_commands_while_subscribed(proxy, raw):
     assert c.call("GET", "k3") == b"$1\r\nv\r\n"
 
 
+@pytest.mark.parametrize("start", [("SUBSCRIBE", "r3c"), ("MONITOR",), ("CLIENT", "TRACKING", "ON")])
+def test_client_commands_in_a_stream_are_the_sessions(proxy, raw, start):
+    """Inside a RESP3 subscription, MONITOR or TRACKING, CLIENT ID / SETNAME / GETNAME / INFO are
+    about the client's vproxy session (as outside), not the pinned backend connection."""
+    c = raw()
+    assert c.call("HELLO", "3").startswith(b"%")
+    own_id = c.call("CLIENT", "ID")
+    c.call(*start)
+    assert c.call("CLIENT", "ID") == own_id
+    assert c.call("CLIENT", "SETNAME", "in-stream") == b"+OK\r\n"
+    assert c.call("CLIENT", "GETNAME") == b"$9\r\nin-stream\r\n"
+    assert b"id=" + own_id[1:-2] + b" " in c.call("CLIENT", "INFO")
+    c.send(E("RESET"))
+    assert c.read() == b"+RESET\r\n"
+    wait_unpinned(proxy)
+    assert c.call("CLIENT", "ID") == own_id
+
+
 def test_unsubscribe_when_not_subscribed_like_server(proxy, server):
     for data in (E("UNSUBSCRIBE"), E("PUNSUBSCRIBE", "x", "y")):
         n = 2 if b"x" in data else 1

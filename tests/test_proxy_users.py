@@ -454,7 +454,11 @@ def test_auth_inside_a_stream_is_the_proxys(gated, valkeys, start):
         if start[0] == "HELLO":
             assert call("SUBSCRIBE", "news.a").startswith(b">3\r\n")
         assert call("AUTH", "carl", "wrong").startswith(b"-WRONGPASS")
-        assert call("HELLO", "3", "AUTH", "carl", "cpw").startswith(b"-ERR vproxy: HELLO with AUTH")
+        same, other = ("3", "2") if start[0] == "HELLO" else ("2", "3")
+        hello = call("HELLO", same, "AUTH", "carl", "cpw")  # vproxy's answer: its map, its client id
+        assert hello.startswith(b"%7\r\n" if same == "3" else b"*14\r\n") and b"proto" in hello
+        assert call("CLIENT", "ID").split(b"\r\n")[0][1:] in hello
+        assert call("HELLO", other, "AUTH", "carl", "cpw").startswith(b"-ERR vproxy: HELLO with AUTH switching")
         c.send(E("PING", "before") + E("AUTH", "carl", "cpw") + E("PING", "after"))
         assert [reply() for _ in range(3)] == [b"$6\r\nbefore\r\n", b"+OK\r\n", b"$5\r\nafter\r\n"]
         if start[0] == "HELLO":

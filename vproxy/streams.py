@@ -20,7 +20,10 @@ from .mux.lease import Lease
 from .users import backend_auth
 
 # Requests vproxy answers itself inside a stream too (Streams._stream_own)
-_OWN_IN_STREAM = frozenset([b"auth", b"hello", b"config", b"acl", b"info", b"proxy"])
+_OWN_IN_STREAM = frozenset([b"auth", b"hello", b"config", b"acl", b"info", b"proxy", b"client"])
+# the CLIENT subcommands of those (local.CLIENT's that answer without the server: the session's own)
+_CLIENT_OWN = frozenset([b"id", b"getname", b"setname", b"setinfo", b"info", b"list", b"no-evict", b"no-touch",
+                         b"kill", b"getredir", b"unblock", b"maint_notifications"])
 SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
              b"ssubscribe": 1, b"sunsubscribe": 1}
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")
@@ -107,11 +110,16 @@ class Streams:
 
     def _stream_own(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> bool:
         """What vproxy answers itself outside a stream, it answers inside one too: AUTH and HELLO
-        ... AUTH while it is the gate (the credentials are its users', never sent on), and CONFIG,
-        ACL (proxy users), INFO and PROXY (its secrets hidden, its own view). The answer takes its
+        ... AUTH while it is the gate (the credentials are its users', never sent on), CONFIG,
+        ACL (proxy users), INFO and PROXY (its secrets hidden, its own view), and the CLIENT
+        subcommands about the session (ID, GETNAME, SETNAME, LIST ...: vproxy's client, not the
+        stream's connection). The answer takes its
         place among the stream's replies (answer_in_stream). True when answered."""
         gated = bool(self.app.cfg.password) or self.app.gate is not None
-        if name in (b"auth", b"hello"):
+        if name == b"client":  # the session's own: its id and name, not the stream connection's
+            if st.multi or len(args) < 2 or args[1].lower() not in _CLIENT_OWN:
+                return False  # REPLY, TRACKING ...: the stream connection's; in MULTI queued (a known gap)
+        elif name in (b"auth", b"hello"):
             if not gated or (name == b"hello" and not any(a.lower() == b"auth" for a in args[2:])):
                 return False  # the backend's ACL (users.py), or a protocol switch: the stream's connection's
         elif self.app.commands.lookup(name)[1] is not C.LOCAL:
@@ -128,12 +136,14 @@ class Streams:
             return True
         if st.kind == "sub" and self.proto == 2:  # only (un)subscribe, PING, QUIT, RESET allowed there
             if name not in (b"auth", b"hello"):
-                return False  # the server refuses them in its own words; nothing vproxy must keep back
+                return False  # the server refuses them (CLIENT too) in its own words; nothing vproxy must keep back
             reply = resp.error(f"ERR Can't execute '{name.decode()}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE "
                                "/ PING / QUIT / RESET are allowed in this context")
-        elif name == b"hello":
-            reply = resp.error("ERR vproxy: HELLO with AUTH inside a subscription or MONITOR is not supported "
-                               "(the credentials are vproxy's, not the server's): send AUTH on its own")
+        elif name == b"hello" and len(args) > 1 and resp.string2ll(args[1]) in (2, 3) \
+                and resp.string2ll(args[1]) != self.proto:
+            reply = resp.error("ERR vproxy: HELLO with AUTH switching the protocol inside a subscription or MONITOR "
+                               "is not supported (the credentials are vproxy's, not the server's): send AUTH on its "
+                               "own, or HELLO without AUTH")
         else:
             reply = self._own_answer(name, args, raw)
         batch.replies[i] = None
