@@ -134,3 +134,39 @@ def test_cluster_transaction_pipelined_behind_a_watched_one_binds_its_own_slot(c
                                                            [b"SET", b"{b}w", b"2"], [b"EXEC"]]))
             out = c.read_n(len(ender) + 4)
             assert out[-2:] == [b"+QUEUED\r\n", b"*1\r\n+OK\r\n"], out
+
+
+def _client_in_multi(port: int, other_port: int, key: str) -> None:
+    """CLIENT SETNAME / GETNAME / ID / INFO queued in MULTI answer about the client's vproxy session
+    (they reached the pinned backend connection: its id, its name), SETNAME applied by EXEC only."""
+    with RawClient(port) as c, RawClient(other_port) as other:
+        own_id = c.call("CLIENT", "ID")[1:-2]
+        assert c.call("CLIENT", "SETNAME", "before") == b"+OK\r\n"
+        c.send(E("MULTI") + E("CLIENT", "SETNAME", "in-tx") + E("CLIENT", "GETNAME") + E("SET", key, "1")
+               + E("CLIENT", "ID") + E("CLIENT", "INFO") + E("EXEC") + E("CLIENT", "GETNAME"))
+        out = c.read_n(8)
+        assert out[:6] == [b"+OK\r\n"] + [b"+QUEUED\r\n"] * 5
+        head = b"*5\r\n+OK\r\n$5\r\nin-tx\r\n+OK\r\n:" + own_id + b"\r\n"
+        assert out[6].startswith(head), out[6]
+        assert b"id=" + own_id + b" " in out[6] and b"name=in-tx " in out[6]
+        assert out[7] == b"$5\r\nin-tx\r\n"
+        # the transaction does not run (WATCH failed): nothing of it applies
+        assert c.call("WATCH", key) == b"+OK\r\n"
+        assert other.call("SET", key, "2") == b"+OK\r\n"
+        c.send(E("MULTI") + E("CLIENT", "SETNAME", "never") + E("EXEC") + E("CLIENT", "GETNAME"))
+        assert c.read_n(4) == [b"+OK\r\n", b"+QUEUED\r\n", b"*-1\r\n", b"$5\r\nin-tx\r\n"]
+        # a wrong argument count is the server's, at queue time: EXEC aborts
+        c.send(E("MULTI") + E("CLIENT", "ID", "extra") + E("EXEC"))
+        out = c.read_n(3)
+        assert out[1].startswith(b"-ERR wrong number of arguments") and out[2].startswith(b"-EXECABORT"), out
+
+
+E = RawClient.encode
+
+
+def test_standalone_client_in_multi_is_the_sessions(proxy):
+    _client_in_multi(proxy.port, proxy.port, "txc")
+
+
+def test_cluster_client_in_multi_is_the_sessions(cluster_proxy):
+    _client_in_multi(cluster_proxy.port, cluster_proxy.port, "{t}c")

@@ -82,6 +82,7 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
         self.multi_proto: int | None = None  # HELLO queued in MULTI: the session's protocol after EXEC
         self.multi_auth: list = []  # AUTHs queued in MULTI (backend users): applied in turn after EXEC
         self.multi_hide: list[int] = []  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
+        self.multi_own: list = []  # (place, args) of the CLIENT requests vproxy answers at EXEC (gatecmds.client_own)
         self.multi_queued = 0  # requests queued in MULTI so far (standalone; cluster: len(mq))
         self.post: list = []  # (idx, fn): rewrite a reply once it is in
         self.audits: list = []  # audit.Entry of the recorded requests whose replies are not written yet

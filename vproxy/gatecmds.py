@@ -86,14 +86,41 @@ def queued(s: Session, name: bytes, args: list, position: int) -> str | None:
 
 def hide_in_exec(frame: bytes, positions: tuple) -> bytes:
     """EXEC's reply with the CONFIG GET replies at these places passed through _hide."""
+    return in_exec(frame, [(p, _hide) for p in positions])
+
+
+def in_exec(frame: bytes, changes: list) -> bytes:
+    """EXEC's reply with the replies at some places rewritten: changes, (place, fn(reply) -> reply)."""
     if frame[:1] != b"*" or frame[:3] == b"*-1":
         return frame
     head, _, body = frame.partition(b"\r\n")
     parts = resp.ReplyFramer().feed(body)
-    for p in positions:
+    for p, fn in changes:
         if p < len(parts):
-            parts[p] = _hide(parts[p])
+            parts[p] = fn(parts[p])
     return head + b"\r\n" + b"".join(parts)
+
+
+# ---- CLIENT about the session, inside MULTI ----
+
+# the CLIENT subcommands vproxy answers about the session (local.CLIENT), with the argument count
+# the server queues them with (another count: the server's arity error at queue time, EXECABORT)
+_CLIENT_OWN_ARGC = {b"id": (2,), b"getname": (2,), b"getredir": (2,), b"info": (2,), b"setname": (3,),
+                    b"setinfo": (4,), b"no-evict": (3,), b"no-touch": (3,)}
+PLACEHOLDER = b"*1\r\n$4\r\nPING\r\n"  # queued in their place: the server's +PONG is replaced at EXEC
+
+
+def client_own(name: bytes, args: list) -> bool:
+    """A CLIENT request vproxy answers about the session (its id, name, library), not the backend
+    connection's: queued in MULTI, a PLACEHOLDER goes to the server, and its place in EXEC's reply
+    gets vproxy's answer, the change (SETNAME ...) made then (answer_in_exec)."""
+    return name == b"client" and len(args) >= 2 and len(args) in _CLIENT_OWN_ARGC.get(args[1].lower(), ())
+
+
+def answer_in_exec(s: Session, frame: bytes, queued: list) -> bytes:
+    """EXEC's reply with vproxy's answers to the CLIENT requests queued at these places (client_own),
+    run in order now that the transaction ran (nothing when it did not: aborted, or WATCH failed)."""
+    return in_exec(frame, [(p, lambda _, a=args: s._own_answer(b"client", a, b"")) for p, args in queued])
 
 
 def hide_config_secrets(s: Session, i: int, args: list) -> None:

@@ -60,6 +60,7 @@ class Session(Protocol):
     # ---- a transaction's effects, applied after EXEC ----
     multi_select: int | None
     multi_hide: list  # places of the CONFIG GETs queued in MULTI (gatecmds.queued)
+    multi_own: list  # (place, args) of the CLIENT requests answered at EXEC (gatecmds.client_own)
     multi_proto: int | None
     multi_auth: list
 

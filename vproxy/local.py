@@ -15,7 +15,7 @@ from . import commands as C
 from . import errors as E
 from . import transaction as tx
 from .gate import bind
-from .gatecmds import acl_command, hide_config_secrets, hide_in_exec
+from .gatecmds import acl_command, answer_in_exec, hide_config_secrets, hide_in_exec
 from .users import backend_auth, switch
 from .handler import Session
 
@@ -201,11 +201,14 @@ def exec_(s: Session, i, args, raw, batch):
         if s.multi_hide and args[0].lower() == b"exec":  # the backend's secrets in its CONFIG GET replies
             s.post.append((i, partial(hide_in_exec, positions=tuple(s.multi_hide))))
         s.multi_hide = []
+        own, s.multi_own = s.multi_own, []
         if args[0].lower() == b"exec" and (s.multi_select is not None or s.multi_proto is not None
-                                           or s.multi_auth):
+                                           or s.multi_auth or own):
             # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it
             s.settle()
             batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
+            if own:  # CLIENT ID, SETNAME ...: the session's answers in their places, SETNAME applied now
+                batch.replies[i] = answer_in_exec(s, batch.replies[i], own)
             if batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
                 for cred in s.multi_auth:  # in turn, as the server ran them: the last it took is the user
                     backend_auth(s, *cred)

@@ -20,7 +20,7 @@ from .mux import busy
 from .mux.channel import Batch
 from .mux.lease import Lease
 from .sockio import recv_nowait
-from .gatecmds import queued
+from .gatecmds import PLACEHOLDER, client_own, queued
 from .streams import SUB_KINDS
 
 _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
@@ -123,7 +123,7 @@ class Pinned:
         if name == b"multi":
             tx.multi(self)
             self.multi_select, self.multi_proto, self.multi_auth = None, None, []
-            self.multi_hide, self.multi_queued = [], 0
+            self.multi_hide, self.multi_own, self.multi_queued = [], [], 0
         else:
             tx.watch(self)
         self.submit(self.lease.channel, i, raw, batch)
@@ -139,6 +139,9 @@ class Pinned:
         if err is not None:
             return self.refuse_queued(batch, i, err)
         self.multi_queued += 1
+        if client_own(name, args):  # the session's, not the connection's: answered at EXEC
+            self.multi_own.append((self.multi_queued - 1, args))
+            return self.submit(self.lease.channel, i, PLACEHOLDER, batch)
         if name in C.STATEFUL or name in SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:

@@ -29,7 +29,7 @@ from ..errors import BackendError
 from ..local import LOCAL, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
-from ..gatecmds import hide_in_exec
+from ..gatecmds import PLACEHOLDER, answer_in_exec, client_own, hide_in_exec
 from ..gatecmds import queued as gated
 from ..users import backend_auth
 from .redirects import ASKING, REDIRECT
@@ -75,7 +75,7 @@ def multi(s: ClusterSession, i, args, raw, batch):
         batch.replies[i] = resp.error("ERR MULTI calls can not be nested")
         return
     tx.multi(s)
-    s.multi_select, s.multi_auth, s.multi_hide, s.mq = None, [], [], []
+    s.multi_select, s.multi_auth, s.multi_hide, s.multi_own, s.mq = None, [], [], [], []
     batch.replies[i] = resp.OK
 
 
@@ -90,11 +90,13 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
     if err is not None:
         return s.refuse_queued(batch, i, err)
     cmd = s.app.commands.get(name)
-    if cmd is None or not cmd.arity_ok(len(args)):
+    sub = cmd.subs.get(args[1].lower()) if cmd is not None and cmd.subs and len(args) > 1 else None
+    if cmd is None or not cmd.arity_ok(len(args)) or (sub is not None and not sub.arity_ok(len(args))):
         tx.fail(s)
+        full = name if sub is None else name + b"|" + args[1].lower()
         batch.replies[i] = resp.error(
             f"ERR unknown command '{args[0].decode(errors='replace')}'" if cmd is None
-            else f"ERR wrong number of arguments for '{name.decode(errors='replace')}' command")
+            else f"ERR wrong number of arguments for '{full.decode(errors='replace')}' command")
         return
     slots, pin = s.slots_of(name, args), tx.slot(s)
     if slots is None or len(slots) > 1 or (slots and pin is not None and pin not in slots):
@@ -108,6 +110,9 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
         s.multi_select = s.db_arg(args[1])
     elif name == b"auth" and 2 <= len(args) <= 3:  # backend users (users.py): the session's user after EXEC
         s.multi_auth.append((args[1] if len(args) == 3 else None, args[-1]))
+    elif client_own(name, args):  # the session's, not the connection's: answered at EXEC
+        s.multi_own.append((len(s.mq), args))
+        name, raw = b"ping", PLACEHOLDER
     s.mq.append((name, raw))
     batch.replies[i] = b"+QUEUED\r\n"
 
@@ -117,9 +122,9 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     if not tx.in_multi(s):
         return LOCAL[name](s, i, args, raw, batch)
     queued, failed, target, slot, auth = s.mq, tx.failed(s), s.multi_select, tx.slot(s), s.multi_auth
-    hide = tuple(s.multi_hide)
+    hide, own = tuple(s.multi_hide), s.multi_own
     tx.end_multi(s)
-    s.mq, s.multi_auth, s.multi_hide = [], [], []
+    s.mq, s.multi_auth, s.multi_hide, s.multi_own = [], [], [], []
     if name == b"discard" or failed:
         end_watch(s)
         batch.replies[i] = EXECABORT if name == b"exec" else resp.OK
@@ -133,6 +138,8 @@ def exec_(s: ClusterSession, i, args, raw, batch):
             backend_auth(s, *cred)
     if hide:  # the backend's secrets in its CONFIG GET replies
         reply = hide_in_exec(reply, hide)
+    if own:  # CLIENT ID, SETNAME ...: the session's answers in their places, SETNAME applied now
+        reply = answer_in_exec(s, reply, own)
     batch.replies[i] = reply
     tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
