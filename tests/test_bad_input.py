@@ -247,6 +247,20 @@ def test_requests_before_a_protocol_error_still_run(proxy, server):
     assert server.client().get("after-error") is None
 
 
+@pytest.mark.parametrize("data", [E("SUBSCRIBE", "c"), E("PSUBSCRIBE", "c*"), E("SSUBSCRIBE", "c"), E("MONITOR"),
+                                  E("CLIENT", "TRACKING", "ON")],
+                         ids=["subscribe", "psubscribe", "ssubscribe", "monitor", "tracking"])
+def test_a_stream_reply_before_a_protocol_error_is_written(proxy, server, data):
+    """A request that starts a stream (its reply pushed from a pinned connection) and malformed bytes
+    in the same write: the stream's first reply (SUBSCRIBE's confirmation, MONITOR's +OK) comes
+    before the protocol error, as from the server, not lost when the connection ends."""
+    bad = b"*1\r\n$x\r\n"
+    direct = closes_after(server.port, data + bad)
+    via = closes_after(proxy.port, data + bad)
+    assert via == direct
+    assert via.endswith(b"-ERR Protocol error: invalid bulk length\r\n") and not via.startswith(b"-")
+
+
 def test_huge_bulk_header_is_refused_at_once(proxy, server):
     """*1 $600000000: more than proto-max-bulk-len (512MB). The error comes before any payload."""
     t0 = time.monotonic()
