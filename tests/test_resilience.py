@@ -300,6 +300,26 @@ def test_client_gone_mid_pipeline_others_unaffected(proxy, server, raw):
         assert c.read_n(100) == [b":%d\r\n" % (i + 1) for i in range(100)]
 
 
+def _rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) >> 10
+
+
+def test_memory_of_a_request_cut_short_is_given_back_when_its_client_leaves(proxy, server):
+    """An endless multibulk (`*2147483647` then small arguments): what the parser holds for it (the
+    bytes and every parsed argument) is freed as soon as the client is gone, not whenever Python's
+    cyclic GC next runs (on a quiet proxy: maybe never), so clients doing it one after another
+    cannot pile it up."""
+    before = proxy_stats(proxy)["connected_clients"]
+    base = _rss_mb(proxy.proc.pid)
+    for _ in range(2):
+        with RawClient(proxy.port) as c:
+            c.send(b"*2147483647\r\n" + b"$2\r\nab\r\n" * (2 << 20))  # 16 MB: about 2 million arguments
+            wait_for(lambda: _rss_mb(proxy.proc.pid) - base > 60, what="vproxy to take in the arguments")
+        wait_for(lambda: proxy_stats(proxy)["connected_clients"] == before, what="the client to be gone")
+        wait_for(lambda: _rss_mb(proxy.proc.pid) - base < 30, timeout=5, what="the memory to be given back")
+
+
 def test_client_gone_while_blocked_does_not_eat_the_next_push(proxy, server, raw):
     server.client().delete("handoff")
     c = raw()
