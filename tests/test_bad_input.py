@@ -488,3 +488,19 @@ def test_resp_corpus(proxy, server, protocol):
         skip = 1 if protocol == 3 else 0
         for i, (a, b) in enumerate(zip(via[skip:], direct[skip:])):
             assert a == b, f"{f.name} reply {i}: proxy {a[:200]!r} server {b[:200]!r}"
+
+
+@pytest.mark.parametrize("args, want", [
+    (("PROXY", "NOSUCH"), b"-ERR vproxy: unknown subcommand 'NOSUCH'. Try PROXY HELP.\r\n"),
+    (("PROXY", "RELAOD"), b"-ERR vproxy: unknown subcommand 'RELAOD'. Try PROXY HELP.\r\n"),
+    (("PROXY", "RELOAD", "now"), b"-ERR vproxy: wrong arguments for 'PROXY RELOAD'. Try PROXY HELP.\r\n"),
+    (("PROXY", "CONFIG", "SET", "max_clients", "1"), b"-ERR vproxy: wrong arguments for 'PROXY CONFIG'. Try PROXY HELP.\r\n"),
+    (("PROXY", "HOTKEYS", "1", "2"), b"-ERR vproxy: wrong arguments for 'PROXY HOTKEYS'. Try PROXY HELP.\r\n"),
+    (("PROXY", "HELP", "x"), b"-ERR vproxy: wrong arguments for 'PROXY HELP'. Try PROXY HELP.\r\n"),
+])
+def test_proxy_subcommand_typos_are_errors(proxy, raw, args, want):
+    """An unknown PROXY subcommand, or a known one in a form vproxy does not take, is an error (as the
+    server answers an unknown subcommand), not the help list, which a script would take for success."""
+    c = raw()
+    assert c.call(*args) == want
+    assert c.call("PROXY").startswith(b"*") and c.call("PROXY", "HELP") == c.call("PROXY")
