@@ -247,6 +247,20 @@ def test_requests_before_a_protocol_error_still_run(proxy, server):
     assert server.client().get("after-error") is None
 
 
+@pytest.mark.parametrize("data", [E("SUBSCRIBE", "c"), E("PSUBSCRIBE", "c*"), E("SSUBSCRIBE", "c"), E("MONITOR"),
+                                  E("CLIENT", "TRACKING", "ON")],
+                         ids=["subscribe", "psubscribe", "ssubscribe", "monitor", "tracking"])
+def test_a_stream_reply_before_a_protocol_error_is_written(proxy, server, data):
+    """A request that starts a stream (its reply pushed from a pinned connection) and malformed bytes
+    in the same write: the stream's first reply (SUBSCRIBE's confirmation, MONITOR's +OK) comes
+    before the protocol error, as from the server, not lost when the connection ends."""
+    bad = b"*1\r\n$x\r\n"
+    direct = closes_after(server.port, data + bad)
+    via = closes_after(proxy.port, data + bad)
+    assert via == direct
+    assert via.endswith(b"-ERR Protocol error: invalid bulk length\r\n") and not via.startswith(b"-")
+
+
 def test_huge_bulk_header_is_refused_at_once(proxy, server):
     """*1 $600000000: more than proto-max-bulk-len (512MB). The error comes before any payload."""
     t0 = time.monotonic()
@@ -474,3 +488,19 @@ def test_resp_corpus(proxy, server, protocol):
         skip = 1 if protocol == 3 else 0
         for i, (a, b) in enumerate(zip(via[skip:], direct[skip:])):
             assert a == b, f"{f.name} reply {i}: proxy {a[:200]!r} server {b[:200]!r}"
+
+
+@pytest.mark.parametrize("args, want", [
+    (("PROXY", "NOSUCH"), b"-ERR vproxy: unknown subcommand 'NOSUCH'. Try PROXY HELP.\r\n"),
+    (("PROXY", "RELAOD"), b"-ERR vproxy: unknown subcommand 'RELAOD'. Try PROXY HELP.\r\n"),
+    (("PROXY", "RELOAD", "now"), b"-ERR vproxy: wrong arguments for 'PROXY RELOAD'. Try PROXY HELP.\r\n"),
+    (("PROXY", "CONFIG", "SET", "max_clients", "1"), b"-ERR vproxy: wrong arguments for 'PROXY CONFIG'. Try PROXY HELP.\r\n"),
+    (("PROXY", "HOTKEYS", "1", "2"), b"-ERR vproxy: wrong arguments for 'PROXY HOTKEYS'. Try PROXY HELP.\r\n"),
+    (("PROXY", "HELP", "x"), b"-ERR vproxy: wrong arguments for 'PROXY HELP'. Try PROXY HELP.\r\n"),
+])
+def test_proxy_subcommand_typos_are_errors(proxy, raw, args, want):
+    """An unknown PROXY subcommand, or a known one in a form vproxy does not take, is an error (as the
+    server answers an unknown subcommand), not the help list, which a script would take for success."""
+    c = raw()
+    assert c.call(*args) == want
+    assert c.call("PROXY").startswith(b"*") and c.call("PROXY", "HELP") == c.call("PROXY")

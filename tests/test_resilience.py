@@ -4,6 +4,7 @@ errors naming the backend; the proxy recovers by itself; nothing a dead client s
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -174,6 +175,49 @@ def test_stuck_backend_does_not_time_out_blocking_commands(server, start_proxy):
 # ---- clients hanging up mid-way ----
 
 
+def _half_closed(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send data, shut the write side (as `printf ... | nc -N` does), read every reply up to EOF."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("data", [
+    E("MULTI") + E("SET", "hc", "1") + E("INCR", "hc-n") + E("EXEC") + E("GET", "hc") + E("PING"),
+    E("SET", "hc", "1") + E("WATCH", "hc") + E("GET", "hc") + E("UNWATCH") + E("PING"),
+    E("SUBSCRIBE", "hc-ch"),
+    E("PSUBSCRIBE", "hc-*"),
+], ids=["multi-exec", "watch", "subscribe", "psubscribe"])
+def test_half_closed_client_gets_every_reply(proxy, server, data):
+    """A client that writes its requests and half-closes: the server runs and answers all it read
+    before the EOF; so does vproxy, pinned requests (a transaction, WATCH) and streams included."""
+    server.client().flushall()
+    direct = _half_closed(server.port, data)
+    state = server.client().get("hc-n")
+    server.client().flushall()
+    via = _half_closed(proxy.port, data)
+    assert via == direct
+    assert server.client().get("hc-n") == state
+    wait_for(lambda: pinned(proxy) == 0, what="the pins to be dropped")
+
+
+def test_half_close_still_cancels_a_blocked_command(proxy, server):
+    """The half-close of a client blocked in BLPOP still ends the BLPOP at once (it must not take
+    an element pushed later), as the server frees a client on EOF."""
+    server.client().delete("hc-q")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(E("BLPOP", "hc-q", "0"))
+        wait_for(lambda: pinned(proxy) == 1, what="BLPOP pinned")
+        s.shutdown(socket.SHUT_WR)
+        wait_for(lambda: pinned(proxy) == 0, what="the BLPOP to be cancelled")
+    assert server.client().lpush("hc-q", "precious") == 1
+    assert server.client().llen("hc-q") == 1
+
+
 def test_client_gone_mid_transaction_leaves_nothing(proxy, server, raw):
     server.client().flushall()
     c = raw()
@@ -254,6 +298,26 @@ def test_client_gone_mid_pipeline_others_unaffected(proxy, server, raw):
     with raw() as c:
         c.send(b"".join(E("INCR", "after") for _ in range(100)))
         assert c.read_n(100) == [b":%d\r\n" % (i + 1) for i in range(100)]
+
+
+def _rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) >> 10
+
+
+def test_memory_of_a_request_cut_short_is_given_back_when_its_client_leaves(proxy, server):
+    """An endless multibulk (`*2147483647` then small arguments): what the parser holds for it (the
+    bytes and every parsed argument) is freed as soon as the client is gone, not whenever Python's
+    cyclic GC next runs (on a quiet proxy: maybe never), so clients doing it one after another
+    cannot pile it up."""
+    before = proxy_stats(proxy)["connected_clients"]
+    base = _rss_mb(proxy.proc.pid)
+    for _ in range(2):
+        with RawClient(proxy.port) as c:
+            c.send(b"*2147483647\r\n" + b"$2\r\nab\r\n" * (2 << 20))  # 16 MB: about 2 million arguments
+            wait_for(lambda: _rss_mb(proxy.proc.pid) - base > 60, what="vproxy to take in the arguments")
+        wait_for(lambda: proxy_stats(proxy)["connected_clients"] == before, what="the client to be gone")
+        wait_for(lambda: _rss_mb(proxy.proc.pid) - base < 30, timeout=5, what="the memory to be given back")
 
 
 def test_client_gone_while_blocked_does_not_eat_the_next_push(proxy, server, raw):

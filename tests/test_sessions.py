@@ -236,6 +236,15 @@ def test_client_setname_getname_setinfo_errors(raw):
         ("CLIENT", "KILL", "ID", "0"),
         ("CLIENT", "KILL", "ID", "-1"),
         ("CLIENT", "KILL", "SKIPME", "maybe"),
+        ("CLIENT", "KILL"),
+        ("CLIENT", "REPLY"),
+        ("CLIENT", "REPLY", "ON", "x"),
+        ("CLIENT", "REPLY", "OFF", "x"),
+        ("CLIENT", "REPLY", "SKIP", "x"),
+        ("CLIENT", "TRACKING"),
+        ("CLIENT", "INFO", "x"),
+        ("CLIENT", "NO-EVICT"),
+        ("CLIENT", "NO-EVICT", "ON", "x"),
     ],
 )
 def test_client_subcommand_arguments_like_the_server(proxy, server, args):

@@ -303,8 +303,12 @@ def client_unblock(s: Session, args: list) -> bytes:
     return resp.integer(1)
 
 
+_PROXY_SUBS = {b"info", b"version", b"topology", b"clients", b"clients-local", b"kill-local", b"nodes", b"reload",
+               b"slowlog", b"hotkeys", b"bigkeys", b"stats", b"config", b"audit"}
+
+
 def proxy_command(s: Session, args: list) -> bytes:
-    """PROXY INFO | CONFIG GET <name> | CLIENTS | VERSION."""
+    """PROXY INFO | CONFIG GET <name> | CLIENTS | VERSION ...; PROXY or PROXY HELP: the list."""
     sub = args[1].lower() if len(args) > 1 else b"help"
     app = s.app
     if sub == b"info":
@@ -351,6 +355,11 @@ def proxy_command(s: Session, args: list) -> bytes:
         return resp.value({k: str(v) for k, v in items.items()}, s.proto)
     if sub == b"audit":
         return audit_command(s, args[2:])
+    if sub != b"help" or len(args) > 2:  # a typo or a bad form must not look like success (an array)
+        name = args[1].decode(errors="replace")
+        if sub in _PROXY_SUBS or sub == b"help":
+            return resp.error(f"ERR vproxy: wrong arguments for 'PROXY {name.upper()}'. Try PROXY HELP.")
+        return resp.error(f"ERR vproxy: unknown subcommand '{name}'. Try PROXY HELP.")
     return resp.value(["PROXY INFO", "PROXY VERSION", "PROXY CLIENTS", "PROXY CONFIG GET <name|*>",
                        "PROXY TOPOLOGY", "PROXY STATS [RESET]", "PROXY SLOWLOG GET [count] | LEN | RESET",
                        "PROXY HOTKEYS [count]", "PROXY BIGKEYS [count]", "PROXY RELOAD", "PROXY NODES",

@@ -55,10 +55,12 @@ class BatchPath:
                     self.app.stats.commands += len(reqs)
                     self.process(reqs)
             self.drain()  # a client that half-closed still gets the replies in flight
+            self._stream_out()
         except ProtocolError as e:
             if e.requests:
                 self.process(e.requests)
             self.drain()  # their replies first
+            self._stream_out()
             self.write(resp.error(f"ERR Protocol error: {e}"))
         except OSError:
             pass  # the client's socket failed: nothing to tell it
@@ -66,6 +68,15 @@ class BatchPath:
             logger.exception("client {} dropped by an unexpected error", self.id)
         finally:
             self.cleanup()
+
+    def _stream_out(self) -> None:
+        """Before the connection ends: a stream's replies in flight (a SUBSCRIBE's confirmation,
+        MONITOR's +OK, sent just before a malformed request or the client's half-close) are written
+        first, as the server writes them before its protocol error or its close (a sync PING comes
+        back behind them). Not under CLIENT REPLY OFF: the PING would get no reply."""
+        st = self.stream
+        if st is not None and st.kind != "reply" and not self.closing:
+            self.sync_stream(st)
 
     def process(self, reqs: list) -> None:
         """Run requests in windows: each window's replies are written before the next one is sent,

@@ -149,6 +149,12 @@ class ClientSession(PlainPath, BatchPath, Pinned, Streams, Paced, Audited):
 
     def cleanup(self) -> None:
         self.closing = True
+        # What the client left unparsed goes now: a request cut short holds its bytes and its parsed
+        # arguments (several times the query buffer's bytes in objects), and the session itself is
+        # freed only by the cyclic GC (its outbox's Track refers back to it), which may not run for
+        # long on a quiet proxy
+        self.parser.buf, self.parser.args = bytearray(), []
+        self.early, self.early_bytes = [], 0
         self.outbox.close()
         if self.reader is not None:
             self.reader.close()

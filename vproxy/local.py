@@ -288,19 +288,25 @@ def _client_setinfo(s: Session, i, args, raw, batch):
 
 
 def _on_off(s: Session, i, args, attr: str):
-    if len(args) != 3 or args[2].lower() not in (b"on", b"off"):
+    if len(args) != 3:
+        return resp.error(E.wrong_arity(f"client|{attr.replace('_', '-')}"))
+    if args[2].lower() not in (b"on", b"off"):
         return resp.error(E.SYNTAX)
     setattr(s, attr, args[2].lower() == b"on")
     return resp.OK
 
 
 def _client_kill(s: Session, i, args, raw, batch):
+    if len(args) < 3:
+        return _reply(batch, i, resp.error(E.wrong_arity("client|kill")))
     _reply(batch, i, admin.client_kill(s, args))
 
 
 def _client_stream(s: Session, i, args, raw, batch):
     """TRACKING on / REPLY off|skip need a connection whose replies stream; the off forms are no-ops."""
     sub, arg = args[1].lower(), args[2].lower() if len(args) > 2 else b""
+    if len(args) < 3 or (sub == b"reply" and len(args) != 3):  # the server's arity: REPLY 3, TRACKING -3
+        return _reply(batch, i, resp.error(E.wrong_arity(f"client|{sub.decode()}")))
     starts = (sub == b"tracking" and arg == b"on") or (sub == b"reply" and arg in (b"off", b"skip"))
     if starts:
         if sub == b"tracking":
@@ -356,7 +362,7 @@ CLIENT = {
         resp.bulk(s.name) if s.name else resp.null(s.proto))),
     b"setname": _client_setname,
     b"setinfo": _client_setinfo,
-    b"info": lambda s, i, a, r, b: _reply(b, i, resp.verbatim(admin.client_line(s) + "\n", s.proto)),
+    b"info": lambda s, i, a, r, b: _reply(b, i, _arity(a, "info") or resp.verbatim(admin.client_line(s) + "\n", s.proto)),
     b"list": lambda s, i, a, r, b: _reply(b, i, resp.verbatim(admin.client_list(s.app, a[2:]), s.proto)),
     b"no-evict": lambda s, i, a, r, b: _reply(b, i, _on_off(s, i, a, "no_evict")),
     b"no-touch": lambda s, i, a, r, b: _reply(b, i, _on_off(s, i, a, "no_touch")),

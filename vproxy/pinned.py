@@ -86,11 +86,25 @@ class Pinned:
         except OSError:
             pass
         watcher.stop()
+        if self._nothing_blocks():
+            # the client half-closed (or hung up) behind requests that answer on their own (a
+            # transaction, WATCH, ...): they run and are answered, as the server runs what it read
+            # before the EOF; the loop sees the EOF again once their replies are in
+            return
         self.closing = True
         for lease in (self.oneshot, self.lease):
             if lease is not None and lease.channel is not None:
                 lease.dirty = True
                 lease.channel.close()  # answers the waiters with errors: the wait ends
+
+    def _nothing_blocks(self) -> bool:
+        """No request in flight on a pinned connection may block (each has a deadline: a blocking
+        command is submitted without one), so every one of them is answered soon."""
+        for lease in (self.oneshot, self.lease):
+            ch = lease.channel if lease is not None else None
+            if ch is not None and any(not deadline for _, _, deadline in ch.waiters):
+                return False
+        return True
 
     def drop_leases(self) -> None:
         """RESET, a closed connection: the leases are given back dirty (their state is unknown)."""
