@@ -621,19 +621,38 @@ def test_client_unblock_reply_matches_server(proxy, server, protocol, cmd):
 # ---- connection state changed inside a transaction must not leak to other clients ----
 
 
-def test_subscribe_inside_multi_does_not_poison_other_clients(proxy, server):
-    """EXEC runs a queued SUBSCRIBE on the transaction's backend connection: that connection must
-    never be handed to another client afterwards (it would refuse everything but pub/sub)."""
-    pub = proxy.client(protocol=2)
+def test_subscribe_inside_multi_is_refused_and_poisons_no_connection(proxy, server):
+    """A SUBSCRIBE queued in MULTI would subscribe the transaction's connection but leave the client
+    outside a stream (no message would reach it): refused at queue time, EXEC aborts; UNSUBSCRIBE
+    run by EXEC still keeps that connection from other clients."""
     with RawClient(proxy.port) as a:
-        a.send(E("MULTI") + E("SUBSCRIBE", "in-multi") + E("EXEC"))
-        assert a.read_n(3)[2] == b"*1\r\n*3\r\n$9\r\nsubscribe\r\n$8\r\nin-multi\r\n:1\r\n"
+        for sub in ("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"):
+            a.send(E("MULTI") + E(sub, "in-multi") + E("SET", "never", "1") + E("EXEC"))
+            out = a.read_n(4)
+            assert out[1].startswith(b"-ERR vproxy: SUBSCRIBE inside MULTI is not supported"), out
+            assert out[2:] == [b"+QUEUED\r\n", b"-EXECABORT Transaction discarded because of previous errors.\r\n"]
+        assert a.call("EXISTS", "never") == b":0\r\n"
+        a.send(E("MULTI") + E("UNSUBSCRIBE", "x") + E("EXEC"))
+        assert a.read_n(3)[2] == b"*1\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:0\r\n"
     wait_unpinned(proxy)
-    wait_for(lambda: pub.pubsub_numsub("in-multi") == [(b"in-multi", 0)], what="that connection to be closed")
     for _ in range(3):  # whichever pinned connection the pool hands out next is a clean one
         with RawClient(proxy.port) as b:
             b.send(E("MULTI") + E("SET", "after", "1") + E("EXEC") + E("WATCH", "after") + E("UNWATCH"))
             assert b.read_n(5) == [b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n+OK\r\n", b"+OK\r\n", b"+OK\r\n"]
+
+
+def test_subscribe_inside_multi_inside_a_resp3_subscription_runs(proxy, server):
+    """In a RESP3 subscription the stream's own connection runs the transaction: SUBSCRIBE in its
+    MULTI subscribes the client (not refused), as directly."""
+    got = []
+    for port in (server.port, proxy.port):
+        with RawClient(port) as c:
+            assert c.call("HELLO", "3").startswith(b"%")
+            c.send(E("SUBSCRIBE", "s1") + E("MULTI") + E("SUBSCRIBE", "s2") + E("EXEC") + E("UNSUBSCRIBE"))
+            got.append(c.read_n(6))
+    assert got[1] == got[0]
+    assert got[0][3].endswith(b":2\r\n") and got[0][5].endswith(b":0\r\n")  # s2 was subscribed by EXEC
+    wait_unpinned(proxy)
 
 
 def test_hello_while_watching_switches_replies(raw, server):

@@ -170,3 +170,14 @@ def test_standalone_client_in_multi_is_the_sessions(proxy):
 
 def test_cluster_client_in_multi_is_the_sessions(cluster_proxy):
     _client_in_multi(cluster_proxy.port, cluster_proxy.port, "{t}c")
+
+
+@pytest.mark.parametrize("mode", ["standalone", "cluster"])
+def test_subscribe_in_multi_is_refused_at_queue_time(mode, proxy, cluster_proxy):
+    """Subscribed by EXEC, the client would not be in a stream: refused, EXEC aborts (both modes)."""
+    p = proxy if mode == "standalone" else cluster_proxy
+    with RawClient(p.port) as c:
+        c.send(E("MULTI") + E("SSUBSCRIBE", "{t}ch") + E("EXEC") + E("PING"))
+        out = c.read_n(4)
+        assert out[1].startswith(b"-ERR vproxy: SUBSCRIBE inside MULTI") and out[2].startswith(b"-EXECABORT")
+        assert out[3] == b"+PONG\r\n"

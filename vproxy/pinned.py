@@ -23,6 +23,12 @@ from .sockio import recv_nowait
 from .gatecmds import PLACEHOLDER, client_own, queued
 from .streams import SUB_KINDS
 
+# A subscription that EXEC would start: the connection would be subscribed, but the client would not be
+# in a stream (its messages never delivered, its next requests refused by the server): refused at
+# queue time, so EXEC aborts (subscribe outside MULTI; inside a RESP3 subscription, MULTI may hold them)
+_SUBSCRIBES = frozenset([b"subscribe", b"psubscribe", b"ssubscribe"])
+SUBSCRIBE_IN_MULTI = "ERR vproxy: SUBSCRIBE inside MULTI is not supported; subscribe outside the transaction"
+
 _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
 # AUTH inside MULTI when vproxy checks the credentials itself (a proxy password or users): refused
 AUTH_IN_MULTI = "ERR vproxy: AUTH inside MULTI is not supported when vproxy checks the passwords; AUTH before MULTI"
@@ -149,14 +155,14 @@ class Pinned:
             return
         if self.proxy_auth(name, args):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
-        err = queued(self, name, args, self.multi_queued)
+        err = SUBSCRIBE_IN_MULTI if name in _SUBSCRIBES else queued(self, name, args, self.multi_queued)
         if err is not None:
             return self.refuse_queued(batch, i, err)
         self.multi_queued += 1
         if client_own(name, args):  # the session's, not the connection's: answered at EXEC
             self.multi_own.append((self.multi_queued - 1, args))
             return self.submit(self.lease.channel, i, PLACEHOLDER, batch)
-        if name in C.STATEFUL or name in SUB_KINDS:  # a SUBSCRIBE run by EXEC: never reuse that connection
+        if name in C.STATEFUL or name in SUB_KINDS:  # (an UNSUBSCRIBE run by EXEC: never reuse that connection)
             self.lease.dirty = True
             if name == b"select" and len(args) == 2 and self.db_arg(args[1]) is not None:
                 self.multi_select = self.db_arg(args[1])

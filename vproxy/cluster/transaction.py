@@ -23,7 +23,7 @@ import gevent
 
 from .. import hostport, resp
 from .. import transaction as tx
-from ..pinned import AUTH_IN_MULTI
+from ..pinned import _SUBSCRIBES, AUTH_IN_MULTI, SUBSCRIBE_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
 from ..local import LOCAL, apply_select
@@ -86,6 +86,8 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
         return
     if s.proxy_auth(name, args):
         return s.refuse_queued(batch, i, AUTH_IN_MULTI)
+    if name in _SUBSCRIBES:
+        return s.refuse_queued(batch, i, SUBSCRIBE_IN_MULTI)
     err = gated(s, name, args, len(s.mq))
     if err is not None:
         return s.refuse_queued(batch, i, err)
