@@ -175,6 +175,10 @@ def test_reads_are_recorded_when_selected_and_turned_on_at_run_time(audited, val
     assert p.info()["audit_enabled"] == 1
     with pytest.raises(redis.ResponseError, match="not a class or command name"):
         ctl.execute_command("PROXY", "AUDIT", "CLASSES", "wr ite")
+    with pytest.raises(redis.ResponseError, match="nor a command the server knows: wirte, config.nosuch"):
+        ctl.execute_command("PROXY", "AUDIT", "CLASSES", "wirte,flushall,config|nosuch,config|set")
+    assert ctl.execute_command("PROXY", "AUDIT", "CLASSES", "dangerous,config|set,proxy|audit") == b"OK"
+    assert ctl.execute_command("PROXY", "AUDIT", "STATUS")[b"audit_commands"] == b"dangerous,config|set,proxy|audit"
     ctl.close()
     r.close()
 

@@ -245,6 +245,9 @@ def test_client_setname_getname_setinfo_errors(raw):
         ("CLIENT", "INFO", "x"),
         ("CLIENT", "NO-EVICT"),
         ("CLIENT", "NO-EVICT", "ON", "x"),
+        ("HELLO", "3", "AUTH"),  # the option named as the client spelled it
+        ("HELLO", "2", "SetName"),
+        ("HELLO", "3", "NoSuch"),
     ],
 )
 def test_client_subcommand_arguments_like_the_server(proxy, server, args):

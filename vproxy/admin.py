@@ -7,6 +7,7 @@ import resource
 from time import monotonic, time
 
 from . import __version__, audit, auditfmt, cmdstats, hostport, outbox, resp
+from .commands import AUDIT_CLASSES
 from . import errors as E
 from . import transaction as tx
 from .users import user_name
@@ -408,11 +409,27 @@ def audit_command(s: Session, args: list) -> bytes:
 
         names = [p for a in args[1:] for p in a.decode(errors="replace").split(",")]
         try:
-            audit.set_classes(check_classes(names))
+            names = check_classes(names)
         except ValueError as e:
             return resp.error(f"ERR vproxy: audit classes: {e}")
+        unknown = [n for n in names if not _audit_name_known(s.app.commands, n)]
+        if unknown:  # a typo (wirte) must not quietly stop recording what was meant
+            return resp.error(f"ERR vproxy: audit classes: neither a class ({', '.join(sorted(AUDIT_CLASSES))}) "
+                              f"nor a command the server knows: {', '.join(unknown)}")
+        audit.set_classes(names)
         return resp.OK
     return resp.error("ERR vproxy: PROXY AUDIT [STATUS] | ON | OFF | CLASSES <class|command> ...")
+
+
+def _audit_name_known(table, name: str) -> bool:
+    """An audit class, or a command (command|subcommand) of the command table, or vproxy's PROXY."""
+    if name in AUDIT_CLASSES:
+        return True
+    base, _, sub = name.partition("|")
+    if base == "proxy":
+        return True
+    cmd = table.get(base.encode())
+    return cmd is not None and (not sub or not cmd.subs or sub.encode() in cmd.subs)
 
 
 # ---- primary/replica sets (sentinel, replication modes): INFO fields and PROXY TOPOLOGY ----

@@ -115,7 +115,7 @@ def hello(s: Session, i, args, raw, batch):
                 return _reply(batch, i, resp.error(
                     "ERR Client names cannot contain spaces, newlines or special characters."))
         else:
-            return _reply(batch, i, resp.error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+            return _reply(batch, i, resp.error(f"ERR Syntax error in HELLO option '{opts[j].decode(errors='replace')}'"))
     if cred is not None:  # checked after every option, as the server does
         err = _authenticate(s, *cred)
         if err:
