@@ -376,6 +376,37 @@ def test_hashed_keys_and_values(audited, valkey):
     r.close()
 
 
+@pytest.mark.parametrize("hashed", [False, True], ids=["plain", "hashed"])
+def test_long_keys_are_cut_and_found(audited, valkey, hashed):
+    """A key may be 512 MB: records keep its first KEY_MAX bytes and its length (the proxy's queue,
+    the pipe and the writer stay small); `vproxy audit --key` with the whole key finds it, hashed too."""
+    from vproxy.auditfmt import KEY_MAX
+    extra = ("--audit-hash-keys", "--audit-hash-secret", "s3cret") if hashed else ()
+    p = audited("--audit-commands", "write", *extra)
+    r = p.client()
+    long1, long2 = "L" * (KEY_MAX + 10), "M" * 100_000  # (a command-line argument for --key: < 128 KB)
+    cut1 = "L" * KEY_MAX + "...(+10 bytes)"
+    r.set(long1, "v")  # one key: the plain path
+    r.mset({"short": "1", long2: "2"})  # several: a slice of the arguments
+    r.zadd("z", {"a": 1})
+    r.zunionstore(long1, ["z", "N" * (KEY_MAX + 1)])  # movable keys: the batch path's key positions
+    wait_for(lambda: records_written(p) >= 4, what="four records")
+    assert (p.dir / "audit.jsonl").stat().st_size < 20_000  # not the 100 KB key
+    recs = [x for x in query(p.dir) if x["command"] in ("set", "mset", "zunionstore")]
+    cut2 = "M" * KEY_MAX + "...(+%d bytes)" % (100_000 - KEY_MAX)
+    cut3 = "N" * KEY_MAX + "...(+1 bytes)"
+    want = [[cut1], ["short", cut2], [cut1, "z", cut3]]
+    if hashed:
+        h = {k: hmac.new(b"s3cret", k.encode(), hashlib.sha256).hexdigest()[:16]
+             for k in (cut1, cut2, cut3, "short", "z")}
+        want = [[h[k] for k in ks] for ks in want]
+    assert [x["keys"] for x in recs] == want
+    secret = ("--hash-secret", "s3cret") if hashed else ()
+    assert [x["command"] for x in query(p.dir, "--key", long2, *secret)] == ["mset"]
+    assert [x["command"] for x in query(p.dir, "--key", long1, *secret)] == ["set", "zunionstore"]
+    r.close()
+
+
 def test_refused_before_auth_and_passwords_redacted(audited, valkey):
     p = audited("--audit-commands", "all", "--audit-values", cls=PasswordProxy, password="pw1")
     t0 = now_iso()

@@ -34,7 +34,8 @@ from vproxy._clock cimport now_wall
 
 
 # set by audit.py (bind): the functions and constants the twin shares with the reference
-cdef object who_of = None, error_code = None, Entry = None, keys_in = None
+cdef object who_of = None, error_code = None, Entry = None, keys_in = None, cut_key = None, cut_keys = None
+cdef Py_ssize_t KEY_MAX = 1024  # auditfmt.KEY_MAX (bind): a longer key is cut (auditfmt.cut_key)
 cdef object OK = 0, ERROR = 1
 cdef Py_ssize_t FLUSH_AT = 2048
 DEF NOTED = 9  # a record's fields known when its request is sent (auditfmt.FIELDS[:9]); 3 more at its reply
@@ -46,11 +47,14 @@ cdef unsigned char F_CTX = 1, F_KEY = 2, F_VALUES = 4, F_ERR = 8  # auditfmt.CTX
 
 
 def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048, stride=12, keys_of=None,
-         packing=None) -> None:
-    """audit.py's objects the twin uses; packing: auditfmt's (REC, KLEN, CTX, KEY, VALUES, ERR), checked."""
-    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT, keys_in
+         packing=None, cutting=None) -> None:
+    """audit.py's objects the twin uses; packing: auditfmt's (REC, KLEN, CTX, KEY, VALUES, ERR), checked;
+    cutting: auditfmt's (KEY_MAX, cut_key, cut_keys)."""
+    global who_of, error_code, Entry, OK, ERROR, FLUSH_AT, keys_in, KEY_MAX, cut_key, cut_keys
     import sys
     keys_in = keys_of
+    if cutting is not None:
+        KEY_MAX, cut_key, cut_keys = cutting
     if stride != NOTED + 3:
         raise ValueError(f"the compiled recorder makes records of {NOTED + 3} fields, auditfmt {stride}: rebuild it")
     if packing is not None:
@@ -59,6 +63,16 @@ def bind(who=None, error_code_of=None, entry=None, ok=0, error=1, flush_at=2048,
                 or (ctx, key, values, err) != (F_CTX, F_KEY, F_VALUES, F_ERR):
             raise ValueError("the compiled recorder packs records in another layout than auditfmt.REC: rebuild it")
     who_of, error_code, Entry, OK, ERROR, FLUSH_AT = who, error_code_of, entry, ok, error, flush_at
+
+
+cdef bint too_long(list keys):
+    """A key longer than KEY_MAX among them (auditfmt.cut_keys then cuts it)."""
+    cdef Py_ssize_t j
+    for j in range(PyList_GET_SIZE(keys)):
+        k = <object>PyList_GET_ITEM(keys, j)
+        if type(k) is not bytes or PyBytes_GET_SIZE(k) > KEY_MAX:
+            return True
+    return False
 
 
 cdef class Batch:
@@ -267,8 +281,12 @@ cdef class AuditTrack:
             if keys is not None:  # the record's SLOTS items
                 if type(keys) is int:  # one key: its bytes (audit.keys_in)
                     ks = args[<Py_ssize_t>keys] if <Py_ssize_t>keys < PyList_GET_SIZE(args) else []
+                    if type(ks) is bytes and PyBytes_GET_SIZE(ks) > KEY_MAX:
+                        ks = cut_key(ks)
                 else:
                     ks = args[keys]
+                    if too_long(<list>ks):
+                        ks = cut_keys(ks)
                     PyObject_GC_UnTrack(<void *>ks)
                 if ctx is None or (<tuple>ctx)[2] is not p[0]:  # (now, who and target: this call's)
                     ctx = (now, w, p[0], None, target, None)

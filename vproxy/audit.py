@@ -36,6 +36,7 @@ from gevent.hub import get_hub
 from loguru import logger
 
 from . import auditfmt, hostport
+from .auditfmt import cut_key, cut_keys
 from .auditwriter import ACTIVE, STRIDE, Frames, frame, key_hash
 from .commands import NAME_CACHE
 from .config import check_classes, parse_amounts
@@ -426,10 +427,10 @@ class Audit:
         rng = None if self.values else _simple_keys(table.get(name), name)
         if rng is not None:
             first, last, step = rng
-            return None, args[first:len(args) + last + 1 if last < 0 else last + 1:step], None
+            return None, cut_keys(args[first:len(args) + last + 1 if last < 0 else last + 1:step]), None
         sub = table.subcommand(name, args)
         pos = key_positions(table.get(name), name, args) or ()
-        keys = [args[p] for p in pos if p < len(args)]
+        keys = [cut_key(args[p]) for p in pos if p < len(args)]
         return sub, keys, _values(name, args, pos, self.secret) if self.values else None
 
     def begin(self, s, batch, idx: int, args: list, raw: bytes) -> Entry | None:
@@ -689,8 +690,8 @@ def keys_in(args: list, keys):
     """A plan's keys of a request: one key's bytes (keys: its position; a record's keys field may
     be a key's bytes, auditfmt.FIELDS), or a list (keys: a slice)."""
     if type(keys) is int:
-        return args[keys] if keys < len(args) else []
-    return args[keys]
+        return cut_key(args[keys]) if keys < len(args) else []
+    return cut_keys(args[keys])
 
 
 def _error_code(reply: bytes) -> str:
@@ -725,7 +726,7 @@ def _values(name: bytes, args: list, keys, secret: bytes | None) -> list:
         if j >= cut:
             out.append(b"(redacted)")
         elif secret is not None and j in keys:
-            out.append(key_hash(secret, a).encode())
+            out.append(key_hash(secret, cut_key(a)).encode())  # as the keys field's hash
         elif len(a) > VALUE_MAX:
             out.append(a[:VALUE_MAX] + b"...(+%d bytes)" % (len(a) - VALUE_MAX))
         else:
@@ -741,7 +742,7 @@ IMPL = "pure" if _twin is None else "compiled"
 if _twin is not None:
     _twin.bind(who=who, error_code_of=_error_code, entry=Entry, ok=OK, error=ERROR, flush_at=FLUSH_AT, stride=STRIDE,
                keys_of=keys_in, packing=(auditfmt.REC, auditfmt.KLEN, auditfmt.CTX, auditfmt.KEY, auditfmt.VALUES,
-                                         auditfmt.ERR))
+                                         auditfmt.ERR), cutting=(auditfmt.KEY_MAX, cut_key, cut_keys))
     AuditTrack = _twin.AuditTrack
     Batch = _twin.Batch
 TRACKS = (PureAuditTrack, AuditTrack)  # what Audit.attach and stop look for on an outbox

@@ -138,6 +138,24 @@ def unpack(n: int, pack, objs: list) -> list:
     return out
 
 
+KEY_MAX = 1024  # bytes of a key a record keeps: a longer one is cut (cut_key), its length noted
+
+
+def cut_key(key: bytes) -> bytes:
+    """A key as records hold it: up to KEY_MAX bytes as is, a longer one cut to KEY_MAX bytes and
+    "...(+N bytes)" (a key may be 512 MB: the records, the pipe and the writer stay small). Hashed
+    keys (audit_hash_keys) are the hash of this form; `vproxy audit --key` cuts the same way."""
+    return key if len(key) <= KEY_MAX else key[:KEY_MAX] + b"...(+%d bytes)" % (len(key) - KEY_MAX)
+
+
+def cut_keys(keys: list) -> list:
+    """A request's keys list with each one cut_key'd (the same list when none is longer than KEY_MAX)."""
+    for k in keys:
+        if len(k) > KEY_MAX:
+            return [cut_key(k) for k in keys]
+    return keys
+
+
 def key_hash(secret: bytes, key: bytes) -> str:
     """The keyed hash written instead of a key (audit_hash_keys): HMAC-SHA256, 16 hex digits."""
     return hmac.new(secret, key, hashlib.sha256).hexdigest()[:16]

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from json.encoder import encode_basestring as _js
 from time import monotonic
 
+from .auditfmt import KEY_MAX, cut_key, text
 from .auditwriter import ACTIVE, ROTATED, key_hash
 from .twins import pure
 
@@ -167,13 +168,16 @@ class Filter:
         self.until = parse_time(a.until) if a.until else None
         self.commands = {c.strip().lower() for c in a.command.split(",")} if a.command else None
         self.user, self.client, self.db, self.outcome, self.node = a.user, a.client, a.db, a.outcome, a.node
-        self.key = a.key
-        self.key_hashed = key_hash(secret, a.key.encode()) if a.key and secret else None
+        key = a.key
+        if key and not re.search(r"[*?\[]", key) and len(key.encode()) > KEY_MAX:
+            key = text(cut_key(key.encode()))  # an exact key too long for records: as they hold it
+        self.key = key
+        self.key_hashed = key_hash(secret, cut_key(a.key.encode())) if a.key and secret else None
         self.needles = [f'"command":"{c.split("|")[0]}"'.encode() for c in self.commands] if self.commands else None
-        self.key_match = re.compile(fnmatch.translate(a.key)).match if a.key else None
+        self.key_match = re.compile(fnmatch.translate(key)).match if key else None
         self.must = [m for m in (_field(b"user", a.user), _field(b"outcome", a.outcome), _field(b"node", a.node),
                                  b'"db":%d,' % a.db if a.db is not None else None,
-                                 _literal(a.client), None if secret else _literal(a.key)) if m]
+                                 _literal(a.client), None if secret else _literal(key)) if m]
         self.checks_lines = bool(self.since or self.until or self.needles or self.must)
         self.needs_parse = any(v is not None for v in (self.commands, self.user, self.client, self.db,
                                                        self.outcome, self.node, self.key))
