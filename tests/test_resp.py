@@ -167,6 +167,23 @@ def test_error_keeps_raw_bytes(cls):
             pytest.fail("no protocol error")
 
 
+@pytest.mark.parametrize("cls", PARSERS)
+def test_query_buffer_limit_counts_the_arguments_of_a_request_in_progress(cls):
+    """An endless request of 1-byte arguments: its parsed arguments (objects, ARG_COST each besides
+    their bytes) count against the limit, not only its bytes (the memory it holds was ~8 times them)."""
+    limit = 100_000
+    p = cls(max_buffer=limit)
+    head, arg = b"*2147483647\r\n", E("a")[4:]  # "$1\r\na\r\n"
+    n_ok = (limit - len(head)) // (len(arg) + resp.ARG_COST)
+    p.feed(head + arg * n_ok)  # under the limit: it waits for the rest
+    assert len(p.args) == n_ok
+    with pytest.raises(ProtocolError, match="client query buffer limit reached"):
+        p.feed(arg * 2)
+    assert (n_ok + 2) * len(arg) + len(head) < limit  # the bytes alone would have been under it
+    q = cls(max_buffer=limit)  # complete requests: nothing held between them
+    assert len(q.feed(E("SET", "k", "v") * 10_000)) == 10_000
+
+
 # ---- requests: what is incomplete (the server waits) ----
 
 WAITS = [

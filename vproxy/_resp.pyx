@@ -9,10 +9,11 @@ slices are made with PyBytes_FromStringAndSize() (one copy, no intermediate obje
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
 from libc.string cimport memchr, memcpy
 
 from vproxy.errors import ProtocolError
-from vproxy.resp import (INT_MAX, MAX_LINE, UNAUTH_MAX_ARGS, UNAUTH_MAX_BULK, _aggregate_len,
+from vproxy.resp import (ARG_COST, INT_MAX, MAX_LINE, UNAUTH_MAX_ARGS, UNAUTH_MAX_BULK, _aggregate_len,
                          encode_request, split_inline)
 
 cdef enum:
@@ -21,7 +22,7 @@ cdef enum:
     STAR = 42
     DOLLAR = 36
 
-cdef Py_ssize_t C_MAX_LINE = MAX_LINE
+cdef Py_ssize_t C_MAX_LINE = MAX_LINE, C_ARG_COST = ARG_COST
 cdef long long C_UNAUTH_ARGS = UNAUTH_MAX_ARGS, C_UNAUTH_BULK = UNAUTH_MAX_BULK
 cdef unsigned long long LLONG_MAX_U = 9223372036854775807ULL
 
@@ -135,7 +136,7 @@ cdef class RequestParser:
         except ProtocolError as e:
             e.requests = out  # requests before the bad one still run, as in Redis
             raise
-        if PyByteArray_GET_SIZE(self.buf) > self.max_buffer:
+        if PyByteArray_GET_SIZE(self.buf) + PyList_GET_SIZE(self.args) * C_ARG_COST > self.max_buffer:
             e = ProtocolError("client query buffer limit reached")
             e.requests = out
             raise e

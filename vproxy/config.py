@@ -238,7 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(backpressure, counted in INFO proxy pipeline_limited). A reload applies to clients that "
             "connect afterwards.", check=_positive, reloadable=True),
     Setting("client_query_buffer_limit", int, 1024 * 1024 * 1024,
-            "Largest unparsed request buffer per client.", check=_positive, reloadable=True),
+            "Largest unparsed request buffer per client: its bytes, and 56 bytes more per argument of a "
+            "request in progress (the objects holding them); past it the client gets a protocol error.",
+            check=_positive, reloadable=True),
     Setting("audit_dir", str, "", "Audit log: the directory of its files (audit.jsonl and the rotated "
             "audit-<UTC>.jsonl.gz). Empty: no audit log. Set: requests of audit_commands are recorded from "
             "the start (PROXY AUDIT ON|OFF at run time). See docs/audit.md."),

@@ -32,6 +32,10 @@ _PAIR_TYPES = frozenset(b"%")  # n key/value pairs
 _ATTR = ord("|")  # n pairs of attributes, then the reply they describe
 MAX_LINE = 64 * 1024  # inline request or header line without CRLF (Redis: PROTO_INLINE_MAX_SIZE)
 INT_MAX = 2**31 - 1  # most arguments a `*` header may announce (the server: INT_MAX)
+# What an argument of a request in progress costs besides its bytes, counted against max_buffer (the
+# query buffer limit): a bytes object's header (33, rounded up by the allocator) and its list slot. A
+# `*2147483647` request of 1-byte arguments otherwise held ~8 times the limit in objects.
+ARG_COST = 56
 LLONG_MIN, LLONG_MAX, ULLONG_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 _STRTOULL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)")  # what strtoull(s, &end, 10) reads whole
 # Before AUTH the server refuses bigger headers (its defence against unauthenticated memory use).
@@ -111,7 +115,7 @@ class RequestParser:
         except ProtocolError as e:
             e.requests = out  # requests before the bad one still run, as in Redis
             raise
-        if len(self.buf) > self.max_buffer:
+        if len(self.buf) + len(self.args) * ARG_COST > self.max_buffer:
             e = ProtocolError("client query buffer limit reached")
             e.requests = out
             raise e
