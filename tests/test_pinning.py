@@ -546,6 +546,8 @@ ORDER_CASES = {
     + E("SET", "k", "2")
     + E("CLIENT", "REPLY", "ON")
     + E("GET", "k"),
+    "reply-skip-reset": E("CLIENT", "REPLY", "SKIP") + E("RESET") + E("GET", "k"),
+    "reply-off-reset": E("CLIENT", "REPLY", "OFF") + E("SET", "k", "1") + E("RESET") + E("GET", "k"),
     # a stream started and ended in one write: the stream's own replies come first
     "subscribe-quit": E("SUBSCRIBE", "ch") + E("QUIT"),
     "psubscribe-reset": E("PSUBSCRIBE", "x*") + E("RESET") + E("SET", "k", "1"),

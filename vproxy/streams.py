@@ -35,7 +35,8 @@ _STREAM_ENDS = {"reply": (b"client", b"reply", b"on"), "tracking": (b"client", b
 class Stream:
     """A leased connection whose every reply is pushed to the client as it comes."""
 
-    __slots__ = ("answers", "counts", "kind", "lease", "multi", "n", "patterns", "skip", "synced", "token")
+    __slots__ = ("answers", "counts", "kind", "lease", "multi", "n", "patterns", "skip", "swallow", "synced",
+                 "token")
 
     def __init__(self, lease: Lease, kind: str, token: bytes):
         self.lease, self.kind, self.token = lease, kind, token
@@ -45,6 +46,7 @@ class Stream:
         self.counts = [0, 0]  # subscriptions: channels+patterns, shard channels
         self.patterns = 0  # of counts[0], the patterns (CLIENT LIST shows sub and psub apart)
         self.skip = False  # a CLIENT REPLY SKIP stream: it ends after the one request whose reply is skipped
+        self.swallow = False  # the +OK of a CLIENT REPLY ON vproxy sent itself (not the client's)
         self.synced = Event()
 
 
@@ -82,8 +84,17 @@ class Streams:
         if name in (b"quit", b"reset"):
             if st.kind != "reply":  # replies still in flight (a pipelined SUBSCRIBE's) go out first
                 self.sync_stream(st)
+            elif name == b"reset" and not st.skip and st.lease.channel is not None and not st.lease.channel.closed:
+                # REPLY OFF: the requests sent must have run before the next ones go elsewhere, and a
+                # sync PING gets no reply while replies are off: ON first (its +OK is not the client's)
+                st.swallow = True
+                st.lease.channel.send_raw(resp.encode_request([b"CLIENT", b"REPLY", b"ON"]))
+                self.sync_stream(st)
             self.end_stream()
-            return LOCAL[name](self, i, args, raw, batch)
+            LOCAL[name](self, i, args, raw, batch)
+            if st.kind == "reply" and (name == b"quit" or st.skip):
+                batch.replies[i] = None  # as the server: QUIT's reply is off or skipped, RESET's skipped
+            return
         if name in _OWN_IN_STREAM and self._stream_own(st, i, name, args, raw, batch):
             return
         if name in C.STATEFUL:
@@ -213,6 +224,9 @@ class Streams:
             return
         out = []
         for f in frames:
+            if st.swallow and f == b"+OK\r\n":
+                st.swallow = False
+                continue
             if st.token in f and (f[:1] == b"$" or f.startswith(b"*2\r\n$4\r\npong")):
                 answer = st.answers.pop(f.rsplit(b"\r\n", 2)[-2], None) if st.answers else None
                 if answer is not None:  # vproxy's own answer, in its place (answer_in_stream)
