@@ -462,6 +462,36 @@ def test_client_reply_skip_releases_the_pin_after_the_skipped_request(proxy, raw
     assert c.call("GET", "skp") == b"$1\r\n3\r\n"
 
 
+def _subscribe_with_replies(port: int, server, proto: str, mode: str) -> list:
+    wait_for(lambda: server.client().pubsub_numsub("secret")[0][1] == 0, what="no subscriber left")
+    with RawClient(port, timeout=5) as a:
+        a.call("HELLO", proto)
+        a.send(E("CLIENT", "REPLY", mode) + E("SUBSCRIBE", "secret") + E("CLIENT", "REPLY", "ON") + E("PING"))
+        first = a.read()  # the subscription's confirmation (sent even with replies off or skipped)
+        wait_for(lambda: server.client().pubsub_numsub("secret")[0][1] == 1, what="the subscription")
+        server.client().publish("secret", "for-a")
+        a.send(E("UNSUBSCRIBE") + E("CLIENT", "REPLY", "ON") + E("ECHO", "end-marker"))
+        rest = a.read_until(lambda f: f == b"$10\r\nend-marker\r\n")
+        return [first, *rest]
+
+
+@pytest.mark.parametrize("proto", ["2", "3"])
+@pytest.mark.parametrize("mode", ["SKIP", "OFF"])
+def test_subscribe_while_replies_are_off_or_skipped(proxy, server, raw, proto, mode):
+    """A SUBSCRIBE whose reply is skipped or off still subscribes: the client gets its messages as
+    directly, and that connection, subscribed, is never handed to another client."""
+    wait_unpinned(proxy)
+    want = _subscribe_with_replies(server.port, server, proto, mode)
+    assert any(b"for-a" in f for f in want)
+    assert _subscribe_with_replies(proxy.port, server, proto, mode) == want
+    wait_unpinned(proxy)
+    b = raw()  # the next client pinning a connection gets a clean one, and none of the messages
+    b.send(E("CLIENT", "REPLY", "OFF") + E("SET", "skp-b", "1") + E("CLIENT", "REPLY", "ON") + E("GET", "skp-b"))
+    assert b.read_n(2) == [b"+OK\r\n", b"$1\r\n1\r\n"]
+    server.client().publish("secret", "for-nobody")
+    assert b.nothing_pending(0.3)
+
+
 # ---- the max_pinned limit ----
 
 

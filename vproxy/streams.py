@@ -63,6 +63,10 @@ class Streams:
             return
         self.flush(batch, i)  # replies before this one go out first: the stream writes as soon as it reads
         self.stream = Stream(lease, kind, b"vproxy-sync-%d" % self.id)
+        if kind == "reply":
+            # what runs while replies are off or skipped leaves state vproxy cannot see (a SUBSCRIBE
+            # whose confirmation never came, a MONITOR ...): that connection is never reused
+            lease.dirty = True
         lease.channel.sink = self.on_stream
         lease.channel.send_raw(raw)
 
@@ -77,8 +81,11 @@ class Streams:
         if reply_mode == b"off":
             st.skip = False
         self._stream_request(st, i, name, args, raw, batch)
-        if reply_mode is None and self.stream is st and not st.multi and self.sync_stream(st):
-            self.end_stream(clean=True)
+        if reply_mode is None and self.stream is st and not st.multi:
+            if st.counts != [0, 0]:  # the skipped request subscribed: the client is in a subscription now
+                st.kind, st.skip = "sub", False
+            elif self.sync_stream(st):
+                self.end_stream(clean=True)
 
     def _stream_request(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> None:
         if name in (b"quit", b"reset"):
@@ -97,6 +104,12 @@ class Streams:
             return
         if name in _OWN_IN_STREAM and self._stream_own(st, i, name, args, raw, batch):
             return
+        if st.kind == "reply" and SUB_KINDS.get(name) is not None and name not in _UNSUBS:
+            # a subscription made while replies are off or skipped: the count the server would
+            # confirm is not seen, so it counts as at least 1 (the stream becomes a subscription
+            # when replies are on again, and ends with an unsubscribe that the server confirms at 0)
+            kind = SUB_KINDS[name]
+            st.counts[kind] = max(st.counts[kind], 1)
         if name in C.STATEFUL:
             st.lease.dirty = True
             if st.kind == "sub" and self.proto == 2:
@@ -115,9 +128,14 @@ class Streams:
             backend_auth(self, args[1] if len(args) == 3 else None, args[-1])
         if self._stream_multi(st, name):
             return
-        if (name in _UNSUBS and st.kind == "sub") or _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args):
+        ends = _STREAM_ENDS.get(st.kind) == tuple(a.lower() for a in args)
+        if ends and st.kind == "reply" and self.proto == 2 and st.counts != [0, 0]:
+            ends = False  # subscribed in RESP2: the server refuses CLIENT REPLY ON, replies stay off
+        if (name in _UNSUBS and st.kind == "sub") or ends:
             if self.sync_stream(st) and st.counts == [0, 0]:
                 self.end_stream(clean=True)
+            elif st.kind == "reply" and st.counts != [0, 0]:
+                st.kind = "sub"  # replies on again, subscribed meanwhile: a subscription now
 
     def _stream_own(self, st: Stream, i: int, name: bytes, args: list, raw: bytes, batch: Batch) -> bool:
         """What vproxy answers itself outside a stream, it answers inside one too: AUTH and HELLO
