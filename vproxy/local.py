@@ -16,6 +16,7 @@ from . import errors as E
 from . import transaction as tx
 from .gate import bind
 from .gatecmds import acl_command, answer_in_exec, hide_config_secrets, hide_in_exec
+from .mux.channel import deadline_after
 from .users import backend_auth, switch
 from .handler import Session
 
@@ -80,7 +81,8 @@ def _as_user(s: Session, user: bytes | None, password: bytes) -> bytes | None:
     err = backend_auth(s, user, password)
     if err is None and s.user != old and tx.pinned(s):
         # WATCH holds a connection: it becomes that user's too (its reply is not the client's)
-        s.lease.channel.submit(resp.encode_request([b"AUTH", user or b"default", password]), None, 0, 0.0)
+        s.lease.channel.submit(resp.encode_request([b"AUTH", user or b"default", password]), None, 0,
+                               deadline_after(s.app.cfg.command_timeout))  # (a deadline: it never blocks)
         s.lease.dirty = True
     return err
 
@@ -128,7 +130,8 @@ def hello(s: Session, i, args, raw, batch):
             "select the RESP protocol version at the same time"))
     if proto != s.proto and tx.pinned(s):
         # WATCH holds a connection: it must speak the new protocol too (its reply is not the client's)
-        s.lease.channel.submit(resp.encode_request([b"HELLO", b"%d" % proto]), None, 0, 0.0)
+        s.lease.channel.submit(resp.encode_request([b"HELLO", b"%d" % proto]), None, 0,
+                               deadline_after(s.app.cfg.command_timeout))
         s.lease.dirty = True
     s.authed, s.proto = True, proto
     if name is not None:

@@ -17,7 +17,7 @@ from . import resp
 from . import transaction as tx
 from .errors import BackendError
 from .mux import busy
-from .mux.channel import Batch
+from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .sockio import recv_nowait
 from .gatecmds import PLACEHOLDER, client_own, queued
@@ -179,7 +179,7 @@ class Pinned:
         tx.fail(self)  # cluster: cluster/transaction.exec_ answers EXECABORT
         if tx.pinned(self) and self.lease.channel is not None:
             # standalone: a request the server refuses at queue time flags its transaction (reply dropped)
-            self.lease.channel.submit(b"*1\r\n$4\r\nECHO\r\n", None, 0, 0.0)
+            self.lease.channel.submit(b"*1\r\n$4\r\nECHO\r\n", None, 0, deadline_after(self.app.cfg.command_timeout))
 
     def block(self, i: int, raw: bytes, batch: Batch, dirty: bool = False, wait: bool = False,
               args: list | None = None) -> None:
