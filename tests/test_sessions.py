@@ -245,6 +245,9 @@ def test_client_setname_getname_setinfo_errors(raw):
         ("CLIENT", "INFO", "x"),
         ("CLIENT", "NO-EVICT"),
         ("CLIENT", "NO-EVICT", "ON", "x"),
+        ("CLIENT", "SETNAME", "caf\u00e9"),  # bytes past '~' (UTF-8 here): refused as by the server
+        ("CLIENT", "SETNAME", "a~b"),
+        ("HELLO", "2", "SETNAME", "\x7f"),
         ("HELLO", "3", "AUTH"),  # the option named as the client spelled it
         ("HELLO", "2", "SetName"),
         ("HELLO", "3", "NoSuch"),
@@ -263,6 +266,8 @@ def test_client_subcommand_arguments_like_the_server(proxy, server, args):
         (("CLIENT", "KILL", "ID", "+1"), b"-ERR syntax error\r\n"),
         (("CLIENT", "KILL", "ID", "01"), b"-ERR syntax error\r\n"),
         (("CLIENT", "UNBLOCK", "987654321", "BAD", "x"), b":0\r\n"),  # the reason is read at argc 4 only
+        (("CLIENT", "SETINFO", "LIB-NAME", "a b"), b"-ERR LIB-NAME cannot contain spaces, newlines or special characters.\r\n"),
+        (("CLIENT", "SETINFO", "lib-ver", "\u00e9"), b"-ERR lib-ver cannot contain spaces, newlines or special characters.\r\n"),
     ],
 )
 def test_client_subcommand_arguments_like_valkey(proxy, server, args, want):

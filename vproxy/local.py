@@ -20,7 +20,7 @@ from .mux.channel import deadline_after
 from .users import backend_auth, switch
 from .handler import Session
 
-_BAD_NAME = frozenset(range(0, 33)) | {127}
+_BAD_NAME = frozenset(range(0, 33)) | frozenset(range(127, 256))  # the server's: '!' to '~' only
 
 
 def valid_name(name: bytes) -> bool:
@@ -282,7 +282,8 @@ def _client_setinfo(s: Session, i, args, raw, batch):
     if attr not in (b"lib-name", b"lib-ver"):
         return _reply(batch, i, resp.error(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'"))
     if not valid_name(args[3]):
-        return _reply(batch, i, resp.error(f"ERR {attr.decode()} cannot contain spaces, newlines or special characters."))
+        return _reply(batch, i, resp.error(f"ERR {args[2].decode(errors='replace')} cannot contain spaces, newlines or "
+                                           "special characters."))  # (the option as sent, as the server)
     if attr == b"lib-name":
         s.lib_name = args[3]
     else:
