@@ -103,10 +103,12 @@ def in_exec(frame: bytes, changes: list) -> bytes:
 
 # ---- CLIENT about the session, inside MULTI ----
 
-# the CLIENT subcommands vproxy answers about the session (local.CLIENT), with the argument count
-# the server queues them with (another count: the server's arity error at queue time, EXECABORT)
-_CLIENT_OWN_ARGC = {b"id": (2,), b"getname": (2,), b"getredir": (2,), b"info": (2,), b"setname": (3,),
-                    b"setinfo": (4,), b"no-evict": (3,), b"no-touch": (3,)}
+# The CLIENT subcommands vproxy answers about the session (local.CLIENT's that need no server), in a
+# stream too (Streams._stream_own); in MULTI (client_own), those with an argument count here: queued
+# with another count, the server's arity error at queue time (EXECABORT); None: queued as sent
+CLIENT_OWN = {b"id": 2, b"getname": 2, b"getredir": 2, b"info": 2, b"setname": 3, b"setinfo": 4,
+              b"no-evict": 3, b"no-touch": 3, b"list": None, b"kill": None, b"unblock": None,
+              b"maint_notifications": None}
 PLACEHOLDER = b"*1\r\n$4\r\nPING\r\n"  # queued in their place: the server's +PONG is replaced at EXEC
 
 
@@ -114,13 +116,13 @@ def client_own(name: bytes, args: list) -> bool:
     """A CLIENT request vproxy answers about the session (its id, name, library), not the backend
     connection's: queued in MULTI, a PLACEHOLDER goes to the server, and its place in EXEC's reply
     gets vproxy's answer, the change (SETNAME ...) made then (answer_in_exec)."""
-    return name == b"client" and len(args) >= 2 and len(args) in _CLIENT_OWN_ARGC.get(args[1].lower(), ())
+    return name == b"client" and len(args) >= 2 and CLIENT_OWN.get(args[1].lower()) == len(args)
 
 
 def answer_in_exec(s: Session, frame: bytes, queued: list) -> bytes:
     """EXEC's reply with vproxy's answers to the CLIENT requests queued at these places (client_own),
     run in order now that the transaction ran (nothing when it did not: aborted, or WATCH failed)."""
-    return in_exec(frame, [(p, lambda _, a=args: s._own_answer(b"client", a, b"")) for p, args in queued])
+    return in_exec(frame, [(p, lambda _, a=args: s.own_answer(b"client", a, b"")) for p, args in queued])
 
 
 def hide_config_secrets(s: Session, i: int, args: list) -> None:

@@ -74,6 +74,10 @@ class Session(Protocol):
         """Send request i on a connection of its own (a blocking command) until it answers. dirty:
         the connection is closed afterwards; wait: WAIT/WAITAOF (see ClientSession.block)."""
 
+    def own_answer(self, name: bytes, args: list, raw: bytes) -> bytes:
+        """The reply of a request vproxy answers itself (local.LOCAL), made now outside the batch
+        (a stream's own answers, CLIENT requests queued in MULTI answered at EXEC)."""
+
     def submit(self, ch: Any, i: int, raw: bytes, batch: Any, timeout: bool = True) -> None:
         """Send request i on channel ch (the session's lease), with the command timeout unless not timeout."""
 

@@ -209,12 +209,8 @@ def exec_(s: Session, i, args, raw, batch):
                                            or s.multi_auth or own):
             # the requests behind EXEC run on the db/protocol/user the transaction switched to: wait for it
             s.settle()
-            batch.replies[i] = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
-            if own:  # CLIENT ID, SETNAME ...: the session's answers in their places, SETNAME applied now
-                batch.replies[i] = answer_in_exec(s, batch.replies[i], own)
-            if batch.replies[i][:1] == b"*" and batch.replies[i][:3] != b"*-1":
-                for cred in s.multi_auth:  # in turn, as the server ran them: the last it took is the user
-                    backend_auth(s, *cred)
+            reply = _apply_after_exec(s, batch.replies[i], s.multi_select, s.multi_proto)
+            batch.replies[i] = after_exec(s, reply, s.multi_auth, own)
             s.multi_auth = []
         return
     if tx.pinned(s):  # WATCH without MULTI: the server says why
@@ -224,6 +220,16 @@ def exec_(s: Session, i, args, raw, batch):
 
 def apply_select(s: Session, frame: bytes, db: int) -> bytes:
     return _apply_after_exec(s, frame, db, None)
+
+
+def after_exec(s: Session, frame: bytes, auth: list, own: list) -> bytes:
+    """EXEC's reply in (both modes): the AUTHs it ran make the session's user, in turn as the server
+    ran them (the last it took is the user), then the CLIENT requests vproxy answers at EXEC get
+    their answers in their places (gatecmds.answer_in_exec: SETNAME applied now)."""
+    if frame[:1] == b"*" and frame[:3] != b"*-1":
+        for cred in auth:
+            backend_auth(s, *cred)
+    return answer_in_exec(s, frame, own) if own else frame
 
 
 def _apply_after_exec(s: Session, frame: bytes, db: int | None, proto: int | None) -> bytes:

@@ -21,12 +21,12 @@ from .mux.channel import Batch, deadline_after
 from .mux.lease import Lease
 from .sockio import recv_nowait
 from .gatecmds import PLACEHOLDER, client_own, queued
-from .streams import SUB_KINDS
+from .streams import SUB_KINDS, SUBSCRIBES
 
-# A subscription that EXEC would start: the connection would be subscribed, but the client would not be
-# in a stream (its messages never delivered, its next requests refused by the server): refused at
-# queue time, so EXEC aborts (subscribe outside MULTI; inside a RESP3 subscription, MULTI may hold them)
-_SUBSCRIBES = frozenset([b"subscribe", b"psubscribe", b"ssubscribe"])
+# A subscription that EXEC would start (SUBSCRIBES): the connection would be subscribed, but the client
+# would not be in a stream (its messages never delivered, its next requests refused by the server):
+# refused at queue time, so EXEC aborts (subscribe outside MULTI; inside a RESP3 subscription, MULTI
+# may hold them)
 SUBSCRIBE_IN_MULTI = "ERR vproxy: SUBSCRIBE inside MULTI is not supported; subscribe outside the transaction"
 
 _WAIT_MARK = resp.encode_request([b"PUBLISH", b"__vproxy__:wait", b""])
@@ -106,11 +106,8 @@ class Pinned:
     def _nothing_blocks(self) -> bool:
         """No request in flight on a pinned connection may block (each has a deadline: a blocking
         command is submitted without one), so every one of them is answered soon."""
-        for lease in (self.oneshot, self.lease):
-            ch = lease.channel if lease is not None else None
-            if ch is not None and any(not deadline for _, _, deadline in ch.waiters):
-                return False
-        return True
+        return not any(lease is not None and lease.channel is not None and lease.channel.may_block()
+                       for lease in (self.oneshot, self.lease))
 
     def drop_leases(self) -> None:
         """RESET, a closed connection: the leases are given back dirty (their state is unknown)."""
@@ -155,7 +152,7 @@ class Pinned:
             return
         if self.proxy_auth(name, args):
             return self.refuse_queued(batch, i, AUTH_IN_MULTI)
-        err = SUBSCRIBE_IN_MULTI if name in _SUBSCRIBES else queued(self, name, args, self.multi_queued)
+        err = SUBSCRIBE_IN_MULTI if name in SUBSCRIBES else queued(self, name, args, self.multi_queued)
         if err is not None:
             return self.refuse_queued(batch, i, err)
         self.multi_queued += 1

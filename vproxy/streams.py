@@ -17,15 +17,14 @@ from . import transaction as tx
 from .local import LOCAL
 from .mux.channel import Batch
 from .mux.lease import Lease
+from .gatecmds import CLIENT_OWN
 from .users import backend_auth
 
 # Requests vproxy answers itself inside a stream too (Streams._stream_own)
 _OWN_IN_STREAM = frozenset([b"auth", b"hello", b"config", b"acl", b"info", b"proxy", b"client"])
-# the CLIENT subcommands of those (local.CLIENT's that answer without the server: the session's own)
-_CLIENT_OWN = frozenset([b"id", b"getname", b"setname", b"setinfo", b"info", b"list", b"no-evict", b"no-touch",
-                         b"kill", b"getredir", b"unblock", b"maint_notifications"])
 SUB_KINDS = {b"subscribe": 0, b"psubscribe": 0, b"unsubscribe": 0, b"punsubscribe": 0,
              b"ssubscribe": 1, b"sunsubscribe": 1}
+SUBSCRIBES = frozenset([b"subscribe", b"psubscribe", b"ssubscribe"])  # of SUB_KINDS, those that subscribe
 _PATTERN_KINDS = (b"psubscribe", b"punsubscribe")
 _UNSUBS = (b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 # The request that ends a CLIENT REPLY OFF|SKIP or CLIENT TRACKING ON stream (then the pin is released).
@@ -104,7 +103,7 @@ class Streams:
             return
         if name in _OWN_IN_STREAM and self._stream_own(st, i, name, args, raw, batch):
             return
-        if st.kind == "reply" and SUB_KINDS.get(name) is not None and name not in _UNSUBS:
+        if st.kind == "reply" and name in SUBSCRIBES:
             # a subscription made while replies are off or skipped: the count the server would
             # confirm is not seen, so it counts as at least 1 (the stream becomes a subscription
             # when replies are on again, and ends with an unsubscribe that the server confirms at 0)
@@ -141,12 +140,12 @@ class Streams:
         """What vproxy answers itself outside a stream, it answers inside one too: AUTH and HELLO
         ... AUTH while it is the gate (the credentials are its users', never sent on), CONFIG,
         ACL (proxy users), INFO and PROXY (its secrets hidden, its own view), and the CLIENT
-        subcommands about the session (ID, GETNAME, SETNAME, LIST ...: vproxy's client, not the
-        stream's connection). The answer takes its
-        place among the stream's replies (answer_in_stream). True when answered."""
+        subcommands about the session (gatecmds.CLIENT_OWN: vproxy's client, not the stream's
+        connection). The answer takes its place among the stream's replies (answer_in_stream).
+        True when answered."""
         gated = bool(self.app.cfg.password) or self.app.gate is not None
         if name == b"client":  # the session's own: its id and name, not the stream connection's
-            if st.multi or len(args) < 2 or args[1].lower() not in _CLIENT_OWN:
+            if st.multi or len(args) < 2 or args[1].lower() not in CLIENT_OWN:
                 return False  # REPLY, TRACKING ...: the stream connection's; in MULTI queued (a known gap)
         elif name in (b"auth", b"hello"):
             if not gated or (name == b"hello" and not any(a.lower() == b"auth" for a in args[2:])):
@@ -174,12 +173,12 @@ class Streams:
                                "is not supported (the credentials are vproxy's, not the server's): send AUTH on its "
                                "own, or HELLO without AUTH")
         else:
-            reply = self._own_answer(name, args, raw)
+            reply = self.own_answer(name, args, raw)
         batch.replies[i] = None
         self.answer_in_stream(st, reply)
         return True
 
-    def _own_answer(self, name: bytes, args: list, raw: bytes) -> bytes:
+    def own_answer(self, name: bytes, args: list, raw: bytes) -> bytes:
         """A LOCAL request answered as the batch path answers it (a backend round trip included, on
         a shared connection), post-processing applied: its reply."""
         one = Batch(1)

@@ -23,15 +23,15 @@ import gevent
 
 from .. import hostport, resp
 from .. import transaction as tx
-from ..pinned import _SUBSCRIBES, AUTH_IN_MULTI, SUBSCRIBE_IN_MULTI
+from ..pinned import AUTH_IN_MULTI, SUBSCRIBE_IN_MULTI
 from ..commands import STATEFUL
 from ..errors import BackendError
-from ..local import LOCAL, apply_select
+from ..local import LOCAL, after_exec, apply_select
 from ..mux.channel import Batch, deadline_after
 from ..mux.lease import Lease
-from ..gatecmds import PLACEHOLDER, answer_in_exec, client_own, hide_in_exec
+from ..gatecmds import PLACEHOLDER, client_own, hide_in_exec
 from ..gatecmds import queued as gated
-from ..users import backend_auth
+from ..streams import SUBSCRIBES
 from .redirects import ASKING, REDIRECT
 from ..handler import ClusterSession
 
@@ -86,7 +86,7 @@ def queue(s: ClusterSession, i, name, args, raw, batch):
         return
     if s.proxy_auth(name, args):
         return s.refuse_queued(batch, i, AUTH_IN_MULTI)
-    if name in _SUBSCRIBES:
+    if name in SUBSCRIBES:
         return s.refuse_queued(batch, i, SUBSCRIBE_IN_MULTI)
     err = gated(s, name, args, len(s.mq))
     if err is not None:
@@ -135,14 +135,9 @@ def exec_(s: ClusterSession, i, args, raw, batch):
     reply = run(s, queued, -1 if slot is None else slot)
     if target is not None:
         reply = apply_select(s, reply, target)
-    if reply[:1] == b"*" and reply[:3] != b"*-1":
-        for cred in auth:  # in turn, as the server ran them: the last it took is the user
-            backend_auth(s, *cred)
     if hide:  # the backend's secrets in its CONFIG GET replies
         reply = hide_in_exec(reply, hide)
-    if own:  # CLIENT ID, SETNAME ...: the session's answers in their places, SETNAME applied now
-        reply = answer_in_exec(s, reply, own)
-    batch.replies[i] = reply
+    batch.replies[i] = after_exec(s, reply, auth, own)
     tx.end_pinned(s)  # EXEC ended the WATCH on the server: the lease, if any, is given back at settle
 
 

@@ -154,6 +154,10 @@ class Channel:
             self.flushing = True
             self._loop.run_callback(self._flush)
 
+    def may_block(self) -> bool:
+        """A request in flight has no deadline: a blocking command (BLPOP ... submitted without one)."""
+        return any(not deadline for _, _, deadline in self.waiters)
+
     def kick(self) -> None:
         """What is queued (by callers that append to waiters and outbuf themselves, counting unsent)
         goes out from a loop callback, as submit() schedules it."""
